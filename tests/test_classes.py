@@ -1,0 +1,47 @@
+from twincar.data.classes import (
+    parse_car_name,
+    read_classes_txt,
+    stanford_cars_class_names,
+    write_classes_txt,
+)
+from twincar.data.formats import read_meta
+
+
+def test_packaged_names_are_the_devkit_names_in_order(devkit):
+    assert stanford_cars_class_names() == read_meta(devkit / "cars_meta.mat")
+
+
+def test_parse_names_with_multi_word_makes():
+    car = parse_car_name("AM General Hummer SUV 2000")
+    assert (car.make, car.model, car.year, car.body) == ("AM General", "Hummer SUV", 2000, "SUV")
+    car = parse_car_name("Aston Martin V8 Vantage Coupe 2012")
+    assert (car.make, car.model, car.year) == ("Aston Martin", "V8 Vantage Coupe", 2012)
+    car = parse_car_name("Ram C/V Cargo Van Minivan 2012")
+    assert (car.make, car.model, car.body) == ("Ram", "C/V Cargo Van Minivan", "Minivan")
+    assert parse_car_name("smart fortwo Convertible 2012").make == "smart"
+
+
+def test_every_real_name_has_make_model_and_year():
+    cars = [parse_car_name(n) for n in stanford_cars_class_names()]
+    assert all(c.year and 1990 <= c.year <= 2012 and c.model for c in cars)
+    assert len({c.make for c in cars}) == 49  # Stanford Cars has 49 makes
+    # year siblings: same family, different year
+    s4 = [c for c in cars if c.family == "Audi S4 Sedan"]
+    assert sorted(c.year for c in s4) == [2007, 2012]
+
+
+def test_classes_txt_round_trip(tmp_path):
+    names = stanford_cars_class_names()[:5]
+    path = write_classes_txt(names, tmp_path / "sub" / "classes.txt")
+    assert path.read_text().splitlines() == names
+    assert read_classes_txt(path) == names
+
+
+def test_classes_txt_errors_name_the_file(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_classes_txt(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.txt is empty"):
+        read_classes_txt(tmp_path / "empty.txt")

@@ -1,0 +1,134 @@
+"""Every option of every config group composes, and what it configures can be built."""
+
+from __future__ import annotations
+
+import inspect
+from importlib import resources
+from types import SimpleNamespace
+
+import hydra
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from twincar.data.datamodule import CarsDataModule
+from twincar.models.classifier import CarClassifier
+
+CONF = resources.files("twincar") / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__"))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.name[:-5] for p in (CONF / group).iterdir() if p.name.endswith(".yaml"))
+
+
+def make_cfg(tmp_path, *overrides: str):
+    with initialize_config_module("twincar.conf", version_base="1.3"):
+        return compose("train", overrides=[
+            f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", *overrides
+        ])
+
+
+def test_every_group_has_options():
+    expected = {"augmentation", "callbacks", "data", "experiment", "logger", "model", "optimizer",
+                "paths", "precision", "scheduler", "trainer"}
+    assert expected <= set(GROUPS)
+    assert options("optimizer") == ["adam", "adamw", "sgd"]
+    assert options("scheduler") == ["cosine", "none", "step"]
+    assert options("augmentation") == ["none", "seed", "strong"]
+    assert options("precision") == ["16-mixed", "32-true", "bf16-mixed"]
+    assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
+    assert options("data") == ["stanford_cars", "synthetic"]
+    assert options("experiment") == ["recipe448", "seed_twincars", "smoke"]
+
+
+def test_default_config_trains_offline_on_the_embedded_data(tmp_path):
+    cfg = make_cfg(tmp_path)
+    assert cfg.data.synthetic.num_classes == 14
+    assert cfg.model.pretrained is False  # nothing to download
+    assert cfg.model.name == "resnet50"
+    assert OmegaConf.select(cfg, "data.root") == f"{tmp_path}/data/synthetic"
+
+
+@pytest.mark.parametrize("group", [g for g in GROUPS if g not in ("paths",)])
+def test_every_option_composes_and_resolves(tmp_path, group):
+    for option in options(group):
+        extra = ["data=stanford_cars"] if group == "experiment" else []
+        cfg = make_cfg(tmp_path, f"{group}={option}", *extra)
+        OmegaConf.resolve(cfg)  # no dangling interpolation
+
+
+@pytest.mark.parametrize("option", options("augmentation"))
+def test_augmentation_options_build_a_datamodule(tmp_path, option):
+    cfg = make_cfg(tmp_path, f"augmentation={option}")
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    assert isinstance(dm, CarsDataModule)
+    assert dm.aug.mixes == (option == "strong")
+    assert dm.preprocess.image_size == cfg.data.image_size
+
+
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+@pytest.mark.parametrize("scheduler", options("scheduler"))
+def test_optimizer_and_scheduler_options_build(tmp_path, optimizer, scheduler):
+    cfg = make_cfg(tmp_path, f"optimizer={optimizer}", f"scheduler={scheduler}", "model.name=resnet18")
+    model = CarClassifier(
+        ["a", "b", "c"], **OmegaConf.to_container(cfg.model),
+        optimizer=OmegaConf.to_container(cfg.optimizer), scheduler=OmegaConf.to_container(cfg.scheduler),
+    )
+    model._trainer = SimpleNamespace(estimated_stepping_batches=100, max_epochs=10)
+    out = model.configure_optimizers()
+    opt = out["optimizer"] if isinstance(out, dict) else out
+    expected = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[optimizer]
+    assert type(opt).__name__ == expected
+    lrs = {g["name"]: g.get("initial_lr", g["lr"]) for g in opt.param_groups}  # before any warmup
+    assert lrs["head"] == pytest.approx(cfg.optimizer.lr * cfg.optimizer.head_lr_mult)
+    assert lrs["backbone"] == pytest.approx(cfg.optimizer.lr)
+    assert (scheduler == "none") == (not isinstance(out, dict))
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+@pytest.mark.parametrize("precision", options("precision"))
+def test_trainer_and_precision_options_are_valid_trainer_arguments(tmp_path, trainer, precision):
+    cfg = make_cfg(tmp_path, f"trainer={trainer}", f"precision={precision}")
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert hydra.utils.get_class(kwargs.pop("_target_")) is L.Trainer
+    inspect.signature(L.Trainer).bind(**kwargs)  # every key is a Trainer argument
+    assert cfg.trainer.precision == precision
+    if trainer in ("cpu", "default") and precision != "16-mixed":  # this machine has no GPU
+        hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+
+
+def test_ddp_devices_override(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer=ddp", "trainer.devices=4")
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.sync_batchnorm) == ("ddp", 4, True)
+
+
+def test_callbacks_and_loggers_instantiate(tmp_path):
+    cfg = make_cfg(tmp_path)
+    for section in (cfg.callbacks, cfg.logger):
+        for conf in section.values():
+            assert hydra.utils.instantiate(conf) is not None
+
+
+def test_recipe448_is_the_published_recipe(tmp_path):
+    cfg = make_cfg(tmp_path, "experiment=recipe448", "data=stanford_cars")
+    assert cfg.data.image_size == 448 and 48 <= cfg.data.batch_size <= 64
+    assert cfg.optimizer.opt == "sgd" and cfg.optimizer.momentum == 0.9
+    assert cfg.optimizer.head_lr_mult == 10 and cfg.optimizer.weight_decay == 5e-4
+    assert cfg.scheduler.name == "cosine" and cfg.scheduler.warmup_epochs > 0
+    assert 60 <= cfg.trainer.max_epochs <= 100 and cfg.model.label_smoothing > 0
+
+
+def test_seed_twincars_is_the_original_recipe(tmp_path):
+    cfg = make_cfg(tmp_path, "experiment=seed_twincars", "data=stanford_cars")
+    assert cfg.optimizer.opt == "adam" and cfg.trainer.max_epochs == 20 and cfg.data.image_size == 224
+    assert cfg.augmentation.rotation == 10 and cfg.augmentation.color_jitter is not None
+
+
+def test_smoke_only_shrinks_and_keeps_the_data_choice(tmp_path):
+    cfg = make_cfg(tmp_path, "experiment=smoke", "data=stanford_cars", "data.root=/some/copy",
+                   "model.pretrained=false")
+    assert cfg.data.root == "/some/copy" and cfg.data.synthetic is None
+    assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2
+    assert cfg.optimizer.opt == "adam"  # the defaults are untouched

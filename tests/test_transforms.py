@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from twincar.data.transforms import (
+    Augmentation,
+    BatchTransform,
+    EvalImageTransform,
+    ImageReadError,
+    Preprocess,
+    TrainImageTransform,
+    load_rgb,
+)
+
+
+def test_grayscale_jpeg_decodes_to_rgb(tmp_path):
+    Image.fromarray(np.full((30, 40), 128, np.uint8), mode="L").save(tmp_path / "g.jpg")
+    img = load_rgb(tmp_path / "g.jpg")
+    assert img.shape == (3, 30, 40) and img.dtype == torch.uint8
+    assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+
+
+def test_unreadable_image_error_names_the_file(tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ImageReadError, match="broken.jpg"):
+        load_rgb(tmp_path / "broken.jpg")
+    with pytest.raises(ImageReadError, match="absent.jpg"):
+        load_rgb(tmp_path / "absent.jpg")
+
+
+@pytest.mark.parametrize("size", [64, 224, 448])
+def test_per_image_transforms_give_uint8_squares(size):
+    img = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
+    pre = Preprocess(image_size=size)
+    aug = Augmentation(scale=(0.3, 1.0), hflip=0.5, rotation=10)
+    for tf in (TrainImageTransform(pre, aug), EvalImageTransform(pre)):
+        out = tf(img)
+        assert out.shape == (3, size, size) and out.dtype == torch.uint8
+
+
+def test_eval_transform_is_resize_then_center_crop():
+    # a 200x100 image: short side -> 64 / 0.5 = 128, so 256x128, then the central 64x64
+    img = torch.zeros((3, 100, 200), dtype=torch.uint8)
+    img[:, 40:60, 90:110] = 255  # a bright square in the centre
+    out = EvalImageTransform(Preprocess(image_size=64, eval_crop_pct=0.5))(img)
+    assert out.shape == (3, 64, 64)
+    assert out[:, 32, 32].min() > 200 and out[:, 0, 0].max() < 30
+
+
+def test_batch_transform_normalises_with_imagenet_stats():
+    x = torch.full((2, 3, 8, 8), 255, dtype=torch.uint8)
+    out = BatchTransform(Preprocess())(x)
+    expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert out.dtype == torch.float32
+    assert torch.allclose(out[0, :, 0, 0], expected, atol=1e-5)
+
+
+def test_photometric_augmentation_is_per_sample():
+    torch.manual_seed(0)
+    x = torch.full((8, 3, 16, 16), 128, dtype=torch.uint8)
+    aug = Augmentation(color_jitter=(0.4, 0.4, 0.4, 0.0), color_jitter_prob=1.0)
+    out, labels = BatchTransform(Preprocess(), aug, num_classes=5)(x, torch.arange(8) % 5)
+    means = out.mean(dim=(1, 2, 3))
+    assert means.unique().numel() == 8  # each image jittered with its own parameters
+    assert torch.equal(labels, torch.arange(8) % 5)
+
+
+def test_mixup_cutmix_give_soft_targets_that_sum_to_one():
+    torch.manual_seed(0)
+    aug = Augmentation(mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0)
+    assert aug.mixes
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    out, targets = BatchTransform(Preprocess(), aug, num_classes=5)(x, labels)
+    assert out.shape == (8, 3, 32, 32) and targets.shape == (8, 5)
+    assert torch.allclose(targets.sum(1), torch.ones(8))
+    assert (targets.max(1).values < 1).any()  # the images really were mixed
+    # each image's own label keeps weight >= the partner's share only with lam >= 0.5; at least present
+    assert (targets[torch.arange(8), labels] > 0).all()
+
+
+def test_mixup_rejects_an_odd_batch():
+    aug = Augmentation(mixup_alpha=0.8, mix_prob=1.0)
+    with pytest.raises(ValueError, match="even batch"):
+        BatchTransform(Preprocess(), aug, num_classes=5)(torch.zeros((3, 3, 8, 8), dtype=torch.uint8),
+                                                        torch.tensor([0, 1, 2]))
+
+
+def test_augmentation_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown augmentation option.*colour_jitter"):
+        Augmentation.from_config({"colour_jitter": [0.1, 0.1, 0.1, 0.0]})
+    assert Augmentation.from_config({"scale": [0.5, 1.0]}).scale == (0.5, 1.0)

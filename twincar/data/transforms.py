@@ -1,0 +1,165 @@
+"""The only place images become tensors. Train, eval, predict and the demo all use this module.
+
+Work is split where it scales:
+
+* per image, in DataLoader workers, on ``uint8`` tensors: decode (always RGB), geometric crop,
+  flip, rotation -> :func:`load_rgb`, :class:`TrainImageTransform`, :class:`EvalImageTransform`;
+* per batch, on the training device after transfer: float conversion, photometric augmentation
+  (colour jitter, Gaussian blur, per-sample), ImageNet normalisation and Mixup/CutMix
+  -> :class:`BatchTransform`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import kornia.augmentation as K
+import torch
+from timm.data import Mixup
+from torch import nn
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from twincar.errors import TwinCarError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageReadError(TwinCarError, OSError):
+    """An image file is missing, truncated or not an image; the message names the file."""
+
+
+def load_rgb(path: str | Path) -> torch.Tensor:
+    """Decode an image file (JPEG, PNG, ... any mode) into a ``uint8`` RGB tensor of shape (3, H, W)."""
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ImageReadError(f"cannot read image {path}: {e}") from e
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a model expects of its input; saved with the weights and read back by every consumer."""
+
+    image_size: int = 224  # side of the square network input, pixels
+    eval_crop_pct: float = 0.875  # eval resizes the short side to image_size / eval_crop_pct, then center-crops
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation mean (RGB, 0..1 scale)
+    std: tuple[float, float, float] = IMAGENET_STD  # per-channel normalisation std
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation; the fields are the keys of the ``augmentation`` config group."""
+
+    random_resized_crop: bool = True  # False: train images are resized and center-cropped like eval
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range, fraction of the image
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    hflip: float = 0.0  # probability of a horizontal flip
+    rotation: float = 0.0  # maximum rotation in degrees (uniform in [-rotation, rotation])
+    color_jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue
+    color_jitter_prob: float = 0.8  # probability that an image is colour-jittered
+    blur_prob: float = 0.0  # probability of a Gaussian blur
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur sigma range, pixels
+    mixup_alpha: float = 0.0  # Mixup beta(alpha, alpha); 0 disables Mixup
+    cutmix_alpha: float = 0.0  # CutMix beta(alpha, alpha); 0 disables CutMix
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+    mix_switch_prob: float = 0.5  # probability of CutMix rather than Mixup when both are on
+
+    @property
+    def mixes(self) -> bool:
+        """True when batches get Mixup or CutMix (soft targets, even batch size needed)."""
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> Augmentation:
+        """Build from a config mapping; lists become tuples and unknown keys are an error."""
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown augmentation option(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+
+def _resize_size(pre: Preprocess) -> int:
+    return int(round(pre.image_size / pre.eval_crop_pct))
+
+
+class EvalImageTransform(nn.Module):
+    """Per-image eval transform: resize the short side, center-crop to ``image_size`` (uint8 in, uint8 out)."""
+
+    def __init__(self, preprocess: Preprocess):
+        super().__init__()
+        self.ops = v2.Compose([
+            v2.Resize(_resize_size(preprocess), antialias=True),
+            v2.CenterCrop(preprocess.image_size),
+        ])
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.ops(img)
+
+
+class TrainImageTransform(nn.Module):
+    """Per-image train transform: random resized crop (or eval crop), flip, rotation; uint8 in and out."""
+
+    def __init__(self, preprocess: Preprocess, aug: Augmentation):
+        super().__init__()
+        size = preprocess.image_size
+        ops: list[nn.Module] = (
+            [v2.RandomResizedCrop(size, scale=aug.scale, ratio=aug.ratio, antialias=True)]
+            if aug.random_resized_crop
+            else [EvalImageTransform(preprocess)]
+        )
+        if aug.hflip > 0:
+            ops.append(v2.RandomHorizontalFlip(aug.hflip))
+        if aug.rotation > 0:
+            ops.append(v2.RandomRotation(aug.rotation))
+        self.ops = v2.Compose(ops)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.ops(img)
+
+
+class BatchTransform(nn.Module):
+    """Per-batch work on the device: uint8 -> float, photometric augmentation, normalise, Mixup/CutMix.
+
+    ``forward(images, labels)`` returns ``(images, targets)``: ``targets`` are the integer labels, or
+    soft (N, K) targets when the batch was mixed. Without ``aug`` it only normalises (eval).
+    """
+
+    def __init__(self, preprocess: Preprocess, aug: Augmentation | None = None, num_classes: int = 0):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
+        photometric: list[nn.Module] = []
+        self.mixup: Mixup | None = None
+        if aug is not None:
+            if aug.color_jitter is not None:
+                photometric.append(K.ColorJitter(*aug.color_jitter, p=aug.color_jitter_prob))
+            if aug.blur_prob > 0:
+                kernel = 2 * int(3 * aug.blur_sigma[1]) + 1  # covers +-3 sigma of the widest blur
+                photometric.append(K.RandomGaussianBlur(kernel, aug.blur_sigma, p=aug.blur_prob))
+            if aug.mixes:
+                # label smoothing belongs to the loss, so targets here are exact mixtures of one-hots
+                self.mixup = Mixup(
+                    mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha, prob=aug.mix_prob,
+                    switch_prob=aug.mix_switch_prob, label_smoothing=0.0, num_classes=num_classes,
+                )
+        self.photometric = nn.Sequential(*photometric)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        x = self.photometric(x).clamp_(0, 1) if len(self.photometric) else x
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if labels is None:
+            return x
+        if self.mixup is not None:
+            if len(x) % 2:
+                raise ValueError(f"Mixup/CutMix needs an even batch, got {len(x)}: use an even data.batch_size")
+            return self.mixup(x, labels)
+        return x, labels

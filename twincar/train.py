@@ -1,0 +1,151 @@
+"""Train a car classifier: ``python -m twincar.train [group=option ...] [key=value ...]``.
+
+``train(cfg)`` is the pure function (tests and sweepers call it); ``main`` is the thin Hydra entry
+point. A run directory ends up holding the resolved config, TensorBoard and CSV logs, best and
+last checkpoints, ``metrics.json``, ``split.json``, the loss/accuracy curves, ``model.pth`` and
+``classes.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from twincar.curves import plot_curves
+from twincar.data.classes import write_classes_txt
+from twincar.errors import TwinCarError
+from twincar.models.classifier import CarClassifier
+from twincar.models.io import export_state_dict
+
+log = logging.getLogger(__name__)
+
+# Config sections that are logged as hyperparameters (flattened) in TensorBoard's HPARAMS tab.
+HPARAM_SECTIONS = ("model", "data", "augmentation", "optimizer", "scheduler", "trainer")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``; lists and None become strings (TensorBoard hparams types)."""
+    flat = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        else:
+            flat[name] = value if isinstance(value, (str, int, float, bool)) else str(value)
+    return flat
+
+
+def hyperparameters(cfg: DictConfig) -> dict[str, str | int | float | bool]:
+    """What a run is, for comparing runs: group choices, command-line overrides, flattened options."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    hp = flatten({k: container[k] for k in HPARAM_SECTIONS if k in container})
+    hp = {k: v for k, v in hp.items() if not k.endswith("_target_")}
+    hp["seed"] = str(cfg.get("seed"))
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        hp.update({f"choice/{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")})
+        hp["overrides"] = " ".join(hc.overrides.task) or "(none)"
+    return hp
+
+
+def _instantiate_all(section: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a config mapping (callbacks, loggers), logging each."""
+    objects = []
+    for name, conf in (section or {}).items():
+        if conf is not None and "_target_" in conf:
+            log.info("instantiating %s <%s>", name, conf._target_)
+            objects.append(hydra.utils.instantiate(conf))
+    return objects
+
+
+def _summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir: str) -> str:
+    lines = [f"Results of the best checkpoint ({num_classes} classes, chance accuracy {1 / num_classes:.3f}):"]
+    lines += [f"  {k:<22} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)]
+    lines += [f"Run directory: {out_dir}", f"TensorBoard:   tensorboard --logdir {log_dir}"]
+    return "\n".join(lines)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train, then validate (and test) the best checkpoint; write the run's artefacts; return the metrics."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    log.info("instantiating datamodule <%s>", cfg.data._target_)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+
+    log.info("instantiating model <%s> for %d classes", cfg.model.name, datamodule.num_classes)
+    model = CarClassifier(
+        datamodule.class_names,
+        **OmegaConf.to_container(cfg.model, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        preprocess=datamodule.preprocess.to_dict(),
+    )
+
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    log.info("instantiating trainer <%s>", cfg.trainer._target_)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    hp = hyperparameters(cfg)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab pairs these with the metric's scalars
+            logger.log_hyperparams(hp, metrics={cfg.optimized_metric: 0.0})
+        else:
+            logger.log_hyperparams(hp)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    if trainer.is_global_zero:
+        (out_dir / "split.json").write_text(json.dumps(datamodule.split, indent=1))
+        metrics_csv = out_dir / "metrics.csv"
+        if metrics_csv.is_file():  # before validate/test below add their own rows
+            plot_curves(metrics_csv, out_dir)
+        else:
+            log.warning("no %s (CSV logger off?): loss/accuracy curves not drawn", metrics_csv)
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    ckpt = best or None  # None: the weights as trained
+    metrics: dict = {}
+    metrics.update(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0])
+    if cfg.get("test") and datamodule.has_test_labels:
+        metrics.update(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0])
+    metrics = {k: float(v) for k, v in sorted(metrics.items())}
+
+    if trainer.is_global_zero:
+        (out_dir / "metrics.json").write_text(
+            json.dumps({**metrics, "best_checkpoint": best, "epochs": trainer.current_epoch}, indent=1)
+        )
+        if cfg.get("export"):
+            export_state_dict(model.model, out_dir / "model.pth")
+            write_classes_txt(model.class_names, out_dir / "classes.txt")
+        log.info("\n%s", _summary(metrics, datamodule.num_classes, out_dir, cfg.paths.log_dir))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    try:
+        metrics = train(cfg)
+    except TwinCarError as e:
+        log.error("%s", e)
+        sys.exit(1)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
