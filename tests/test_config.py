@@ -48,7 +48,7 @@ def test_default_config_trains_offline_on_the_embedded_data(tmp_path):
     assert cfg.data.synthetic.num_classes == 14
     assert cfg.model.pretrained is False  # nothing to download
     assert cfg.model.name == "resnet50"
-    assert OmegaConf.select(cfg, "data.root") == f"{tmp_path}/data/synthetic"
+    assert cfg.data.root == f"{tmp_path}/data/synthetic"
 
 
 @pytest.mark.parametrize("group", [g for g in GROUPS if g not in ("paths",)])

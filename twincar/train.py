@@ -69,7 +69,7 @@ def _instantiate_all(section: DictConfig | None) -> list:
 def _summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir: str) -> str:
     lines = [f"Results of the best checkpoint ({num_classes} classes, chance accuracy {1 / num_classes:.3f}):"]
     lines += [f"  {k:<22} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)]
-    lines += [f"Run directory: {out_dir}", f"TensorBoard:   tensorboard --logdir {log_dir}"]
+    lines += [f"Run directory: {out_dir}", f"TensorBoard:   tensorboard --logdir {Path(log_dir).resolve()}"]
     return "\n".join(lines)
 
 

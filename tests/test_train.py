@@ -1,0 +1,126 @@
+"""The training entry point as a user runs it: a subprocess, from another directory, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from tests.conftest import SMALL_SPEC, run_cli
+
+SMALL_DATA = [f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()]
+RUN_FILES = ["config.yaml", "metrics.json", "metrics.csv", "split.json", "loss_curve.png", "accuracy_curve.png",
+             "model.pth", "classes.txt", "checkpoints/last.ckpt", "train.log"]
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("metrics.json"))
+
+
+def read_tensorboard(run_dir: Path) -> tuple[dict[str, str], dict[str, list[float]]]:
+    """(hparams, scalars) from a run's TensorBoard event files."""
+    hparams, scalars = {}, {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        try:
+            content = acc.PluginTagToContent("hparams").get("_hparams_/session_start_info")
+        except KeyError:  # this event file (e.g. of the final test) holds no hparams
+            content = None
+        if content:
+            info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+            hparams.update({k: v.string_value or v.number_value or v.bool_value for k, v in info.hparams.items()})
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return hparams, scalars
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir) -> tuple[Path, object]:
+    cwd = tmp_path_factory.mktemp("smoke")
+    proc = run_cli("twincar.train", "experiment=smoke", f"paths.data_dir={data_dir}", *SMALL_DATA, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc
+
+
+def test_smoke_run_writes_every_artefact_in_its_run_directory(smoke_run):
+    cwd, proc = smoke_run
+    (run,) = run_dirs(cwd / "outputs")
+    assert run.parent == cwd / "outputs" / "runs"
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    assert list((run / "checkpoints").glob("epoch_*.ckpt"))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    for stage in ("val", "test"):
+        for name in ("acc", "acc_top3", "acc_top5", "precision_macro", "recall_macro", "f1_macro"):
+            assert 0 <= metrics[f"{stage}/{name}"] <= 1
+        assert metrics[f"{stage}/loss"] > 0
+    assert metrics["val/acc_best"] >= metrics["val/acc"] - 1e-6
+    assert Path(metrics["best_checkpoint"]).is_file()
+    assert "TensorBoard:" in proc.stdout + proc.stderr
+
+
+def test_smoke_run_exports_torchvision_weights_and_class_names(smoke_run):
+    import torchvision
+
+    cwd, _ = smoke_run
+    (run,) = run_dirs(cwd / "outputs")
+    names = (run / "classes.txt").read_text().splitlines()
+    assert len(names) == SMALL_SPEC["num_classes"] and names[0] == "Audi S4 Sedan 2012"
+    tv = torchvision.models.resnet50(num_classes=len(names))
+    tv.load_state_dict(torch.load(run / "model.pth", weights_only=True), strict=True)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["hyper_parameters"]["class_names"] == names
+    assert ckpt["hyper_parameters"]["preprocess"]["image_size"] == 64
+
+
+def test_smoke_run_logs_per_epoch_metrics_and_hparams(smoke_run):
+    cwd, _ = smoke_run
+    (run,) = run_dirs(cwd / "outputs")
+    hparams, scalars = read_tensorboard(run)
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_top3", "val/acc_top5",
+                "val/precision_macro", "val/recall_macro", "val/f1_macro", "val/acc_best", "test/acc"):
+        assert tag in scalars, tag
+    assert "hp_metric" not in scalars  # Lightning's placeholder of -1 is off
+    assert hparams["choice/optimizer"] == "adam" and hparams["optimizer/lr"] == pytest.approx(1e-3)
+    assert "experiment=smoke" in hparams["overrides"]
+
+
+def test_sweep_writes_one_directory_per_job_with_its_hparams(tmp_path, data_dir):
+    proc = run_cli("twincar.train", "-m", "optimizer=adam,sgd", "experiment=smoke", "test=false",
+                   f"paths.data_dir={data_dir}", *SMALL_DATA, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = run_dirs(tmp_path / "outputs")
+    assert [r.name for r in runs] == ["0", "1"] and runs[0].parent == runs[1].parent
+    assert runs[0].parent.parent == tmp_path / "outputs" / "multiruns"
+    chosen = []
+    for run in runs:
+        hparams, scalars = read_tensorboard(run)
+        chosen.append(hparams["choice/optimizer"])
+        assert "val/acc_best" in scalars and 0 <= scalars["val/acc_best"][-1] <= 1
+        assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "accuracy_curve.png").is_file()
+        assert "test/acc" not in json.loads((run / "metrics.json").read_text())  # test=false
+    assert chosen == ["adam", "sgd"]
+
+
+def test_offline_without_weights_says_what_to_pass(tmp_path, data_dir):
+    proc = run_cli("twincar.train", "experiment=smoke", "model.pretrained=resnet50.a1_in1k",
+                   f"paths.data_dir={data_dir}", *SMALL_DATA, cwd=tmp_path)
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "pass model.weights=/path/to/weights.pth (or .safetensors) or model.pretrained=false" in out
+    assert "Traceback" not in out
+
+
+def test_missing_dataset_root_says_what_to_pass(tmp_path):
+    proc = run_cli("twincar.train", "experiment=smoke", "data=stanford_cars", f"data.root={tmp_path}/nowhere",
+                   "model.pretrained=false", cwd=tmp_path)
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert f"dataset root {tmp_path}/nowhere does not exist: pass data.root=PATH" in out
+    assert "Traceback" not in out
