@@ -1,3 +1,9 @@
+import csv
+import runpy
+from pathlib import Path
+
+import pytest
+
 from twincar.data.classes import (
     parse_car_name,
     read_classes_txt,
@@ -38,10 +44,19 @@ def test_classes_txt_round_trip(tmp_path):
 
 
 def test_classes_txt_errors_name_the_file(tmp_path):
-    import pytest
-
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_classes_txt(tmp_path / "missing.txt")
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="empty.txt is empty"):
         read_classes_txt(tmp_path / "empty.txt")
+
+
+def test_make_classes_script_writes_txt_and_csv(devkit, tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "make_classes_txt.py"
+    main = runpy.run_path(str(script))["main"]
+    main([str(devkit / "cars_meta.mat"), str(tmp_path / "classes.txt"), "--csv", str(tmp_path / "classes.csv")])
+    assert read_classes_txt(tmp_path / "classes.txt") == stanford_cars_class_names()
+    with open(tmp_path / "classes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[7] == {"label": "7", "name": "Aston Martin V8 Vantage Convertible 2012", "make": "Aston Martin",
+                       "model": "V8 Vantage Convertible", "year": "2012"}

@@ -46,6 +46,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
 def hyperparameters(cfg: DictConfig) -> dict[str, str | int | float | bool]:
     """What a run is, for comparing runs: group choices, command-line overrides, flattened options."""
     container = OmegaConf.to_container(cfg, resolve=True)
+    container.get("data", {}).pop("augmentation", None)  # the augmentation section, logged once
     hp = flatten({k: container[k] for k in HPARAM_SECTIONS if k in container})
     hp = {k: v for k, v in hp.items() if not k.endswith("_target_")}
     hp["seed"] = str(cfg.get("seed"))

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from twincar.data.formats import UNLABELED, Sample, load_stanford_cars
+from twincar.data.formats import UNLABELED, DevkitPaths, Sample, load_stanford_cars, read_meta
+from twincar.data.synthetic import SyntheticSpec, generate
 from twincar.data.transforms import (
     Augmentation,
     BatchTransform,
@@ -104,8 +105,6 @@ class CarsDataModule(L.LightningDataModule):
         self.synthetic = synthetic
         self.root = Path(root)
         if synthetic is not None:
-            from twincar.data.synthetic import SyntheticSpec
-
             self.spec = SyntheticSpec(**synthetic)
             self.root = self.root / self.spec.fingerprint()
         self.split: dict | None = None  # the train/val file names in use, saved next to the run
@@ -118,16 +117,12 @@ class CarsDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate the embedded dataset if this is a synthetic run (a no-op when cached)."""
         if self.synthetic is not None:
-            from twincar.data.synthetic import generate
-
             generate(self.root, self.spec)
 
     @property
     def class_names(self) -> list[str]:
         """Class names in label order, from the dataset's ``cars_meta.mat``."""
         if self._class_names is None:
-            from twincar.data.formats import DevkitPaths, read_meta
-
             self._class_names = read_meta(DevkitPaths.locate(self.root).meta)
         return self._class_names
 

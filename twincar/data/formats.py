@@ -168,7 +168,7 @@ def write_annotations(path: str | Path, samples: list[Sample], with_class: bool)
     for i, s in enumerate(samples):
         if s.bbox is None:
             raise ValueError(f"sample {s.path.name} has no bbox; the devkit format requires one")
-        values = dict(zip(("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"), s.bbox))
+        values = dict(zip(("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"), s.bbox, strict=True))
         values["class"] = s.label + 1
         row = [np.array([[values[f]]], dtype=np.uint16) for f in fields if f != "fname"]
         annos[0, i] = (*row, np.array([s.path.name]))

@@ -25,7 +25,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, head_lr_mu
     """
     head = {id(p) for p in model.get_classifier().parameters()}
     groups: dict[tuple[bool, bool], dict] = {}
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         is_head, no_decay = id(p) in head, p.ndim <= 1
