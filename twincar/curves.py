@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 CURVES = {  # file name -> (title, y label, metric suffix)
     "loss_curve.png": ("Loss", "cross-entropy", "loss"),
@@ -42,6 +43,7 @@ def plot_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
                 epochs = sorted(series)
                 ax.plot([e + 1 for e in epochs], [series[e] for e in epochs], marker="o", label=stage)
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
