@@ -13,7 +13,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tests.conftest import SMALL_SPEC, run_cli
 
 SMALL_DATA = [f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()]
-RUN_FILES = ["config.yaml", "metrics.json", "metrics.csv", "split.json", "loss_curve.png", "accuracy_curve.png",
+RUN_FILES = ["config.yaml", "metrics.json", "csv/metrics.csv", "split.json", "loss_curve.png", "accuracy_curve.png",
              "model.pth", "classes.txt", "checkpoints/last.ckpt", "train.log"]
 
 
@@ -143,5 +143,16 @@ def test_a_short_run_on_the_embedded_data_learns_well_above_chance(tmp_path, dat
     # and it is learning, not luck: train accuracy rose over the run
     from twincar.curves import read_epoch_history
 
-    train_acc = read_epoch_history(run / "metrics.csv")["train/acc"]
+    train_acc = read_epoch_history(run / "csv" / "metrics.csv")["train/acc"]
     assert train_acc[max(train_acc)] > train_acc[0] + 0.15
+
+
+def test_ddp_with_two_processes_writes_one_run(tmp_path, data_dir):
+    # DDP on the CPU (gloo): the same code path as multi-GPU nodes, minus SyncBatchNorm (GPU only).
+    proc = run_cli("twincar.train", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                   "trainer.sync_batchnorm=false", f"paths.data_dir={data_dir}", *SMALL_DATA, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = run_dirs(tmp_path / "outputs")  # rank 1 writes into rank 0's run directory, not its own
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["val/acc"] <= 1 and 0 <= metrics["test/acc"] <= 1
+    assert (run / "model.pth").is_file() and (run / "checkpoints" / "last.ckpt").is_file()

@@ -112,7 +112,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if trainer.is_global_zero:
         (out_dir / "split.json").write_text(json.dumps(datamodule.split, indent=1))
-        metrics_csv = out_dir / "metrics.csv"
+        metrics_csv = out_dir / "csv" / "metrics.csv"
         if metrics_csv.is_file():  # before validate/test below add their own rows
             plot_curves(metrics_csv, out_dir)
         else:

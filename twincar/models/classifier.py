@@ -121,9 +121,9 @@ class CarClassifier(L.LightningModule):
 
     def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
         metrics = getattr(self, f"{stage}_metrics")
-        values = metrics.compute()  # synchronised across processes by torchmetrics
+        values = metrics.compute()  # synchronised across processes by torchmetrics: equal on every rank
         metrics.reset()
-        self.log_dict(values, prog_bar=False)
+        self.log_dict(values, sync_dist=True)
         return values
 
     def on_train_epoch_end(self) -> None:
@@ -133,7 +133,7 @@ class CarClassifier(L.LightningModule):
         values = self._log_epoch("val")
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(values["val/acc"])
-            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
