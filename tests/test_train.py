@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.conftest import SMALL_SPEC, run_cli
+from twincar.curves import read_epoch_history
 
 SMALL_DATA = [f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()]
 RUN_FILES = ["config.yaml", "metrics.json", "csv/metrics.csv", "split.json", "loss_curve.png", "accuracy_curve.png",
@@ -141,8 +142,6 @@ def test_a_short_run_on_the_embedded_data_learns_well_above_chance(tmp_path, dat
     assert metrics["val/acc_best"] >= 3.5 * chance, metrics
     assert metrics["test/acc"] >= 3 * chance, metrics
     # and it is learning, not luck: train accuracy rose over the run
-    from twincar.curves import read_epoch_history
-
     train_acc = read_epoch_history(run / "csv" / "metrics.csv")["train/acc"]
     assert train_acc[max(train_acc)] > train_acc[0] + 0.15
 
@@ -156,3 +155,23 @@ def test_ddp_with_two_processes_writes_one_run(tmp_path, data_dir):
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["val/acc"] <= 1 and 0 <= metrics["test/acc"] <= 1
     assert (run / "model.pth").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_train_function_runs_mixup_cutmix_with_label_smoothing(tmp_path, data_dir):
+    """train(cfg) as a sweeper or notebook calls it: strong augmentation (soft targets) end to end."""
+    from hydra import compose, initialize_config_module
+
+    from twincar.train import train
+
+    with initialize_config_module("twincar.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=smoke", "augmentation=strong", "model.label_smoothing=0.1", "model.name=resnet18",
+            f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}/run",
+            "~callbacks.rich_progress_bar", *SMALL_DATA,
+        ])
+    metrics = train(cfg)
+    assert 0 <= metrics["val/acc"] <= 1 and 0 <= metrics["test/acc"] <= 1
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["val/acc"] == pytest.approx(metrics["val/acc"])
+    train_loss = read_epoch_history(tmp_path / "run" / "csv" / "metrics.csv")["train/loss"][0]
+    assert 0 < train_loss < 10  # soft-target cross-entropy over 6 classes: finite, near log(6)

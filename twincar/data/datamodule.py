@@ -102,11 +102,8 @@ class CarsDataModule(L.LightningDataModule):
         self.aug = Augmentation.from_config(augmentation)
         if self.aug.mixes and batch_size % 2:
             raise ValueError(f"Mixup/CutMix needs an even data.batch_size, got {batch_size}")
-        self.synthetic = synthetic
-        self.root = Path(root)
-        if synthetic is not None:
-            self.spec = SyntheticSpec(**synthetic)
-            self.root = self.root / self.spec.fingerprint()
+        self.spec = SyntheticSpec(**synthetic) if synthetic is not None else None
+        self.root = Path(root) / self.spec.fingerprint() if self.spec else Path(root)
         self.split: dict | None = None  # the train/val file names in use, saved next to the run
         self._class_names: list[str] | None = None
         self.train_set = self.val_set = self.test_set = None
@@ -116,7 +113,7 @@ class CarsDataModule(L.LightningDataModule):
     # -- data on disk -------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Generate the embedded dataset if this is a synthetic run (a no-op when cached)."""
-        if self.synthetic is not None:
+        if self.spec is not None:
             generate(self.root, self.spec)
 
     @property
@@ -138,10 +135,14 @@ class CarsDataModule(L.LightningDataModule):
             json.dumps([[s.path.name, s.label] for s in samples] + [hp.val_fraction, hp.split_seed]).encode()
         ).hexdigest()[:12]
         cache = Path(hp.split_dir) / f"split_{key}.json" if hp.split_dir else None
+        split = None
         if cache is not None and cache.is_file():
-            split = json.loads(cache.read_text())
-            log.info("reusing split %s", cache)
-        else:
+            try:
+                split = json.loads(cache.read_text())
+                log.info("reusing split %s", cache)
+            except (OSError, ValueError) as e:
+                log.warning("ignoring unreadable split cache %s: %s", cache, e)
+        if split is None:
             train, val = stratified_split([s.label for s in samples], hp.val_fraction, hp.split_seed)
             split = {
                 "root": str(self.root), "val_fraction": hp.val_fraction, "seed": hp.split_seed,
