@@ -91,3 +91,13 @@ def test_augmentation_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown augmentation option.*colour_jitter"):
         Augmentation.from_config({"colour_jitter": [0.1, 0.1, 0.1, 0.0]})
     assert Augmentation.from_config({"scale": [0.5, 1.0]}).scale == (0.5, 1.0)
+
+
+def test_augmentation_benchmark_script_prints_the_ratio(capsys):
+    import runpy
+    from pathlib import Path
+
+    main = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "bench_augment.py"))["main"]
+    main(["--device", "cpu", "--batch-size", "4", "--size", "32", "--batches", "1"])
+    out = capsys.readouterr().out
+    assert "per image, CPU (reference)" in out and "ratio (per batch / per image):" in out
