@@ -73,6 +73,37 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
     return sorted(train), sorted(val)
 
 
+def load_or_make_split(
+    samples: Sequence[Sample], val_fraction: float, seed: int, cache_dir: str | Path | None
+) -> dict:
+    """The stratified train/val split of ``samples`` as file names: ``{"train": [...], "val": [...], ...}``.
+
+    The split is cached in ``cache_dir`` under a hash of the samples (names and labels), the
+    fraction and the seed, and read back from there when the same data and seed are split again.
+    """
+    key = hashlib.sha1(json.dumps([[s.path.name, s.label] for s in samples] + [val_fraction, seed]).encode())
+    cache = Path(cache_dir) / f"split_{key.hexdigest()[:12]}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            split = json.loads(cache.read_text())
+            log.info("reusing split %s", cache)
+            return split
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable split cache %s: %s", cache, e)
+    train, val = stratified_split([s.label for s in samples], val_fraction, seed)
+    split = {"val_fraction": val_fraction, "seed": seed,
+             "train": [samples[i].path.name for i in train], "val": [samples[i].path.name for i in val]}
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(split))
+            tmp.replace(cache)  # atomic: parallel runs never read half a file
+        except OSError as e:
+            log.warning("could not cache the split in %s: %s", cache.parent, e)
+    return split
+
+
 class CarsDataModule(L.LightningDataModule):
     """Stanford Cars in the devkit layout: official train split -> stratified train/val, official test.
 
@@ -127,45 +158,15 @@ class CarsDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    # -- split --------------------------------------------------------------------------------
-    def _split(self, samples: list[Sample]) -> tuple[list[int], list[int]]:
-        """The stratified split, read from the split cache when this data and seed were split before."""
-        hp = self.hparams
-        key = hashlib.sha1(
-            json.dumps([[s.path.name, s.label] for s in samples] + [hp.val_fraction, hp.split_seed]).encode()
-        ).hexdigest()[:12]
-        cache = Path(hp.split_dir) / f"split_{key}.json" if hp.split_dir else None
-        split = None
-        if cache is not None and cache.is_file():
-            try:
-                split = json.loads(cache.read_text())
-                log.info("reusing split %s", cache)
-            except (OSError, ValueError) as e:
-                log.warning("ignoring unreadable split cache %s: %s", cache, e)
-        if split is None:
-            train, val = stratified_split([s.label for s in samples], hp.val_fraction, hp.split_seed)
-            split = {
-                "root": str(self.root), "val_fraction": hp.val_fraction, "seed": hp.split_seed,
-                "train": [samples[i].path.name for i in train], "val": [samples[i].path.name for i in val],
-            }
-            if cache is not None:
-                try:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-                    tmp.write_text(json.dumps(split))
-                    tmp.replace(cache)
-                except OSError as e:
-                    log.warning("could not cache the split in %s: %s", cache.parent, e)
-        self.split = split
-        index = {s.path.name: i for i, s in enumerate(samples)}
-        return [index[n] for n in split["train"]], [index[n] for n in split["val"]]
-
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         train_samples, self._class_names = load_stanford_cars(self.root, "train")
         test_samples, _ = load_stanford_cars(self.root, "test")
-        train_idx, val_idx = self._split(train_samples)
+        hp = self.hparams
+        self.split = load_or_make_split(train_samples, hp.val_fraction, hp.split_seed, hp.split_dir)
+        index = {s.path.name: i for i, s in enumerate(train_samples)}
+        train_idx, val_idx = ([index[n] for n in self.split[k]] for k in ("train", "val"))
         eval_tf = EvalImageTransform(self.preprocess)
         self.train_set = CarsDataset(
             [train_samples[i] for i in train_idx], TrainImageTransform(self.preprocess, self.aug)
