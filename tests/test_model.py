@@ -90,3 +90,11 @@ def test_classifier_keeps_class_names_and_preprocessing_in_checkpoint_hparams():
     assert model.hparams.class_names == ["A X Sedan 2012", "A X Sedan 2007"]
     assert model.hparams.preprocess == {"image_size": 64}
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+
+
+def test_channels_last_and_drop_rate_options_take_effect():
+    model = CarClassifier(["a", "b"], name="resnet18", channels_last=True, drop_rate=0.3)
+    assert model.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.model.drop_rate == 0.3
+    model.eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)

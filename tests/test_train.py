@@ -157,21 +157,38 @@ def test_ddp_with_two_processes_writes_one_run(tmp_path, data_dir):
     assert (run / "model.pth").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_train_function_runs_mixup_cutmix_with_label_smoothing(tmp_path, data_dir):
-    """train(cfg) as a sweeper or notebook calls it: strong augmentation (soft targets) end to end."""
+def compose_train(tmp_path, data_dir, *overrides: str):
     from hydra import compose, initialize_config_module
 
+    with initialize_config_module("twincar.conf", version_base="1.3"):
+        return compose("train", overrides=[
+            "experiment=smoke", "model.name=resnet18", "~callbacks.rich_progress_bar", f"paths.root_dir={tmp_path}",
+            f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}/run", *SMALL_DATA, *overrides,
+        ])
+
+
+def test_train_function_runs_mixup_cutmix_with_label_smoothing(tmp_path, data_dir):
+    """train(cfg) as a sweeper or notebook calls it: strong augmentation (soft targets) end to end."""
     from twincar.train import train
 
-    with initialize_config_module("twincar.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=smoke", "augmentation=strong", "model.label_smoothing=0.1", "model.name=resnet18",
-            f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}/run",
-            "~callbacks.rich_progress_bar", *SMALL_DATA,
-        ])
-    metrics = train(cfg)
+    metrics = train(compose_train(tmp_path, data_dir, "augmentation=strong", "model.label_smoothing=0.1",
+                                  "export=false"))
+    assert not (tmp_path / "run" / "model.pth").exists()  # export=false
     assert 0 <= metrics["val/acc"] <= 1 and 0 <= metrics["test/acc"] <= 1
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["val/acc"] == pytest.approx(metrics["val/acc"])
     train_loss = read_epoch_history(tmp_path / "run" / "csv" / "metrics.csv")["train/loss"][0]
     assert 0 < train_loss < 10  # soft-target cross-entropy over 6 classes: finite, near log(6)
+
+
+def test_resume_from_a_checkpoint_and_refuse_one_of_other_classes(tmp_path, data_dir):
+    from twincar.errors import TwinCarError
+    from twincar.train import train
+
+    train(compose_train(tmp_path / "a", data_dir))
+    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    resumed = train(compose_train(tmp_path / "b", data_dir, f"ckpt_path={last}", "trainer.max_epochs=2"))
+    assert json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())["epochs"] == 2
+    assert 0 <= resumed["val/acc"] <= 1
+    with pytest.raises(TwinCarError, match=r"was trained on 6 classes, but .* has 4"):
+        train(compose_train(tmp_path / "c", data_dir, f"ckpt_path={last}", "data.synthetic.num_classes=4"))

@@ -23,7 +23,7 @@ from twincar.curves import plot_curves
 from twincar.data.classes import write_classes_txt
 from twincar.errors import TwinCarError
 from twincar.models.classifier import CarClassifier
-from twincar.models.io import export_state_dict
+from twincar.models.io import checkpoint_class_names, export_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
 
+    if cfg.get("ckpt_path"):
+        resumed = checkpoint_class_names(cfg.ckpt_path)
+        if resumed != datamodule.class_names:
+            raise TwinCarError(
+                f"checkpoint {cfg.ckpt_path} was trained on {len(resumed)} classes, but {datamodule.root} has "
+                f"{datamodule.num_classes} (or other names): resume with the same data, or start from its weights "
+                "with model.weights=PATH instead of ckpt_path"
+            )
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     if trainer.is_global_zero:

@@ -46,6 +46,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def checkpoint_class_names(path: str | Path) -> list[str]:
+    """Class names stored in a TwinCar Lightning checkpoint (label order)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist: pass ckpt_path=PATH to an existing .ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return list(ckpt["hyper_parameters"]["class_names"])
+    except Exception as e:  # a foreign or damaged file
+        raise WeightsError(f"{path} is not a TwinCar checkpoint with class names: {e}") from e
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local weights file into ``model``; a classifier head of another shape is left at init.
 
