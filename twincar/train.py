@@ -84,6 +84,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("instantiating datamodule <%s>", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
+    if cfg.get("ckpt_path"):
+        resumed = checkpoint_class_names(cfg.ckpt_path)
+        if resumed != datamodule.class_names:
+            raise TwinCarError(
+                f"checkpoint {cfg.ckpt_path} was trained on {len(resumed)} classes, but {datamodule.root} has "
+                f"{datamodule.num_classes} (or other names): resume with the same data, or start from its weights "
+                "with model.weights=PATH instead of ckpt_path"
+            )
 
     log.info("instantiating model <%s> for %d classes", cfg.model.name, datamodule.num_classes)
     model = CarClassifier(
@@ -108,14 +116,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
 
-    if cfg.get("ckpt_path"):
-        resumed = checkpoint_class_names(cfg.ckpt_path)
-        if resumed != datamodule.class_names:
-            raise TwinCarError(
-                f"checkpoint {cfg.ckpt_path} was trained on {len(resumed)} classes, but {datamodule.root} has "
-                f"{datamodule.num_classes} (or other names): resume with the same data, or start from its weights "
-                "with model.weights=PATH instead of ckpt_path"
-            )
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     if trainer.is_global_zero:

@@ -1,6 +1,6 @@
 """Integrity scan of a Stanford Cars copy: ``python -m twincar.data.check ROOT``.
 
-Decodes every image of the chosen splits the way training does and reports, per file, what is
+Decodes every image of the chosen splits with the training decoder and reports, per file, what is
 wrong: missing, unreadable, or a box outside the image. Counts grayscale images (they are fine:
 loaders convert them to RGB). Exits 1 when any image is unusable, so it can gate a long run.
 """
@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode
 
 from twincar.data.formats import Sample, load_stanford_cars
+from twincar.data.transforms import ImageReadError, load_rgb
 from twincar.errors import TwinCarError
 
 
@@ -34,9 +35,9 @@ def inspect(sample: Sample) -> tuple[int | None, Finding | None]:
     if not sample.path.is_file():
         return None, Finding(str(sample.path), "missing")
     try:
-        img = decode_image(str(sample.path), mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, OSError, ValueError) as e:
-        return None, Finding(str(sample.path), f"unreadable: {e}")
+        img = load_rgb(sample.path, mode=ImageReadMode.UNCHANGED)
+    except ImageReadError as e:
+        return None, Finding(str(sample.path), f"unreadable: {e.__cause__ or e}")
     h, w = img.shape[-2:]
     if sample.bbox is not None:
         x1, y1, x2, y2 = sample.bbox

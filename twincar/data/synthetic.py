@@ -54,6 +54,16 @@ _MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, Created by: twincar.data.s
 # The spec
 
 
+def _integer(value, name: str) -> int:
+    """``value`` as an int (ints and numpy ints; not bools, floats or strings), else a ValueError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     """What to generate; equal specs give byte-identical datasets.
@@ -92,13 +102,7 @@ class SyntheticSpec:
             "seed": (0, 2**63 - 1),
         }
         for name, (lo, hi) in limits.items():
-            value = getattr(self, name)
-            try:
-                if isinstance(value, bool):
-                    raise TypeError
-                value = operator.index(value)
-            except TypeError:
-                raise ValueError(f"SyntheticSpec.{name} must be an integer, got {value!r}") from None
+            value = _integer(getattr(self, name), f"SyntheticSpec.{name}")
             if not lo <= value <= hi:
                 raise ValueError(f"SyntheticSpec.{name} must be in {lo}..{hi}, got {value}")
             object.__setattr__(self, name, value)
@@ -143,12 +147,7 @@ def select_classes(num_classes: int) -> list[str]:
     so label i is always the i-th chosen name as it appears in ``cars_meta.mat``.
     """
     official = stanford_cars_class_names()
-    try:
-        if isinstance(num_classes, bool):
-            raise TypeError
-        num_classes = operator.index(num_classes)
-    except TypeError:
-        raise ValueError(f"num_classes must be an integer, got {num_classes!r}") from None
+    num_classes = _integer(num_classes, "num_classes")
     if not 1 <= num_classes <= len(official):
         raise ValueError(
             f"num_classes must be between 1 and {len(official)} (Stanford Cars has {len(official)} classes), "

@@ -31,10 +31,13 @@ class ImageReadError(TwinCarError, OSError):
     """An image file is missing, truncated or not an image; the message names the file."""
 
 
-def load_rgb(path: str | Path) -> torch.Tensor:
-    """Decode an image file (JPEG, PNG, ... any mode) into a ``uint8`` RGB tensor of shape (3, H, W)."""
+def load_rgb(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
+    """Decode an image file (JPEG, PNG, ... any mode) into a ``uint8`` RGB tensor of shape (3, H, W).
+
+    ``mode=ImageReadMode.UNCHANGED`` keeps the file's own channels (1 for grayscale).
+    """
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        return decode_image(str(path), mode=mode)
     except (RuntimeError, OSError, ValueError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from e
 
