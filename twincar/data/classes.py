@@ -6,6 +6,7 @@ a few two-word makes), the year is the last word, and everything in between is t
 
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -75,6 +76,23 @@ def read_classes_txt(path: str | Path) -> list[str]:
     if not names:
         raise ValueError(f"class list {path} is empty")
     return names
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from ``classes.txt`` (one a line) or ``classes.csv`` (a ``name`` column, rows in label order)."""
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        return read_classes_txt(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read class list {path}: {e.strerror or e}") from e
+    if not rows or "name" not in rows[0]:
+        raise ValueError(f"class list {path} needs a 'name' column (label,name,make,model,year)")
+    if "label" in rows[0]:
+        rows.sort(key=lambda r: int(r["label"]))
+    return [r["name"].strip() for r in rows]
 
 
 def write_classes_txt(names: list[str], path: str | Path) -> Path:

@@ -25,6 +25,7 @@ from twincar.errors import TwinCarError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_MODES = ("crop", "squash")
 
 
 class ImageReadError(TwinCarError, OSError):
@@ -50,9 +51,29 @@ class Preprocess:
     eval_crop_pct: float = 0.875  # eval resizes the short side to image_size / eval_crop_pct, then center-crops
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation mean (RGB, 0..1 scale)
     std: tuple[float, float, float] = IMAGENET_STD  # per-channel normalisation std
+    # eval resize: "crop" (short side, then center crop) or "squash" (whole image to image_size x image_size,
+    # aspect ratio not kept: the original TwinCars project's Resize((224, 224)))
+    resize_mode: str = "crop"
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Preprocess:
+        """Read back :meth:`to_dict` (a checkpoint's or model card's); missing keys take the defaults."""
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown preprocessing field(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# The original TwinCars project's inference preprocessing: Resize((224, 224)), ImageNet mean/std.
+TWINCARS_PREPROCESS = Preprocess(image_size=224, eval_crop_pct=1.0, resize_mode="squash")
 
 
 @dataclass(frozen=True)
@@ -93,14 +114,17 @@ def _resize_size(pre: Preprocess) -> int:
 
 
 class EvalImageTransform(nn.Module):
-    """Per-image eval transform: resize the short side, center-crop to ``image_size`` (uint8 in, uint8 out)."""
+    """Per-image eval transform: resize the short side and center-crop to ``image_size`` (``resize_mode="crop"``),
+    or resize the whole image to a square (``"squash"``); uint8 in, uint8 out."""
 
     def __init__(self, preprocess: Preprocess):
         super().__init__()
-        self.ops = v2.Compose([
-            v2.Resize(_resize_size(preprocess), antialias=True),
-            v2.CenterCrop(preprocess.image_size),
-        ])
+        size = preprocess.image_size
+        self.ops = v2.Compose(
+            [v2.Resize((size, size), antialias=True)]
+            if preprocess.resize_mode == "squash"
+            else [v2.Resize(_resize_size(preprocess), antialias=True), v2.CenterCrop(size)]
+        )
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.ops(img)

@@ -7,7 +7,9 @@ Out: a plain state dict with torchvision-compatible keys (``model.pth``).
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -15,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from twincar.data.classes import read_class_names
+from twincar.data.transforms import TWINCARS_PREPROCESS, Preprocess
 from twincar.errors import TwinCarError
 
 log = logging.getLogger(__name__)
@@ -123,3 +127,108 @@ def export_state_dict(model: nn.Module, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
     return path
+
+
+MODEL_CARD = "model_card.json"  # written beside exported weights: architecture, class names, preprocessing
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with what it needs to be used: its class names and input preprocessing."""
+
+    model: nn.Module
+    class_names: list[str]
+    preprocess: Preprocess
+    architecture: str
+    source: Path
+    card: dict = field(default_factory=dict)  # the model card or checkpoint hparams it came with
+
+
+def _safe_torch_load(path: Path) -> object:
+    """``torch.load(weights_only=True)``: a file that needs pickle code execution is refused in one sentence."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise WeightsError(
+                f"{path} needs pickle code execution to load (it holds more than tensors and plain values): "
+                "refused for safety; re-save it as a plain state dict or .safetensors"
+            ) from e
+        raise WeightsError(f"cannot read weights from {path}: {e}") from e
+
+
+def _check_names(given: list[str] | None, carried: list[str] | None, num_outputs: int, path: Path) -> list[str]:
+    """The class names to use: those the file carries, else those given; a mismatch is an error."""
+    if carried is not None and given is not None and [n.lower() for n in carried] != [n.lower() for n in given]:
+        raise WeightsError(
+            f"{path} carries {len(carried)} class names that differ from the {len(given)} given by --classes: "
+            "leave --classes out, or pass the classes the model was trained with"
+        )
+    names = carried if carried is not None else given
+    if names is None:
+        raise WeightsError(f"{path} carries no class names: pass --classes classes.txt (or classes=...)")
+    if len(names) != num_outputs:
+        raise WeightsError(f"the class list has {len(names)} names but {path} has {num_outputs} outputs")
+    return list(names)
+
+
+def _head_outputs(state: dict[str, torch.Tensor], path: Path) -> int:
+    heads = [k for k in ("fc.weight", "head.fc.weight", "classifier.weight", "head.weight") if k in state]
+    if not heads:
+        raise WeightsError(f"{path}: no classifier head found (fc.weight, head.fc.weight, classifier.weight)")
+    return int(state[heads[0]].shape[0])
+
+
+def load_model(
+    path: str | Path,
+    classes: str | Path | list[str] | None = None,
+    *,
+    architecture: str | None = None,
+    preprocess: Preprocess | None = None,
+) -> LoadedModel:
+    """The one way a trained model comes in, for predict, eval, explain, export and the demo.
+
+    ``path`` is a TwinCar Lightning ``.ckpt`` (class names and preprocessing inside), exported weights
+    (``.pth``/``.safetensors``) with a ``model_card.json`` beside them, or a bare state dict such as the
+    original TwinCars ``.pth`` (a torchvision resnet50 with a K-way ``fc``), which needs ``classes`` and
+    gets the original preprocessing (224x224 squash, ImageNet mean/std) unless ``preprocess`` is given.
+    Every file is read with ``weights_only=True`` or safetensors: nothing is unpickled.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"model file {path} does not exist: pass --model PATH to a .ckpt, .pth or .safetensors")
+    try:
+        given = read_class_names(classes) if isinstance(classes, (str, Path)) else (list(classes) if classes else None)
+    except (OSError, ValueError) as e:
+        raise WeightsError(str(e)) from e
+    card: dict = {}
+    if path.suffix == ".ckpt":
+        ckpt = _safe_torch_load(path)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise WeightsError(f"{path} is not a Lightning checkpoint (no state_dict)")
+        card = dict(ckpt.get("hyper_parameters") or {})
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        arch = card.get("name", architecture or "resnet50")
+        carried = card.get("class_names")
+        pre = Preprocess.from_dict(card.get("preprocess"))
+    else:
+        state = read_state_dict(path)
+        card_path = path.with_name(MODEL_CARD)
+        if card_path.is_file():
+            try:
+                card = json.loads(card_path.read_text("utf-8"))
+            except ValueError as e:
+                raise WeightsError(f"{card_path} is not valid JSON: {e}") from e
+        arch = card.get("architecture", architecture or "resnet50")
+        carried = card.get("class_names")
+        pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
+    names = _check_names(given, list(carried) if carried else None, _head_outputs(state, path), path)
+    model = timm.create_model(arch, num_classes=len(names), pretrained=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path} does not fit architecture {arch}: {len(missing)} missing and {len(unexpected)} unexpected "
+            f"tensor(s), e.g. {(missing or unexpected)[0]}"
+        )
+    model.eval()
+    return LoadedModel(model, names, preprocess or pre, arch, path, card)
