@@ -101,3 +101,21 @@ def test_augmentation_benchmark_script_prints_the_ratio(capsys):
     main(["--device", "cpu", "--batch-size", "4", "--size", "32", "--batches", "1"])
     out = capsys.readouterr().out
     assert "per image, CPU (reference)" in out and "ratio (per batch / per image):" in out
+
+
+def test_load_rgb_refuses_bombs_from_the_header_and_names_empty_files(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from twincar.data import transforms
+
+    big = tmp_path / "big.png"
+    Image.new("L", (400, 300)).save(big)
+    monkeypatch.setattr(transforms, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(transforms.ImageReadError, match=r"big.png: 400x300 pixels is over the 100000 limit"):
+        transforms.load_rgb(big)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(transforms.ImageReadError, match=r"empty.jpg: the file is empty"):
+        transforms.load_rgb(tmp_path / "empty.jpg")
+    (tmp_path / "text.jpg").write_text("hello")
+    with pytest.raises(transforms.ImageReadError, match=r"text.jpg: not an image"):
+        transforms.load_rgb(tmp_path / "text.jpg")

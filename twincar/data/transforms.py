@@ -16,6 +16,7 @@ from pathlib import Path
 
 import kornia.augmentation as K
 import torch
+from PIL import Image
 from timm.data import Mixup
 from torch import nn
 from torchvision.io import ImageReadMode, decode_image
@@ -32,13 +33,40 @@ class ImageReadError(TwinCarError, OSError):
     """An image file is missing, truncated or not an image; the message names the file."""
 
 
-def load_rgb(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
-    """Decode an image file (JPEG, PNG, ... any mode) into a ``uint8`` RGB tensor of shape (3, H, W).
+# Refuse images with more pixels than this before decoding them (decompression bombs): 2x PIL's own limit.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
 
-    ``mode=ImageReadMode.UNCHANGED`` keeps the file's own channels (1 for grayscale).
-    """
+
+def image_size_from_header(path: str | Path) -> tuple[int, int]:
+    """(width, height) read from the file header only; raises ImageReadError for what is not an image."""
+    path = Path(path)
     try:
-        return decode_image(str(path), mode=mode)
+        if path.stat().st_size == 0:
+            raise ImageReadError(f"cannot read image {path}: the file is empty (0 bytes)")
+        with Image.open(path) as im:  # lazy: reads the header, decodes nothing
+            return im.size
+    except ImageReadError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageReadError(f"cannot read image {path}: no such file") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"cannot read image {path}: not an image ({e})") from e
+
+
+def load_rgb(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
+    """Decode an image file (JPEG, PNG, ... any mode, EXIF orientation applied) into ``uint8`` (3, H, W) RGB.
+
+    ``mode=ImageReadMode.UNCHANGED`` keeps the file's own channels (1 for grayscale). A missing, empty,
+    truncated or non-image file, or one of more than ``MAX_IMAGE_PIXELS`` (checked from the header,
+    before decoding), raises :class:`ImageReadError` naming the file.
+    """
+    w, h = image_size_from_header(path)
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageReadError(
+            f"cannot read image {path}: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)"
+        )
+    try:
+        return decode_image(str(path), mode=mode, apply_exif_orientation=True)
     except (RuntimeError, OSError, ValueError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from e
 
