@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from twincar.data.cache import ImageCache, open_cache
 from twincar.data.formats import UNLABELED, DevkitPaths, Sample, load_stanford_cars, read_meta
 from twincar.data.synthetic import SyntheticSpec, generate
 from twincar.data.transforms import (
@@ -37,9 +38,15 @@ class CarsDataset(Dataset):
     (per worker process).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: torch.nn.Module):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: torch.nn.Module,
+        reader: Callable[[Sample], torch.Tensor] | None = None,
+    ):
         self.samples = list(samples)
         self.transform = transform
+        self.reader = reader or FileReader()  # sample -> uint8 (3, H, W): the file, or an ImageCache
         self.bad_files: set[Path] = set()
 
     def __len__(self) -> int:
@@ -51,11 +58,21 @@ class CarsDataset(Dataset):
             if sample.path in self.bad_files:
                 continue
             try:
-                return self.transform(load_rgb(sample.path)), sample.label
+                return self.transform(self.reader(sample)), sample.label
             except ImageReadError as e:
                 self.bad_files.add(sample.path)
                 log.warning("skipping unreadable image: %s", e)
         raise ImageReadError(f"no readable image among the {len(self.samples)} samples of this dataset")
+
+
+class FileReader:
+    """Decode a sample's file (``load_rgb``); ``min_side`` allows a reduced-size JPEG decode (eval)."""
+
+    def __init__(self, min_side: int | None = None):
+        self.min_side = min_side
+
+    def __call__(self, sample: Sample) -> torch.Tensor:
+        return load_rgb(sample.path, min_side=self.min_side)
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -126,6 +143,9 @@ class CarsDataModule(L.LightningDataModule):
         split_dir: str | None = None,
         augmentation: dict | None = None,
         synthetic: dict | None = None,
+        cache: bool = False,
+        cache_dir: str | None = None,
+        cache_format: str = "raw",
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -140,12 +160,25 @@ class CarsDataModule(L.LightningDataModule):
         self.train_set = self.val_set = self.test_set = None
         self.train_batch_transform: BatchTransform | None = None
         self.eval_batch_transform = BatchTransform(self.preprocess)
+        self.image_cache: ImageCache | None = None  # the pre-resized copy read when data.cache=true
 
     # -- data on disk -------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Generate the embedded dataset if this is a synthetic run (a no-op when cached)."""
+        """Generate the embedded dataset if this is a synthetic run, and build the image cache if
+        ``cache`` is on (both no-ops when already on disk)."""
         if self.spec is not None:
             generate(self.root, self.spec)
+        if self.hparams.cache:
+            self._open_cache()
+
+    def _open_cache(self) -> ImageCache:
+        """The pre-resized copy of every train and test image (``data.cache``), built on first use."""
+        if self.image_cache is None:
+            hp = self.hparams
+            samples = [s for split in ("train", "test") for s in load_stanford_cars(self.root, split)[0]]
+            self.image_cache = open_cache(samples, hp.cache_dir or self.root / "cache", self.preprocess,
+                                          fmt=hp.cache_format, workers=max(1, hp.num_workers))
+        return self.image_cache
 
     @property
     def class_names(self) -> list[str]:
@@ -168,12 +201,19 @@ class CarsDataModule(L.LightningDataModule):
         index = {s.path.name: i for i, s in enumerate(train_samples)}
         train_idx, val_idx = ([index[n] for n in self.split[k]] for k in ("train", "val"))
         eval_tf = EvalImageTransform(self.preprocess)
+        # data.cache: read the pre-resized copy (boxes scaled to it); else the files, eval at reduced-size decode
+        cache = self._open_cache() if hp.cache else None
+        train_reader, eval_reader = FileReader(), FileReader(self.preprocess.decode_min_side)
+        if cache is not None:
+            train_reader = eval_reader = cache
+            train_samples = [cache.rescale(s) for s in train_samples]
+            test_samples = [cache.rescale(s) for s in test_samples]
         self.train_set = CarsDataset(
-            [train_samples[i] for i in train_idx], TrainImageTransform(self.preprocess, self.aug)
+            [train_samples[i] for i in train_idx], TrainImageTransform(self.preprocess, self.aug), train_reader
         )
-        self.val_set = CarsDataset([train_samples[i] for i in val_idx], eval_tf)
+        self.val_set = CarsDataset([train_samples[i] for i in val_idx], eval_tf, eval_reader)
         labeled = [s for s in test_samples if s.label != UNLABELED]
-        self.test_set = CarsDataset(labeled, eval_tf) if labeled else None
+        self.test_set = CarsDataset(labeled, eval_tf, eval_reader) if labeled else None
         if not labeled:
             log.warning("no test labels under %s (cars_test_annos_withlabels.mat): test is skipped", self.root)
         self.train_batch_transform = BatchTransform(self.preprocess, self.aug, num_classes=self.num_classes)

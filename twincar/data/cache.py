@@ -1,0 +1,246 @@
+"""A pre-resized, decoded copy of a dataset, built once and read by the same datamodule (``data.cache=true``).
+
+Every image is decoded once (reduced-size JPEG decode where the file is large), resized so that its short
+side is ``cache_short_side(preprocess)`` (eval's resize size, 256 for 224; never enlarged) and appended to one
+flat file, either as raw ``uint8`` pixels (``format="raw"``: read by memory map, no decoding at all) or
+as a small JPEG (``format="jpeg"``: about 10x less disk, a cheap decode). Boxes are scaled with the image.
+This is what makes FFCV fast; the per-image augmentation then runs on images a few times smaller.
+
+The cache lives in ``cache_dir/<key>/`` where ``key`` hashes every file's path, size and modification time,
+the short side and the format: changing the data or ``data.image_size`` builds a new cache, never reads a
+stale one. A file that cannot be decoded is recorded with its error, and reading it raises
+:class:`ImageReadError` naming the file, exactly as the original file would. Build it ahead of time with::
+
+    python -m twincar.data.cache [data=stanford_cars data.root=PATH] [data.image_size=448] [data.cache_format=jpeg]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+from twincar.data.formats import Sample
+from twincar.data.transforms import ImageReadError, Preprocess, image_size_from_header, load_rgb
+from twincar.errors import TwinCarError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the stored layout or the resizing changes: old caches are then not reused
+CACHE_FORMATS = ("raw", "jpeg")
+SHORT_SIDE_FACTOR = 1.15  # cached short side / image_size: room for random crops, as FFCV stores
+JPEG_QUALITY = 90  # quality of the small JPEGs of format="jpeg"
+INDEX = "index.json"
+DATA = "images.bin"
+
+
+class CacheError(TwinCarError, OSError):
+    """A cache directory cannot be written or read; the message names it."""
+
+
+def cache_short_side(preprocess: Preprocess) -> int:
+    """Short side of cached images: eval's resize size (``image_size / eval_crop_pct``, 256 for 224) when that
+    leaves random crops some room (>= 1.1 x image_size), so eval reads the cache with no second resize;
+    else ``SHORT_SIDE_FACTOR`` x image_size."""
+    side = preprocess.decode_min_side
+    return side if side >= 1.1 * preprocess.image_size else math.ceil(SHORT_SIDE_FACTOR * preprocess.image_size)
+
+
+def cache_key(samples: Sequence[Sample], short_side: int, fmt: str) -> str:
+    """A hash of the files (resolved path, size, modification time) and of how they are cached."""
+    h = hashlib.sha1(json.dumps([CACHE_VERSION, short_side, fmt, JPEG_QUALITY]).encode())
+    for path in sorted({str(Path(s.path).resolve()) for s in samples}):
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _resized(path: str, short_side: int) -> torch.Tensor:
+    img = load_rgb(path, min_side=short_side)
+    if min(img.shape[1:]) > short_side:  # shrink only: a small image is kept as it is
+        img = TF.resize(img, short_side, antialias=True)
+    return img.contiguous()
+
+
+def build_cache(
+    samples: Sequence[Sample], directory: str | Path, short_side: int, *, fmt: str = "raw", workers: int = 4
+) -> Path:
+    """Write the cache of ``samples`` into ``directory`` (atomically: a half-built cache is never read).
+
+    ``workers`` threads decode and resize (both release the GIL). Returns ``directory``. When another
+    process finished the same cache first, its copy is kept and this one discarded.
+    """
+    if fmt not in CACHE_FORMATS:
+        raise CacheError(f"data.cache_format must be one of {', '.join(CACHE_FORMATS)}, got {fmt!r}")
+    directory = Path(directory)
+    tmp = directory.with_name(f"{directory.name}.{os.getpid()}.tmp")
+    paths = sorted({str(Path(s.path).resolve()) for s in samples})
+    start = time.perf_counter()
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        entries: dict[str, list[int]] = {}
+        errors: dict[str, str] = {}
+        offset = 0
+
+        def work(path: str) -> tuple[str, bytes | None, list[int] | None, str | None]:
+            try:
+                orig = image_size_from_header(path)
+                img = _resized(path, short_side)
+            except ImageReadError as e:
+                return path, None, None, str(e)
+            data = encode_jpeg(img, quality=JPEG_QUALITY).numpy().tobytes() if fmt == "jpeg" else img.numpy().tobytes()
+            return path, data, [img.shape[1], img.shape[2], orig[0], orig[1]], None
+
+        with open(tmp / DATA, "wb") as out, ThreadPoolExecutor(max(1, workers)) as pool:
+            for chunk in range(0, len(paths), 256):  # bounded memory: 256 images in flight at most
+                for path, data, shape, error in pool.map(work, paths[chunk:chunk + 256]):
+                    if error is not None:
+                        errors[path] = error
+                        log.warning("cache: %s", error)
+                        continue
+                    out.write(data)
+                    entries[path] = [offset, len(data), *shape]
+                    offset += len(data)
+        index = {"version": CACHE_VERSION, "format": fmt, "short_side": short_side, "bytes": offset,
+                 "entries": entries, "errors": errors}
+        (tmp / INDEX).write_text(json.dumps(index))
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(directory)
+        except OSError:
+            if not (directory / INDEX).is_file():
+                raise
+            log.info("cache %s was built by another process meanwhile: using it", directory)
+    except OSError as e:
+        raise CacheError(f"cannot write the image cache in {directory.parent}: {e} (set data.cache_dir=PATH)") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached %d images (%d unreadable) at short side %d in %s: %.0f MB, %.1f s", len(entries), len(errors),
+             short_side, directory, offset / 2**20, time.perf_counter() - start)
+    return directory
+
+
+class ImageCache:
+    """The read side of a built cache: ``cache(sample)`` -> ``uint8`` (3, H, W), like ``load_rgb(sample.path)``.
+
+    Picklable (DataLoader workers): the memory map is opened lazily in each process.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        try:
+            index = json.loads((self.directory / INDEX).read_text())
+        except (OSError, ValueError) as e:
+            raise CacheError(f"cannot read the image cache index {self.directory / INDEX}: {e}") from e
+        self.format: str = index["format"]
+        self.short_side: int = index["short_side"]
+        self.entries: dict[str, list[int]] = index["entries"]
+        self.errors: dict[str, str] = index["errors"]
+        self._keys: dict[str, str] = {}  # sample path as given -> resolved path (the index key)
+        self._data: np.memmap | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _key(self, path: str | Path) -> str:
+        given = str(path)
+        key = self._keys.get(given)
+        if key is None:
+            key = self._keys[given] = str(Path(path).resolve())
+        return key
+
+    def __contains__(self, path: str | Path) -> bool:
+        key = self._key(path)
+        return key in self.entries or key in self.errors
+
+    def read(self, path: str | Path) -> torch.Tensor:
+        """The cached image of ``path``; ImageReadError (naming the file) if it was unreadable or not cached."""
+        key = self._key(path)
+        entry = self.entries.get(key)
+        if entry is None:
+            raise ImageReadError(self.errors.get(key) or f"cannot read image {path}: not in the cache {self.directory}")
+        if self._data is None:
+            self._data = np.memmap(self.directory / DATA, dtype=np.uint8, mode="r")
+        offset, nbytes, h, w = entry[:4]
+        data = torch.from_numpy(np.array(self._data[offset:offset + nbytes]))  # one copy out of the page cache
+        if self.format == "jpeg":
+            return decode_jpeg(data)
+        return data.view(3, h, w)
+
+    def __call__(self, sample: Sample) -> torch.Tensor:
+        return self.read(sample.path)
+
+    def rescale(self, sample: Sample) -> Sample:
+        """``sample`` with its box in the cached image's pixels (the image was resized by a known factor)."""
+        entry = self.entries.get(self._key(sample.path))
+        if sample.bbox is None or entry is None:
+            return sample
+        h, w, orig_w, orig_h = entry[2:6]
+        sx, sy = w / orig_w, h / orig_h
+        x1, y1, x2, y2 = sample.bbox
+        box = (max(1, round(x1 * sx)), max(1, round(y1 * sy)), min(w, round(x2 * sx)), min(h, round(y2 * sy)))
+        return replace(sample, bbox=box)
+
+
+def open_cache(
+    samples: Sequence[Sample], cache_dir: str | Path, preprocess: Preprocess, *, fmt: str = "raw", workers: int = 4
+) -> ImageCache:
+    """The cache of ``samples`` for ``preprocess`` under ``cache_dir``: reused when it matches, else built."""
+    short_side = cache_short_side(preprocess)
+    directory = Path(cache_dir) / f"{fmt}{short_side}_{cache_key(samples, short_side, fmt)}"
+    if (directory / INDEX).is_file():
+        log.info("reusing image cache %s", directory)
+    else:
+        log.info("building the image cache of %d images at short side %d in %s", len(samples), short_side, directory)
+        build_cache(samples, directory, short_side, fmt=fmt, workers=workers)
+    return ImageCache(directory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m twincar.data.cache [overrides]``: build the cache of the data config composed from the
+    train config with these overrides (the same ones a training run gets)."""
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with initialize_config_module("twincar.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*argv, "data.cache=true"])
+    try:
+        dm = instantiate(cfg.data, _convert_="all")
+        dm.prepare_data()
+    except TwinCarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cache = dm.image_cache
+    size = (cache.directory / DATA).stat().st_size
+    print(f"image cache: {cache.directory} ({len(cache)} images, {len(cache.errors)} unreadable, "
+          f"short side {cache.short_side}, {cache.format}, {size / 2**20:.0f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
