@@ -119,3 +119,61 @@ def test_load_rgb_refuses_bombs_from_the_header_and_names_empty_files(tmp_path, 
     (tmp_path / "text.jpg").write_text("hello")
     with pytest.raises(transforms.ImageReadError, match=r"text.jpg: not an image"):
         transforms.load_rgb(tmp_path / "text.jpg")
+
+
+def _photo(path, width=800, height=600, **save):
+    """A JPEG with smooth structure and fine detail, like a photo (not flat, not pure noise)."""
+    rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 40, width // 40, 3), dtype=np.uint8))
+    pixels = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.int16)
+    pixels = pixels + rng.normal(0, 6, pixels.shape).astype(np.int16)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90, **save)
+    return path
+
+
+def test_reduced_size_decode_keeps_min_side_and_the_pixels(tmp_path):
+    from twincar.data.transforms import reduced_decode_scale
+
+    assert [reduced_decode_scale(800, 600, m) for m in (600, 300, 150, 120, 20)] == [1, 2, 4, 4, 8]
+    path = _photo(tmp_path / "car.jpg")
+    full = load_rgb(path)
+    small = load_rgb(path, min_side=140)  # 600 // 4 = 150 >= 140: decoded at 1/4 scale
+    assert small.shape == (3, 150, 200) and small.dtype == torch.uint8 and small.is_contiguous() is False
+    # after the eval resize the two agree within a grey level on average
+    pre = Preprocess(image_size=128, eval_crop_pct=1.0)
+    a, b = EvalImageTransform(pre)(full).float(), EvalImageTransform(pre)(small).float()
+    assert a.shape == b.shape == (3, 128, 128) and (a - b).abs().mean() < 1.5
+    # PNG has no DCT scaling: decoded in full
+    Image.open(path).save(tmp_path / "car.png")
+    assert load_rgb(tmp_path / "car.png", min_side=140).shape == (3, 600, 800)
+
+
+def test_reduced_size_decode_applies_exif_orientation_and_keeps_errors(tmp_path, monkeypatch):
+    from twincar.data import transforms
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    path = _photo(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    assert load_rgb(path).shape == (3, 800, 600)
+    assert load_rgb(path, min_side=140).shape == (3, 200, 150)
+    (tmp_path / "broken.jpg").write_bytes(open(path, "rb").read()[:2000])
+    with pytest.raises(ImageReadError, match="broken.jpg"):
+        load_rgb(tmp_path / "broken.jpg", min_side=100)
+    monkeypatch.setattr(transforms, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(ImageReadError, match="rotated.jpg: 800x600 pixels is over"):
+        load_rgb(path, min_side=100)
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (3, 57, 80), (1, 40, 31)])
+def test_rotation_is_torchvisions_pixel_for_pixel(shape):
+    from torchvision.transforms.v2 import functional as F
+
+    from twincar.data.transforms import RandomRotation, rotate_nearest
+
+    img = torch.randint(1, 256, shape, dtype=torch.uint8)
+    for angle in (-10.0, -3.7, 0.0, 4.2, 9.9):
+        assert torch.equal(rotate_nearest(img, angle), F.rotate(img, angle))
+    torch.manual_seed(0)
+    outs = [RandomRotation(10)(img) for _ in range(5)]
+    assert all(o.shape == img.shape and o.dtype == torch.uint8 for o in outs)
+    assert all((o == 0).any() for o in outs)  # rotated: corners filled with 0 (the image has no 0 pixel)
