@@ -126,7 +126,11 @@ class Predictor:
 
     # -- the three steps: per image, per batch, results ---------------------------------------
     def prepare(self, image: ImageInput) -> torch.Tensor:
-        """Per-image work (decode, resize, crop): a ``uint8`` (3, S, S) tensor. Safe in DataLoader workers."""
+        """Per-image work (decode, resize, crop): a ``uint8`` (3, S, S) tensor. Safe in DataLoader workers.
+
+        A large JPEG is decoded at reduced size (never below what the resize needs: ``load_rgb(min_side=)``)."""
+        if isinstance(image, (str, Path)):
+            return self.image_transform(load_rgb(image, min_side=self.preprocess.decode_min_side))
         return self.image_transform(to_uint8_rgb(image))
 
     @torch.inference_mode()

@@ -1,0 +1,656 @@
+#!/usr/bin/env python
+"""Side-by-side performance benchmark: the original TwinCars pipelines vs TwinCar's, same images, one run.
+
+    python scripts/benchmark.py [--images DIR] [--json out.json] [--quick]
+                                [--model model.pth --classes classes.txt] [--only MEASURE,...]
+
+Measures (each prints img/s of the reference and of TwinCar, and their ratio):
+
+* ``train_pipeline``: one CPU core (one DataLoader worker): the original per-image PIL pipeline (decode,
+  RandomResizedCrop, flip, RandomRotation, ColorJitter, GaussianBlur, ToTensor, Normalize; torchvision v1)
+  vs TwinCar's worker side from the same JPEGs. TwinCar's per-batch device work (jitter, blur, normalise,
+  Mixup/CutMix) is timed apart, as ms per batch on this machine's device.
+* ``train_pipeline_cached``: the same with ``data.cache=true`` (pre-resized raw copy, memory-mapped).
+* ``eval_pipeline``: one core: decode, Resize((224, 224)), ToTensor, Normalize vs TwinCar's eval
+  preprocessing (reduced-size decode, resize, crop, per-batch normalise); from the cache as an extra field.
+* ``cpu_predict``: whole processes, JPEG files to a CSV: the original predict loop (eager fp32 torchvision
+  resnet50, batch 1) vs ``python -m twincar.predict`` on the same weights: wall time, peak RSS, top-1
+  agreement (only with ``--model``: a random network predicts one class for everything).
+* ``train_step``: CPU training img/s of the network alone: fp32 vs bf16-mixed + channels_last.
+* ``gpu_train`` (CUDA only): end-to-end training img/s from JPEG files through TwinCar's datamodule and
+  model (bf16-mixed, channels_last, optionally compiled) at 224 and 448, next to the model alone on
+  in-memory tensors (the ceiling) and the original pipeline on the same GPU.
+
+Without ``--images`` a fixed set of JPEGs is generated (sizes like Stanford Cars: ~700x480 on average,
+~110 KB, some large ones). ``--quick`` runs in seconds (tiny models and sizes: for the tests, not for numbers).
+Reference and TwinCar run interleaved, round by round, so a busy machine slows both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a file from a checkout: import this checkout's twincar
+    sys.path.insert(0, str(REPO))
+
+from twincar.data.cache import cache_short_side, open_cache  # noqa: E402
+from twincar.data.datamodule import FileReader  # noqa: E402
+from twincar.data.formats import Sample  # noqa: E402
+from twincar.data.transforms import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Augmentation,
+    BatchTransform,
+    EvalImageTransform,
+    Preprocess,
+    TrainImageTransform,
+    load_rgb,
+)
+
+MEASURES = ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "cpu_predict", "train_step", "gpu_train")
+# The seed augmentation (conf/augmentation/seed.yaml), for both pipelines.
+SEED_AUG = Augmentation(scale=(0.35, 1.0), ratio=(0.75, 1.3333), hflip=0.5, rotation=10.0,
+                        color_jitter=(0.3, 0.3, 0.3, 0.02), color_jitter_prob=0.8, blur_prob=0.2, blur_sigma=(0.1, 1.5))
+# Stanford Cars-like sizes (mean about 700x480), two large ones in every 16.
+SIZES = [(700, 480), (640, 480), (800, 533), (500, 375), (1024, 683), (600, 400), (720, 540), (1600, 1200),
+         (640, 427), (560, 420), (768, 512), (480, 360), (900, 600), (680, 453), (2048, 1536), (400, 300)]
+
+
+# -- images ------------------------------------------------------------------------------------------------
+def make_images(out: Path, count: int, quick: bool = False, num_classes: int = 14) -> list[Path]:
+    """Write ``count`` JPEGs of synthetic cars with photo-like grain (deterministic), ~110 KB at 700x480.
+
+    Cars are drawn small by the embedded dataset's renderer and enlarged (drawing large is slow); the grain
+    gives the files the entropy, hence the decode cost, of photos.
+    """
+    from twincar.data.classes import parse_car_name
+    from twincar.data.render import render_car
+    from twincar.data.synthetic import select_classes
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = select_classes(num_classes)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        w, h = (160, 120) if quick else SIZES[i % len(SIZES)]
+        small, _ = render_car(parse_car_name(names[i % len(names)]), rng, max(64, w // 4), max(48, h // 4), 0.5)
+        pixels = np.asarray(small.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.int16)
+        pixels = pixels + rng.normal(0, 6, pixels.shape).astype(np.int16)
+        path = out / f"{i:05d}.jpg"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# -- timing ------------------------------------------------------------------------------------------------
+class one_thread:  # noqa: N801 - a context manager used like a function
+    """Limit torch to one thread (a DataLoader worker's setting) inside the block."""
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def interleaved(fns: dict[str, Callable[[], int]], rounds: int) -> dict[str, float]:
+    """Run each ``fn`` (returns the number of images it did) once per round, alternating; img/s of each."""
+    for fn in fns.values():  # warm-up: allocations, lazy imports, page cache
+        fn()
+    done = dict.fromkeys(fns, 0)
+    spent = dict.fromkeys(fns, 0.0)
+    for r in range(rounds):
+        order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+        for name in order:
+            start = time.perf_counter()
+            done[name] += fns[name]()
+            spent[name] += time.perf_counter() - start
+    return {name: done[name] / spent[name] for name in fns}
+
+
+def result(reference: float, twincar: float, **extra) -> dict:
+    return {"reference_img_s": round(reference, 2), "twincar_img_s": round(twincar, 2),
+            "ratio": round(twincar / reference, 2), **extra}
+
+
+# -- the original TwinCars pipelines (torchvision v1, PIL, per image) ---------------------------------------
+def reference_train_transform(size: int):
+    from torchvision import transforms as T
+
+    k = 2 * int(3 * SEED_AUG.blur_sigma[1]) + 1
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=SEED_AUG.scale, ratio=SEED_AUG.ratio),
+        T.RandomHorizontalFlip(SEED_AUG.hflip),
+        T.RandomRotation(SEED_AUG.rotation),
+        T.RandomApply([T.ColorJitter(*SEED_AUG.color_jitter)], p=SEED_AUG.color_jitter_prob),
+        T.RandomApply([T.GaussianBlur(k, SEED_AUG.blur_sigma)], p=SEED_AUG.blur_prob),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def reference_eval_transform(size: int):
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _pil_rgb(path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# -- 1-3: input pipelines, per core ----------------------------------------------------------------------
+def device_batch_ms(size: int, batch: int, rounds: int) -> dict:
+    """TwinCar's per-batch work (jitter, blur, normalise, Mixup/CutMix) on the training device, ms per batch."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    aug = Augmentation(**{**SEED_AUG.__dict__, "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_prob": 1.0})
+    tf = BatchTransform(Preprocess(image_size=size), aug, num_classes=196).to(device)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 196, (batch,), device=device)
+    tf(images, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        tf(images, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {"device_batch_ms": round((time.perf_counter() - start) / rounds * 1000, 2), "device_batch_size": batch,
+            "device": name}
+
+
+def train_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None) -> dict:
+    reference = reference_train_transform(size)
+    twincar = TrainImageTransform(Preprocess(image_size=size), SEED_AUG)
+    samples = [Sample(p, 0) for p in paths]
+    read = cache if cache is not None else FileReader()
+    with one_thread():
+        speed = interleaved({
+            "reference": lambda: sum(1 for p in paths if reference(_pil_rgb(p)) is not None),
+            "twincar": lambda: sum(1 for s in samples if twincar(read(s)) is not None),
+        }, rounds)
+    return result(speed["reference"], speed["twincar"], image_size=size, images=len(paths))
+
+
+def eval_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None, batch: int = 32) -> dict:
+    reference = reference_eval_transform(size)
+    pre = Preprocess(image_size=size)
+    per_image, per_batch = EvalImageTransform(pre), BatchTransform(pre)
+    samples = [Sample(p, 0) for p in paths]
+
+    def twincar(read) -> int:  # per image in the worker, then the per-batch normalisation (here on the same core)
+        for i in range(0, len(samples), batch):
+            per_batch(torch.stack([per_image(read(s)) for s in samples[i:i + batch]]))
+        return len(samples)
+
+    fns = {"reference": lambda: sum(1 for p in paths if reference(_pil_rgb(p)) is not None),
+           "twincar": lambda: twincar(FileReader(pre.decode_min_side))}
+    if cache is not None:
+        fns["cached"] = lambda: twincar(cache)
+    with one_thread():
+        speed = interleaved(fns, rounds)
+        # where the time goes: the decode alone (full size and reduced), per image
+        decode = interleaved({"full": lambda: sum(1 for p in paths if load_rgb(p) is not None),
+                              "reduced": lambda: sum(1 for p in paths if load_rgb(p, min_side=pre.decode_min_side)
+                                                     is not None)}, 1)
+    extra = {"twincar_cached_img_s": round(speed["cached"], 2),
+             "cached_ratio": round(speed["cached"] / speed["reference"], 2)} if cache is not None else {}
+    return result(speed["reference"], speed["twincar"], image_size=size, images=len(paths), **extra,
+                  profile={"decode_full_ms": round(1000 / decode["full"], 2),
+                           "decode_reduced_ms": round(1000 / decode["reduced"], 2),
+                           "twincar_total_ms": round(1000 / speed["twincar"], 2)})
+
+
+# -- 4: whole-process CPU predict --------------------------------------------------------------------------
+def _run_measured(cmd: list[str], log: Path, threads: int) -> dict:
+    """Run ``cmd`` to completion; its wall time, peak RSS (its own, via wait4) and exit status."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def _read_predictions(path: Path) -> dict[str, str]:
+    """file name -> predicted class name, from a CSV whose columns name the file and the class."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    cols = list(rows[0])
+    file_col = next(c for c in ("path", "file", "image", "source", "filename") if c in cols)
+    name_col = next(c for c in ("name", "class_name", "prediction", "predicted", "class", "label") if c in cols)
+    return {Path(r[file_col]).name: r[name_col] for r in rows if r.get(name_col)}
+
+
+def reference_predict(images: str, model: str, classes: str, output: str, arch: str = "resnet50") -> None:
+    """The original TwinCars predict loop: eager fp32 torchvision resnet50, one image at a time."""
+    import torchvision
+
+    names = Path(classes).read_text().splitlines()
+    net = getattr(torchvision.models, arch)(num_classes=len(names))
+    net.load_state_dict(torch.load(model, map_location="cpu", weights_only=True))
+    net.eval()
+    tf = reference_eval_transform(224)
+    with open(output, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "name"])
+        for path in sorted(Path(images).glob("*.jpg")):
+            with torch.no_grad():
+                logits = net(tf(_pil_rgb(path)).unsqueeze(0))
+            writer.writerow([str(path), names[int(logits.argmax(1))]])
+
+
+def predictor_predict(images: str, model: str, classes: str, output: str, batch: int = 32) -> None:
+    """TwinCar's predict path when ``twincar.predict`` is not on this branch: ``Predictor`` in batches."""
+    from twincar.inference import Predictor
+
+    predictor = Predictor.load(model, classes, device="cpu")
+    paths = sorted(Path(images).glob("*.jpg"))
+    with open(output, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "name"])
+        for p in predictor.predict(paths, batch_size=batch):
+            writer.writerow([p.source, p.name])
+
+
+def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: Path | None, quick: bool,
+                predict_args: Sequence[str] = ()) -> dict:
+    arch = "resnet18" if quick and model is None else "resnet50"
+    images = work / "predict_images"
+    if not images.is_dir():
+        images.mkdir()
+        for p in paths:
+            shutil.copy(p, images / p.name)
+    weights = work / "predict_model" / "model.pth"  # alone in its folder: no model card, both read 224 squash
+    weights.parent.mkdir(exist_ok=True)
+    if model is not None:
+        from twincar.models.io import read_state_dict
+
+        torch.save(read_state_dict(model), weights)  # .ckpt / .safetensors / .pth -> a plain state dict
+        names = Path(classes).read_text().splitlines()
+    else:
+        import torchvision
+
+        from twincar.data.synthetic import select_classes
+
+        names = select_classes(14)
+        torch.save(getattr(torchvision.models, arch)(num_classes=len(names)).state_dict(), weights)
+    if arch != "resnet50":  # --quick: a small network, named in a model card (preprocessing stays 224 squash)
+        (weights.parent / "model_card.json").write_text(json.dumps({"architecture": arch}))
+    (weights.parent / "classes.txt").write_text("\n".join(names) + "\n")
+    args = [str(images), str(weights), str(weights.parent / "classes.txt")]
+    ref_csv, tw_csv = work / "reference.csv", work / "twincar.csv"
+    reference_cmd = [sys.executable, __file__, "--reference-predict", *args, str(ref_csv), arch]
+    if importlib.util.find_spec("twincar.predict") is not None:
+        twincar_cmd = [sys.executable, "-m", "twincar.predict", "--images", args[0], "--model", args[1],
+                       "--classes", args[2], "--output", str(tw_csv), "--device", "cpu", *predict_args]
+    else:
+        twincar_cmd = [sys.executable, __file__, "--predictor-predict", *args, str(tw_csv)]
+    threads = min(2, os.cpu_count() or 1)
+    runs = {"reference": [], "twincar": []}
+    for r in range(1 if quick else 2):  # interleaved, best of each
+        for name in (["reference", "twincar"] if r % 2 == 0 else ["twincar", "reference"]):
+            cmd = reference_cmd if name == "reference" else twincar_cmd
+            runs[name].append(_run_measured(cmd, work / f"{name}.log", threads))
+    best = {k: min(v, key=lambda m: m["wall_s"]) for k, v in runs.items()}
+    ref, tw = _read_predictions(ref_csv), _read_predictions(tw_csv)
+    common = sorted(set(ref) & set(tw))
+    agreement = sum(ref[k].lower() == tw[k].lower() for k in common) / len(common) if common and model else None
+    n = len(paths)
+    return result(n / best["reference"]["wall_s"], n / best["twincar"]["wall_s"], images=n, threads=threads,
+                  top1_agreement=None if agreement is None else round(agreement, 4),
+                  agreement_note=None if model else "not measured: no --model (random weights predict one class)",
+                  distinct_predictions=len(set(tw.values())), peak_rss_mb=round(best["twincar"]["peak_rss_mb"], 1),
+                  reference_peak_rss_mb=round(best["reference"]["peak_rss_mb"], 1),
+                  reference_wall_s=round(best["reference"]["wall_s"], 2),
+                  twincar_wall_s=round(best["twincar"]["wall_s"], 2), twincar_command=" ".join(twincar_cmd[1:3]),
+                  model=arch)
+
+
+# -- 5: CPU training step ----------------------------------------------------------------------------------
+def cpu_bf16_native() -> bool:
+    """True when this CPU has bf16 instructions (AVX512-BF16 or AMX): bf16 autocast then pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _train_steps(model, batch, steps: int, bf16: bool, channels_last: bool, device: torch.device) -> float:
+    x, y = batch
+    model = model.to(device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * len(x) / (time.perf_counter() - start)
+
+
+def train_step(quick: bool) -> dict:
+    import timm
+
+    arch, size, batch, steps = ("resnet18", 64, 8, 2) if quick else ("resnet50", 224, 16, 3)
+    torch.manual_seed(0)
+    data = (torch.randn(batch, 3, size, size), torch.randint(0, 196, (batch,)))
+    cpu = torch.device("cpu")
+    speed = {}
+    configs = (("fp32", False, False), ("bf16_channels_last", True, True), ("fp32_channels_last", False, True))
+    for name, bf16, cl in configs:
+        speed[name] = _train_steps(timm.create_model(arch, num_classes=196), data, steps, bf16, cl, cpu)
+    return result(speed["fp32"], speed["bf16_channels_last"], model=arch, image_size=size, batch_size=batch,
+                  threads=torch.get_num_threads(), fp32_channels_last_img_s=round(speed["fp32_channels_last"], 2),
+                  cpu_bf16_native=cpu_bf16_native())
+
+
+# -- 6: GPU end-to-end training --------------------------------------------------------------------------
+class GpuUtilisation(threading.Thread):
+    """Samples ``nvidia-smi``'s GPU utilisation every half second while running; ``mean`` in percent."""
+
+    def __init__(self, index: int = 0):
+        super().__init__(daemon=True)
+        self.index, self.samples, self.stop = index, [], threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.5):
+            try:
+                out = subprocess.run(["nvidia-smi", "-i", str(self.index), "--query-gpu=utilization.gpu",
+                                      "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+                self.samples.append(float(out.stdout.strip().splitlines()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return
+
+    @property
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def _devkit_of(paths: Sequence[Path], root: Path, num_classes: int = 196) -> Path:
+    """A devkit-layout dataset over ``paths`` (links), labels cycling over ``num_classes`` real names."""
+    from twincar.data.formats import write_annotations, write_meta
+
+    names = [n for n in (REPO / "twincar" / "data" / "stanford_cars_classes.txt").read_text().splitlines() if n]
+    names = names[:num_classes]
+    if (root / "devkit" / "cars_test_annos.mat").is_file():
+        return root
+    for d in ("devkit", "cars_train", "cars_test"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i, p in enumerate(paths):
+        link = root / "cars_train" / p.name
+        if not link.exists():
+            link.symlink_to(p.resolve())
+        with Image.open(p) as im:
+            w, h = im.size
+        samples.append(Sample(Path(p.name), i % len(names), (1, 1, w, h)))
+    write_meta(root / "devkit" / "cars_meta.mat", names)
+    write_annotations(root / "devkit" / "cars_train_annos.mat", samples, with_class=True)
+    write_annotations(root / "devkit" / "cars_test_annos.mat", samples[:1], with_class=False)
+    return root
+
+
+def _loop(loader, step: Callable, warmup: int, steps: int, device: torch.device) -> float:
+    """Images per second over ``steps`` batches of ``loader`` (after ``warmup``), cycling as needed."""
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    for _ in range(warmup):
+        step(next(it))
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    n, start = 0, time.perf_counter()
+    for _ in range(steps):
+        n += step(next(it))
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    return n / (time.perf_counter() - start)
+
+
+def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps: int, workers: int,
+                 device: torch.device, compile_model: bool = False, arch: str = "resnet50") -> dict:
+    """End-to-end training img/s at ``size``: TwinCar (files, and cached), model alone, original pipeline."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from twincar.data.datamodule import CarsDataModule
+    from twincar.models.io import create_model
+
+    root = _devkit_of(paths, work / "devkit_dataset")
+    repeat = max(1, (batch * (steps + 5)) // len(paths) + 1)  # enough samples for every timed step
+
+    def twincar_dm(cache: bool) -> CarsDataModule:
+        dm = CarsDataModule(root=str(root), image_size=size, batch_size=batch, num_workers=workers,
+                            val_fraction=0.05, split_dir=None, augmentation=SEED_AUG.__dict__, cache=cache,
+                            cache_dir=str(work / "cache"))
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.train_set.samples = dm.train_set.samples * repeat
+        return dm
+
+    def make_model(channels_last: bool):
+        model = create_model(arch, 196).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        return model, (torch.compile(model) if compile_model else model), opt
+
+    model, net, opt = make_model(True)
+
+    def train(x: torch.Tensor, targets: torch.Tensor, bf16: bool = True, channels_last: bool = True) -> int:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(net(x), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return len(x)
+
+    def twincar_step(dm):
+        def step(b):
+            images, labels = (t.to(device, non_blocking=True) for t in b)
+            x, targets = dm.train_batch_transform(images, labels)
+            return train(x, targets)
+        return step
+
+    util = GpuUtilisation(device.index or 0) if device.type == "cuda" else None
+    dm = twincar_dm(cache=False)
+    dm.train_batch_transform.to(device)
+    if util is not None:
+        util.start()
+    files = _loop(dm.train_dataloader(), twincar_step(dm), 3, steps, device)
+    if util is not None:
+        util.stop.set()
+    cached_dm = twincar_dm(cache=True)
+    cached_dm.train_batch_transform.to(device)
+    cached = _loop(cached_dm.train_dataloader(), twincar_step(cached_dm), 3, steps, device)
+
+    synthetic = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 196, (batch,), device=device)
+    model_only = _loop([None], lambda _: train(dm.train_batch_transform(synthetic, labels)[0], labels), 3, steps,
+                       device)
+
+    # the original project: per-image PIL pipeline in the same number of workers, fp32 NCHW eager model
+    ref_tf = reference_train_transform(size)
+
+    class Reference(Dataset):
+        def __len__(self):
+            return len(paths) * repeat
+
+        def __getitem__(self, i):
+            return ref_tf(_pil_rgb(paths[i % len(paths)])), i % 196
+
+    model, net, opt = make_model(False)
+    ref_loader = DataLoader(Reference(), batch_size=batch, shuffle=True, num_workers=workers,
+                            pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    reference = _loop(ref_loader, lambda b: train(b[0].to(device), b[1].to(device), bf16=False,
+                                                  channels_last=False), 3, steps, device)
+    return result(reference, files, image_size=size, batch_size=batch, workers=workers,
+                  model_only_img_s=round(model_only, 2), loader_efficiency=round(files / model_only, 3),
+                  cached_img_s=round(cached, 2), cached_loader_efficiency=round(cached / model_only, 3),
+                  gpu_utilisation_pct=util.mean if util else None, compiled=compile_model,
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+
+
+def gpu_train(paths, work, quick: bool, compile_model: bool, device: torch.device | None = None) -> dict:
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else None)
+    if device is None:
+        return {"reference_img_s": None, "twincar_img_s": None, "ratio": None, "skipped": "no CUDA device"}
+    torch.backends.cudnn.benchmark = True
+    workers = min(16, os.cpu_count() or 1)
+    if quick:
+        return gpu_train_at(paths, work, 32, 4, 2, 0, device, False, arch="resnet18")
+    at224 = gpu_train_at(paths, work, 224, 256, 40, workers, device, compile_model)
+    at448 = gpu_train_at(paths, work, 448, 64, 40, workers, device, compile_model)
+    return {**at224, "at_448": at448}
+
+
+# -- driver ------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_bf16_native": cpu_bf16_native(), "python": platform.python_version()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    only = [m.strip() for m in args.only.split(",")] if args.only else list(MEASURES)
+    unknown = set(only) - set(MEASURES)
+    if unknown:
+        raise SystemExit(f"unknown measure(s): {', '.join(sorted(unknown))}; choose from {', '.join(MEASURES)}")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="twincar-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.images:
+        paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        if not paths:
+            raise SystemExit(f"no .jpg files in {args.images}")
+    else:
+        paths = make_images(work / "images", 6 if args.quick else 64, quick=args.quick)
+    size = 32 if args.quick else 224
+    rounds = 1 if args.quick else args.rounds
+    report = {"machine": machine(), "quick": args.quick, "images": len(paths),
+              "mean_file_kb": round(sum(p.stat().st_size for p in paths) / len(paths) / 1024, 1), "measures": {}}
+    cache = None
+    if {"train_pipeline_cached", "eval_pipeline"} & set(only):
+        start = time.perf_counter()
+        cache = open_cache([Sample(p, 0) for p in paths], work / "cache", Preprocess(image_size=size), workers=1)
+        cache_build_s = time.perf_counter() - start
+    out = report["measures"]
+    for name in only:
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        if name == "train_pipeline":
+            out[name] = {**train_pipeline(paths, size, rounds), **device_batch_ms(size, 8 if args.quick else 64, 3)}
+        elif name == "train_pipeline_cached":
+            out[name] = train_pipeline(paths, size, rounds, cache=cache)
+            out[name].update(cache_short_side=cache_short_side(Preprocess(image_size=size)),
+                             cache_build_s_per_image=round(cache_build_s / len(paths), 4),
+                             cache_mb_per_image=round((cache.directory / "images.bin").stat().st_size / 2**20
+                                                      / len(paths), 3))
+        elif name == "eval_pipeline":
+            out[name] = eval_pipeline(paths, size, rounds, cache=cache)
+        elif name == "cpu_predict":
+            out[name] = cpu_predict(paths, work, args.model, args.classes, args.quick, args.predict_args.split())
+        elif name == "train_step":
+            out[name] = train_step(args.quick)
+        elif name == "gpu_train":
+            out[name] = gpu_train(paths, work, args.quick, args.compile)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def table(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, GPU: {m['cuda'] or 'none'}; "
+             f"{report['images']} JPEGs, mean {report['mean_file_kb']} KB",
+             f"{'measure':<24}{'reference img/s':>16}{'twincar img/s':>15}{'ratio':>8}  notes"]
+    for name, r in report["measures"].items():
+        if r.get("skipped"):
+            lines.append(f"{name:<24}{'-':>16}{'-':>15}{'-':>8}  skipped: {r['skipped']}")
+            continue
+        notes = {k: v for k, v in r.items() if k not in ("reference_img_s", "twincar_img_s", "ratio", "at_448")}
+        lines.append(f"{name:<24}{r['reference_img_s']:>16.1f}{r['twincar_img_s']:>15.1f}{r['ratio']:>7.2f}x  "
+                     + ", ".join(f"{k}={v}" for k, v in notes.items()))
+        if "at_448" in r:
+            a = r["at_448"]
+            lines.append(f"{'  at 448':<24}{a['reference_img_s']:>16.1f}{a['twincar_img_s']:>15.1f}"
+                         f"{a['ratio']:>7.2f}x  model_only_img_s={a['model_only_img_s']}, "
+                         f"loader_efficiency={a['loader_efficiency']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--reference-predict", "--predictor-predict"):  # the measured child processes
+        if argv[0] == "--reference-predict":
+            reference_predict(*argv[1:])
+        else:
+            predictor_predict(*argv[1:5])
+        return None
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", help="a folder of .jpg files (default: a generated Stanford Cars-like set)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="seconds, tiny sizes: checks the benchmark runs")
+    parser.add_argument("--model", type=Path, help="trained weights for cpu_predict's top-1 agreement (.pth/.ckpt)")
+    parser.add_argument("--classes", type=Path, help="classes.txt of --model")
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(MEASURES)}")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per pipeline measure")
+    parser.add_argument("--compile", action="store_true", help="gpu_train: torch.compile the network")
+    parser.add_argument("--predict-args", default="", help="extra flags for python -m twincar.predict")
+    parser.add_argument("--workdir", help="keep generated images, cache and CSVs here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    if args.model and not args.classes:
+        parser.error("--model needs --classes")
+    report = run(args)
+    print(table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"results written to {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
