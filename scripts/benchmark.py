@@ -29,6 +29,7 @@ Reference and TwinCar run interleaved, round by round, so a busy machine slows b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import json
@@ -374,16 +375,18 @@ def _train_steps(model, batch, steps: int, bf16: bool, channels_last: bool, devi
 def train_step(quick: bool) -> dict:
     import timm
 
-    arch, size, batch, steps = ("resnet18", 64, 8, 2) if quick else ("resnet50", 224, 16, 3)
+    arch, size, batch, steps = ("resnet10t", 32, 4, 1) if quick else ("resnet50", 224, 16, 3)
     torch.manual_seed(0)
     data = (torch.randn(batch, 3, size, size), torch.randint(0, 196, (batch,)))
     cpu = torch.device("cpu")
     speed = {}
     configs = (("fp32", False, False), ("bf16_channels_last", True, True), ("fp32_channels_last", False, True))
-    for name, bf16, cl in configs:
-        speed[name] = _train_steps(timm.create_model(arch, num_classes=196), data, steps, bf16, cl, cpu)
+    with one_thread() if quick else contextlib.nullcontext():  # quick: no thread spin-waits on a busy machine
+        threads = torch.get_num_threads()
+        for name, bf16, cl in configs:
+            speed[name] = _train_steps(timm.create_model(arch, num_classes=196), data, steps, bf16, cl, cpu)
     return result(speed["fp32"], speed["bf16_channels_last"], model=arch, image_size=size, batch_size=batch,
-                  threads=torch.get_num_threads(), fp32_channels_last_img_s=round(speed["fp32_channels_last"], 2),
+                  threads=threads, fp32_channels_last_img_s=round(speed["fp32_channels_last"], 2),
                   cpu_bf16_native=cpu_bf16_native())
 
 
@@ -580,6 +583,7 @@ def run(args: argparse.Namespace) -> dict:
     out = report["measures"]
     for name in only:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
         if name == "train_pipeline":
             out[name] = {**train_pipeline(paths, size, rounds), **device_batch_ms(size, 8 if args.quick else 64, 3)}
         elif name == "train_pipeline_cached":
@@ -596,6 +600,7 @@ def run(args: argparse.Namespace) -> dict:
             out[name] = train_step(args.quick)
         elif name == "gpu_train":
             out[name] = gpu_train(paths, work, args.quick, args.compile)
+        print(f"  {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return report

@@ -1,0 +1,123 @@
+"""scripts/benchmark.py: it runs and writes every field; the fast pipelines give what the reference gives."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from twincar.data.cache import open_cache
+from twincar.data.datamodule import CarsDataset, FileReader
+from twincar.data.formats import Sample
+from twincar.data.transforms import (
+    TWINCARS_PREPROCESS,
+    BatchTransform,
+    EvalImageTransform,
+    Preprocess,
+    TrainImageTransform,
+)
+
+BENCH = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "benchmark.py"))
+FIELDS = {"reference_img_s", "twincar_img_s", "ratio"}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    return BENCH["make_images"](tmp_path_factory.mktemp("photos"), 4, quick=True)
+
+
+def test_quick_benchmark_writes_every_measure_and_field(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    BENCH["main"](["--quick", "--json", str(out), "--only",
+                   "train_pipeline,train_pipeline_cached,eval_pipeline,train_step,gpu_train"])
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    m = report["measures"]
+    assert set(m) == {"train_pipeline", "train_pipeline_cached", "eval_pipeline", "train_step", "gpu_train"}
+    for name in ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "train_step"):
+        r = m[name]
+        assert FIELDS <= set(r) and r["reference_img_s"] > 0 and r["twincar_img_s"] > 0
+        assert r["ratio"] == pytest.approx(r["twincar_img_s"] / r["reference_img_s"], rel=0.02)
+        assert name in printed
+    assert {"device_batch_ms", "device"} <= set(m["train_pipeline"]) and m["train_pipeline"]["device_batch_ms"] > 0
+    assert m["train_pipeline_cached"]["cache_short_side"] == 37  # 1.15 x 32: crop pct 0.875 leaves too little
+    assert {"twincar_cached_img_s", "profile"} <= set(m["eval_pipeline"])
+    assert {"fp32_channels_last_img_s", "cpu_bf16_native"} <= set(m["train_step"])
+    if not torch.cuda.is_available():
+        assert m["gpu_train"] == {"reference_img_s": None, "twincar_img_s": None, "ratio": None,
+                                  "skipped": "no CUDA device"}
+    assert report["machine"]["cores"] >= 1 and report["images"] == 6
+
+
+@pytest.mark.slow
+def test_cpu_predict_runs_both_processes_and_compares_their_csvs(photos, tmp_path):
+    r = BENCH["cpu_predict"](photos, tmp_path, None, None, quick=True)
+    assert FIELDS <= set(r) and r["images"] == 4 and r["peak_rss_mb"] > 50 and r["reference_peak_rss_mb"] > 50
+    assert r["top1_agreement"] is None and "not measured" in r["agreement_note"]  # random weights
+    ref = BENCH["_read_predictions"](tmp_path / "reference.csv")
+    ours = BENCH["_read_predictions"](tmp_path / "twincar.csv")
+    assert sorted(ref) == sorted(ours) == sorted(p.name for p in photos)
+
+
+@pytest.mark.slow
+def test_gpu_train_measure_runs_end_to_end_on_cpu(photos, tmp_path):
+    # the CUDA measure's code path, on the CPU with a tiny network: numbers mean nothing here, fields do
+    r = BENCH["gpu_train"](photos, tmp_path, True, False, device=torch.device("cpu"))
+    assert FIELDS <= set(r) and r["twincar_img_s"] > 0 and r["model_only_img_s"] > 0 and r["cached_img_s"] > 0
+    assert r["loader_efficiency"] == pytest.approx(r["twincar_img_s"] / r["model_only_img_s"], rel=0.01)
+
+
+def test_fast_train_pipeline_matches_the_reference_in_shape_dtype_and_range(photos):
+    reference = BENCH["reference_train_transform"](64)
+    pre = Preprocess(image_size=64)
+    worker = TrainImageTransform(pre, BENCH["SEED_AUG"])
+    on_device = BatchTransform(pre, BENCH["SEED_AUG"], num_classes=3)
+    cache = open_cache([Sample(p, 0) for p in photos], photos[0].parent / "cache", pre)
+    ref = torch.stack([reference(BENCH["_pil_rgb"](p)) for p in photos])
+    lo = ((0 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
+    hi = ((1 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
+    for read in (FileReader(), cache):
+        uint8 = torch.stack([worker(read(Sample(p, 0))) for p in photos])
+        assert uint8.dtype == torch.uint8 and uint8.shape == ref.shape == (4, 3, 64, 64)
+        x, y = on_device(uint8, torch.tensor([0, 1, 2, 0]))
+        assert x.dtype == ref.dtype == torch.float32 and torch.equal(y, torch.tensor([0, 1, 2, 0]))
+        assert ((x >= lo - 1e-5) & (x <= hi + 1e-5)).all() and ((ref >= lo - 1e-5) & (ref <= hi + 1e-5)).all()
+        assert abs(x.mean() - ref.mean()) < 0.5  # the same kind of images: both means near the photos' mean
+
+
+def test_fast_eval_preprocessing_matches_the_reference_values(photos):
+    # TwinCar's eval with the original preprocessing (224 squash) vs Resize((224, 224)) + ToTensor + Normalize
+    reference = BENCH["reference_eval_transform"](224)
+    per_image, per_batch = EvalImageTransform(TWINCARS_PREPROCESS), BatchTransform(TWINCARS_PREPROCESS)
+    read = FileReader(TWINCARS_PREPROCESS.decode_min_side)
+    for p in photos:
+        ref = reference(BENCH["_pil_rgb"](p))
+        ours = per_batch(per_image(read(Sample(p, 0)))[None])[0]
+        assert ours.shape == ref.shape == (3, 224, 224) and ours.dtype == ref.dtype
+        assert (ours - ref).abs().mean() < 0.05  # ~2 grey levels on average: PIL vs torchvision resampling
+
+
+def test_cached_train_batches_keep_labels_with_their_images(tmp_path):
+    # solid images, one colour per label: every augmented image's centre must still show its label's colour
+    colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250), (250, 10, 250)]
+    samples = []
+    for label, c in enumerate(colours):
+        path = tmp_path / f"{label}.jpg"
+        Image.fromarray(np.full((300, 400, 3), c, np.uint8)).save(path, quality=95)
+        samples.append(Sample(path, label))
+    pre = Preprocess(image_size=32)
+    cache = open_cache(samples, tmp_path / "cache", pre)
+    dataset = CarsDataset(samples, TrainImageTransform(pre, BENCH["SEED_AUG"]), cache)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=True, num_workers=0)
+    seen = []
+    for images, labels in loader:
+        for img, label in zip(images, labels.tolist(), strict=True):
+            centre = img[:, 16, 16].int()
+            assert (centre - torch.tensor(colours[label])).abs().max() < 20
+            seen.append(label)
+    assert sorted(seen) == list(range(6))
