@@ -155,6 +155,11 @@ def reference_eval_transform(size: int):
     return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def _size(path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
 def _pil_rgb(path) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")
@@ -427,8 +432,7 @@ def _devkit_of(paths: Sequence[Path], root: Path, num_classes: int = 196) -> Pat
         link = root / "cars_train" / p.name
         if not link.exists():
             link.symlink_to(p.resolve())
-        with Image.open(p) as im:
-            w, h = im.size
+        w, h = _size(p)
         samples.append(Sample(Path(p.name), i % len(names), (1, 1, w, h)))
     write_meta(root / "devkit" / "cars_meta.mat", names)
     write_annotations(root / "devkit" / "cars_train_annos.mat", samples, with_class=True)
@@ -574,7 +578,9 @@ def run(args: argparse.Namespace) -> dict:
     size = 32 if args.quick else 224
     rounds = 1 if args.quick else args.rounds
     report = {"machine": machine(), "quick": args.quick, "images": len(paths),
-              "mean_file_kb": round(sum(p.stat().st_size for p in paths) / len(paths) / 1024, 1), "measures": {}}
+              "mean_file_kb": round(sum(p.stat().st_size for p in paths) / len(paths) / 1024, 1),
+              "mean_size_px": np.mean([_size(p) for p in paths], axis=0).round().astype(int).tolist(),
+              "measures": {}}
     cache = None
     if {"train_pipeline_cached", "eval_pipeline"} & set(only):
         start = time.perf_counter()
@@ -609,7 +615,8 @@ def run(args: argparse.Namespace) -> dict:
 def table(report: dict) -> str:
     m = report["machine"]
     lines = [f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, GPU: {m['cuda'] or 'none'}; "
-             f"{report['images']} JPEGs, mean {report['mean_file_kb']} KB",
+             f"{report['images']} JPEGs, mean {report['mean_size_px'][0]}x{report['mean_size_px'][1]} px, "
+             f"{report['mean_file_kb']} KB",
              f"{'measure':<24}{'reference img/s':>16}{'twincar img/s':>15}{'ratio':>8}  notes"]
     for name, r in report["measures"].items():
         if r.get("skipped"):
