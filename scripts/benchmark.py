@@ -64,6 +64,7 @@ from twincar.data.transforms import (  # noqa: E402
     Preprocess,
     TrainImageTransform,
     load_rgb,
+    train_decode_min_side,
 )
 
 MEASURES = ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "cpu_predict", "train_step", "gpu_train")
@@ -190,7 +191,7 @@ def train_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None) ->
     reference = reference_train_transform(size)
     twincar = TrainImageTransform(Preprocess(image_size=size), SEED_AUG)
     samples = [Sample(p, 0) for p in paths]
-    read = cache if cache is not None else FileReader()
+    read = cache if cache is not None else FileReader(train_decode_min_side(Preprocess(image_size=size), SEED_AUG))
     with one_thread():
         speed = interleaved({
             "reference": lambda: sum(1 for p in paths if reference(_pil_rgb(p)) is not None),

@@ -177,3 +177,19 @@ def test_rotation_is_torchvisions_pixel_for_pixel(shape):
     outs = [RandomRotation(10)(img) for _ in range(5)]
     assert all(o.shape == img.shape and o.dtype == torch.uint8 for o in outs)
     assert any((o == 0).any() for o in outs)  # rotated: corners filled with 0 (the image has no 0 pixel)
+
+
+def test_train_decode_size_keeps_every_random_crop_at_full_resolution():
+    from torchvision.transforms import RandomResizedCrop
+
+    from twincar.data.transforms import train_decode_min_side
+
+    pre, aug = Preprocess(image_size=224), Augmentation(scale=(0.35, 1.0), ratio=(0.75, 1.3333))
+    side = train_decode_min_side(pre, aug)
+    assert side == 438  # 224 * sqrt(1.3333 / 0.35): a 480-px-high photo is decoded in full, a 1200-px one at 1/2
+    assert train_decode_min_side(pre, Augmentation(random_resized_crop=False)) == pre.decode_min_side
+    torch.manual_seed(0)
+    for w in (side, 2 * side):  # the image as decoded at reduced size: short side == side
+        img = torch.zeros((3, side, w), dtype=torch.uint8)
+        crops = [RandomResizedCrop.get_params(img, list(aug.scale), list(aug.ratio)) for _ in range(300)]
+        assert min(min(h, cw) for _, _, h, cw in crops) >= 224  # no crop is enlarged to reach 224

@@ -25,6 +25,7 @@ from twincar.data.transforms import (
     Preprocess,
     TrainImageTransform,
     load_rgb,
+    train_decode_min_side,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class CarsDataset(Dataset):
 
 
 class FileReader:
-    """Decode a sample's file (``load_rgb``); ``min_side`` allows a reduced-size JPEG decode (eval)."""
+    """Decode a sample's file (``load_rgb``); ``min_side`` allows a reduced-size decode of large JPEGs."""
 
     def __init__(self, min_side: int | None = None):
         self.min_side = min_side
@@ -201,9 +202,11 @@ class CarsDataModule(L.LightningDataModule):
         index = {s.path.name: i for i, s in enumerate(train_samples)}
         train_idx, val_idx = ([index[n] for n in self.split[k]] for k in ("train", "val"))
         eval_tf = EvalImageTransform(self.preprocess)
-        # data.cache: read the pre-resized copy (boxes scaled to it); else the files, eval at reduced-size decode
+        # data.cache: read the pre-resized copy (boxes scaled to it); else the files, large JPEGs decoded at the
+        # reduced size that loses nothing (train: the smallest random crop keeps image_size pixels each way)
         cache = self._open_cache() if hp.cache else None
-        train_reader, eval_reader = FileReader(), FileReader(self.preprocess.decode_min_side)
+        train_reader = FileReader(train_decode_min_side(self.preprocess, self.aug))
+        eval_reader = FileReader(self.preprocess.decode_min_side)
         if cache is not None:
             train_reader = eval_reader = cache
             train_samples = [cache.rescale(s) for s in train_samples]

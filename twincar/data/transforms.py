@@ -172,6 +172,16 @@ def _resize_size(pre: Preprocess) -> int:
     return int(round(pre.image_size / pre.eval_crop_pct))
 
 
+def train_decode_min_side(preprocess: Preprocess, aug: Augmentation) -> int:
+    """The short side a training image needs so that even the smallest random crop (``aug.scale[0]`` of the
+    area, at the most elongated ``aug.ratio``) still has ``image_size`` pixels each way: decoding a large JPEG
+    down to this loses nothing the crop would keep (``load_rgb(min_side=)``)."""
+    if not aug.random_resized_crop:
+        return preprocess.decode_min_side
+    elongation = max(aug.ratio[1], 1 / aug.ratio[0])
+    return math.ceil(preprocess.image_size * math.sqrt(elongation / aug.scale[0]))
+
+
 class EvalImageTransform(nn.Module):
     """Per-image eval transform: resize the short side and center-crop to ``image_size`` (``resize_mode="crop"``),
     or resize the whole image to a square (``"squash"``); uint8 in, uint8 out."""
