@@ -289,7 +289,7 @@ def predictor_predict(images: str, model: str, classes: str, output: str, batch:
 
 
 def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: Path | None, quick: bool,
-                predict_args: Sequence[str] = ()) -> dict:
+                predict_args: Sequence[str] = (), repeats: int = 1) -> dict:
     arch = "resnet18" if quick and model is None else "resnet50"
     images = work / "predict_images"
     if not images.is_dir():
@@ -323,7 +323,7 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
         twincar_cmd = [sys.executable, __file__, "--predictor-predict", *args, str(tw_csv)]
     threads = min(2, os.cpu_count() or 1)
     runs = {"reference": [], "twincar": []}
-    for r in range(1 if quick else 2):  # interleaved, best of each
+    for r in range(repeats):  # interleaved, best of each
         for name in (["reference", "twincar"] if r % 2 == 0 else ["twincar", "reference"]):
             cmd = reference_cmd if name == "reference" else twincar_cmd
             runs[name].append(_run_measured(cmd, work / f"{name}.log", threads))
@@ -602,7 +602,9 @@ def run(args: argparse.Namespace) -> dict:
         elif name == "eval_pipeline":
             out[name] = eval_pipeline(paths, size, rounds, cache=cache)
         elif name == "cpu_predict":
-            out[name] = cpu_predict(paths, work, args.model, args.classes, args.quick, args.predict_args.split())
+            subset = paths[:args.predict_images] if args.predict_images else paths
+            out[name] = cpu_predict(subset, work, args.model, args.classes, args.quick, args.predict_args.split(),
+                                    repeats=1 if args.quick else args.predict_repeats)
         elif name == "train_step":
             out[name] = train_step(args.quick)
         elif name == "gpu_train":
@@ -652,6 +654,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per pipeline measure")
     parser.add_argument("--compile", action="store_true", help="gpu_train: torch.compile the network")
     parser.add_argument("--predict-args", default="", help="extra flags for python -m twincar.predict")
+    parser.add_argument("--predict-images", type=int, help="cpu_predict: only the first N images (default: all)")
+    parser.add_argument("--predict-repeats", type=int, default=1, help="cpu_predict: runs of each process, best kept")
     parser.add_argument("--workdir", help="keep generated images, cache and CSVs here (default: a temp dir)")
     args = parser.parse_args(argv)
     if args.model and not args.classes:
