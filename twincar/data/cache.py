@@ -3,7 +3,7 @@
 Every image is decoded once (reduced-size JPEG decode where the file is large), resized so that its short
 side is ``cache_short_side(preprocess)`` (eval's resize size, 256 for 224; never enlarged) and appended to one
 flat file, either as raw ``uint8`` pixels (``format="raw"``: read by memory map, no decoding at all) or
-as a small JPEG (``format="jpeg"``: about 10x less disk, a cheap decode). Boxes are scaled with the image.
+as a small JPEG (``format="jpeg"``: over 10x less disk, a cheap decode). Boxes are scaled with the image.
 This is what makes FFCV fast; the per-image augmentation then runs on images a few times smaller.
 
 The cache lives in ``cache_dir/<key>/`` where ``key`` hashes every file's path, size and modification time,
