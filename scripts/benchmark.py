@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib.util
 import json
 import os
 import platform
@@ -325,7 +324,9 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
     args = [str(images), str(weights), str(weights.parent / "classes.txt")]
     ref_csv, tw_csv = work / "reference.csv", work / "twincar.csv"
     reference_cmd = [sys.executable, __file__, "--reference-predict", *args, str(ref_csv), arch]
-    if importlib.util.find_spec("twincar.predict") is not None:
+    import twincar
+
+    if (Path(twincar.__file__).parent / "predict.py").is_file():  # this checkout's, not another install's
         twincar_cmd = [sys.executable, "-m", "twincar.predict", "--images", args[0], "--model", args[1],
                        "--classes", args[2], "--output", str(tw_csv), "--device", "cpu", *predict_args]
     else:
