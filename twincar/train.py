@@ -70,6 +70,11 @@ def _instantiate_all(section: DictConfig | None) -> list:
 def _summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir: str) -> str:
     lines = [f"Results of the best checkpoint ({num_classes} classes, chance accuracy {1 / num_classes:.3f}):"]
     lines += [f"  {k:<22} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)]
+    for stage in ("val", "test"):  # the fine-grained view: where do the errors fall?
+        m = {k.removeprefix(f"{stage}/"): v for k, v in metrics.items() if k.startswith(f"{stage}/")}
+        if "acc_make" in m:
+            lines.append(f"Fine-grained ({stage}): make {m['acc_make']:.3f}, family (make + model) "
+                         f"{m['acc_family']:.3f}, year in family {m['acc_year_in_family']:.3f}")
     lines += [f"Run directory: {out_dir}", f"TensorBoard:   tensorboard --logdir {Path(log_dir).resolve()}"]
     return "\n".join(lines)
 

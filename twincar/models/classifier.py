@@ -86,7 +86,7 @@ class CarClassifier(L.LightningModule):
         )
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        metrics = classification_metrics(len(self.class_names))
+        metrics = classification_metrics(len(self.class_names), class_names=self.class_names)  # + make/year, ECE
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
