@@ -1,0 +1,126 @@
+"""Eval on a trained checkpoint: reproduces what training logged, writes every report, TTA, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_cli
+from tests.trained import compose, trained_run
+from twincar.eval import REPORT_FILES, evaluate
+
+pytestmark = pytest.mark.slow  # trains a small model once per session (about 30 s on 2 cores)
+
+FINE = ("acc_make", "acc_family", "acc_year", "acc_year_in_family", "ece", "nll")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir) -> Path:
+    return trained_run(tmp_path_factory, data_dir)
+
+
+def eval_cfg(tmp_path: Path, ckpt: Path, *overrides: str):
+    return compose("eval", [f"ckpt={ckpt}", f"paths.output_dir={tmp_path}", "progress=false", *overrides])
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def val_eval(run, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("eval_val")
+    best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
+    return out, evaluate(eval_cfg(out, Path(best), "data.split=val"))
+
+
+def test_eval_reproduces_the_metrics_training_logged(run, val_eval, tmp_path):
+    logged = json.loads((run / "metrics.json").read_text())
+    _, val = val_eval
+    test = evaluate(eval_cfg(tmp_path, Path(logged["best_checkpoint"])))  # data.split=test by default
+    for name in ("acc", "acc_top3", "acc_top5", "f1_macro", "loss", *FINE):
+        assert val[f"val/{name}"] == pytest.approx(logged[f"val/{name}"], abs=1e-4, nan_ok=True), name
+        assert test[f"test/{name}"] == pytest.approx(logged[f"test/{name}"], abs=1e-4, nan_ok=True), name
+    assert 0 < logged["val/acc_make"] <= 1 and "val/acc_family" in logged  # training logs them too
+    # the exported model.pth (+ classes.txt, preprocessing from the run's config) is the best checkpoint
+    pth = evaluate(eval_cfg(tmp_path / "pth", run / "model.pth", "data.split=val"))
+    assert pth["val/acc"] == pytest.approx(val["val/acc"]) and pth["val/nll"] == pytest.approx(val["val/nll"], abs=1e-4)
+
+
+def test_eval_writes_every_report(run, val_eval):
+    out, metrics = val_eval
+    reports = out / "reports"
+    for name in REPORT_FILES:
+        assert (reports / name).is_file() and (reports / name).stat().st_size > 0, name
+    saved = json.loads((reports / "metrics.json").read_text())
+    assert saved["split"] == "val" and saved["tta"] == "none" and saved["skipped"] == []
+    assert saved["val/acc"] == pytest.approx(metrics["val/acc"])
+    preds = read_csv(reports / "predictions.csv")
+    assert len(preds) == saved["images"] == len(json.loads((run / "split.json").read_text())["val"])
+    assert sum(int(r["correct"]) for r in preds) / len(preds) == pytest.approx(metrics["val/acc"])
+    assert all(Path(r["path"]).is_file() and r["top5"].count(";") == 4 for r in preds)
+    per_class = read_csv(reports / "per_class.csv")
+    names = (run / "classes.txt").read_text().splitlines()
+    assert [r["name"] for r in per_class] == names
+    assert sum(int(r["support"]) for r in per_class) == len(preds)
+    for r in per_class:  # recall = right / support, from the predictions themselves
+        mine = [p for p in preds if p["true_name"] == r["name"]]
+        assert float(r["recall"]) == pytest.approx(sum(int(p["correct"]) for p in mine) / len(mine), abs=1e-5)
+    pairs = read_csv(reports / "confused_pairs.csv")
+    wrong = [(p["true_name"], p["pred_name"]) for p in preds if p["correct"] == "0"]
+    assert sum(int(p["total"]) for p in pairs) == len(wrong)  # 6 classes: every confused pair is listed
+    if pairs:
+        a, b = pairs[0]["name_a"], pairs[0]["name_b"]
+        assert int(pairs[0]["a_as_b"]) == wrong.count((a, b)) and int(pairs[0]["b_as_a"]) == wrong.count((b, a))
+    for name, size in (("reliability.png", (500, 600)), ("top_losses.png", None), ("confused_pairs.png", None)):
+        with Image.open(reports / name) as img:
+            assert img.format == "PNG" and img.getextrema() != ((255, 255),) * 3
+            assert size is None or img.size == size
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(run, tmp_path):
+    from twincar import Predictor
+
+    ckpt = run / "checkpoints" / "last.ckpt"
+    evaluate(eval_cfg(tmp_path, ckpt, "data.split=val", "tta=flip"))
+    row = read_csv(tmp_path / "reports" / "predictions.csv")[0]
+    p = Predictor.load(ckpt, device="cpu")
+    x = p.prepare(row["path"])[None]
+    probs = ((p.logits(x) + p.logits(x.flip(-1))) / 2).softmax(1)[0]
+    assert row["pred_name"] == p.class_names[int(probs.argmax())]
+    assert float(row["confidence"]) == pytest.approx(probs.max().item(), abs=1e-4)
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["tta"] == "flip"
+
+
+def test_an_unreadable_image_is_skipped_and_named(run, tmp_path):
+    from twincar.data.formats import Sample
+    from twincar.eval import collect_logits
+    from twincar.inference import Predictor
+
+    p = Predictor.load(run / "checkpoints" / "last.ckpt", device="cpu")
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (80, 60), "blue").save(good)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = collect_logits(p, [Sample(tmp_path / "bad.jpg", 1), Sample(good, 2)], batch_size=2, progress=False)
+    assert out.labels.tolist() == [2] and out.samples[0].path == good and out.logits.shape == (1, len(p.class_names))
+    assert out.skipped[0][0].endswith("bad.jpg") and "bad.jpg" in out.skipped[0][1]
+    assert torch.equal(out.logits, p.logits(p.prepare(good)[None]))
+
+
+def test_cli_writes_reports_in_its_run_directory_and_errors_in_one_sentence(run, tmp_path):
+    proc = run_cli("twincar.eval", f"ckpt={run}/checkpoints/last.ckpt", "data.split=val", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (reports,) = (tmp_path / "outputs" / "evals").glob("*/reports")
+    assert {p.name for p in reports.iterdir()} >= set(REPORT_FILES)
+    assert "year in family" in proc.stdout + proc.stderr
+    proc = run_cli("twincar.eval", f"ckpt={tmp_path}/nothing.ckpt", cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "nothing.ckpt does not exist" in out and "Traceback" not in out
+    proc = run_cli("twincar.eval", f"ckpt={run}/checkpoints/last.ckpt", "data.split=train", cwd=tmp_path)
+    assert proc.returncode == 1 and "use data.split=test or data.split=val" in proc.stdout + proc.stderr
