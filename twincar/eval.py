@@ -57,16 +57,17 @@ def find_run_config(model_path: str | Path) -> Path | None:
     return None
 
 
-def load_predictor(cfg: DictConfig) -> Predictor:
-    """The model of ``cfg.ckpt``. A bare ``model.pth`` takes ``cfg.classes`` or the ``classes.txt`` beside it,
-    and, without a model card, the preprocessing of its training run's data config (image size, crop)."""
-    path = Path(str(cfg.ckpt)).expanduser()
-    classes = cfg.get("classes")
+def load_predictor(
+    path: str | Path, classes: str | Path | None = None, *, device: str = "auto", run_config: str | Path | None = None
+) -> Predictor:
+    """The model in ``path`` as a Predictor. A bare ``model.pth`` takes ``classes`` or the ``classes.txt`` beside
+    it, and, without a model card but inside a training run, that run's architecture and preprocessing."""
+    path = Path(path).expanduser()
     preprocess, architecture = None, None
     if path.suffix != ".ckpt":
         if classes is None and (path.parent / "classes.txt").is_file():
             classes = path.parent / "classes.txt"
-        run_config = cfg.get("run_config") or find_run_config(path)
+        run_config = run_config or find_run_config(path)
         if not (path.parent / MODEL_CARD).is_file() and run_config and Path(run_config).is_file():
             run = OmegaConf.load(run_config)
             architecture = OmegaConf.select(run, "model.name")
@@ -74,7 +75,7 @@ def load_predictor(cfg: DictConfig) -> Predictor:
                 preprocess = Preprocess(image_size=int(run.data.image_size),
                                         eval_crop_pct=float(run.data.get("eval_crop_pct", 0.875)))
     loaded = load_model(path, classes, architecture=architecture, preprocess=preprocess)
-    return Predictor(loaded.model, loaded.class_names, loaded.preprocess, device=cfg.get("device", "auto"))
+    return Predictor(loaded.model, loaded.class_names, loaded.preprocess, device=device)
 
 
 def data_config(cfg: DictConfig) -> tuple[dict, str]:
@@ -289,7 +290,8 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
 # -- the pure function and the entry point ------------------------------------------------------
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate ``cfg.ckpt`` on ``cfg.data.split``; write ``reports/`` under ``cfg.paths.output_dir``."""
-    predictor = load_predictor(cfg)
+    predictor = load_predictor(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"),
+                               run_config=cfg.get("run_config"))
     data, split = data_config(cfg)
     samples = eval_samples(data, split, predictor.class_names)
     batch_size = int(data.get("eval_batch_size") or data.get("batch_size") or 64)
