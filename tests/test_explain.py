@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,64 @@ def test_modes_hooks_and_inference_mode_are_left_as_they_were(predictor, tmp_pat
     assert not layer._forward_hooks  # hooks live only during explain(): predict is untouched
     assert all(p.grad is None for p in predictor.model.parameters())
     assert predictor.predict(img).name == out[1].prediction.name
+
+
+# -- the command line ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def original_model(tmp_path_factory):
+    """The original TwinCars format: a torchvision resnet50 state dict with a 196-way fc, and classes.txt;
+    two images in a folder named after their class (for --target true)."""
+    import torchvision
+
+    from twincar.data.classes import stanford_cars_class_names, write_classes_txt
+
+    d = tmp_path_factory.mktemp("original")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50(num_classes=196).state_dict(), d / "resnet50_twin_cars.pth")
+    names = stanford_cars_class_names()
+    write_classes_txt(names, d / "classes.txt")
+    folder = d / "images" / names[7]
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(folder / f"car{i}.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    return d, names
+
+
+@pytest.mark.slow  # a ResNet-50 at 224 px: about 10 s on 2 idle cores
+def test_cli_reads_the_original_pth_and_writes_overlays_grid_and_csv(original_model, tmp_path):
+    import csv
+
+    from twincar.explain import main
+
+    d, names = original_model
+    out = tmp_path / "cams"
+    assert main(["--images", str(d / "images"), "--model", str(d / "resnet50_twin_cars.pth"), "--classes",
+                 str(d / "classes.txt"), "--method", "finercam", "--target", "true", "--out", str(out)]) == 0
+    with (out / "explain.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows] == ["broken.jpg", "car0.jpg", "car1.jpg"]
+    assert "broken.jpg" in rows[0]["error"] and rows[0]["overlay"] == ""
+    p = Predictor.load(d / "resnet50_twin_cars.pth", classes=d / "classes.txt", device="cpu")
+    for r in rows[1:]:
+        assert r["pred_name"] == p.predict(r["path"]).name and r["target_name"] == names[7]
+        assert -1 <= float(r["faithfulness"]) <= 1 and r["method"] == "finercam"
+        with Image.open(out / r["overlay"]) as img:  # image + overlay, titled
+            assert img.format == "PNG" and img.size == (700, 380)
+    assert (out / "finercam_grid.png").stat().st_size > 0
+
+
+def test_cli_errors_are_one_sentence(original_model, tmp_path, caplog):
+    from twincar.explain import main
+
+    d, _ = original_model
+    args = ["--model", str(d / "resnet50_twin_cars.pth"), "--classes", str(d / "classes.txt"), "--out", str(tmp_path)]
+    assert main(["--images", str(tmp_path / "none.jpg"), *args]) == 1
+    assert "none.jpg does not exist" in caplog.text
+    assert main(["--images", str(d / "images"), "--target", "Trabant 601 1964", *args]) == 1
+    assert "'Trabant 601 1964' is not one of the model's 196 class names" in caplog.text
+    (tmp_path / "alone.pth").symlink_to(d / "resnet50_twin_cars.pth")  # no classes.txt beside it
+    assert main(["--images", str(d / "images"), "--model", str(tmp_path / "alone.pth"), "--out", str(tmp_path)]) == 1
+    assert "carries no class names: pass --classes" in caplog.text
+    assert not (tmp_path / "explain.csv").exists()
