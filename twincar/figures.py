@@ -78,7 +78,7 @@ def reliability_diagram(bins: torch.Tensor, path: str | Path) -> Path:
 def confused_pairs_figure(pairs: Sequence[dict], path: str | Path) -> Path:
     """One row per pair: an example image of each class, titled with its name and how often it was
     taken for the other. ``pairs``: dicts with ``name_a``, ``name_b``, ``a_as_b``, ``b_as_a``,
-    ``example_a``, ``example_b`` (image paths or None)."""
+    ``differ_in``, ``example_a``, ``example_b`` (image paths or None)."""
     rows = max(1, math.ceil(len(pairs) / 2))
     fig, axes = plt.subplots(rows, 4, figsize=(13, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
@@ -87,7 +87,8 @@ def confused_pairs_figure(pairs: Sequence[dict], path: str | Path) -> Path:
         r, c = divmod(k, 2)
         for side, other, ax in (("a", "b", axes[r, 2 * c]), ("b", "a", axes[r, 2 * c + 1])):
             ax.imshow(_thumbnail(pair[f"example_{side}"]))
-            ax.set_title(f"{_short(pair[f'name_{side}'])}\ntaken for the other {pair[f'{side}_as_{other}']}x",
+            head = f"#{k + 1}, {pair['differ_in']} differs: " if side == "a" else f"#{k + 1}: "
+            ax.set_title(f"{head}{_short(pair[f'name_{side}'])}\ntaken for the other {pair[f'{side}_as_{other}']}x",
                          fontsize=8)
     if not pairs:
         axes[0, 0].text(0, 0.5, "no confusions", fontsize=14)
