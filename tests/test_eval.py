@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from tests.trained import compose, trained_run
-from twincar.eval import REPORT_FILES, evaluate
+from twincar.eval import REPORT_FILES, EvalError, evaluate
 
 pytestmark = pytest.mark.slow  # trains a small model once per session (about 30 s on 2 cores)
 
@@ -122,5 +122,7 @@ def test_cli_writes_reports_in_its_run_directory_and_errors_in_one_sentence(run,
     proc = run_cli("twincar.eval", f"ckpt={tmp_path}/nothing.ckpt", cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "nothing.ckpt does not exist" in out and "Traceback" not in out
-    proc = run_cli("twincar.eval", f"ckpt={run}/checkpoints/last.ckpt", "data.split=train", cwd=tmp_path)
-    assert proc.returncode == 1 and "use data.split=test or data.split=val" in proc.stdout + proc.stderr
+    with pytest.raises(EvalError, match="data.split=train is not a split: use data.split=test or data.split=val"):
+        evaluate(eval_cfg(tmp_path, run / "checkpoints" / "last.ckpt", "data.split=train"))
+    with pytest.raises(EvalError, match="no training config.yaml found for .* pass data=stanford_cars data.root=PATH"):
+        evaluate(eval_cfg(tmp_path, run / "checkpoints" / "last.ckpt", f"run_config={tmp_path}/none.yaml"))
