@@ -211,7 +211,9 @@ class Explainer:
             targets.append(FinerWeightedTarget(i, nearest, 1.0))
         return targets
 
-    def _faithfulness(self, x: torch.Tensor, cams: np.ndarray, idx: list[int]) -> list[float]:
+    def _faithfulness(self, x: torch.Tensor, cams: np.ndarray, idx: list[int], before: torch.Tensor) -> list[float]:
+        """Probability of each target class (``before``: from the predictor's logits) minus its probability
+        once the top ``FAITHFULNESS_REMOVED`` of the CAM is set to the mean colour (0 after normalisation)."""
         from pytorch_grad_cam.metrics.cam_mult_image import multiply_tensor_with_cam
         from pytorch_grad_cam.metrics.perturbation_confidence import (
             PerturbationConfidenceMetric,
@@ -222,8 +224,10 @@ class Explainer:
         metric = PerturbationConfidenceMetric(
             RemoveMostRelevantFirst(100 * (1 - FAITHFULNESS_REMOVED), multiply_tensor_with_cam)
         )
-        change = metric(x.detach(), cams, [ClassifierOutputSoftmaxTarget(i) for i in idx], self.predictor.model)
-        return [float(-c) for c in np.asarray(change).reshape(-1)]  # a drop is positive
+        targets = [ClassifierOutputSoftmaxTarget(i) for i in idx]
+        after = metric(x.detach(), cams, targets, self.predictor.model, return_diff=False)
+        p, after = before.softmax(dim=1), np.asarray(after).reshape(-1)
+        return [float(p[j, i]) - float(after[j]) for j, i in enumerate(idx)]
 
     # -- the one public call ----------------------------------------------------------------------
     def explain(
@@ -278,7 +282,7 @@ class Explainer:
         if p.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         cams = self.cam(input_tensor=x, targets=self._targets(logits, idx)).astype(np.float32)
-        faith = self._faithfulness(x, cams, idx) if self.faithfulness else [None] * len(ok)
+        faith = self._faithfulness(x, cams, idx, logits) if self.faithfulness else [None] * len(ok)
         done = {}
         for j, i in enumerate(ok):
             image = batch[j].permute(1, 2, 0).numpy()
