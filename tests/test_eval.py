@@ -14,8 +14,7 @@ from tests.conftest import run_cli
 from tests.trained import compose, trained_run
 from twincar.eval import REPORT_FILES, EvalError, evaluate
 
-pytestmark = pytest.mark.slow  # trains a small model once per session (about 30 s on 2 cores)
-
+SLOW = pytest.mark.slow  # the tests that use `run` train a small model once per session (30-120 s on 2 cores)
 FINE = ("acc_make", "acc_family", "acc_year", "acc_year_in_family", "ece", "nll")
 
 
@@ -40,6 +39,7 @@ def val_eval(run, tmp_path_factory) -> tuple[Path, dict]:
     return out, evaluate(eval_cfg(out, Path(best), "data.split=val"))
 
 
+@SLOW
 def test_eval_reproduces_the_metrics_training_logged(run, val_eval, tmp_path):
     logged = json.loads((run / "metrics.json").read_text())
     _, val = val_eval
@@ -53,6 +53,7 @@ def test_eval_reproduces_the_metrics_training_logged(run, val_eval, tmp_path):
     assert pth["val/acc"] == pytest.approx(val["val/acc"]) and pth["val/nll"] == pytest.approx(val["val/nll"], abs=1e-4)
 
 
+@SLOW
 def test_eval_writes_every_report(run, val_eval):
     out, metrics = val_eval
     reports = out / "reports"
@@ -87,6 +88,7 @@ def test_eval_writes_every_report(run, val_eval):
             assert len(img.convert("L").getcolors(1 << 16)) > 50  # a picture, not a blank canvas
 
 
+@SLOW
 def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(run, tmp_path):
     from twincar import Predictor
 
@@ -101,6 +103,7 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(run, tmp_path)
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["tta"] == "flip"
 
 
+@SLOW
 def test_an_unreadable_image_is_skipped_and_named(run, tmp_path):
     from twincar.data.formats import Sample
     from twincar.eval import collect_logits
@@ -116,6 +119,7 @@ def test_an_unreadable_image_is_skipped_and_named(run, tmp_path):
     assert torch.equal(out.logits, p.logits(p.prepare(good)[None]))
 
 
+@SLOW
 def test_cli_writes_reports_in_its_run_directory_and_errors_in_one_sentence(run, tmp_path):
     proc = run_cli("twincar.eval", f"ckpt={run}/checkpoints/last.ckpt", "data.split=val", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,7 +129,23 @@ def test_cli_writes_reports_in_its_run_directory_and_errors_in_one_sentence(run,
     proc = run_cli("twincar.eval", f"ckpt={tmp_path}/nothing.ckpt", cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "nothing.ckpt does not exist" in out and "Traceback" not in out
+
+
+def test_data_config_is_the_training_runs_with_overrides_or_a_chosen_group(tmp_path):
+    from twincar.eval import data_config
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text(
+        "data:\n  _target_: twincar.data.datamodule.CarsDataModule\n  root: ./data/synthetic\n  image_size: 64\n"
+        "  eval_batch_size: 64\n  num_workers: 2\n  augmentation: {hflip: 0.5}\n  synthetic: {num_classes: 6}\n")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    data, split = data_config(eval_cfg(tmp_path, ckpt, "data.root=/elsewhere", "data.num_workers=0"))
+    assert split == "test" and data["root"] == "/elsewhere" and data["num_workers"] == 0
+    assert data["image_size"] == 64 and data["eval_batch_size"] == 64 and data["synthetic"] == {"num_classes": 6}
+    assert data["augmentation"] is None  # eval images get the model's preprocessing only
+    data, split = data_config(eval_cfg(tmp_path, ckpt, "data=stanford_cars", "data.root=/cars", "data.split=val"))
+    assert split == "val" and data["root"] == "/cars" and data["image_size"] == 224 and data["synthetic"] is None
     with pytest.raises(EvalError, match="data.split=train is not a split: use data.split=test or data.split=val"):
-        evaluate(eval_cfg(tmp_path, run / "checkpoints" / "last.ckpt", "data.split=train"))
+        data_config(eval_cfg(tmp_path, ckpt, "data.split=train"))
     with pytest.raises(EvalError, match="no training config.yaml found for .* pass data=stanford_cars data.root=PATH"):
-        evaluate(eval_cfg(tmp_path, run / "checkpoints" / "last.ckpt", f"run_config={tmp_path}/none.yaml"))
+        data_config(eval_cfg(tmp_path, tmp_path / "model.pth"))
