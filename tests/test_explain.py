@@ -187,4 +187,8 @@ def test_cli_errors_are_one_sentence(original_model, tmp_path, caplog):
     (tmp_path / "alone.pth").symlink_to(d / "resnet50_twin_cars.pth")  # no classes.txt beside it
     assert main(["--images", str(d / "images"), "--model", str(tmp_path / "alone.pth"), "--out", str(tmp_path)]) == 1
     assert "carries no class names: pass --classes" in caplog.text
+    loose = tmp_path / "loose.png"
+    Image.new("RGB", (40, 30)).save(loose)
+    assert main(["--images", str(loose), "--target", "true", *args]) == 1
+    assert f"--target true: the folder of {loose} ('{tmp_path.name}') is not a class name" in caplog.text
     assert not (tmp_path / "explain.csv").exists()
