@@ -149,3 +149,21 @@ def test_data_config_is_the_training_runs_with_overrides_or_a_chosen_group(tmp_p
         data_config(eval_cfg(tmp_path, ckpt, "data.split=train"))
     with pytest.raises(EvalError, match="no training config.yaml found for .* pass data=stanford_cars data.root=PATH"):
         data_config(eval_cfg(tmp_path, tmp_path / "model.pth"))
+
+
+@SLOW
+def test_explain_reads_a_run_checkpoint_and_its_exported_model_pth(run, tmp_path):
+    from twincar.explain import main
+
+    best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
+    names = (run / "classes.txt").read_text().splitlines()
+    img = tmp_path / "car.png"
+    Image.new("RGB", (96, 64), "grey").save(img)
+    for model, out in ((best, "a"), (run / "model.pth", "b")):  # model.pth holds the best weights
+        assert main(["--images", str(img), "--model", str(model), "--method", "gradcam++", "--target", names[3],
+                     "--out", str(tmp_path / out)]) == 0
+    a, b = (read_csv(tmp_path / d / "explain.csv")[0] for d in "ab")
+    assert a["target_name"] == b["target_name"] == names[3] and a["pred_name"] == b["pred_name"]
+    assert float(a["confidence"]) == pytest.approx(float(b["confidence"]), abs=1e-4)
+    with Image.open(tmp_path / "a" / a["overlay"]) as im:
+        assert im.size == (700, 380)
