@@ -175,7 +175,8 @@ def compare(root: str | Path, sort: str = DEFAULT_SORT, out_dir: str | Path | No
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; a user error is printed as one sentence and exits with 1."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m twincar.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m twincar.compare",
+                                     description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("dir", help="a sweep directory (outputs/multiruns/<date_time>) or any folder of runs")
     parser.add_argument("--sort", default=DEFAULT_SORT, help=f"metric to rank by (default {DEFAULT_SORT})")
     parser.add_argument("--out", help="where to write compare.csv and compare.png (default: DIR)")

@@ -41,7 +41,8 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; a user error is printed as one sentence and exits with 1."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m twincar.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m twincar.report",
+                                     description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("run_dir", help="a training run directory (holding csv/metrics.csv)")
     parser.add_argument("--out", help="where to write the PNGs (default: the run directory)")
     args = parser.parse_args(argv)
