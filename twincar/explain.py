@@ -139,6 +139,9 @@ class Explainer:
     ):
         if method not in METHODS:
             raise ExplainError(f"unknown CAM method {method!r}: use one of {', '.join(METHODS)}")
+        if getattr(predictor, "is_onnx", False):
+            raise ExplainError("Grad-CAM needs gradients of a PyTorch model: load a .ckpt, .pth or .safetensors "
+                               "model, not an ONNX export")
         self.predictor = predictor
         self.method = method
         model = predictor.model
