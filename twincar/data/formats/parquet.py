@@ -1,0 +1,96 @@
+"""Hugging Face parquet copies (e.g. a snapshot of tanganke/stanford_cars), read with pyarrow only.
+
+``data/{train,test}-0000N-of-0000M.parquet`` (or ``*.parquet`` in the root) with columns ``image``
+(struct of ``bytes`` and ``path``) and ``label``; class names from the schema's ``huggingface``
+metadata (``info.features.label.names``). No boxes. Images stay in the parquet files: each process
+reads a file's image column once (:func:`image_bytes`) and decodes rows on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from twincar.data.formats.common import CarsData, DatasetFormatError, Sample
+
+EXPECTS = "data/train-*.parquet (and test-*.parquet), or *.parquet in ROOT, with columns image and label"
+_SPLIT = re.compile(r"^(train|test)[-_.]", re.I)
+_IMAGE_COLUMNS: dict[Path, object] = {}  # per process: parquet file -> its image bytes (a pyarrow array)
+
+
+def parquet_files(root: Path) -> dict[str, list[Path]]:
+    """``{"train": [...], "test": [...]}`` parquet files under ``root/data`` or ``root``, split from the name."""
+    for folder in (root / "data", root):
+        files: dict[str, list[Path]] = {}
+        for f in sorted(folder.glob("*.parquet")):
+            m = _SPLIT.match(f.name)
+            if m:
+                split = m.group(1).lower()
+                files.setdefault(split, []).append(f)
+        if files.get("train"):
+            return files
+    return {}
+
+
+def find_parquet(root: Path) -> Path | None:
+    """``root`` when it holds ``train-*.parquet`` files in ``data/`` or in itself."""
+    return root if parquet_files(root) else None
+
+
+def read_class_names(path: Path) -> list[str]:
+    """Class names from a parquet file's ``huggingface`` schema metadata (``info.features.label.names``)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise DatasetFormatError(f"{path} is not a readable parquet file: {e}") from e
+    try:
+        info = json.loads(meta[b"huggingface"])["info"]["features"]["label"]
+        names = info["names"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetFormatError(
+            f"{path} has no class names in its 'huggingface' schema metadata (info.features.label.names): "
+            "use a copy saved by the datasets library"
+        ) from e
+    return [str(n).strip() for n in names]
+
+
+def _labels(path: Path) -> list[int]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["label"])
+    except Exception as e:
+        raise DatasetFormatError(f"{path}: cannot read its 'label' column ({e})") from e
+    return table.column("label").to_pylist()
+
+
+def read_parquet(root: Path) -> CarsData:
+    """Both splits of a parquet copy; the label column is 0-based already."""
+    files = parquet_files(root)
+    names = read_class_names(files["train"][0])
+    splits: dict[str, list[Sample]] = {"train": [], "test": []}
+    for split, paths in files.items():
+        for f in paths:
+            for row, label in enumerate(_labels(f)):
+                if label is None or not 0 <= label < len(names):
+                    raise DatasetFormatError(f"{f}: row {row} has label {label}, outside 0..{len(names) - 1}")
+                splits[split].append(Sample(f, int(label), None, index=row))
+    return CarsData("parquet", root, names, splits["train"], splits["test"])
+
+
+def image_bytes(path: Path, index: int) -> bytes:
+    """The encoded image of row ``index`` of parquet file ``path`` (the file's column is read once per process)."""
+    import pyarrow.parquet as pq
+
+    column = _IMAGE_COLUMNS.get(path)
+    if column is None:
+        try:
+            images = pq.read_table(path, columns=["image"]).column("image").combine_chunks()
+        except Exception as e:
+            raise DatasetFormatError(f"{path}: cannot read its 'image' column ({e})") from e
+        column = _IMAGE_COLUMNS[path] = images.field("bytes") if hasattr(images, "field") else images
+    value = column[index].as_py()
+    return value if value is not None else b""
