@@ -28,7 +28,7 @@ from torchvision.io import ImageReadMode
 
 from twincar.data.formats import FORMATS, Sample, load_dataset, sample_header, sample_label
 from twincar.data.formats.parquet import image_bytes
-from twincar.data.transforms import ImageReadError, decode_rgb_bytes, read_header
+from twincar.data.transforms import ImageReadError, decode_rgb_bytes, oriented_box, read_header
 from twincar.errors import TwinCarError
 
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -70,16 +70,17 @@ def inspect(sample: Sample, split: str = "") -> Inspection:
     name = sample_label(sample)
     try:
         data = _read_bytes(sample)
-        _, _, mode = read_header(data, name)
+        header = read_header(data, name)
         img = decode_rgb_bytes(data, name, mode=ImageReadMode.UNCHANGED)
     except ImageReadError as e:
         return Inspection((Finding(split, name, ERROR, e.reason, str(e)),), None)
     findings = []
-    if mode in MODE_INFO:
-        findings.append(Finding(split, name, INFO, MODE_INFO[mode], f"{mode} image, converted to RGB when loaded"))
+    if header.mode in MODE_INFO:
+        findings.append(Finding(split, name, INFO, MODE_INFO[header.mode],
+                                f"{header.mode} image, converted to RGB when loaded"))
     h, w = img.shape[-2:]
     if sample.bbox is not None:
-        x1, y1, x2, y2 = sample.bbox
+        x1, y1, x2, y2 = oriented_box(sample.bbox, header)  # boxes are in stored pixels
         if not (1 <= x1 < x2 <= w and 1 <= y1 < y2 <= h):
             findings.append(Finding(split, name, WARNING, "box outside image",
                                     f"box {sample.bbox} vs a {w}x{h} image (clamped when cropping)"))

@@ -15,7 +15,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from twincar.data.check import find_unreadable
-from twincar.data.formats import FORMATS, CarsData, DatasetFormatError, Sample, load_dataset, load_sample, sample_label
+from twincar.data.formats import (
+    FORMATS,
+    CarsData,
+    DatasetFormatError,
+    Sample,
+    load_dataset,
+    load_sample,
+    sample_header,
+    sample_label,
+)
 from twincar.data.formats.common import UNLABELED
 from twincar.data.synthetic import SyntheticSpec, generate
 from twincar.data.transforms import (
@@ -26,6 +35,7 @@ from twincar.data.transforms import (
     Preprocess,
     TrainImageTransform,
     crop_to_box,
+    oriented_box,
 )
 from twincar.errors import TwinCarError
 
@@ -55,10 +65,10 @@ class CarsDataset(Dataset):
         sample = self.samples[index]
         try:
             img = load_sample(sample)
+            if self.bbox_margin is not None:  # boxes are in stored pixels; the decoded image is EXIF-oriented
+                img = crop_to_box(img, oriented_box(sample.bbox, sample_header(sample)), self.bbox_margin)
         except ImageReadError as e:
             return None, str(e)
-        if self.bbox_margin is not None:
-            img = crop_to_box(img, sample.bbox, self.bbox_margin)
         return self.transform(img), sample.label
 
 

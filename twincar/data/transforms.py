@@ -15,6 +15,7 @@ import io
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import kornia.augmentation as K
 import torch
@@ -46,8 +47,17 @@ class ImageReadError(TwinCarError, OSError):
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
-def read_header(source: str | Path | bytes, name: str | Path | None = None) -> tuple[int, int, str]:
-    """(width, height, PIL mode) of an image file or in-memory image from its header only (decodes nothing).
+class ImageHeader(NamedTuple):
+    """What an image file's header says: stored size, PIL mode, EXIF orientation (1 = as stored)."""
+
+    width: int
+    height: int
+    mode: str
+    orientation: int = 1
+
+
+def read_header(source: str | Path | bytes, name: str | Path | None = None) -> ImageHeader:
+    """Size, PIL mode and EXIF orientation of an image file or in-memory image from its header (decodes nothing).
 
     Raises :class:`ImageReadError` naming ``name`` (default: the path) for a missing, empty or non-image
     source, and for one of more than ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb).
@@ -59,6 +69,7 @@ def read_header(source: str | Path | bytes, name: str | Path | None = None) -> t
             raise ImageReadError(f"cannot read image {name}: the file is empty (0 bytes)", "empty")
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:  # lazy: header only
             (w, h), mode = im.size, im.mode
+            orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
     except ImageReadError:
         raise
     except FileNotFoundError as e:
@@ -72,12 +83,12 @@ def read_header(source: str | Path | bytes, name: str | Path | None = None) -> t
             f"cannot read image {name}: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)",
             "too large",
         )
-    return w, h, mode
+    return ImageHeader(w, h, mode, orientation if orientation in range(1, 9) else 1)
 
 
 def image_size_from_header(path: str | Path) -> tuple[int, int]:
     """(width, height) read from the file header only; raises ImageReadError for what is not an image."""
-    w, h, _ = read_header(Path(path))
+    w, h, *_ = read_header(Path(path))
     return w, h
 
 
@@ -104,6 +115,20 @@ def decode_rgb_bytes(data: bytes, name: str, mode: ImageReadMode = ImageReadMode
     """:func:`load_rgb` for an image held in memory (e.g. a parquet row); ``name`` is used in errors."""
     read_header(data, name)
     return _decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), name, mode)
+
+
+def oriented_box(bbox: tuple[int, int, int, int], header: ImageHeader) -> tuple[int, int, int, int]:
+    """A 1-based inclusive box given in stored pixels, in the pixels of the image as decoded (EXIF orientation
+    applied, as :func:`load_rgb` does)."""
+    x1, y1, x2, y2 = (int(v) for v in bbox)
+    w, h = header.width, header.height
+    moves = {  # stored (x, y) -> displayed (x, y), 1-based, for each EXIF orientation
+        1: lambda x, y: (x, y), 2: lambda x, y: (w + 1 - x, y), 3: lambda x, y: (w + 1 - x, h + 1 - y),
+        4: lambda x, y: (x, h + 1 - y), 5: lambda x, y: (y, x), 6: lambda x, y: (h + 1 - y, x),
+        7: lambda x, y: (h + 1 - y, w + 1 - x), 8: lambda x, y: (y, w + 1 - x),
+    }
+    (ax, ay), (bx, by) = (moves[header.orientation](x, y) for x, y in ((x1, y1), (x2, y2)))
+    return min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)
 
 
 def crop_to_box(img: torch.Tensor, bbox: tuple[int, int, int, int], margin: float = 0.0) -> torch.Tensor:

@@ -39,7 +39,7 @@ from twincar.data.formats.devkit import (
     write_annotations,
     write_meta,
 )
-from twincar.data.transforms import decode_rgb_bytes, load_rgb, read_header
+from twincar.data.transforms import ImageHeader, decode_rgb_bytes, load_rgb, read_header
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,8 @@ def sample_label(sample: Sample) -> str:
     return str(sample.path) if sample.index is None else f"{sample.path}#{sample.index}"
 
 
-def sample_header(sample: Sample) -> tuple[int, int, str]:
-    """(width, height, PIL mode) of a sample's image from its header; ImageReadError when it is unusable."""
+def sample_header(sample: Sample) -> ImageHeader:
+    """Size, mode and EXIF orientation of a sample's image from its header; ImageReadError when it is unusable."""
     return read_header(_source(sample), sample_label(sample))
 
 
