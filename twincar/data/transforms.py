@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import kornia.augmentation as K
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import Mixup
 from torch import nn
 from torchvision.io import ImageReadMode, decode_image
@@ -76,8 +76,13 @@ def read_header(source: str | Path | bytes, name: str | Path | None = None) -> I
         raise ImageReadError(f"cannot read image {name}: no such file", "missing") from e
     except Image.DecompressionBombError as e:
         raise ImageReadError(f"cannot read image {name}: {e}", "too large") from e
+    except UnidentifiedImageError as e:
+        raise ImageReadError(f"cannot read image {name}: not an image (unknown format or damaged header)",
+                             "not an image") from e
     except (OSError, ValueError) as e:
-        raise ImageReadError(f"cannot read image {name}: not an image ({e})", "not an image") from e
+        truncated = "truncat" in str(e).lower()
+        raise ImageReadError(f"cannot read image {name}: {'truncated' if truncated else 'not an image'} ({e})",
+                             "truncated" if truncated else "not an image") from e
     if w * h > MAX_IMAGE_PIXELS:
         raise ImageReadError(
             f"cannot read image {name}: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)",
