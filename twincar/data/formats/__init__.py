@@ -25,7 +25,7 @@ import torch
 from torchvision.io import ImageReadMode
 
 from twincar.data.formats import full, kaggle, parquet
-from twincar.data.formats.common import UNLABELED, CarsData, DatasetFormatError, Sample
+from twincar.data.formats.common import UNLABELED, CarsData, DatasetFormatError, Sample, read_names_mat
 from twincar.data.formats.devkit import (
     DEVKIT_EXPECTS,
     KAGGLE_DEVKIT_EXPECTS,
@@ -110,8 +110,6 @@ def load_stanford_cars(root: str | Path, split: str, format: str = "auto") -> tu
 def read_class_names_from(path: str | Path) -> list[str]:
     """Class names in label order from a dataset root of any layout, or one ``cars_meta.mat``,
     ``cars_annos.mat``, ``names.csv`` or ``.parquet`` file."""
-    from twincar.data.formats.common import read_names_mat
-
     path = Path(path).expanduser()
     if path.is_dir():
         layout, base = detect(path)

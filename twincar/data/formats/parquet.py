@@ -87,10 +87,10 @@ def image_bytes(path: Path, index: int) -> bytes:
 
     column = _IMAGE_COLUMNS.get(path)
     if column is None:
-        try:
-            images = pq.read_table(path, columns=["image"]).column("image").combine_chunks()
+        try:  # kept chunked: one array of a large file's bytes would overflow 32-bit offsets
+            column = _IMAGE_COLUMNS[path] = pq.read_table(path, columns=["image"]).column("image")
         except Exception as e:
             raise DatasetFormatError(f"{path}: cannot read its 'image' column ({e})") from e
-        column = _IMAGE_COLUMNS[path] = images.field("bytes") if hasattr(images, "field") else images
-    value = column[index].as_py()
-    return value if value is not None else b""
+    value = column[index]
+    value = value["bytes"] if column.type.num_fields else value  # struct {bytes, path}, or plain binary
+    return value.as_py() or b""  # a row without bytes reads as an empty image
