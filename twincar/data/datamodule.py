@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from twincar.data.check import find_unreadable
 from twincar.data.formats import (
     FORMATS,
+    UNLABELED,
     CarsData,
     DatasetFormatError,
     Sample,
@@ -25,7 +26,6 @@ from twincar.data.formats import (
     sample_header,
     sample_label,
 )
-from twincar.data.formats.common import UNLABELED
 from twincar.data.synthetic import SyntheticSpec, generate
 from twincar.data.transforms import (
     Augmentation,

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 from twincar.data.formats.common import CarsData, DatasetFormatError, Sample
 
 EXPECTS = "data/train-*.parquet (and test-*.parquet), or *.parquet in ROOT, with columns image and label"
 _SPLIT = re.compile(r"^(train|test)[-_.]", re.I)
-_IMAGE_COLUMNS: dict[Path, object] = {}  # per process: parquet file -> its image bytes (a pyarrow array)
+_IMAGE_COLUMNS: dict[Path, object] = {}  # per process: parquet file -> its image column (a pyarrow array)
+_LOAD_LOCK = threading.Lock()
 
 
 def parquet_files(root: Path) -> dict[str, list[Path]]:
@@ -87,10 +89,13 @@ def image_bytes(path: Path, index: int) -> bytes:
 
     column = _IMAGE_COLUMNS.get(path)
     if column is None:
-        try:  # kept chunked: one array of a large file's bytes would overflow 32-bit offsets
-            column = _IMAGE_COLUMNS[path] = pq.read_table(path, columns=["image"]).column("image")
-        except Exception as e:
-            raise DatasetFormatError(f"{path}: cannot read its 'image' column ({e})") from e
+        with _LOAD_LOCK:  # the check's threads ask at once: read each file once
+            column = _IMAGE_COLUMNS.get(path)
+            if column is None:
+                try:  # kept chunked: one array of a large file's bytes would overflow 32-bit offsets
+                    column = _IMAGE_COLUMNS[path] = pq.read_table(path, columns=["image"]).column("image")
+                except Exception as e:
+                    raise DatasetFormatError(f"{path}: cannot read its 'image' column ({e})") from e
     value = column[index]
     value = value["bytes"] if column.type.num_fields else value  # struct {bytes, path}, or plain binary
     return value.as_py() or b""  # a row without bytes reads as an empty image
