@@ -83,7 +83,7 @@ def detect(root: str | Path, format: str = "auto") -> tuple[Layout, Path]:
             return layout, base
     if format != "auto":
         raise DatasetFormatError(
-            f"{root} is not in the {format} layout: expected {LAYOUTS[format].expects} (or set data.format=auto)"
+            f"{root} is not in the {format} layout: expected {LAYOUTS[format].expects} (format auto detects the layout)"
         )
     listing = "; ".join(f"{lay.name}: {lay.expects}" for lay in tried)
     raise DatasetFormatError(f"{root} matches no Stanford Cars layout; tried {listing}")
