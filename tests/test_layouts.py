@@ -185,3 +185,13 @@ def test_smoke_run_trains_on_each_layout(copies, tmp_path, layout):
     names = read_classes_txt(tmp_path / "run/classes.txt")
     assert [n.casefold() for n in names] == [n.casefold() for n in NAMES]
     assert not (tmp_path / "run/skipped.txt").exists()
+
+
+def test_parquet_in_split_folders_as_the_hub_converts_them(tmp_path, images):
+    root = build("parquet", tmp_path / "hf", images)
+    for split in ("train", "test"):
+        (root / "default" / split).mkdir(parents=True)
+        (root / "data" / f"{split}-00000-of-00001.parquet").rename(root / "default" / split / "0000.parquet")
+    data = load_dataset(root)
+    assert data.format == "parquet" and (len(data.train), len(data.test)) == (18, 6)
+    assert data.train[0].name == "0000.parquet#0"

@@ -1,4 +1,4 @@
-"""CarsDataModule: a Stanford Cars devkit copy (real or synthetic) -> split, datasets, loaders."""
+"""CarsDataModule: a Stanford Cars copy in any layout (real or synthetic) -> split, datasets, loaders."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Hugging Face parquet copies (e.g. a snapshot of tanganke/stanford_cars), read with pyarrow only.
 
-``data/{train,test}-0000N-of-0000M.parquet`` (or ``*.parquet`` in the root) with columns ``image``
+``data/{train,test}-0000N-of-0000M.parquet`` (or in the root, or ``{train,test}/*.parquet`` as the hub's
+parquet conversion writes them) with columns ``image``
 (struct of ``bytes`` and ``path``) and ``label``; class names from the schema's ``huggingface``
 metadata (``info.features.label.names``). No boxes. Images stay in the parquet files: each process
 reads a file's image column once (:func:`image_bytes`) and decodes rows on demand.
@@ -15,22 +16,26 @@ from pathlib import Path
 
 from twincar.data.formats.common import CarsData, DatasetFormatError, Sample
 
-EXPECTS = "data/train-*.parquet (and test-*.parquet), or *.parquet in ROOT, with columns image and label"
+EXPECTS = "data/train-*.parquet (and test-*.parquet), or train-*.parquet or train/*.parquet in ROOT"
 _SPLIT = re.compile(r"^(train|test)[-_.]", re.I)
 _IMAGE_COLUMNS: dict[Path, object] = {}  # per process: parquet file -> its image column (a pyarrow array)
 _LOAD_LOCK = threading.Lock()
 
 
 def parquet_files(root: Path) -> dict[str, list[Path]]:
-    """``{"train": [...], "test": [...]}`` parquet files under ``root/data`` or ``root``, split from the name."""
+    """``{"train": [...], "test": [...]}``: ``{train,test}-*.parquet`` under ``root/data`` or ``root``, or
+    ``{train,test}/*.parquet`` under ``root``, ``root/data`` or ``root/default`` (the hub's parquet conversion)."""
     for folder in (root / "data", root):
         files: dict[str, list[Path]] = {}
         for f in sorted(folder.glob("*.parquet")):
             m = _SPLIT.match(f.name)
             if m:
-                split = m.group(1).lower()
-                files.setdefault(split, []).append(f)
+                files.setdefault(m.group(1).lower(), []).append(f)
         if files.get("train"):
+            return files
+    for folder in (root, root / "data", root / "default"):
+        files = {split: sorted((folder / split).glob("*.parquet")) for split in ("train", "test")}
+        if files["train"]:
             return files
     return {}
 
