@@ -24,8 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from torchvision.io import ImageReadMode
-
 from twincar.data.formats import FORMATS, Sample, load_dataset, sample_header, sample_label
 from twincar.data.formats.parquet import image_bytes
 from twincar.data.transforms import ImageReadError, decode_rgb_bytes, oriented_box, read_header
@@ -71,7 +69,7 @@ def inspect(sample: Sample, split: str = "") -> Inspection:
     try:
         data = _read_bytes(sample)
         header = read_header(data, name)
-        img = decode_rgb_bytes(data, name, mode=ImageReadMode.UNCHANGED)
+        img = decode_rgb_bytes(data, name)  # exactly as training decodes it
     except ImageReadError as e:
         return Inspection((Finding(split, name, ERROR, e.reason, str(e)),), None)
     findings = []
