@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from twincar.data.classes import parse_car_name
-from twincar.data.formats import Sample
-from twincar.data.transforms import ImageReadError, Preprocess, load_rgb
+from twincar.data.datamodule import CarsDataset
+from twincar.data.formats import Sample, load_sample, sample_label
+from twincar.data.transforms import ImageReadError, Preprocess
 from twincar.errors import TwinCarError
 from twincar.figures import confused_pairs_figure, reliability_diagram, top_losses_figure
 from twincar.inference import Predictor
@@ -100,8 +101,9 @@ def data_config(cfg: DictConfig) -> tuple[dict, str]:
     return data, split
 
 
-def eval_samples(data: dict, split: str, class_names: list[str]) -> list[Sample]:
-    """The labelled samples of ``split`` exactly as training's CarsDataModule splits them."""
+def eval_samples(data: dict, split: str, class_names: list[str]) -> tuple[list[Sample], float | None, list[str]]:
+    """The labelled samples of ``split`` exactly as training's CarsDataModule splits them, the car-box crop
+    margin it applies (None: no crop) and the images it left out (``data.on_corrupt=skip``)."""
     datamodule = hydra.utils.instantiate(data, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("validate")
@@ -111,24 +113,23 @@ def eval_samples(data: dict, split: str, class_names: list[str]) -> list[Sample]
             f"{datamodule.num_classes} (or other names): pass the data.root it was trained on"
         )
     if split == "test" and not datamodule.has_test_labels:
-        raise EvalError(f"{datamodule.root} has no test labels (cars_test_annos_withlabels.mat): use data.split=val")
-    return list((datamodule.test_set if split == "test" else datamodule.val_set).samples)
+        raise EvalError(f"{datamodule.root} has no test labels: use data.split=val")
+    dataset = datamodule.test_set if split == "test" else datamodule.val_set
+    return list(dataset.samples), getattr(dataset, "bbox_margin", None), list(getattr(datamodule, "skipped", []))
 
 
-class _Images(Dataset):
-    """Samples through the predictor's per-image transform; an unreadable file comes back as its error."""
+class _Indexed(Dataset):
+    """A CarsDataset whose items also say which sample they are; an unreadable one comes back as its error."""
 
-    def __init__(self, samples: list[Sample], transform: torch.nn.Module):
-        self.samples, self.transform = samples, transform
+    def __init__(self, dataset: CarsDataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.dataset)
 
     def __getitem__(self, i: int):
-        try:
-            return self.transform(load_rgb(self.samples[i].path)), i, None
-        except ImageReadError as e:
-            return None, i, str(e)
+        image, label_or_error = self.dataset[i]
+        return (image, i, None) if image is not None else (None, i, str(label_or_error))
 
 
 def _collate(items):
@@ -148,22 +149,23 @@ class EvalOutputs:
 
 
 def collect_logits(
-    predictor: Predictor, samples: list[Sample], *, batch_size: int = 64, num_workers: int = 0,
-    tta: str = "none", progress: bool = True,
+    predictor: Predictor, samples: list[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
+    num_workers: int = 0, tta: str = "none", progress: bool = True,
 ) -> EvalOutputs:
-    """Run the model over ``samples`` in batches (per-image work in DataLoader workers), with optional flip TTA."""
+    """Run the model over ``samples`` in batches, with optional flip TTA. Per-image work (decode, the car-box
+    crop when ``bbox_margin`` is set, the model's resize/crop) runs in DataLoader workers, as in training."""
     if tta not in TTA_MODES:
         raise EvalError(f"tta={tta} is not supported: use tta=none or tta=flip")
     from tqdm.auto import tqdm
 
-    loader = DataLoader(_Images(samples, predictor.image_transform), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate)
+    dataset = _Indexed(CarsDataset(samples, predictor.image_transform, bbox_margin))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
     logits, kept, skipped = [], [], []
     with tqdm(total=len(samples), desc="eval", unit="img", disable=not progress) as bar:
         for images, idx, bad in loader:
             for i, err in bad:
                 log.warning("skipping unreadable image: %s", err)
-                skipped.append((str(samples[i].path), err))
+                skipped.append((sample_label(samples[i]), err))
             if images is not None:
                 out = predictor.logits(images)
                 if tta == "flip":
@@ -175,6 +177,14 @@ def collect_logits(
         raise EvalError(f"none of the {len(samples)} images could be read (first: {skipped[0][1] if skipped else '-'})")
     kept_samples = [samples[i] for i in kept]
     return EvalOutputs(torch.cat(logits), torch.tensor([s.label for s in kept_samples]), kept_samples, skipped)
+
+
+def _image(sample: Sample) -> torch.Tensor | None:
+    """A sample's image for a figure (whole, uncropped); None when it cannot be read."""
+    try:
+        return load_sample(sample)
+    except ImageReadError:
+        return None
 
 
 # -- numbers ---------------------------------------------------------------------------------------
@@ -220,7 +230,7 @@ def relation(a: str, b: str) -> str:
 
 def confused_pairs(cm: torch.Tensor, class_names: list[str], preds: torch.Tensor, labels: torch.Tensor,
                    samples: list[Sample], top: int = 20) -> list[dict]:
-    """The ``top`` class pairs most often confused (either way), with an example image of each side
+    """The ``top`` class pairs most often confused (either way), with an example sample of each side
     (one it got wrong as the other, when there is one)."""
     both = (cm + cm.T).triu(diagonal=1)
     order = both.flatten().argsort(descending=True)[:top]
@@ -230,10 +240,10 @@ def confused_pairs(cm: torch.Tensor, class_names: list[str], preds: torch.Tensor
         if both[a, b] == 0:
             break
 
-        def example(x: int, y: int) -> str | None:
+        def example(x: int, y: int) -> Sample | None:
             hits = ((labels == x) & (preds == y)).nonzero().flatten().tolist()
             hits = hits or (labels == x).nonzero().flatten().tolist()
-            return str(samples[hits[0]].path) if hits else None
+            return samples[hits[0]] if hits else None
 
         pairs.append({
             "name_a": class_names[a], "name_b": class_names[b], "a_as_b": int(cm[a, b]), "b_as_a": int(cm[b, a]),
@@ -243,8 +253,11 @@ def confused_pairs(cm: torch.Tensor, class_names: list[str], preds: torch.Tensor
     return pairs
 
 
+PAIR_FIELDS = ["name_a", "name_b", "a_as_b", "b_as_a", "total", "differ_in", "example_a", "example_b"]
+
+
 def _write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> Path:
-    fields = fields or (list(rows[0]) if rows else [])
+    fields = fields or (list(rows[0]) if rows else PAIR_FIELDS)
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -266,19 +279,20 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
     _write_csv(per_class_rows(cm, names), out_dir / "per_class.csv")
 
     pairs = confused_pairs(cm, names, preds, out.labels, out.samples, top_pairs)
-    _write_csv(pairs, out_dir / "confused_pairs.csv", ["name_a", "name_b", "a_as_b", "b_as_a", "total", "differ_in",
-                                                       "example_a", "example_b"])
-    confused_pairs_figure(pairs, out_dir / "confused_pairs.png")
+    _write_csv([{**p, **{k: sample_label(p[k]) if p[k] else "" for k in ("example_a", "example_b")}} for p in pairs],
+               out_dir / "confused_pairs.csv")
+    confused_pairs_figure([{**p, **{k: p[k] and _image(p[k]) for k in ("example_a", "example_b")}} for p in pairs],
+                          out_dir / "confused_pairs.png")
 
     loss = -probs[torch.arange(len(preds)), out.labels].clamp(min=1e-12).log()
     wrong = (preds != out.labels).nonzero().flatten()
     worst = wrong[loss[wrong].argsort(descending=True)][:top_losses].tolist()
-    top_losses_figure([{"path": out.samples[i].path, "true": names[out.labels[i]], "pred": names[preds[i]],
+    top_losses_figure([{"image": _image(out.samples[i]), "true": names[out.labels[i]], "pred": names[preds[i]],
                         "confidence": probs[i, preds[i]].item(), "loss": loss[i].item()} for i in worst],
                       out_dir / "top_losses.png")
     reliability_diagram(calibration_bins(out.logits, out.labels), out_dir / "reliability.png")
 
-    results = predictor.results(out.logits, [str(s.path) for s in out.samples], topk=5)
+    results = predictor.results(out.logits, [sample_label(s) for s in out.samples], topk=5)
     _write_csv([{
         "path": r.source, "label": int(lab), "true_name": names[lab], "pred_label": r.label, "pred_name": r.name,
         "confidence": round(r.confidence, 6), "correct": int(r.label == lab), "loss": round(loss[i].item(), 6),
@@ -293,14 +307,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     predictor = load_predictor(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"),
                                run_config=cfg.get("run_config"))
     data, split = data_config(cfg)
-    samples = eval_samples(data, split, predictor.class_names)
+    out_dir = Path(cfg.paths.output_dir) / "reports"
+    if "skipped_file" in data:  # on_corrupt=skip names what it leaves out here, not in the training run
+        data["skipped_file"] = str(out_dir / "skipped.txt")
+    samples, margin, left_out = eval_samples(data, split, predictor.class_names)
     batch_size = int(data.get("eval_batch_size") or data.get("batch_size") or 64)
     log.info("evaluating %s on %d %s images (%s, tta=%s)", cfg.ckpt, len(samples), split, predictor.device, cfg.tta)
-    out = collect_logits(predictor, samples, batch_size=batch_size, num_workers=int(data.get("num_workers") or 0),
-                         tta=str(cfg.tta), progress=bool(cfg.get("progress", True)))
-    out_dir = Path(cfg.paths.output_dir) / "reports"
+    out = collect_logits(predictor, samples, bbox_margin=margin, batch_size=batch_size,
+                         num_workers=int(data.get("num_workers") or 0), tta=str(cfg.tta),
+                         progress=bool(cfg.get("progress", True)))
     extra = {"checkpoint": str(cfg.ckpt), "split": split, "tta": str(cfg.tta), "images": len(out.samples),
-             "skipped": [p for p, _ in out.skipped], "classes": len(predictor.class_names)}
+             "skipped": left_out + [p for p, _ in out.skipped], "classes": len(predictor.class_names)}
     metrics = write_reports(out, predictor, out_dir, split=split, extra=extra,
                             top_losses=int(cfg.top_losses), top_pairs=int(cfg.confused_pairs))
     log.info("\n%s", summary(metrics, split, out_dir))

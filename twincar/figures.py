@@ -30,16 +30,19 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def _thumbnail(path: str | Path | None, size: int = 160) -> np.ndarray:
-    """An image file as an (H, W, 3) uint8 array, longest side ``size``; a grey tile if unreadable."""
-    if path is not None:
-        try:
-            img = load_rgb(path).float()[None]
-            scale = size / max(img.shape[-2:])
-            img = torch.nn.functional.interpolate(img, scale_factor=scale, mode="bilinear", antialias=True)
+def _thumbnail(image: str | Path | torch.Tensor | None, size: int = 160) -> np.ndarray:
+    """An image (a file, or a uint8 (3, H, W) tensor) as an (H, W, 3) uint8 array, longest side ``size``;
+    a grey tile when there is none or it cannot be read."""
+    try:
+        if isinstance(image, (str, Path)):
+            image = load_rgb(image)
+        if isinstance(image, torch.Tensor):
+            img = image.float()[None]
+            img = torch.nn.functional.interpolate(img, scale_factor=size / max(img.shape[-2:]), mode="bilinear",
+                                                  antialias=True)
             return img[0].clamp(0, 255).byte().permute(1, 2, 0).numpy()
-        except (ImageReadError, RuntimeError):
-            pass
+    except (ImageReadError, RuntimeError):
+        pass
     return np.full((size * 3 // 4, size, 3), 200, np.uint8)
 
 
@@ -78,7 +81,7 @@ def reliability_diagram(bins: torch.Tensor, path: str | Path) -> Path:
 def confused_pairs_figure(pairs: Sequence[dict], path: str | Path) -> Path:
     """One row per pair: an example image of each class, titled with its name and how often it was
     taken for the other. ``pairs``: dicts with ``name_a``, ``name_b``, ``a_as_b``, ``b_as_a``,
-    ``differ_in``, ``example_a``, ``example_b`` (image paths or None)."""
+    ``differ_in``, ``example_a``, ``example_b`` (image files, uint8 (3, H, W) tensors or None)."""
     rows = max(1, math.ceil(len(pairs) / 2))
     fig, axes = plt.subplots(rows, 4, figsize=(13, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
@@ -99,13 +102,14 @@ def confused_pairs_figure(pairs: Sequence[dict], path: str | Path) -> Path:
 
 def top_losses_figure(items: Sequence[dict], path: str | Path, cols: int = 4) -> Path:
     """fastai's ``plot_top_losses``: the most confidently wrong images with true and predicted names.
-    ``items``: dicts with ``path``, ``true``, ``pred``, ``confidence``, ``loss``."""
+    ``items``: dicts with ``image`` (a file or a uint8 (3, H, W) tensor), ``true``, ``pred``, ``confidence``,
+    ``loss``."""
     rows = max(1, math.ceil(len(items) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, it in zip(axes.flat, items, strict=False):
-        ax.imshow(_thumbnail(it["path"]))
+        ax.imshow(_thumbnail(it["image"]))
         ax.set_title(f"true: {_short(it['true'])}\npred: {_short(it['pred'])}\n"
                      f"p={it['confidence']:.2f}  loss={it['loss']:.2f}", fontsize=7)
     if not items:

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from twincar.curves import plot_curves
-from twincar.data.classes import write_classes_txt
+from twincar.data.classes import same_class_names, write_classes_txt
 from twincar.errors import TwinCarError
 from twincar.models.classifier import CarClassifier
 from twincar.models.io import checkpoint_class_names, export_state_dict
@@ -91,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     if cfg.get("ckpt_path"):
         resumed = checkpoint_class_names(cfg.ckpt_path)
-        if resumed != datamodule.class_names:
+        if not same_class_names(resumed, datamodule.class_names):
             raise TwinCarError(
                 f"checkpoint {cfg.ckpt_path} was trained on {len(resumed)} classes, but {datamodule.root} has "
                 f"{datamodule.num_classes} (or other names): resume with the same data, or start from its weights "
