@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -167,3 +168,35 @@ def test_explain_reads_a_run_checkpoint_and_its_exported_model_pth(run, tmp_path
     assert float(a["confidence"]) == pytest.approx(float(b["confidence"]), abs=1e-4)
     with Image.open(tmp_path / "a" / a["overlay"]) as im:
         assert im.size == (700, 380)
+
+
+def test_reports_on_a_parquet_copy_name_rows_and_draw_them(tmp_path):
+    """Eval goes through the datamodule's readers: parquet rows are named file#row and drawn from their bytes."""
+    import timm
+
+    from tests.layouts import NAMES, build
+    from twincar import Predictor
+    from twincar.data.transforms import Preprocess
+    from twincar.eval import collect_logits, eval_samples, write_reports
+
+    root = build("parquet", tmp_path / "hf")
+    data = {"_target_": "twincar.data.datamodule.CarsDataModule", "root": str(root), "format": "parquet",
+            "image_size": 32, "num_workers": 0, "split_dir": None, "augmentation": None}
+    torch.manual_seed(0)
+    p = Predictor(timm.create_model("resnet18", num_classes=3), NAMES, Preprocess(image_size=32), device="cpu")
+    samples, margin, left_out = eval_samples(data, "test", NAMES)
+    assert len(samples) == 6 and margin is None and left_out == []
+    out = collect_logits(p, samples, progress=False, batch_size=4)
+    metrics = write_reports(out, p, tmp_path / "reports", split="test", extra={})
+    rows = read_csv(tmp_path / "reports" / "predictions.csv")
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows][:2] == ["test-00000-of-00001.parquet#0",
+                                                                 "test-00000-of-00001.parquet#1"]
+    assert sum(int(r["correct"]) for r in rows) / 6 == pytest.approx(metrics["test/acc"])
+    pairs = read_csv(tmp_path / "reports" / "confused_pairs.csv")
+    assert all("#" in r["example_a"] for r in pairs)
+    from twincar.eval import _image
+    from twincar.figures import _thumbnail
+
+    thumb = _thumbnail(_image(samples[0]))  # figures draw a row from its parquet bytes, not a grey placeholder
+    assert thumb.dtype == np.uint8 and thumb.shape[2] == 3 and len(np.unique(thumb)) > 10
+    assert (tmp_path / "reports" / "top_losses.png").stat().st_size > 0
