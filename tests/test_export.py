@@ -40,7 +40,7 @@ def test_export_round_trips_in_all_three_formats(trained_run, data_dir, tmp_path
     import onnx
 
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    images = sorted((data_dir / "small").rglob("cars_test/*.jpg"))[:5]
+    images = sorted(data_dir.glob("synthetic/*/cars_test/*.jpg"))[:5]
     reference = Predictor.load(ckpt, device="cpu").predict(images, topk=3)
     run_metrics = json.loads((trained_run / "metrics.json").read_text())
     for fmt in ("pth", "safetensors", "onnx"):
@@ -71,4 +71,5 @@ def test_export_cli_writes_into_out_and_says_what_is_missing(trained_run, tmp_pa
     assert loaded.architecture == "resnet18" and loaded.preprocess.image_size == 64
     assert list((tmp_path / "outputs" / "exports").glob("*/export.log"))  # the export's own run record
     proc = run_cli("twincar.export", f"ckpt={tmp_path / 'nope.ckpt'}", cwd=tmp_path)
-    assert proc.returncode == 1 and "nope.ckpt does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    said = proc.stdout + proc.stderr  # Hydra logs to the console and to export.log
+    assert proc.returncode == 1 and "nope.ckpt does not exist" in said and "Traceback" not in said

@@ -168,7 +168,7 @@ def test_img_size_and_resize_mode_change_the_bare_state_dict_default(tiny_export
 @pytest.mark.slow
 def test_predict_on_a_training_run_with_and_without_classes(trained_run, data_dir, tmp_path):
     """The README's command on what `make demo` writes: RUN/model.pth (+ classes.txt, model_card.json)."""
-    images = sorted((data_dir / "small").rglob("cars_test/*.jpg"))[:6]
+    images = sorted(data_dir.glob("synthetic/*/cars_test/*.jpg"))[:6]
     assert images
     for extra in (["--classes", str(trained_run / "classes.txt")], []):
         out = tmp_path / "p.csv"

@@ -89,20 +89,15 @@ class Answerer:
                 overlay, f"**{prediction.name}**.{note}")
 
 
+def _unopened_path(payload) -> str | None:
+    """The uploaded file's path (Gradio ``FileData``), without opening it."""
+    return None if payload is None or getattr(payload, "path", None) is None else str(payload.path)
+
+
 def build_app(predictor, *, examples: Sequence[str] = (), max_upload_mb: float = MAX_UPLOAD_MB, title: str = "TwinCar"):
     """The Gradio Blocks app over ``predictor`` (not launched; see :func:`launch`)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
-
-    class PhotoInput(gr.Image):
-        """gr.Image that hands the uploaded file's path over unopened, so our own decoder names what is wrong
-        with a non-image or a decompression bomb (gr.Image would fail inside Gradio with a server traceback)."""
-
-        def get_block_name(self) -> str:
-            return "image"
-
-        def preprocess(self, payload):
-            return None if payload is None or payload.path is None else str(payload.path)
 
     answer = Answerer(predictor, max_upload_mb=max_upload_mb)
     with gr.Blocks(title=title, analytics_enabled=False) as app:
@@ -110,8 +105,11 @@ def build_app(predictor, *, examples: Sequence[str] = (), max_upload_mb: float =
                     f"and year ({len(predictor.class_names)} classes).")
         with gr.Row():
             with gr.Column():
-                photo = PhotoInput(type="filepath", label="Car photo", sources=["upload", "clipboard"],
-                                   elem_id="photo")
+                photo = gr.Image(type="filepath", label="Car photo", sources=["upload", "clipboard"], elem_id="photo")
+                # hand the upload's path over unopened: gr.Image would open it with PIL and fail inside Gradio (a
+                # server traceback) on a non-image or a decompression bomb; our decoder names the problem instead.
+                # (An instance attribute, not a subclass: Gradio writes a .pyi file beside any subclass's module.)
+                photo.preprocess = _unopened_path
                 show_cam = gr.Checkbox(label="Show Grad-CAM (where the model looks)", value=False, elem_id="gradcam")
             with gr.Column():
                 message = gr.Markdown("Upload a car photo, drop one here, or pick an example.", elem_id="message")

@@ -245,7 +245,7 @@ def load_model(
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise WeightsError(f"model file {path} does not exist: pass --model PATH to a .ckpt, .pth, .safetensors, .onnx")
+        raise WeightsError(f"model file {path} does not exist: give the path of a .ckpt, .pth, .safetensors or .onnx")
     try:
         given = read_class_names(classes) if isinstance(classes, (str, Path)) else (list(classes) if classes else None)
     except (OSError, ValueError) as e:
