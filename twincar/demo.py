@@ -74,7 +74,7 @@ class Answerer:
             return (*EMPTY_ANSWER, f"**{name}** is {size / 2**20:.1f} MB: the limit is {limit:.0f} MB.")
         overlay, note = None, ""
         if show_cam and getattr(self.predictor, "is_onnx", False):
-            note = " Grad-CAM needs a PyTorch model (.safetensors, .pth or .ckpt), not ONNX."
+            note = "Grad-CAM needs a PyTorch model (.safetensors, .pth or .ckpt), not ONNX."
             show_cam = False
         if show_cam:
             explanation = self.explainer().explain(path)
@@ -86,7 +86,7 @@ class Answerer:
             return (*EMPTY_ANSWER, f"Cannot use this file: {reason}. Upload a JPEG or PNG photo.")
         year = "" if prediction.year is None else str(prediction.year)
         return (prediction.make, prediction.model, year, f"{prediction.confidence:.1%}", dict(prediction.topk),
-                overlay, f"**{prediction.name}**.{note}")
+                overlay, f"### {prediction.name}\n{note}")
 
 
 def _unopened_path(payload) -> str | None:
@@ -105,7 +105,8 @@ def build_app(predictor, *, examples: Sequence[str] = (), max_upload_mb: float =
                     f"and year ({len(predictor.class_names)} classes).")
         with gr.Row():
             with gr.Column():
-                photo = gr.Image(type="filepath", label="Car photo", sources=["upload", "clipboard"], elem_id="photo")
+                photo = gr.Image(type="filepath", label="Car photo", sources=["upload", "clipboard"], elem_id="photo",
+                                 height=360)
                 # hand the upload's path over unopened: gr.Image would open it with PIL and fail inside Gradio (a
                 # server traceback) on a non-image or a decompression bomb; our decoder names the problem instead.
                 # (An instance attribute, not a subclass: Gradio writes a .pyi file beside any subclass's module.)
@@ -120,7 +121,8 @@ def build_app(predictor, *, examples: Sequence[str] = (), max_upload_mb: float =
                     year = gr.Textbox(label="Year", interactive=False, elem_id="year")
                     confidence = gr.Textbox(label="Confidence", interactive=False, elem_id="confidence")
                 top5 = gr.Label(num_top_classes=5, label="Top 5", elem_id="top5")
-                overlay = gr.Image(label="Grad-CAM", interactive=False, elem_id="overlay", type="numpy")
+                overlay = gr.Image(label="Grad-CAM (the network's input; red: what drove the answer)",
+                                   interactive=False, elem_id="overlay", type="numpy", height=280)
         outputs = [make, model, year, confidence, top5, overlay, message]
         if examples:
             gr.Examples(examples=[[e] for e in examples], inputs=[photo], label="Examples")

@@ -1,9 +1,10 @@
 """Predictor: the one inference object. predict, eval, explain and the demo all use it.
 
 >>> from twincar import Predictor
->>> p = Predictor.load("outputs/runs/RUN/model.pth", classes="outputs/runs/RUN/classes.txt")
+>>> p = Predictor.load("outputs/runs/RUN/model.pth")  # model_card.json beside it gives classes and preprocessing
 >>> r = p.predict("car.jpg")
 >>> r.make, r.model, r.year, r.confidence
+>>> rs = p.predict(["a.jpg", "b.png"], batch_size=32, num_workers=2)  # a list; unreadable files get ``error``
 
 Loading goes through :func:`twincar.models.io.load_model` (safe: no unpickling) and preprocessing through
 :mod:`twincar.data.transforms` (the same eval transform as validation), so a prediction here equals what

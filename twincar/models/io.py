@@ -1,8 +1,9 @@
 """Every way weights come in and go out, always safely (``weights_only`` torch loads, safetensors).
 
 In: a timm hub tag (``model.pretrained``), or a local file (``model.weights``): a plain state dict
-``.pth``/``.pt``/``.bin`` (torchvision's resnet50 included), ``.safetensors``, or a Lightning ``.ckpt``.
-Out: a plain state dict with torchvision-compatible keys (``model.pth``).
+``.pth``/``.pt``/``.bin`` (torchvision's resnet50 included), ``.safetensors``, or a Lightning ``.ckpt``;
+for inference, :func:`load_model` also reads ``.onnx`` (run by onnxruntime, imported only then).
+Out: a plain state dict with torchvision-compatible keys (``model.pth``); see :mod:`twincar.export`.
 """
 
 from __future__ import annotations
@@ -238,9 +239,9 @@ def load_model(
 
     ``path`` is a TwinCar Lightning ``.ckpt`` (class names and preprocessing inside), exported weights
     (``.pth``/``.safetensors``/``.onnx``, the last run by onnxruntime) with a ``model_card.json`` beside them,
-    or a bare state dict such as the
-    original TwinCars ``.pth`` (a torchvision resnet50 with a K-way ``fc``), which needs ``classes`` and
-    gets the original preprocessing (224x224 squash, ImageNet mean/std) unless ``preprocess`` is given.
+    or a bare state dict such as the original TwinCars ``.pth`` (a torchvision resnet50 with a K-way ``fc``),
+    which needs ``classes`` and gets the original preprocessing (224x224 squash, ImageNet mean/std) unless
+    ``preprocess`` is given.
     Every file is read with ``weights_only=True`` or safetensors: nothing is unpickled.
     """
     path = Path(path).expanduser()
