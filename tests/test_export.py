@@ -60,6 +60,11 @@ def test_export_round_trips_in_all_three_formats(trained_run, data_dir, tmp_path
     x = torch.randn(5, 3, 64, 64)  # a batch size the export never saw
     with torch.inference_mode():
         np.testing.assert_allclose(onnx_model(x).numpy(), eager(x).numpy(), atol=1e-4, rtol=0)
+    # the demo answers from the ONNX model too, and says why it shows no Grad-CAM for it
+    from twincar.demo import Answerer
+
+    make, *_, overlay, message = Answerer(Predictor.load(tmp_path / "onnx" / "model.onnx"))(str(images[0]), True)
+    assert make == reference[0].make and overlay is None and "Grad-CAM needs a PyTorch model" in message
 
 
 @pytest.mark.slow

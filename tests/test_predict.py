@@ -51,6 +51,7 @@ def mixed_folder(tmp_path, car_images) -> Path:
     return d
 
 
+@pytest.mark.slow  # a subprocess: imports torch and starts a decoding worker (10-40 s on 2 shared cores)
 def test_cli_writes_one_row_per_image_with_the_original_columns_and_error_rows(tiny_export, mixed_folder, tmp_path):
     out = tmp_path / "reports" / "preds.csv"  # the folder does not exist yet
     proc = run_cli("twincar.predict", "--images", str(mixed_folder), "--model", str(tiny_export), "--output", str(out),
