@@ -67,7 +67,7 @@ def test_gradcam_toggle_returns_an_overlay_of_the_input_size(server, car_images)
     make, *_, overlay, message = Client(url, verbose=False).predict(
         handle_file(str(car_images[0])), True, api_name="/predict")
     assert make == predictor.predict(car_images[0]).make
-    assert Image.open(overlay).size == (64, 64)  # over the prepared 64x64 input
+    assert Image.open(overlay).size == (256, 256)  # the 64x64 network input's map, enlarged for display
 
 
 def test_oversized_upload_and_empty_input_get_a_message(tiny_export, tmp_path):

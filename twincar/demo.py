@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD_MB = 10  # larger uploads are refused with a message
 MODEL_FILES = ("model.safetensors", "model.pth", "model.ckpt", "model.onnx")  # looked for in a Space folder
 EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+OVERLAY_MIN_SIDE = 256  # a smaller network input's Grad-CAM overlay is enlarged to this side for display
 QUEUE_SIZE = 32  # requests waiting beyond this are turned away ("queue full") instead of piling up
 EMPTY_ANSWER = ("", "", "", "", None, None)
 
@@ -42,6 +43,17 @@ def example_images(folder: str | Path | None) -> list[str]:
     if folder is None or not Path(folder).is_dir():
         return []
     return [str(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in EXAMPLE_SUFFIXES]
+
+
+def _enlarged(overlay):
+    """An (S, S, 3) uint8 overlay enlarged (bilinear) to ``OVERLAY_MIN_SIDE`` when smaller, for display."""
+    if overlay is None or overlay.shape[0] >= OVERLAY_MIN_SIDE:
+        return overlay
+    import numpy as np
+    from PIL import Image
+
+    side = OVERLAY_MIN_SIDE
+    return np.asarray(Image.fromarray(overlay).resize((side, side), Image.Resampling.BILINEAR))
 
 
 class Answerer:
@@ -78,7 +90,7 @@ class Answerer:
             show_cam = False
         if show_cam:
             explanation = self.explainer().explain(path)
-            prediction, overlay = explanation.prediction, explanation.overlay
+            prediction, overlay = explanation.prediction, _enlarged(explanation.overlay)
         else:
             prediction = self.predictor.predict(path, topk=5)
         if not prediction.ok:

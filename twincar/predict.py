@@ -47,7 +47,7 @@ def find_images(specs: Sequence[str | Path]) -> list[Path]:
             found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         elif path.is_file():
             found.append(path)
-        elif glob.has_magic(str(spec)):
+        elif any(c in str(spec) for c in "*?["):  # a glob pattern; ** recurses
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
             found += [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         else:
