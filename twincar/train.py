@@ -2,8 +2,8 @@
 
 ``train(cfg)`` is the pure function (tests and sweepers call it); ``main`` is the thin Hydra entry
 point. A run directory ends up holding the resolved config, TensorBoard and CSV logs, best and
-last checkpoints, ``metrics.json``, ``split.json``, the loss/accuracy curves, ``model.pth`` and
-``classes.txt``.
+last checkpoints, ``metrics.json``, ``split.json``, the loss/accuracy curves, ``model.pth``,
+``classes.txt`` and ``model_card.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from twincar.curves import plot_curves
 from twincar.data.classes import same_class_names, write_classes_txt
 from twincar.errors import TwinCarError
+from twincar.export import build_model_card, hydra_run_config, write_model_card
 from twincar.models.classifier import CarClassifier
 from twincar.models.io import checkpoint_class_names, export_state_dict
 
@@ -141,6 +142,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("export"):
             export_state_dict(model.model, out_dir / "model.pth")
             write_classes_txt(model.class_names, out_dir / "classes.txt")
+            write_model_card(out_dir, build_model_card(  # so Predictor.load(RUN/model.pth) needs no --classes
+                model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),
+                source="model.pth"))
         log.info("\n%s", _summary(metrics, datamodule.num_classes, out_dir, cfg.paths.log_dir))
     return metrics
 
