@@ -17,7 +17,7 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import lightning as L
 import numpy as np
@@ -85,36 +85,29 @@ class PerRankSeed(L.Callback):
             torch.manual_seed(rank_seed)
 
 
-def _config_source_args(argv: Sequence[str]) -> list[str]:
-    """The ``--config-path/--config-name/--config-dir`` options of a Hydra command line (and their values)."""
-    from hydra._internal.utils import get_args_parser
+def _config_source_args(hydra_cfg) -> list[str]:
+    """``--config-name``, and ``--config-path``/``--config-dir`` when the job's configs came from folders."""
+    args = ["--config-name", hydra_cfg.job.config_name]
+    for source in hydra_cfg.runtime.config_sources:
+        if source.schema == "file" and source.provider == "main":
+            args += ["--config-path", source.path]
+        elif source.schema == "file" and source.provider == "command-line":
+            args += ["--config-dir", source.path]
+    return args
 
-    args, _ = get_args_parser().parse_known_args(list(argv))
-    flags = {"--config-path": args.config_path, "--config-name": args.config_name, "--config-dir": args.config_dir}
-    return [item for flag, value in flags.items() if value is not None for item in (flag, value)]
 
-
-def job_command(local_rank: int, hydra_cfg=None, argv: Sequence[str] | None = None) -> tuple[list[str], str]:
+def job_command(local_rank: int, hydra_cfg=None, module: str = "twincar.train") -> tuple[list[str], str]:
     """The command (and working directory) that starts rank ``local_rank`` of the current Hydra job.
 
-    A single run (never ``-m``) with the job's own overrides (as a sweeper chose them), writing into
-    the job's output directory, without a ``.hydra/`` folder or a log file of its own: files are
-    written by rank 0 only.
+    ``python -m module`` as a single run (never ``-m``) with the job's own overrides (as a sweeper
+    chose them), writing into the job's output directory, without a ``.hydra/`` folder or a log file
+    of its own: files are written by rank 0 only. The module is named, not taken from ``sys.argv``,
+    because under a launcher such as submitit the running program is the launcher's.
     """
     from hydra.core.hydra_config import HydraConfig
 
-    import __main__
-
     hc = hydra_cfg if hydra_cfg is not None else HydraConfig.get()
-    argv = list(sys.argv if argv is None else argv)
-    spec = getattr(__main__, "__spec__", None)
-    if spec is None:  # python path/to/script.py
-        from hydra.utils import to_absolute_path
-
-        command = [sys.executable, to_absolute_path(argv[0])]
-    else:  # python -m package.module
-        command = [sys.executable, "-m", spec.name]
-    command += _config_source_args(argv[1:])
+    command = [sys.executable, "-m", module, *_config_source_args(hc)]
     command += [o for o in hc.overrides.hydra if not o.lstrip("~+").startswith(SWEEP_OVERRIDES)]
     command += list(hc.overrides.task)
     command += [

@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -174,6 +175,8 @@ def main(cfg: DictConfig) -> float | None:
             metrics = train(cfg)
     except TwinCarError as e:
         log.error("%s", e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the job fails, the sweep (e.g. an Optuna search) records it and goes on
         sys.exit(1)
     return metrics.get(cfg.get("optimized_metric"))
 
