@@ -18,7 +18,7 @@ from twincar.distributed import BatchSizeError, eval_sampler, job_command, per_d
 # 7 classes: 7 val images (one per class), an odd number, so padded shards would repeat one.
 SPEC7 = dict(num_classes=7, train_per_class=12, test_per_class=4, seed=0)
 DATA7 = [f"data.synthetic.{k}={v}" for k, v in SPEC7.items()]
-TINY = ["model.name=resnet18", "data.image_size=32", "~callbacks.rich_progress_bar"]
+TINY = ["model.name=test_resnet", "data.image_size=32", "~callbacks.rich_progress_bar"]
 
 
 def test_global_batch_is_split_across_processes_or_refused():
