@@ -197,7 +197,7 @@ class CarsDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: CarsDataset, train: bool) -> DataLoader:
         hp = self.hparams
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        world, rank = getattr(self.trainer, "world_size", 1), getattr(self.trainer, "global_rank", 0)
         if train:
             batch_size = self.per_device_batch_size(world)
         else:  # the global eval batch, split (rounding up): it changes speed only, never the metrics
