@@ -70,7 +70,8 @@ def _epoch_rows(metrics_csv: Path, column: str) -> list[int]:
 def test_sigkill_mid_epoch_then_resume_auto_continues_the_run(tmp_path, data_dir):
     run = tmp_path / "run"
     epochs = 3
-    args = [f"paths.data_dir={data_dir}", f"trainer.max_epochs={epochs}", "callbacks.step_checkpoint.every_n_train_steps=1"]
+    args = [f"paths.data_dir={data_dir}", f"trainer.max_epochs={epochs}",
+            "callbacks.step_checkpoint.every_n_train_steps=1"]  # last.ckpt after every step
     proc = _start(tmp_path, run, *args)
     _wait_for_step(proc, run / "checkpoints" / "last.ckpt", STEPS_PER_EPOCH + 1)  # into the second epoch
     proc.kill()  # SIGKILL: no handler runs

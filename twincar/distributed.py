@@ -85,6 +85,22 @@ class PerRankSeed(L.Callback):
             torch.manual_seed(rank_seed)
 
 
+def log_file_on_rank_zero_only() -> None:
+    """Detach the job's log file from processes other than global rank 0.
+
+    When SLURM starts the DDP processes (``hydra/launcher=slurm``), every rank runs the Hydra job
+    and opens the job's ``train.log``; only rank 0 should write it. (Ranks that Lightning starts
+    are launched without the file handler: see :func:`job_command`.)
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+
+
 def _config_source_args(hydra_cfg) -> list[str]:
     """``--config-name``, and ``--config-path``/``--config-dir`` when the job's configs came from folders."""
     args = ["--config-name", hydra_cfg.job.config_name]

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from twincar.curves import plot_curves
 from twincar.data.classes import write_classes_txt
-from twincar.distributed import PerRankSeed, hydra_job_relaunch
+from twincar.distributed import PerRankSeed, hydra_job_relaunch, log_file_on_rank_zero_only
 from twincar.errors import TwinCarError
 from twincar.models.classifier import CarClassifier
 from twincar.models.io import checkpoint_class_names, export_state_dict
@@ -80,6 +80,7 @@ def _summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, then validate (and test) the best checkpoint; write the run's artefacts; return the metrics."""
+    log_file_on_rank_zero_only()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -112,7 +113,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = _instantiate_all(cfg.get("callbacks")) + [preemption]
     if cfg.get("seed") is not None:
         callbacks.append(PerRankSeed(cfg.seed))
-    resume_state = ResumeState.read(ckpt_path) if ckpt_path and Path(ckpt_path).parent == checkpoint_dir else None
+    same_run = ckpt_path and Path(ckpt_path).resolve().parent == checkpoint_dir.resolve()
+    resume_state = ResumeState.read(ckpt_path) if same_run else None
     if resume_state:  # the same run directory: its logs continue from the checkpoint
         prepare_logger_config(cfg.get("logger"), resume_state)
     loggers = _instantiate_all(cfg.get("logger"))
@@ -133,8 +135,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:
-        pass  # Preemption wrote last.ckpt
+    except SIGTERMException:  # Lightning stopped at a batch boundary; Preemption wrote last.ckpt
+        preemption.stopped = preemption.stopped or "SIGTERM"
     if preemption.stopped:
         log.warning("run stopped by %s before the end; continue it with hydra.run.dir=%s resume=auto",
                     preemption.stopped, out_dir)
