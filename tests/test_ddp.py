@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import run_cli
-from twincar.distributed import BatchSizeError, eval_sampler, job_command, per_device_batch_size
+from twincar.distributed import BatchSizeError, PerRankSeed, eval_sampler, job_command, per_device_batch_size
 
 # 7 classes: 7 val images (one per class), an odd number, so padded shards would repeat one.
 SPEC7 = dict(num_classes=7, train_per_class=12, test_per_class=4, seed=0)
@@ -34,6 +36,34 @@ def test_eval_shards_cover_every_image_exactly_once():
     assert sorted(shards[0] + shards[1]) == dataset  # no padding, no repeat
     assert [len(s) for s in shards] == [4, 3]
     assert eval_sampler(dataset, 1, 0) is None  # a single process: the plain loader
+
+
+def test_each_rank_draws_its_own_augmentation_but_shards_stay_aligned(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # the distributed sampler's seed: must stay the same on all ranks
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(42)  # seed_everything: the same on every rank
+        PerRankSeed(42).setup(SimpleNamespace(world_size=2, global_rank=rank), None, "fit")
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])
+    assert os.environ["PL_GLOBAL_SEED"] == "42"
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    PerRankSeed(42).setup(SimpleNamespace(world_size=1, global_rank=0), None, "fit")  # one process: untouched
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.slow
+def test_a_global_batch_that_does_not_split_stops_before_any_process_starts(tmp_path, data_dir):
+    proc = run_cli("twincar.train", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                   "trainer.sync_batchnorm=false", "data.batch_size=7", f"paths.data_dir={data_dir}", *DATA7, *TINY,
+                   cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert ("data.batch_size=7 is the global batch and does not divide across 2 processes "
+            "(trainer.devices x trainer.num_nodes): use a multiple of 2") in out
+    assert "Traceback" not in out and "[rank: 1]" not in out
 
 
 def _hydra_job(tmp_path: Path, file_logging: bool = True):
