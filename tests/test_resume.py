@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.conftest import SMALL_SPEC, run_cli
 from tests.test_train import read_tensorboard
-from twincar.resume import ResumeError, find_resume_checkpoint
+from twincar.resume import Preemption, ResumeError, find_resume_checkpoint
 
 SMALL_DATA = [f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()]
 STEPS_PER_EPOCH = 4
@@ -37,8 +38,29 @@ def test_resume_auto_finds_last_checkpoint_or_starts_fresh(tmp_path, caplog):
         find_resume_checkpoint("yes", tmp_path)
 
 
-def _start(cwd: Path, run_dir: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home"), "PYTHONUNBUFFERED": "1"}
+def test_preemption_signal_checkpoints_then_hands_over_to_submitit(tmp_path):
+    # submitit installs its requeue handler (SIGUSR2) before the job runs: it must run after last.ckpt is saved
+    handed_over, saved = [], []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: handed_over.append(signum))
+    try:
+        trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+                                  save_checkpoint=saved.append, should_stop=False, is_global_zero=True)
+        callback = Preemption(tmp_path)
+        callback.on_fit_start(trainer, None)
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+        assert not saved and not trainer.should_stop  # no signal, nothing happens
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert not handed_over  # caught by the callback: nothing done inside the handler
+        callback.on_train_batch_end(trainer, None, None, None, 1)
+        assert saved == [tmp_path / "last.ckpt"] and trainer.should_stop and callback.stopped == "SIGUSR2"
+        assert handed_over == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def _start(cwd: Path, run_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home"), "PYTHONUNBUFFERED": "1",
+           **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "twincar.train", *RUN, f"hydra.run.dir={run_dir}", *args],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -106,8 +128,15 @@ def test_sigkill_mid_epoch_then_resume_auto_continues_the_run(tmp_path, data_dir
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, data_dir, signum):
     run = tmp_path / "run"
+    # inside a SLURM job (a fake scontrol records its arguments): SIGUSR1 requeues it, SIGTERM does not
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.txt\n")
+    scontrol.chmod(0o755)
+    env = {"SLURM_JOB_ID": "4242", "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
     # no step checkpoints: last.ckpt is written at the end of epoch 1, then only by the signal
-    proc = _start(tmp_path, run, f"paths.data_dir={data_dir}", "trainer.max_epochs=50", "~callbacks.step_checkpoint")
+    proc = _start(tmp_path, run, f"paths.data_dir={data_dir}", "trainer.max_epochs=50", "~callbacks.step_checkpoint",
+                  env=env)
     ckpt = run / "checkpoints" / "last.ckpt"
     seen = _wait_for_step(proc, ckpt, STEPS_PER_EPOCH)
     time.sleep(0.5)
@@ -121,3 +150,5 @@ def test_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, data_dir, s
     assert ckpt.stat().st_mtime >= sent and _step(ckpt) >= seen  # a fresh checkpoint, taken when the signal came
     assert not (run / "metrics.json").exists()  # an unfinished run is not evaluated
     assert "Traceback" not in out
+    requeued = (tmp_path / "scontrol.txt").read_text() if (tmp_path / "scontrol.txt").exists() else ""
+    assert requeued == ("requeue 4242\n" if signum == signal.SIGUSR1 else "")
