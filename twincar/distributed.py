@@ -149,7 +149,7 @@ def hydra_job_relaunch(child_timeout_s: float = 600) -> Iterator[None]:
 
     Inside the block, Lightning's subprocess launcher builds the children's command with ours instead
     of ``_hydra_subprocess_cmd`` (the original ``sys.argv``, ``-m`` included). On the way out, the
-    children are waited for, the process group is destroyed and the launch variables
+    children are waited for (killed if the job failed), the process group is destroyed and the launch variables
     (``MASTER_PORT``, ``LOCAL_RANK``, ...) are restored, so the next job of a sweep, in the same
     process, starts its own processes on a fresh port instead of reusing this job's group.
     Outside Hydra, or when SLURM/torchrun created the processes, it changes nothing.
@@ -167,13 +167,19 @@ def hydra_job_relaunch(child_timeout_s: float = 600) -> Iterator[None]:
 
     subprocess_script._hydra_subprocess_cmd = lambda local_rank: job_command(local_rank)
     launcher_cls._call_children_scripts = call_children_scripts
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         subprocess_script._hydra_subprocess_cmd = original_cmd
         launcher_cls._call_children_scripts = original_call
         if launchers:  # this process launched the job's ranks: leave none of it behind for the next job
             for proc in (p for launcher in launchers for p in launcher.procs):
+                if failed:  # rank 0 gave up: the others would wait for it in a collective forever
+                    proc.kill()
                 try:
                     proc.wait(timeout=child_timeout_s)
                 except subprocess.TimeoutExpired:
