@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
 STATE_KEY = "twincar_resume"  # this module's entry in a checkpoint
-# Signals that ask for a checkpoint and a clean stop. SIGUSR1 is what SLURM sends ahead of a
-# preemption or time limit (sbatch --signal=USR1@120); SIGTERM is handled by Lightning (below).
+# Signals that ask for a checkpoint and a clean stop: what SLURM sends ahead of a time limit or a
+# preemption when asked to (sbatch --signal=USR1@120; submitit asks for USR2). SIGTERM is caught by
+# Lightning, which stops at the end of the batch; Preemption.on_exception then writes the checkpoint.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
