@@ -37,6 +37,7 @@ from twincar.data.transforms import (
     crop_to_box,
     oriented_box,
 )
+from twincar.distributed import eval_sampler, per_device_batch_size
 from twincar.errors import TwinCarError
 
 log = logging.getLogger(__name__)
@@ -273,12 +274,26 @@ class CarsDataModule(L.LightningDataModule):
         return self.test_set is not None
 
     # -- loaders ------------------------------------------------------------------------------
+    def per_device_batch_size(self, world_size: int) -> int:
+        """``batch_size`` is the global batch: each of ``world_size`` processes loads its share."""
+        batch = per_device_batch_size(self.hparams.batch_size, world_size)
+        if self.aug.mixes and batch % 2:
+            raise ValueError(f"Mixup/CutMix needs an even batch per process, got {batch} (data.batch_size / processes)")
+        return batch
+
     def _loader(self, dataset: CarsDataset, train: bool) -> DataLoader:
         hp = self.hparams
+        world, rank = getattr(self.trainer, "world_size", 1), getattr(self.trainer, "global_rank", 0)
+        if train:
+            batch_size = self.per_device_batch_size(world)
+        else:  # the global eval batch, split (rounding up): it changes speed only, never the metrics
+            batch_size = -(-(hp.eval_batch_size or hp.batch_size) // world)
+        sampler = None if train else eval_sampler(dataset, world, rank)  # train: Lightning's DistributedSampler
         return DataLoader(
             dataset,
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            batch_size=batch_size,
             shuffle=train,
+            sampler=sampler,
             drop_last=train and self.aug.mixes,  # Mixup/CutMix pairs samples: keep every batch full and even
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
