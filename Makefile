@@ -5,22 +5,29 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint tensorboard clean
+.PHONY: help install browser demo test test-fast lint tensorboard clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -qq -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -qq -c constraints.txt -e '.[all]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install TwinCar with the pinned versions in constraints.txt
+install: $(STAMP) ## Create .venv and install TwinCar and every extra (onnx, demo, cluster, search) with the pinned versions
+
+browser: ## Install headless Chromium and its driver for the demo's browser test (Debian; needs root)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "chromium/chromedriver missing and cannot apt-get install them: the browser test will be skipped"; fi
 
 demo: $(STAMP) ## Train ResNet-50 on the embedded synthetic dataset (offline, about 5 min on 2 CPU cores)
 	$(PY) -m twincar.train
 
-test: $(STAMP) ## Run the test suite (about 5 min on 2 CPU cores)
+test: $(STAMP) browser ## Run the test suite (about 10 min on 2 CPU cores)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 test-fast: $(STAMP) ## Run the tests that take seconds (skips the training runs)

@@ -433,7 +433,7 @@ def _devkit_of(paths: Sequence[Path], root: Path, num_classes: int = 196) -> Pat
     from twincar.data.formats import write_annotations, write_meta
 
     names = [n for n in (REPO / "twincar" / "data" / "stanford_cars_classes.txt").read_text().splitlines() if n]
-    names = names[:num_classes]
+    names = names[:min(num_classes, len(paths))]  # every class has an image (the readers check it)
     if (root / "devkit" / "cars_test_annos.mat").is_file():
         return root
     for d in ("devkit", "cars_train", "cars_test"):

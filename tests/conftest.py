@@ -48,3 +48,63 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: int = 600) -> subproces
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# -- inference, export and demo (issue 6) -------------------------------------------------------------------
+TINY_NAMES = ["Audi S4 Sedan 2012", "Audi S4 Sedan 2007", "BMW M3 Coupe 2012", "Aston Martin V8 Vantage Coupe 2012",
+              "Ford F-150 Regular Cab 2007", "Ford F-150 Regular Cab 2012"]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """An exported model as training writes it: ``model.pth`` (a random resnet18 over 6 classes, 64 px input)
+    with its ``model_card.json`` and ``classes.txt`` beside it. Returns the ``model.pth`` path."""
+    import timm
+    import torch
+
+    from twincar.data.classes import write_classes_txt
+    from twincar.data.transforms import Preprocess
+    from twincar.export import build_model_card, write_model_card
+    from twincar.models.io import export_state_dict
+
+    d = tmp_path_factory.mktemp("tiny_export")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=len(TINY_NAMES))
+    write_model_card(d, build_model_card(TINY_NAMES, Preprocess(image_size=64), "resnet18"))
+    write_classes_txt(TINY_NAMES, d / "classes.txt")
+    return export_state_dict(model, d / "model.pth")
+
+
+@pytest.fixture(scope="session")
+def car_images(tmp_path_factory) -> list[Path]:
+    """Three small readable photos of various sizes and modes (JPEG, PNG, grayscale), one in a subfolder."""
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("car_images")
+    rng = np.random.default_rng(0)
+    (d / "sub").mkdir()
+    paths = [d / "a.jpg", d / "b.png", d / "sub" / "c.png"]
+    Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(paths[0])
+    Image.fromarray(rng.integers(0, 255, (100, 70, 3), dtype=np.uint8)).save(paths[1])
+    Image.fromarray(rng.integers(0, 255, (50, 50), dtype=np.uint8), mode="L").save(paths[2])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> Path:
+    """The run directory of a one-epoch resnet18 smoke training on the small dataset: model.pth, classes.txt,
+    model_card.json, checkpoints/last.ckpt, metrics.json (no .hydra/: train(cfg) is called directly)."""
+    from hydra import compose, initialize_config_module
+
+    from twincar.train import train
+
+    root = tmp_path_factory.mktemp("trained_run")
+    with initialize_config_module("twincar.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=smoke", "model.name=resnet18", "~callbacks.rich_progress_bar", f"paths.root_dir={root}",
+            f"paths.data_dir={data_dir}", f"paths.output_dir={root}/run",
+            *[f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()],
+        ])
+    train(cfg)
+    return root / "run"

@@ -112,7 +112,7 @@ def test_cached_train_batches_keep_labels_with_their_images(tmp_path):
         samples.append(Sample(path, label))
     pre = Preprocess(image_size=32)
     cache = open_cache(samples, tmp_path / "cache", pre)
-    dataset = CarsDataset(samples, TrainImageTransform(pre, BENCH["SEED_AUG"]), cache)
+    dataset = CarsDataset(samples, TrainImageTransform(pre, BENCH["SEED_AUG"]), reader=cache)
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=True, num_workers=0)
     seen = []
     for images, labels in loader:

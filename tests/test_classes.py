@@ -1,12 +1,13 @@
 import csv
-import runpy
-from pathlib import Path
 
 import pytest
 
 from twincar.data.classes import (
+    main,
     parse_car_name,
+    read_class_names,
     read_classes_txt,
+    same_class_names,
     stanford_cars_class_names,
     write_classes_txt,
 )
@@ -51,12 +52,30 @@ def test_classes_txt_errors_name_the_file(tmp_path):
         read_classes_txt(tmp_path / "empty.txt")
 
 
-def test_make_classes_script_writes_txt_and_csv(devkit, tmp_path):
-    script = Path(__file__).parents[1] / "scripts" / "make_classes_txt.py"
-    main = runpy.run_path(str(script))["main"]
-    main([str(devkit / "cars_meta.mat"), str(tmp_path / "classes.txt"), "--csv", str(tmp_path / "classes.csv")])
-    assert read_classes_txt(tmp_path / "classes.txt") == stanford_cars_class_names()
-    with open(tmp_path / "classes.csv", newline="") as f:
+def test_classes_cli_on_the_real_meta_gives_49_makes_and_16_years(devkit, tmp_path, capsys):
+    assert main(["--from", str(devkit / "cars_meta.mat"), "--out", str(tmp_path / "out" / "classes.txt")]) == 0
+    assert "196 classes, 49 makes, 16 years, years 1991-2012" in capsys.readouterr().out
+    assert read_classes_txt(tmp_path / "out" / "classes.txt") == stanford_cars_class_names()
+    with open(tmp_path / "out" / "classes.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[7] == {"label": "7", "name": "Aston Martin V8 Vantage Convertible 2012", "make": "Aston Martin",
                        "model": "V8 Vantage Convertible", "year": "2012"}
+    assert {r["make"] for r in rows} >= {"AM General", "Aston Martin", "Land Rover"}
+    assert len({r["make"] for r in rows}) == 49 and len({r["year"] for r in rows}) == 16
+    assert read_class_names(tmp_path / "out" / "classes.csv") == stanford_cars_class_names()
+
+
+def test_classes_cli_error_is_one_line(tmp_path, capsys):
+    (tmp_path / "names.txt").write_text("x")
+    assert main(["--from", str(tmp_path / "names.txt"), "--out", str(tmp_path / "c.txt")]) == 2
+    assert "cannot read class names from a .txt file" in capsys.readouterr().err
+
+
+def test_lowercased_names_parse_the_same_and_compare_equal():
+    names = stanford_cars_class_names()
+    lower = [n.lower() for n in names]
+    for n, low in zip(names, lower, strict=True):
+        car, car_low = parse_car_name(n), parse_car_name(low)
+        assert (car_low.make, car_low.model, car_low.year) == (car.make.lower(), car.model.lower(), car.year)
+        assert car_low.body == car.body
+    assert same_class_names(names, lower) and not same_class_names(names, lower[::-1])

@@ -8,11 +8,13 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from tests.conftest import SMALL_SPEC
-from twincar.data.datamodule import CarsDataModule, stratified_split
+from twincar.data.datamodule import CarsDataModule, collate_readable, stratified_split
 from twincar.data.formats import load_stanford_cars
-from twincar.data.transforms import load_rgb
+from twincar.data.transforms import crop_to_box, load_rgb
+from twincar.errors import TwinCarError
 
 SEED_AUG = dict(scale=[0.35, 1.0], hflip=0.5, rotation=10.0, color_jitter=[0.3, 0.3, 0.3, 0.02], blur_prob=0.2)
 STRONG_AUG = dict(SEED_AUG, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0)
@@ -102,16 +104,77 @@ def test_large_image_sizes(small_root, tmp_path, size):
     assert dm.train_set[0][0].shape == (3, size, size) and dm.val_set[0][0].shape == (3, size, size)
 
 
-def test_an_unreadable_image_is_skipped_and_reported(small_root, tmp_path, caplog):
+def damaged_copy(small_root, tmp_path):
+    """A copy with an empty train file, a non-image test file and a truncated train file (whose header is fine)."""
+    root = tmp_path / "copy"
+    shutil.copytree(small_root, root)
+    (root / "cars_train" / "00002.jpg").write_bytes(b"")
+    (root / "cars_test" / "00003.jpg").write_bytes(b"<html>not found</html>")
+    data = (root / "cars_train" / "00005.jpg").read_bytes()
+    (root / "cars_train" / "00005.jpg").write_bytes(data[: int(len(data) * 0.6)])
+    return root
+
+
+def test_on_corrupt_fail_stops_before_training_naming_the_files(small_root, tmp_path):
+    root = damaged_copy(small_root, tmp_path)
+    with pytest.raises(TwinCarError) as e:
+        make_dm(root, tmp_path)  # on_corrupt=fail is the default
+    message = str(e.value)
+    assert message.startswith(f"2 unreadable image(s) in {root}: ")
+    assert f"{root / 'cars_train' / '00002.jpg'}: the file is empty (0 bytes)" in message
+    assert f"{root / 'cars_test' / '00003.jpg'}: not an image" in message
+    assert f"python -m twincar.data.check {root} --format devkit" in message and "data.on_corrupt=skip" in message
+
+
+def test_on_corrupt_skip_leaves_bad_files_out_once_and_never_replaces_them(small_root, tmp_path, caplog):
+    root = damaged_copy(small_root, tmp_path)
+    skipped = tmp_path / "run" / "skipped.txt"
+    dm = make_dm(root, tmp_path, on_corrupt="skip", skipped_file=str(skipped))
+    n_train = SMALL_SPEC["num_classes"] * SMALL_SPEC["train_per_class"]
+    n_test = SMALL_SPEC["num_classes"] * SMALL_SPEC["test_per_class"]
+    assert len(dm.train_set) + len(dm.val_set) == n_train - 1 and len(dm.test_set) == n_test - 1
+    names = {s.path for s in dm.train_set.samples + dm.val_set.samples + dm.test_set.samples}
+    assert root / "cars_train" / "00002.jpg" not in names and root / "cars_test" / "00003.jpg" not in names
+    assert dm.split["skipped"] == [str(root / "cars_test" / "00003.jpg"), str(root / "cars_train" / "00002.jpg")]
+    assert len(skipped.read_text().splitlines()) == 2
+    # the truncated file passes the header check and fails in the worker: left out of its batch, not replaced
+    truncated = root / "cars_train" / "00005.jpg"
+    dataset = dm.train_set if truncated in {s.path for s in dm.train_set.samples} else dm.val_set
+    loader = DataLoader(dataset, batch_size=4, collate_fn=collate_readable)
+    dm.trainer = type("T", (), {"training": False, "is_global_zero": True})()
+    for _ in range(2):  # two epochs: still named once
+        seen = 0
+        for batch in loader:
+            x, y = dm.on_after_batch_transfer(batch, 0)
+            seen += len(y)
+        assert seen == len(dataset) - 1
+    lines = skipped.read_text().splitlines()
+    assert len(lines) == 3 and str(truncated) in lines[-1]
+    assert caplog.text.count(f"{truncated}:") == 1
+
+
+def test_a_file_that_fails_to_decode_mid_epoch_is_an_error_not_a_worker_traceback(small_root, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(small_root, root)
     dm = make_dm(root, tmp_path)
-    bad = dm.train_set.samples[0].path
-    bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    image, label = dm.train_set[0]  # falls through to the next sample
-    assert image.shape == (3, 64, 64) and label == dm.train_set.samples[1].label
-    assert bad.name in caplog.text and bad in dm.train_set.bad_files
-    assert sum(1 for _ in dm.train_dataloader()) > 0  # a whole epoch still runs
+    bad = dm.val_set.samples[1].path
+    bad.write_bytes(bad.read_bytes()[:-300])  # truncated after the header check
+    dm.trainer = type("T", (), {"training": False, "is_global_zero": True})()
+    loader = DataLoader(dm.val_set, batch_size=4, collate_fn=collate_readable, num_workers=1)
+    with pytest.raises(TwinCarError, match=f"{bad}: .*run `python -m twincar.data.check {root}`"):
+        for batch in loader:
+            dm.on_after_batch_transfer(batch, 0)
+
+
+def test_crop_to_bbox_crops_every_split_before_the_transforms(small_root, tmp_path):
+    dm = make_dm(small_root, tmp_path, crop_to_bbox=True, bbox_margin=0.0)
+    sample = dm.val_set.samples[0]
+    expected = dm.val_set.transform(crop_to_box(load_rgb(sample.path), sample.bbox))
+    assert torch.equal(dm.val_set[0][0], expected)
+    assert not torch.equal(dm.val_set[0][0], dm.val_set.transform(load_rgb(sample.path)))
+    assert dm.test_set.bbox_margin == 0.0 and dm.train_set.bbox_margin == 0.0
+    with pytest.raises(TwinCarError, match="data.on_corrupt=ignore is not one of fail, skip"):
+        CarsDataModule(root=str(small_root), on_corrupt="ignore")
 
 
 def test_grayscale_files_come_out_rgb(small_root, tmp_path):

@@ -67,3 +67,50 @@ def test_class_count_mismatch_names_both_numbers(original_pth, tmp_path):
         Predictor.load(d / "resnet50_twin_cars.pth", classes=tmp_path / "two.txt")
     with pytest.raises(WeightsError, match="carries no class names: pass --classes"):
         Predictor.load(d / "resnet50_twin_cars.pth")
+
+
+class _Payload:
+    """Pickles to a call of ``open(marker, "w")``: loading it with plain pickle would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+class _Foreign:
+    """A harmless object of a class torch's safe loader does not know."""
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".ckpt", ".pt"])
+def test_a_malicious_pickle_is_refused_in_one_sentence_and_its_payload_never_runs(tmp_path, suffix):
+    from twincar.models.io import load_weights, read_state_dict
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / f"evil{suffix}"
+    state = {"fc.weight": torch.zeros(2, 4), "payload": _Payload(marker)}
+    torch.save({"state_dict": state, "hyper_parameters": {}} if suffix == ".ckpt" else state, evil)
+    for load in (lambda: Predictor.load(evil, classes=["A 2001", "B 2002"]), lambda: read_state_dict(evil),
+                 lambda: load_weights(torch.nn.Linear(4, 2), evil)):
+        with pytest.raises(WeightsError) as e:
+            load()
+        assert "needs pickle code execution to load" in str(e.value) and "refused for safety" in str(e.value)
+        assert "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_with_a_foreign_object_inside_is_refused(tmp_path):
+    import timm
+
+    from twincar.export import export_model
+
+    model = timm.create_model("resnet18", num_classes=2)
+    ckpt = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"class_names": ["A 2001", "B 2002"], "name": "resnet18", "extra": _Foreign()}},
+               ckpt)
+    for load in (lambda: Predictor.load(ckpt), lambda: export_model(ckpt, "pth", tmp_path / "out")):
+        with pytest.raises(WeightsError, match=r"foreign.ckpt needs pickle code execution to load .* refused"):
+            load()
+    assert not (tmp_path / "out" / "model.pth").exists()

@@ -2,8 +2,8 @@
 
 ``train(cfg)`` is the pure function (tests and sweepers call it); ``main`` is the thin Hydra entry
 point. A run directory ends up holding the resolved config, TensorBoard and CSV logs, best and
-last checkpoints, ``metrics.json``, ``split.json``, the loss/accuracy curves, ``model.pth`` and
-``classes.txt``.
+last checkpoints, ``metrics.json``, ``split.json``, the loss/accuracy curves, ``model.pth``,
+``classes.txt`` and ``model_card.json``.
 """
 
 from __future__ import annotations
@@ -16,14 +16,19 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from twincar.curves import plot_curves
-from twincar.data.classes import write_classes_txt
+from twincar.data.classes import same_class_names, write_classes_txt
+from twincar.distributed import PerRankSeed, hydra_job_relaunch, log_file_on_rank_zero_only
 from twincar.errors import TwinCarError
+from twincar.export import build_model_card, hydra_run_config, write_model_card
 from twincar.models.classifier import CarClassifier
 from twincar.models.io import checkpoint_class_names, export_state_dict
+from twincar.resume import Preemption, ResumeState, continue_logs, find_resume_checkpoint, prepare_logger_config
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +75,18 @@ def _instantiate_all(section: DictConfig | None) -> list:
 def _summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir: str) -> str:
     lines = [f"Results of the best checkpoint ({num_classes} classes, chance accuracy {1 / num_classes:.3f}):"]
     lines += [f"  {k:<22} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)]
+    for stage in ("val", "test"):  # the fine-grained view: where do the errors fall?
+        m = {k.removeprefix(f"{stage}/"): v for k, v in metrics.items() if k.startswith(f"{stage}/")}
+        if "acc_make" in m:
+            lines.append(f"Fine-grained ({stage}): make {m['acc_make']:.3f}, family (make + model) "
+                         f"{m['acc_family']:.3f}, year in family {m['acc_year_in_family']:.3f}")
     lines += [f"Run directory: {out_dir}", f"TensorBoard:   tensorboard --logdir {Path(log_dir).resolve()}"]
     return "\n".join(lines)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, then validate (and test) the best checkpoint; write the run's artefacts; return the metrics."""
+    log_file_on_rank_zero_only()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -84,11 +95,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("instantiating datamodule <%s>", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
-    if cfg.get("ckpt_path"):
-        resumed = checkpoint_class_names(cfg.ckpt_path)
-        if resumed != datamodule.class_names:
+    checkpoint_dir = out_dir / "checkpoints"
+    ckpt_path = find_resume_checkpoint(cfg.get("resume"), checkpoint_dir) or cfg.get("ckpt_path")
+    if ckpt_path:
+        resumed = checkpoint_class_names(ckpt_path)
+        if not same_class_names(resumed, datamodule.class_names):
             raise TwinCarError(
-                f"checkpoint {cfg.ckpt_path} was trained on {len(resumed)} classes, but {datamodule.root} has "
+                f"checkpoint {ckpt_path} was trained on {len(resumed)} classes, but {datamodule.root} has "
                 f"{datamodule.num_classes} (or other names): resume with the same data, or start from its weights "
                 "with model.weights=PATH instead of ckpt_path"
             )
@@ -102,21 +115,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
         preprocess=datamodule.preprocess.to_dict(),
     )
 
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    preemption = Preemption(checkpoint_dir)
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [preemption]
+    if cfg.get("seed") is not None:
+        callbacks.append(PerRankSeed(cfg.seed))
+    same_run = ckpt_path and Path(ckpt_path).resolve().parent == checkpoint_dir.resolve()
+    resume_state = ResumeState.read(ckpt_path) if same_run else None
+    if resume_state:  # the same run directory: its logs continue from the checkpoint
+        prepare_logger_config(cfg.get("logger"), resume_state)
     loggers = _instantiate_all(cfg.get("logger"))
     log.info("instantiating trainer <%s>", cfg.trainer._target_)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    datamodule.per_device_batch_size(trainer.world_size)  # a batch that does not split fails before DDP starts
+    if resume_state:
+        continue_logs(trainer.loggers, resume_state)
 
     hp = hyperparameters(cfg)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab pairs these with the metric's scalars
-            logger.log_hyperparams(hp, metrics={cfg.optimized_metric: 0.0})
+            logger.log_hyperparams(hp, metrics=None if resume_state else {cfg.optimized_metric: 0.0})
         else:
             logger.log_hyperparams(hp)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning stopped at a batch boundary; Preemption wrote last.ckpt
+        preemption.stopped = preemption.stopped or "SIGTERM"
+    if preemption.stopped:
+        log.warning("run stopped by %s before the end; continue it with hydra.run.dir=%s resume=auto",
+                    preemption.stopped, out_dir)
+        return {}
 
     if trainer.is_global_zero:
         (out_dir / "split.json").write_text(json.dumps(datamodule.split, indent=1))
@@ -141,6 +171,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("export"):
             export_state_dict(model.model, out_dir / "model.pth")
             write_classes_txt(model.class_names, out_dir / "classes.txt")
+            write_model_card(out_dir, build_model_card(  # so Predictor.load(RUN/model.pth) needs no --classes
+                model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),
+                source="model.pth"))
         log.info("\n%s", _summary(metrics, datamodule.num_classes, out_dir, cfg.paths.log_dir))
     return metrics
 
@@ -149,9 +182,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
     try:
-        metrics = train(cfg)
+        with hydra_job_relaunch():  # DDP ranks of a (sweep) job start as single runs of that job
+            metrics = train(cfg)
     except TwinCarError as e:
         log.error("%s", e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the job fails, the sweep (e.g. an Optuna search) records it and goes on
         sys.exit(1)
     return metrics.get(cfg.get("optimized_metric"))
 

@@ -34,8 +34,8 @@ import torch
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from twincar.data.formats import Sample
-from twincar.data.transforms import ImageReadError, Preprocess, image_size_from_header, load_rgb
+from twincar.data.formats import Sample, load_sample, sample_header
+from twincar.data.transforms import ImageReadError, Preprocess, load_rgb
 from twincar.errors import TwinCarError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def cache_short_side(preprocess: Preprocess) -> int:
 def cache_key(samples: Sequence[Sample], short_side: int, fmt: str) -> str:
     """A hash of the files (resolved path, size, modification time) and of how they are cached."""
     h = hashlib.sha1(json.dumps([CACHE_VERSION, short_side, fmt, JPEG_QUALITY]).encode())
-    for path in sorted({str(Path(s.path).resolve()) for s in samples}):
+    h.update("\n".join(sorted({sample_key(s) for s in samples})).encode())
+    for path in sorted({str(Path(s.path).resolve()) for s in samples}):  # a parquet file covers its rows
         try:
             st = os.stat(path)
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -72,8 +73,14 @@ def cache_key(samples: Sequence[Sample], short_side: int, fmt: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _resized(path: str, short_side: int) -> torch.Tensor:
-    img = load_rgb(path, min_side=short_side)
+def sample_key(sample: Sample) -> str:
+    """How the cache names a sample: its resolved path, ``#row`` added for a row of a parquet file."""
+    key = str(Path(sample.path).resolve())
+    return key if sample.index is None else f"{key}#{sample.index}"
+
+
+def _resized(sample: Sample, short_side: int) -> torch.Tensor:
+    img = load_rgb(sample.path, min_side=short_side) if sample.index is None else load_sample(sample)
     if min(img.shape[1:]) > short_side:  # shrink only: a small image is kept as it is
         img = TF.resize(img, short_side, antialias=True)
     return img.contiguous()
@@ -91,7 +98,8 @@ def build_cache(
         raise CacheError(f"data.cache_format must be one of {', '.join(CACHE_FORMATS)}, got {fmt!r}")
     directory = Path(directory)
     tmp = directory.with_name(f"{directory.name}.{os.getpid()}.tmp")
-    paths = sorted({str(Path(s.path).resolve()) for s in samples})
+    unique = {sample_key(s): s for s in samples}
+    paths = sorted(unique)
     start = time.perf_counter()
     try:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -101,8 +109,9 @@ def build_cache(
 
         def work(path: str) -> tuple[str, bytes | None, list[int] | None, str | None]:
             try:
-                orig = image_size_from_header(path)
-                img = _resized(path, short_side)
+                header = sample_header(unique[path])
+                orig = (header.height, header.width) if header.orientation >= 5 else (header.width, header.height)
+                img = _resized(unique[path], short_side)
             except ImageReadError as e:
                 return path, None, None, str(e)
             data = encode_jpeg(img, quality=JPEG_QUALITY).numpy().tobytes() if fmt == "jpeg" else img.numpy().tobytes()
@@ -153,7 +162,7 @@ class ImageCache:
         self.short_side: int = index["short_side"]
         self.entries: dict[str, list[int]] = index["entries"]
         self.errors: dict[str, str] = index["errors"]
-        self._keys: dict[str, str] = {}  # sample path as given -> resolved path (the index key)
+        self._keys: dict[tuple, str] = {}  # (path as given, row) -> the index key
         self._data: np.memmap | None = None
 
     def __getstate__(self) -> dict:
@@ -162,23 +171,23 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _key(self, path: str | Path) -> str:
-        given = str(path)
+    def _key(self, sample: Sample) -> str:
+        given = (str(sample.path), sample.index)
         key = self._keys.get(given)
         if key is None:
-            key = self._keys[given] = str(Path(path).resolve())
+            key = self._keys[given] = sample_key(sample)
         return key
 
-    def __contains__(self, path: str | Path) -> bool:
-        key = self._key(path)
+    def __contains__(self, sample: Sample) -> bool:
+        key = self._key(sample)
         return key in self.entries or key in self.errors
 
-    def read(self, path: str | Path) -> torch.Tensor:
-        """The cached image of ``path``; ImageReadError (naming the file) if it was unreadable or not cached."""
-        key = self._key(path)
+    def __call__(self, sample: Sample) -> torch.Tensor:
+        """The cached image of ``sample``; ImageReadError (naming it) if it was unreadable or is not cached."""
+        key = self._key(sample)
         entry = self.entries.get(key)
         if entry is None:
-            raise ImageReadError(self.errors.get(key) or f"cannot read image {path}: not in the cache {self.directory}")
+            raise ImageReadError(self.errors.get(key) or f"cannot read image {key}: not in the cache {self.directory}")
         if self._data is None:
             self._data = np.memmap(self.directory / DATA, dtype=np.uint8, mode="r")
         offset, nbytes, h, w = entry[:4]
@@ -187,12 +196,9 @@ class ImageCache:
             return decode_jpeg(data)
         return data.view(3, h, w)
 
-    def __call__(self, sample: Sample) -> torch.Tensor:
-        return self.read(sample.path)
-
     def rescale(self, sample: Sample) -> Sample:
         """``sample`` with its box in the cached image's pixels (the image was resized by a known factor)."""
-        entry = self.entries.get(self._key(sample.path))
+        entry = self.entries.get(self._key(sample))
         if sample.bbox is None or entry is None:
             return sample
         h, w, orig_w, orig_h = entry[2:6]
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with initialize_config_module("twincar.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*argv, "data.cache=true"])
+        cfg = compose("train", overrides=[*argv, "data.cache=true", "data.skipped_file=null"])  # no run dir here
     try:
         dm = instantiate(cfg.data, _convert_="all")
         dm.prepare_data()

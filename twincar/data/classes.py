@@ -1,13 +1,22 @@
-"""Class-name table: parse "Make Model Body Year" names and read/write ``classes.txt``.
+"""Class-name table: parse "Make Model Body Year" names and read/write ``classes.txt`` / ``classes.csv``.
 
 Stanford Cars names look like ``"BMW M3 Coupe 2012"``: the make is the first word (or one of
-a few two-word makes), the year is the last word, and everything in between is the model.
+a few two-word makes), the year is the last word, and everything in between is the model. Names are
+kept as a copy gives them (some copies lowercase them) and compared case-insensitively.
+
+    python -m twincar.data.classes --from PATH --out DIR/classes.txt
+
+reads the names from a dataset root of any layout (or one cars_meta.mat, cars_annos.mat, names.csv
+or .parquet file) and writes ``classes.txt`` (one name a line, official order) and ``classes.csv``
+(``label,name,make,model,year``) beside it.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import re
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,9 +43,10 @@ class CarName:
     def body(self) -> str | None:
         """Body type ("Sedan", "SUV", ...) when the name states one."""
         words = self.model.split()
+        bodies = {b.casefold(): b for b in BODY_TYPES}
         for word in reversed(words):
-            if word in BODY_TYPES:
-                return word
+            if word.casefold() in bodies:
+                return bodies[word.casefold()]
         return None
 
     @property
@@ -54,7 +64,9 @@ def parse_car_name(name: str) -> CarName:
     full = " ".join(name.split())
     if not full:
         raise ValueError("empty class name")
-    make = next((m for m in MULTI_WORD_MAKES if full == m or full.startswith(m + " ")), full.split()[0])
+    folded = full.casefold()
+    multi = next((m for m in MULTI_WORD_MAKES if folded == m.casefold() or folded.startswith(m.casefold() + " ")), None)
+    make = full[: len(multi)] if multi else full.split()[0]  # as spelled in the name
     rest = full[len(make):].split()
     year = int(rest.pop()) if rest and _YEAR.match(rest[-1]) else None
     return CarName(full=full, make=make, model=" ".join(rest), year=year)
@@ -101,3 +113,56 @@ def write_classes_txt(names: list[str], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{n}\n" for n in names), "utf-8")
     return path
+
+
+def same_class_names(a: list[str], b: list[str]) -> bool:
+    """True when two class lists name the same classes in the same order, ignoring case and spacing."""
+    return len(a) == len(b) and all(" ".join(x.split()).casefold() == " ".join(y.split()).casefold()
+                                    for x, y in zip(a, b, strict=True))
+
+
+def write_classes_csv(names: list[str], path: str | Path) -> Path:
+    """Write ``label,name,make,model,year`` for each class, in label order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "name", "make", "model", "year"])
+        for i, name in enumerate(names):
+            car = parse_car_name(name)
+            writer.writerow([i, car.full, car.make, car.model, car.year or ""])
+    return path
+
+
+def write_class_tables(names: list[str], out: str | Path) -> tuple[Path, Path]:
+    """``classes.txt`` at ``out`` and ``classes.csv`` beside it; returns both paths."""
+    out = Path(out)
+    return write_classes_txt(names, out), write_classes_csv(names, out.with_suffix(".csv"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from twincar.data.formats import read_class_names_from
+    from twincar.errors import TwinCarError
+
+    parser = argparse.ArgumentParser(prog="python -m twincar.data.classes",
+                                     description="Write classes.txt and classes.csv from a Stanford Cars copy.")
+    parser.add_argument("--from", dest="source", required=True,
+                        help="a dataset root (any layout), or a cars_meta.mat, cars_annos.mat, names.csv or .parquet")
+    parser.add_argument("--out", required=True, help="classes.txt to write; classes.csv is written beside it")
+    args = parser.parse_args(argv)
+    try:
+        names = read_class_names_from(args.source)
+    except TwinCarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    txt, table = write_class_tables(names, args.out)
+    cars = [parse_car_name(n) for n in names]
+    years = sorted({c.year for c in cars if c.year})
+    span = f", years {years[0]}-{years[-1]}" if years else ""
+    print(f"{len(names)} classes, {len({c.make.casefold() for c in cars})} makes, {len(years)} years{span}")
+    print(f"wrote {txt} and {table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

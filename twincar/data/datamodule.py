@@ -1,4 +1,4 @@
-"""CarsDataModule: a Stanford Cars devkit copy (real or synthetic) -> split, datasets, loaders."""
+"""CarsDataModule: a Stanford Cars copy in any layout (real or synthetic) -> split, datasets, loaders."""
 
 from __future__ import annotations
 
@@ -12,10 +12,21 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from twincar.data.cache import ImageCache, open_cache
-from twincar.data.formats import UNLABELED, DevkitPaths, Sample, load_stanford_cars, read_meta
+from twincar.data.check import find_unreadable
+from twincar.data.formats import (
+    FORMATS,
+    UNLABELED,
+    CarsData,
+    DatasetFormatError,
+    Sample,
+    load_dataset,
+    load_sample,
+    sample_header,
+    sample_label,
+)
 from twincar.data.synthetic import SyntheticSpec, generate
 from twincar.data.transforms import (
     Augmentation,
@@ -24,56 +35,88 @@ from twincar.data.transforms import (
     ImageReadError,
     Preprocess,
     TrainImageTransform,
+    crop_to_box,
     load_rgb,
+    oriented_box,
     train_decode_min_side,
 )
+from twincar.distributed import eval_sampler, per_device_batch_size
+from twincar.errors import TwinCarError
 
 log = logging.getLogger(__name__)
 
 
-class CarsDataset(Dataset):
-    """Images and labels from a list of samples; an unreadable image is reported and replaced.
+ON_CORRUPT = ("fail", "skip")
 
-    A file that cannot be decoded is logged once (naming the file) and the next readable sample is
-    returned instead, so one bad JPEG never stops an epoch. ``bad_files`` lists what was skipped
-    (per worker process).
+
+class CarsDataset(Dataset):
+    """Images and labels from a list of samples, optionally cropped to their car box first.
+
+    An image that fails to decode here (a truncated file that passed the header check) is never replaced
+    by another: the item comes back as ``(None, message)`` and :func:`collate_readable` leaves it out of
+    the batch, so it is counted nowhere; the datamodule names it once and applies ``data.on_corrupt``.
     """
 
     def __init__(
         self,
         samples: Sequence[Sample],
         transform: torch.nn.Module,
+        bbox_margin: float | None = None,
         reader: Callable[[Sample], torch.Tensor] | None = None,
     ):
         self.samples = list(samples)
         self.transform = transform
+        self.bbox_margin = bbox_margin  # None: no crop; else crop to the box grown by this fraction per side
         self.reader = reader or FileReader()  # sample -> uint8 (3, H, W): the file, or an ImageCache
-        self.bad_files: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for offset in range(len(self.samples)):
-            sample = self.samples[(index + offset) % len(self.samples)]
-            if sample.path in self.bad_files:
-                continue
-            try:
-                return self.transform(self.reader(sample)), sample.label
-            except ImageReadError as e:
-                self.bad_files.add(sample.path)
-                log.warning("skipping unreadable image: %s", e)
-        raise ImageReadError(f"no readable image among the {len(self.samples)} samples of this dataset")
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int | str]:
+        sample = self.samples[index]
+        try:
+            img = self.reader(sample)
+            if self.bbox_margin is not None:  # boxes are in stored pixels; the decoded image is EXIF-oriented
+                header = sample_header(sample)  # and maybe smaller (reduced-size decode, cache): scale the box
+                box = scale_box(oriented_box(sample.bbox, header), header, img.shape[-1], img.shape[-2])
+                img = crop_to_box(img, box, self.bbox_margin)
+        except ImageReadError as e:
+            return None, str(e)
+        return self.transform(img), sample.label
+
+
+def collate_readable(batch: list[tuple]) -> tuple:
+    """``default_collate`` of the decoded items: ``(images, labels)``, plus a list of error messages as a third
+    element when some images of the batch could not be decoded (they are left out, never replaced)."""
+    good = [item for item in batch if item[0] is not None]
+    failed = [item[1] for item in batch if item[0] is None]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), failed
+    images, labels = default_collate(good)
+    return (images, labels, failed) if failed else (images, labels)
 
 
 class FileReader:
-    """Decode a sample's file (``load_rgb``); ``min_side`` allows a reduced-size decode of large JPEGs."""
+    """Decode a sample (``load_sample``); ``min_side`` allows a reduced-size decode of large JPEG files."""
 
     def __init__(self, min_side: int | None = None):
         self.min_side = min_side
 
     def __call__(self, sample: Sample) -> torch.Tensor:
-        return load_rgb(sample.path, min_side=self.min_side)
+        if sample.index is None and self.min_side:
+            return load_rgb(sample.path, min_side=self.min_side)
+        return load_sample(sample)
+
+
+def scale_box(box: tuple[int, int, int, int], header, width: int, height: int) -> tuple[int, int, int, int]:
+    """A 1-based box in the pixels of the full-size (oriented) image, in those of the same image decoded at
+    ``width`` x ``height`` (reduced-size decode, cache)."""
+    full_w, full_h = (header.height, header.width) if header.orientation >= 5 else (header.width, header.height)
+    if (full_w, full_h) == (width, height):
+        return box
+    sx, sy = width / full_w, height / full_h
+    x1, y1, x2, y2 = box
+    return max(1, round(x1 * sx)), max(1, round(y1 * sy)), min(width, round(x2 * sx)), min(height, round(y2 * sy))
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -99,7 +142,7 @@ def load_or_make_split(
     The split is cached in ``cache_dir`` under a hash of the samples (names and labels), the
     fraction and the seed, and read back from there when the same data and seed are split again.
     """
-    key = hashlib.sha1(json.dumps([[s.path.name, s.label] for s in samples] + [val_fraction, seed]).encode())
+    key = hashlib.sha1(json.dumps([[s.name, s.label] for s in samples] + [val_fraction, seed]).encode())
     cache = Path(cache_dir) / f"split_{key.hexdigest()[:12]}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
@@ -110,7 +153,7 @@ def load_or_make_split(
             log.warning("ignoring unreadable split cache %s: %s", cache, e)
     train, val = stratified_split([s.label for s in samples], val_fraction, seed)
     split = {"val_fraction": val_fraction, "seed": seed,
-             "train": [samples[i].path.name for i in train], "val": [samples[i].path.name for i in val]}
+             "train": [samples[i].name for i in train], "val": [samples[i].name for i in val]}
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -123,10 +166,14 @@ def load_or_make_split(
 
 
 class CarsDataModule(L.LightningDataModule):
-    """Stanford Cars in the devkit layout: official train split -> stratified train/val, official test.
+    """A Stanford Cars copy in any layout (``format``): official train -> stratified train/val, official test.
 
-    With ``synthetic`` set, the embedded dataset for that spec is generated (once, cached) under
-    ``root/<fingerprint>`` and read by the very same loader.
+    Before the splits are built, every image header is checked (:func:`twincar.data.check.find_unreadable`):
+    ``on_corrupt="fail"`` stops with the list of bad files, ``"skip"`` leaves them out (named once in the
+    log and in ``skipped_file``). ``crop_to_bbox`` crops every image to its car box (grown by
+    ``bbox_margin`` of the box size per side) before the other transforms. With ``synthetic`` set, the
+    embedded dataset for that spec is generated (once, cached) under ``root/<fingerprint>`` and read by the
+    very same loader.
     """
 
     def __init__(
@@ -144,6 +191,11 @@ class CarsDataModule(L.LightningDataModule):
         split_dir: str | None = None,
         augmentation: dict | None = None,
         synthetic: dict | None = None,
+        format: str = "auto",
+        crop_to_bbox: bool = False,
+        bbox_margin: float = 0.1,
+        on_corrupt: str = "fail",
+        skipped_file: str | None = None,
         cache: bool = False,
         cache_dir: str | None = None,
         cache_format: str = "raw",
@@ -154,10 +206,17 @@ class CarsDataModule(L.LightningDataModule):
         self.aug = Augmentation.from_config(augmentation)
         if self.aug.mixes and batch_size % 2:
             raise ValueError(f"Mixup/CutMix needs an even data.batch_size, got {batch_size}")
+        if format not in FORMATS:
+            raise DatasetFormatError(f"data.format={format} is not one of {', '.join(FORMATS)}")
+        if on_corrupt not in ON_CORRUPT:
+            raise DatasetFormatError(f"data.on_corrupt={on_corrupt} is not one of {', '.join(ON_CORRUPT)}")
+        if bbox_margin < 0:
+            raise DatasetFormatError(f"data.bbox_margin={bbox_margin} must be >= 0 (a fraction of the box size)")
         self.spec = SyntheticSpec(**synthetic) if synthetic is not None else None
         self.root = Path(root) / self.spec.fingerprint() if self.spec else Path(root)
         self.split: dict | None = None  # the train/val file names in use, saved next to the run
-        self._class_names: list[str] | None = None
+        self._data: CarsData | None = None
+        self.skipped: list[str] = []  # images left out under on_corrupt=skip, as named to the user
         self.train_set = self.val_set = self.test_set = None
         self.train_batch_transform: BatchTransform | None = None
         self.eval_batch_transform = BatchTransform(self.preprocess)
@@ -176,17 +235,23 @@ class CarsDataModule(L.LightningDataModule):
         """The pre-resized copy of every train and test image (``data.cache``), built on first use."""
         if self.image_cache is None:
             hp = self.hparams
-            samples = [s for split in ("train", "test") for s in load_stanford_cars(self.root, split)[0]]
+            samples = self.data.train + self.data.test
             self.image_cache = open_cache(samples, hp.cache_dir or self.root / "cache", self.preprocess,
                                           fmt=hp.cache_format, workers=max(1, hp.num_workers))
         return self.image_cache
 
     @property
+    def data(self) -> CarsData:
+        """The copy at ``root`` as read by its layout's reader (read once)."""
+        if self._data is None:
+            self._data = load_dataset(self.root, self.hparams.format)
+            log.info("%s: %s layout", self._data.root, self._data.format)
+        return self._data
+
+    @property
     def class_names(self) -> list[str]:
-        """Class names in label order, from the dataset's ``cars_meta.mat``."""
-        if self._class_names is None:
-            self._class_names = read_meta(DevkitPaths.locate(self.root).meta)
-        return self._class_names
+        """Class names in label order, as the copy gives them."""
+        return self.data.class_names
 
     @property
     def num_classes(self) -> int:
@@ -195,51 +260,102 @@ class CarsDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train_samples, self._class_names = load_stanford_cars(self.root, "train")
-        test_samples, _ = load_stanford_cars(self.root, "test")
-        hp = self.hparams
-        self.split = load_or_make_split(train_samples, hp.val_fraction, hp.split_seed, hp.split_dir)
-        index = {s.path.name: i for i, s in enumerate(train_samples)}
-        train_idx, val_idx = ([index[n] for n in self.split[k]] for k in ("train", "val"))
+        hp, data = self.hparams, self.data
+        if hp.crop_to_bbox and not data.has_boxes:
+            raise DatasetFormatError(
+                f"data.crop_to_bbox=true needs a car box for every image, but the {data.format} copy at {data.root} "
+                "has none (or not for every image): set data.crop_to_bbox=false"
+            )
+        split = load_or_make_split(data.train, hp.val_fraction, hp.split_seed, hp.split_dir)
+        index = {s.name: i for i, s in enumerate(data.train)}
+        train, val = ([data.train[index[n]] for n in split[k]] for k in ("train", "val"))
+        test = [s for s in data.test if s.label != UNLABELED]
+        bad = set(self._unreadable(data.train + test))
+        if bad:
+            train, val, test = ([s for s in part if s not in bad] for part in (train, val, test))
+            split = {**split, "train": [s.name for s in train], "val": [s.name for s in val],
+                     "skipped": sorted(sample_label(s) for s in bad)}
+            CarsData(data.format, data.root, data.class_names, train, []).validate()  # still every class
+        self.split = split
+        margin = hp.bbox_margin if hp.crop_to_bbox else None
         eval_tf = EvalImageTransform(self.preprocess)
-        # data.cache: read the pre-resized copy (boxes scaled to it); else the files, large JPEGs decoded at the
-        # reduced size that loses nothing (train: the smallest random crop keeps image_size pixels each way)
-        cache = self._open_cache() if hp.cache else None
+        # data.cache: read the pre-resized copy; else the files, large JPEGs decoded at the reduced size that
+        # loses nothing (train: the smallest random crop keeps image_size pixels each way)
         train_reader = FileReader(train_decode_min_side(self.preprocess, self.aug))
         eval_reader = FileReader(self.preprocess.decode_min_side)
-        if cache is not None:
-            train_reader = eval_reader = cache
-            train_samples = [cache.rescale(s) for s in train_samples]
-            test_samples = [cache.rescale(s) for s in test_samples]
-        self.train_set = CarsDataset(
-            [train_samples[i] for i in train_idx], TrainImageTransform(self.preprocess, self.aug), train_reader
-        )
-        self.val_set = CarsDataset([train_samples[i] for i in val_idx], eval_tf, eval_reader)
-        labeled = [s for s in test_samples if s.label != UNLABELED]
-        self.test_set = CarsDataset(labeled, eval_tf, eval_reader) if labeled else None
-        if not labeled:
-            log.warning("no test labels under %s (cars_test_annos_withlabels.mat): test is skipped", self.root)
+        if hp.cache:
+            train_reader = eval_reader = self._open_cache()
+        self.train_set = CarsDataset(train, TrainImageTransform(self.preprocess, self.aug), margin, train_reader)
+        self.val_set = CarsDataset(val, eval_tf, margin, eval_reader)
+        self.test_set = CarsDataset(test, eval_tf, margin, eval_reader) if test else None
+        if not test:
+            log.warning("no test labels in %s (%s layout): test is skipped", data.root, data.format)
         self.train_batch_transform = BatchTransform(self.preprocess, self.aug, num_classes=self.num_classes)
         log.info(
-            "%s: %d classes, %d train / %d val / %d test images",
-            self.root, self.num_classes, len(self.train_set), len(self.val_set), len(labeled),
+            "%s: %d classes, %d train / %d val / %d test images%s",
+            data.root, self.num_classes, len(train), len(val), len(test),
+            f", cropped to the car box (+{hp.bbox_margin:g} per side)" if margin is not None else "",
         )
+
+    def _unreadable(self, samples: list[Sample]) -> list[Sample]:
+        """Header-check every image; ``fail``: stop naming the bad ones, ``skip``: record and return them."""
+        bad = find_unreadable(samples, workers=max(4, self.hparams.num_workers))
+        if not bad:
+            return []
+        if self.hparams.on_corrupt == "fail":
+            shown = "; ".join(str(e) for _, e in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise TwinCarError(
+                f"{len(bad)} unreadable image(s) in {self.data.root}: {shown}. Run `python -m twincar.data.check "
+                f"{self.data.root} --format {self.data.format}` for the full list, fix or remove them, or set "
+                "data.on_corrupt=skip to leave them out"
+            )
+        self._record_skipped([str(e) for _, e in bad])
+        return [s for s, _ in bad]
+
+    def _record_skipped(self, messages: list[str]) -> None:
+        """Name each newly skipped image once, in the log and in ``skipped_file``."""
+        new = [m for m in messages if m not in self.skipped]
+        if not new:
+            return
+        self.skipped += new
+        for m in new:
+            log.warning("skipped (data.on_corrupt=skip): %s", m)
+        if self.hparams.skipped_file and (self.trainer is None or self.trainer.is_global_zero):
+            path = Path(self.hparams.skipped_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                f.writelines(f"{m}\n" for m in new)
 
     @property
     def has_test_labels(self) -> bool:
         return self.test_set is not None
 
     # -- loaders ------------------------------------------------------------------------------
+    def per_device_batch_size(self, world_size: int) -> int:
+        """``batch_size`` is the global batch: each of ``world_size`` processes loads its share."""
+        batch = per_device_batch_size(self.hparams.batch_size, world_size)
+        if self.aug.mixes and batch % 2:
+            raise ValueError(f"Mixup/CutMix needs an even batch per process, got {batch} (data.batch_size / processes)")
+        return batch
+
     def _loader(self, dataset: CarsDataset, train: bool) -> DataLoader:
         hp = self.hparams
+        world, rank = getattr(self.trainer, "world_size", 1), getattr(self.trainer, "global_rank", 0)
+        if train:
+            batch_size = self.per_device_batch_size(world)
+        else:  # the global eval batch, split (rounding up): it changes speed only, never the metrics
+            batch_size = -(-(hp.eval_batch_size or hp.batch_size) // world)
+        sampler = None if train else eval_sampler(dataset, world, rank)  # train: Lightning's DistributedSampler
         return DataLoader(
             dataset,
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            batch_size=batch_size,
             shuffle=train,
+            sampler=sampler,
             drop_last=train and self.aug.mixes,  # Mixup/CutMix pairs samples: keep every batch full and even
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.num_workers > 0,
+            collate_fn=collate_readable,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -250,14 +366,30 @@ class CarsDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if self.test_set is None:
-            raise RuntimeError(f"{self.root} has no test labels (cars_test_annos_withlabels.mat)")
+            raise RuntimeError(f"{self.data.root} ({self.data.format} layout) has no test labels")
         return self._loader(self.test_set, train=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Per-batch work on the device. Training batches become ``(images, labels, targets)``,
         where ``targets`` are soft when Mixup/CutMix is on; eval batches ``(images, labels)``."""
-        images, labels = batch
+        images, labels, *failed = batch
+        if failed and failed[0]:
+            self._decode_failures(failed[0])
+            if not len(labels):
+                raise TwinCarError(f"no image of a batch could be decoded ({failed[0][0]}, ...): run "
+                                   f"`python -m twincar.data.check {self.data.root}`")
         if self.trainer is not None and self.trainer.training:
+            if self.aug.mixes and len(labels) % 2:  # an image was left out: Mixup/CutMix pairs need an even batch
+                images, labels = images[:-1], labels[:-1]
             x, targets = self.train_batch_transform(images, labels)
             return x, labels, targets
         return self.eval_batch_transform(images), labels
+
+    def _decode_failures(self, messages: list[str]) -> None:
+        """Images that passed the header check but failed to decode in a worker (e.g. truncated files)."""
+        if self.hparams.on_corrupt == "fail":
+            raise TwinCarError(
+                f"{messages[0]}: run `python -m twincar.data.check {self.data.root}` to find every damaged image, "
+                "fix or remove them, or set data.on_corrupt=skip to leave them out"
+            )
+        self._record_skipped(messages)

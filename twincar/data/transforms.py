@@ -11,14 +11,17 @@ Work is split where it scales:
 
 from __future__ import annotations
 
+import io
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import kornia.augmentation as K
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import Mixup
 from torch import nn
 from torchvision.io import ImageReadMode, decode_image
@@ -32,27 +35,76 @@ RESIZE_MODES = ("crop", "squash")
 
 
 class ImageReadError(TwinCarError, OSError):
-    """An image file is missing, truncated or not an image; the message names the file."""
+    """An image file is missing, truncated or not an image; the message names the file.
+
+    ``reason`` is one of ``missing``, ``empty``, ``not an image``, ``too large``, ``truncated``, ``corrupt``.
+    """
+
+    def __init__(self, message: str, reason: str = "corrupt"):
+        super().__init__(message)
+        self.reason = reason
 
 
 # Refuse images with more pixels than this before decoding them (decompression bombs): 2x PIL's own limit.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
-def image_size_from_header(path: str | Path) -> tuple[int, int]:
-    """(width, height) read from the file header only; raises ImageReadError for what is not an image."""
-    path = Path(path)
+class ImageHeader(NamedTuple):
+    """What an image file's header says: stored size, PIL mode, EXIF orientation (1 = as stored)."""
+
+    width: int
+    height: int
+    mode: str
+    orientation: int = 1
+
+
+def read_header(source: str | Path | bytes, name: str | Path | None = None) -> ImageHeader:
+    """Size, PIL mode and EXIF orientation of an image file or in-memory image from its header (decodes nothing).
+
+    Raises :class:`ImageReadError` naming ``name`` (default: the path) for a missing, empty or non-image
+    source, and for one of more than ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb).
+    """
+    name = name if name is not None else source if not isinstance(source, bytes) else "<bytes>"
     try:
-        if path.stat().st_size == 0:
-            raise ImageReadError(f"cannot read image {path}: the file is empty (0 bytes)")
-        with Image.open(path) as im:  # lazy: reads the header, decodes nothing
-            return im.size
+        empty = len(source) == 0 if isinstance(source, bytes) else Path(source).stat().st_size == 0
+        if empty:
+            raise ImageReadError(f"cannot read image {name}: the file is empty (0 bytes)", "empty")
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:  # lazy: header only
+            (w, h), mode = im.size, im.mode
+            orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
     except ImageReadError:
         raise
     except FileNotFoundError as e:
-        raise ImageReadError(f"cannot read image {path}: no such file") from e
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"cannot read image {path}: not an image ({e})") from e
+        raise ImageReadError(f"cannot read image {name}: no such file", "missing") from e
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"cannot read image {name}: {e}", "too large") from e
+    except UnidentifiedImageError as e:
+        raise ImageReadError(f"cannot read image {name}: not an image (unknown format or damaged header)",
+                             "not an image") from e
+    except (OSError, ValueError) as e:
+        truncated = "truncat" in str(e).lower()
+        raise ImageReadError(f"cannot read image {name}: {'truncated' if truncated else 'not an image'} ({e})",
+                             "truncated" if truncated else "not an image") from e
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageReadError(
+            f"cannot read image {name}: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)",
+            "too large",
+        )
+    return ImageHeader(w, h, mode, orientation if orientation in range(1, 9) else 1)
+
+
+def image_size_from_header(path: str | Path) -> tuple[int, int]:
+    """(width, height) read from the file header only; raises ImageReadError for what is not an image."""
+    w, h, *_ = read_header(Path(path))
+    return w, h
+
+
+def _decode(source: str | torch.Tensor, name, mode: ImageReadMode) -> torch.Tensor:
+    try:
+        return decode_image(source, mode=mode, apply_exif_orientation=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        reason = "truncated" if re.search(r"truncat|incomplete|premature", str(e), re.I) else "corrupt"
+        raise ImageReadError(f"cannot read image {name}: {e}", reason) from e
 
 
 def load_rgb(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB, *, min_side: int | None = None) -> torch.Tensor:
@@ -66,17 +118,50 @@ def load_rgb(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB, *, min_s
     at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL ``draft``), never below ``min_side``: the
     cheap part of a resize that follows anyway (see :func:`reduced_decode_scale`).
     """
-    w, h = image_size_from_header(path)
-    if w * h > MAX_IMAGE_PIXELS:
-        raise ImageReadError(
-            f"cannot read image {path}: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)"
-        )
-    try:
-        if min_side and mode == ImageReadMode.RGB and reduced_decode_scale(w, h, min_side) > 1:
-            return _decode_reduced(path, w, h, min_side)
-        return decode_image(str(path), mode=mode, apply_exif_orientation=True)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise ImageReadError(f"cannot read image {path}: {e}") from e
+    header = read_header(Path(path))
+    if min_side and mode == ImageReadMode.RGB and reduced_decode_scale(header.width, header.height, min_side) > 1:
+        try:
+            return _decode_reduced(path, header.width, header.height, min_side)
+        except (OSError, ValueError) as e:
+            reason = "truncated" if re.search(r"truncat|incomplete|premature", str(e), re.I) else "corrupt"
+            raise ImageReadError(f"cannot read image {path}: {e}", reason) from e
+    return _decode(str(path), path, mode)
+
+
+def decode_rgb_bytes(data: bytes, name: str, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
+    """:func:`load_rgb` for an image held in memory (e.g. a parquet row); ``name`` is used in errors."""
+    read_header(data, name)
+    return _decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), name, mode)
+
+
+def oriented_box(bbox: tuple[int, int, int, int], header: ImageHeader) -> tuple[int, int, int, int]:
+    """A 1-based inclusive box given in stored pixels, in the pixels of the image as decoded (EXIF orientation
+    applied, as :func:`load_rgb` does)."""
+    x1, y1, x2, y2 = (int(v) for v in bbox)
+    w, h = header.width, header.height
+    moves = {  # stored (x, y) -> displayed (x, y), 1-based, for each EXIF orientation
+        1: lambda x, y: (x, y), 2: lambda x, y: (w + 1 - x, y), 3: lambda x, y: (w + 1 - x, h + 1 - y),
+        4: lambda x, y: (x, h + 1 - y), 5: lambda x, y: (y, x), 6: lambda x, y: (h + 1 - y, x),
+        7: lambda x, y: (h + 1 - y, w + 1 - x), 8: lambda x, y: (y, w + 1 - x),
+    }
+    (ax, ay), (bx, by) = (moves[header.orientation](x, y) for x, y in ((x1, y1), (x2, y2)))
+    return min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)
+
+
+def crop_to_box(img: torch.Tensor, bbox: tuple[int, int, int, int], margin: float = 0.0) -> torch.Tensor:
+    """Crop a (C, H, W) image to a 1-based inclusive box (x1, y1, x2, y2) grown by ``margin`` x its size per side.
+
+    The box is clamped to the image; a box entirely outside it leaves the image uncropped.
+    """
+    h, w = img.shape[-2:]
+    x1, y1, x2, y2 = (int(v) for v in bbox)  # Python ints: no uint8/uint16 overflow below
+    left, top, right, bottom = x1 - 1, y1 - 1, x2, y2  # 0-based, end-exclusive
+    dx, dy = margin * (right - left), margin * (bottom - top)
+    left, top = max(0, int(left - dx)), max(0, int(top - dy))
+    right, bottom = min(w, int(round(right + dx))), min(h, int(round(bottom + dy)))
+    if right <= left or bottom <= top:
+        return img
+    return img[..., top:bottom, left:right]
 
 
 def reduced_decode_scale(width: int, height: int, min_side: int) -> int:

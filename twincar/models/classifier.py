@@ -86,11 +86,12 @@ class CarClassifier(L.LightningModule):
         )
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        metrics = classification_metrics(len(self.class_names))
+        metrics = classification_metrics(len(self.class_names), class_names=self.class_names)  # + make/year, ECE
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # best-so-far is saved in checkpoints and restored on resume
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -137,6 +138,11 @@ class CarClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written before val_acc_best was saved: start its maximum afresh.
+        for name, value in self.val_acc_best.state_dict(prefix="val_acc_best.").items():
+            checkpoint["state_dict"].setdefault(name, value)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):

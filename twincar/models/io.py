@@ -1,8 +1,9 @@
 """Every way weights come in and go out, always safely (``weights_only`` torch loads, safetensors).
 
 In: a timm hub tag (``model.pretrained``), or a local file (``model.weights``): a plain state dict
-``.pth``/``.pt``/``.bin`` (torchvision's resnet50 included), ``.safetensors``, or a Lightning ``.ckpt``.
-Out: a plain state dict with torchvision-compatible keys (``model.pth``).
+``.pth``/``.pt``/``.bin`` (torchvision's resnet50 included), ``.safetensors``, or a Lightning ``.ckpt``;
+for inference, :func:`load_model` also reads ``.onnx`` (run by onnxruntime, imported only then).
+Out: a plain state dict with torchvision-compatible keys (``model.pth``); see :mod:`twincar.export`.
 """
 
 from __future__ import annotations
@@ -28,18 +29,32 @@ class WeightsError(TwinCarError, RuntimeError):
     """Weights could not be had; the message says what to pass instead."""
 
 
+def _safe_torch_load(path: Path) -> object:
+    """``torch.load(weights_only=True)``: a file that needs pickle code execution is refused in one sentence."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise WeightsError(
+                f"{path} needs pickle code execution to load (it holds more than tensors and plain values): "
+                "refused for safety; re-save it as a plain state dict or .safetensors"
+            ) from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"cannot read weights from {path}: {first_line}") from e
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file; a Lightning checkpoint gives its ``model.``-prefixed module weights."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist: pass model.weights=PATH to an existing file")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch/safetensors raise many types for a damaged or foreign file
-        raise WeightsError(f"cannot read weights from {path}: {e}") from e
+        except Exception as e:  # safetensors raises several types for a damaged or foreign file
+            raise WeightsError(f"cannot read weights from {path}: {e}") from e
+    else:
+        state = _safe_torch_load(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # Lightning checkpoint or a {"state_dict": ...} wrapper
         if any(k.startswith("model.") for k in state):
@@ -144,17 +159,51 @@ class LoadedModel:
     card: dict = field(default_factory=dict)  # the model card or checkpoint hparams it came with
 
 
-def _safe_torch_load(path: Path) -> object:
-    """``torch.load(weights_only=True)``: a file that needs pickle code execution is refused in one sentence."""
+class OnnxModule(nn.Module):
+    """An ONNX model run by onnxruntime, callable like the eager network: float (N, 3, S, S) in, logits out.
+
+    onnxruntime (the ``onnx`` extra) is imported here only. CUDA is used when onnxruntime has it and
+    ``device`` asks for it; otherwise the CPU.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto"):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise WeightsError(f"{path} is an ONNX model: install the onnx extra (pip install 'twincar[onnx]')") from e
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for a damaged file
+            raise WeightsError(f"cannot read ONNX model {path}: {str(e).strip().splitlines()[0]}") from e
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name = inp.name
+        side = inp.shape[-1] if len(inp.shape) == 4 else None
+        self.image_size: int | None = side if isinstance(side, int) else None  # None: any size
+        self.num_outputs: int = out.shape[-1] if isinstance(out.shape[-1], int) else -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {self.input_name: x.detach().float().contiguous().cpu().numpy()})
+        return torch.from_numpy(logits).to(x.device)
+
+
+def read_model_card(weights: Path) -> dict:
+    """The ``model_card.json`` beside exported weights, or ``{}`` when there is none."""
+    card_path = weights.with_name(MODEL_CARD)
+    if not card_path.is_file():
+        return {}
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise WeightsError(
-                f"{path} needs pickle code execution to load (it holds more than tensors and plain values): "
-                "refused for safety; re-save it as a plain state dict or .safetensors"
-            ) from e
-        raise WeightsError(f"cannot read weights from {path}: {e}") from e
+        card = json.loads(card_path.read_text("utf-8"))
+    except ValueError as e:
+        raise WeightsError(f"{card_path} is not valid JSON: {e}") from e
+    if not isinstance(card, dict):
+        raise WeightsError(f"{card_path} must hold a JSON object (class_names, preprocess, architecture)")
+    return card
 
 
 def _check_names(given: list[str] | None, carried: list[str] | None, num_outputs: int, path: Path) -> list[str]:
@@ -189,19 +238,27 @@ def load_model(
     """The one way a trained model comes in, for predict, eval, explain, export and the demo.
 
     ``path`` is a TwinCar Lightning ``.ckpt`` (class names and preprocessing inside), exported weights
-    (``.pth``/``.safetensors``) with a ``model_card.json`` beside them, or a bare state dict such as the
-    original TwinCars ``.pth`` (a torchvision resnet50 with a K-way ``fc``), which needs ``classes`` and
-    gets the original preprocessing (224x224 squash, ImageNet mean/std) unless ``preprocess`` is given.
+    (``.pth``/``.safetensors``/``.onnx``, the last run by onnxruntime) with a ``model_card.json`` beside them,
+    or a bare state dict such as the original TwinCars ``.pth`` (a torchvision resnet50 with a K-way ``fc``),
+    which needs ``classes`` and gets the original preprocessing (224x224 squash, ImageNet mean/std) unless
+    ``preprocess`` is given.
     Every file is read with ``weights_only=True`` or safetensors: nothing is unpickled.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise WeightsError(f"model file {path} does not exist: pass --model PATH to a .ckpt, .pth or .safetensors")
+        raise WeightsError(f"model file {path} does not exist: give the path of a .ckpt, .pth, .safetensors or .onnx")
     try:
         given = read_class_names(classes) if isinstance(classes, (str, Path)) else (list(classes) if classes else None)
     except (OSError, ValueError) as e:
         raise WeightsError(str(e)) from e
     card: dict = {}
+    if path.suffix == ".onnx":
+        model = OnnxModule(path)
+        card = read_model_card(path)
+        carried = card.get("class_names")
+        names = _check_names(given, list(carried) if carried else None, model.num_outputs, path)
+        pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
+        return LoadedModel(model, names, preprocess or pre, card.get("architecture", "onnx"), path, card)
     if path.suffix == ".ckpt":
         ckpt = _safe_torch_load(path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -213,22 +270,22 @@ def load_model(
         pre = Preprocess.from_dict(card.get("preprocess"))
     else:
         state = read_state_dict(path)
-        card_path = path.with_name(MODEL_CARD)
-        if card_path.is_file():
-            try:
-                card = json.loads(card_path.read_text("utf-8"))
-            except ValueError as e:
-                raise WeightsError(f"{card_path} is not valid JSON: {e}") from e
+        card = read_model_card(path)
         arch = card.get("architecture", architecture or "resnet50")
         carried = card.get("class_names")
         pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
     names = _check_names(given, list(carried) if carried else None, _head_outputs(state, path), path)
     model = timm.create_model(arch, num_classes=len(names), pretrained=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or misshapen:
         raise WeightsError(
-            f"{path} does not fit architecture {arch}: {len(missing)} missing and {len(unexpected)} unexpected "
-            f"tensor(s), e.g. {(missing or unexpected)[0]}"
+            f"{path} does not fit architecture {arch}: {len(missing)} missing, {len(unexpected)} unexpected and "
+            f"{len(misshapen)} misshapen tensor(s), e.g. {(missing or unexpected or misshapen)[0]}; "
+            "keep its model_card.json beside it (or pass the architecture it was trained with)"
         )
+    model.load_state_dict(state)
     model.eval()
     return LoadedModel(model, names, preprocess or pre, arch, path, card)

@@ -1,0 +1,80 @@
+"""Export: weights + model_card.json in three formats, read back by the Predictor with the same answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import TINY_NAMES, run_cli
+from twincar import Predictor
+from twincar.export import ExportError, export_model
+from twincar.models.io import MODEL_CARD, load_model
+
+
+def test_converting_exported_weights_to_safetensors_keeps_card_and_answers(tiny_export, car_images, tmp_path):
+    weights = export_model(tiny_export, "safetensors", tmp_path / "st")
+    assert weights == tmp_path / "st" / "model.safetensors"
+    card = json.loads((tmp_path / "st" / MODEL_CARD).read_text())
+    assert card["class_names"] == TINY_NAMES and card["architecture"] == "resnet18"
+    assert card["preprocess"]["image_size"] == 64 and card["preprocess"]["resize_mode"] == "crop"
+    assert set(load_file(weights)) == set(torch.load(tiny_export, weights_only=True))
+    a = Predictor.load(tiny_export, device="cpu").predict(car_images, topk=6)
+    b = Predictor.load(weights, device="cpu").predict(car_images, topk=6)
+    for x, y in zip(a, b, strict=True):
+        assert x.name == y.name and dict(x.topk) == pytest.approx(dict(y.topk), abs=1e-6)
+
+
+def test_unknown_format_is_one_sentence(tiny_export, tmp_path):
+    with pytest.raises(ExportError, match="format=tflite is not one of pth, safetensors, onnx"):
+        export_model(tiny_export, "tflite", tmp_path)
+
+
+@pytest.mark.slow
+def test_export_round_trips_in_all_three_formats(trained_run, data_dir, tmp_path):
+    """From a training run's checkpoint: pth, safetensors and a single-file ONNX model (dynamic batch, opset >= 17)
+    that onnxruntime runs within 1e-4 of eager PyTorch; each predicts what the checkpoint predicts."""
+    import onnx
+
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    images = sorted(data_dir.glob("synthetic/*/cars_test/*.jpg"))[:5]
+    reference = Predictor.load(ckpt, device="cpu").predict(images, topk=3)
+    run_metrics = json.loads((trained_run / "metrics.json").read_text())
+    for fmt in ("pth", "safetensors", "onnx"):
+        weights = export_model(ckpt, fmt, tmp_path / fmt)
+        assert sorted(p.name for p in (tmp_path / fmt).iterdir()) == sorted([weights.name, MODEL_CARD])
+        card = json.loads((tmp_path / fmt / MODEL_CARD).read_text())
+        assert card["class_names"] == (trained_run / "classes.txt").read_text().splitlines()
+        assert card["metrics"]["val/acc"] == pytest.approx(run_metrics["val/acc"]) and card["source"] == "last.ckpt"
+        got = Predictor.load(weights, device="cpu").predict(images, topk=3)
+        for r, g in zip(reference, got, strict=True):
+            assert r.name == g.name and dict(r.topk) == pytest.approx(dict(g.topk), abs=1e-4)
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch dimension
+    onnx_model = load_model(tmp_path / "onnx" / "model.onnx").model
+    eager = load_model(ckpt).model
+    x = torch.randn(5, 3, 64, 64)  # a batch size the export never saw
+    with torch.inference_mode():
+        np.testing.assert_allclose(onnx_model(x).numpy(), eager(x).numpy(), atol=1e-4, rtol=0)
+    # the demo answers from the ONNX model too, and says why it shows no Grad-CAM for it
+    from twincar.demo import Answerer
+
+    make, *_, overlay, message = Answerer(Predictor.load(tmp_path / "onnx" / "model.onnx"))(str(images[0]), True)
+    assert make == reference[0].make and overlay is None and "Grad-CAM needs a PyTorch model" in message
+
+
+@pytest.mark.slow
+def test_export_cli_writes_into_out_and_says_what_is_missing(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    proc = run_cli("twincar.export", f"ckpt={ckpt}", "format=pth", f"out={tmp_path / 'exp'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = load_model(tmp_path / "exp" / "model.pth")
+    assert loaded.architecture == "resnet18" and loaded.preprocess.image_size == 64
+    assert list((tmp_path / "outputs" / "exports").glob("*/export.log"))  # the export's own run record
+    proc = run_cli("twincar.export", f"ckpt={tmp_path / 'nope.ckpt'}", cwd=tmp_path)
+    said = proc.stdout + proc.stderr  # Hydra logs to the console and to export.log
+    assert proc.returncode == 1 and "nope.ckpt does not exist" in said and "Traceback" not in said

@@ -1,0 +1,157 @@
+"""On-disk Stanford Cars layouts -> one :class:`CarsData` (samples of both splits + class names).
+
+Five readers, one per way labs have the dataset (see each module's docstring):
+
+=================  ============================================================================
+``devkit``         ``devkit/*.mat`` + ``cars_train/`` + ``cars_test/`` (in ROOT or ROOT/stanford_cars)
+``full``           ``car_ims/`` + ``cars_annos.mat`` (train/test from its ``test`` flag)
+``kaggle_folders`` ``car_data/car_data/{train,test}/<Class Name>/`` + ``names.csv`` (+ ``anno_*.csv``)
+``kaggle_devkit``  ``cars_train/cars_train/``, ``cars_test/cars_test/`` + ``devkit/`` or ``car_devkit/devkit/``
+``parquet``        Hugging Face ``data/{train,test}-*.parquet`` (image bytes + label, names in the schema)
+=================  ============================================================================
+
+:func:`load_dataset` reads a root with one of them, or detects which (``format="auto"``). Every
+reader reads fields by name, turns 1-based class ids into 0-based labels (checking 1..K) and keeps
+1-based inclusive boxes as ``Sample.bbox``. :func:`load_sample` decodes any sample's image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode
+
+from twincar.data.formats import full, kaggle, parquet
+from twincar.data.formats.common import UNLABELED, CarsData, DatasetFormatError, Sample, read_names_mat
+from twincar.data.formats.devkit import (
+    DEVKIT_EXPECTS,
+    KAGGLE_DEVKIT_EXPECTS,
+    TEST_LABELS_FILE,
+    find_devkit,
+    find_kaggle_devkit,
+    read_annotations,
+    read_devkit,
+    read_kaggle_devkit,
+    read_meta,
+    write_annotations,
+    write_meta,
+)
+from twincar.data.transforms import ImageHeader, decode_rgb_bytes, load_rgb, read_header
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One on-disk layout: what it expects, how to find it under a root, how to read it."""
+
+    name: str
+    expects: str  # what a root of this layout holds, for error messages
+    find: Callable[[Path], Path | None]  # the folder the layout sits in under a root, or None
+    read: Callable[[Path], CarsData]  # read it from that folder
+
+
+# Detection order: the released devkit first (it is what the others were made from).
+LAYOUTS: dict[str, Layout] = {
+    lay.name: lay
+    for lay in (
+        Layout("devkit", DEVKIT_EXPECTS, find_devkit, read_devkit),
+        Layout("kaggle_devkit", KAGGLE_DEVKIT_EXPECTS, find_kaggle_devkit, read_kaggle_devkit),
+        Layout("full", full.EXPECTS, full.find_full, full.read_full),
+        Layout("kaggle_folders", kaggle.EXPECTS, kaggle.find_kaggle_folders, kaggle.read_kaggle_folders),
+        Layout("parquet", parquet.EXPECTS, parquet.find_parquet, parquet.read_parquet),
+    )
+}
+FORMATS = ("auto", *LAYOUTS)
+
+
+def detect(root: str | Path, format: str = "auto") -> tuple[Layout, Path]:
+    """The layout of the copy at ``root`` and the folder it sits in; one error listing what was tried."""
+    root = Path(root).expanduser()
+    if format not in FORMATS:
+        raise DatasetFormatError(f"data.format={format} is not one of {', '.join(FORMATS)}")
+    if not root.is_dir():
+        raise DatasetFormatError(
+            f"dataset root {root} does not exist: pass data.root=PATH to a Stanford Cars copy "
+            "(devkit/, cars_train/, cars_test/, or another layout) or use data=synthetic"
+        )
+    tried = list(LAYOUTS.values()) if format == "auto" else [LAYOUTS[format]]
+    for layout in tried:
+        base = layout.find(root)
+        if base is not None:
+            return layout, base
+    if format != "auto":
+        raise DatasetFormatError(
+            f"{root} is not in the {format} layout: expected {LAYOUTS[format].expects} (format auto detects the layout)"
+        )
+    listing = "; ".join(f"{lay.name}: {lay.expects}" for lay in tried)
+    raise DatasetFormatError(f"{root} matches no Stanford Cars layout; tried {listing}")
+
+
+def load_dataset(root: str | Path, format: str = "auto") -> CarsData:
+    """Read the copy at ``root`` in layout ``format`` (``auto``: detect it); checked with :meth:`CarsData.validate`."""
+    layout, base = detect(root, format)
+    return layout.read(base).validate()
+
+
+def load_stanford_cars(root: str | Path, split: str, format: str = "auto") -> tuple[list[Sample], list[str]]:
+    """Samples of one official split (``train`` or ``test``) and the class names.
+
+    Test samples carry labels only when the copy has them; otherwise their label is ``UNLABELED``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    layout, base = detect(root, format)
+    data = layout.read(base)
+    return (data.train if split == "train" else data.test), data.class_names
+
+
+def read_class_names_from(path: str | Path) -> list[str]:
+    """Class names in label order from a dataset root of any layout, or one ``cars_meta.mat``,
+    ``cars_annos.mat``, ``names.csv`` or ``.parquet`` file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        layout, base = detect(path)
+        return layout.read(base).class_names
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DatasetFormatError(f"{path} does not exist: pass a dataset root or a class-name file")
+    if suffix == ".mat":
+        return read_names_mat(path)
+    if suffix == ".csv":
+        return kaggle.read_names_csv(path)
+    if suffix == ".parquet":
+        return parquet.read_class_names(path)
+    raise DatasetFormatError(
+        f"{path}: cannot read class names from a {suffix or 'suffix-less'} file "
+        "(use a dataset root, cars_meta.mat, cars_annos.mat, names.csv or a .parquet file)"
+    )
+
+
+def _source(sample: Sample) -> Path | bytes:
+    return sample.path if sample.index is None else parquet.image_bytes(sample.path, sample.index)
+
+
+def sample_label(sample: Sample) -> str:
+    """How a sample is named to a user: its path, or ``file.parquet#row``."""
+    return str(sample.path) if sample.index is None else f"{sample.path}#{sample.index}"
+
+
+def sample_header(sample: Sample) -> ImageHeader:
+    """Size, mode and EXIF orientation of a sample's image from its header; ImageReadError when it is unusable."""
+    return read_header(_source(sample), sample_label(sample))
+
+
+def load_sample(sample: Sample, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
+    """Decode a sample's image to ``uint8`` (3, H, W) RGB (file or parquet row); ImageReadError names it."""
+    if sample.index is None:
+        return load_rgb(sample.path, mode)
+    return decode_rgb_bytes(_source(sample), sample_label(sample), mode)
+
+
+__all__ = [
+    "FORMATS", "LAYOUTS", "TEST_LABELS_FILE", "UNLABELED", "CarsData", "DatasetFormatError", "Layout", "Sample",
+    "detect", "load_dataset", "load_sample", "load_stanford_cars", "read_annotations", "read_class_names_from",
+    "read_meta", "sample_header", "sample_label", "write_annotations", "write_meta",
+]

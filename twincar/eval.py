@@ -1,0 +1,356 @@
+"""Evaluate a trained model: ``python -m twincar.eval ckpt=PATH [data.split=test|val] [data.root=PATH] [tta=flip]``.
+
+The model comes in through :class:`~twincar.inference.Predictor` (class names and preprocessing from the file),
+the images from :class:`~twincar.data.datamodule.CarsDataModule` built from the training run's data config
+(the very val/test sets training used), and the numbers from :func:`twincar.metrics.classification_metrics`
+(the code training logs with), so ``eval`` on a checkpoint's split reproduces what training logged.
+
+It writes into its run directory ``reports/``: ``metrics.json``, ``per_class.csv``, ``confused_pairs.csv`` /
+``.png``, ``top_losses.png``, ``reliability.png`` and ``predictions.csv``. ``evaluate(cfg)`` is the pure
+function; ``main`` the thin Hydra entry point. It never trains.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from twincar.data.classes import parse_car_name
+from twincar.data.datamodule import CarsDataset
+from twincar.data.formats import Sample, load_sample, sample_label
+from twincar.data.transforms import ImageReadError, Preprocess
+from twincar.errors import TwinCarError
+from twincar.figures import confused_pairs_figure, reliability_diagram, top_losses_figure
+from twincar.inference import Predictor
+from twincar.metrics import calibration_bins, classification_metrics
+from twincar.models.io import MODEL_CARD, load_model
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("test", "val")
+TTA_MODES = ("none", "flip")
+REPORT_FILES = ("metrics.json", "per_class.csv", "confused_pairs.csv", "confused_pairs.png", "top_losses.png",
+                "reliability.png", "predictions.csv")
+
+
+class EvalError(TwinCarError, ValueError):
+    """A bad eval option or input; the message names it and what to pass."""
+
+
+# -- inputs: model, data ---------------------------------------------------------------------------
+def find_run_config(model_path: str | Path) -> Path | None:
+    """The training ``config.yaml`` of the run a model file belongs to (``RUN/checkpoints/x.ckpt`` or
+    ``RUN/model.pth``), or None."""
+    model_path = Path(model_path).expanduser()
+    for d in (model_path.parent, model_path.parent.parent):
+        if (d / "config.yaml").is_file():
+            return d / "config.yaml"
+    return None
+
+
+def load_predictor(
+    path: str | Path, classes: str | Path | None = None, *, device: str = "auto", run_config: str | Path | None = None
+) -> Predictor:
+    """The model in ``path`` as a Predictor. A bare ``model.pth`` takes ``classes`` or the ``classes.txt`` beside
+    it, and, without a model card but inside a training run, that run's architecture and preprocessing."""
+    path = Path(path).expanduser()
+    preprocess, architecture = None, None
+    if path.suffix != ".ckpt":
+        if classes is None and (path.parent / "classes.txt").is_file():
+            classes = path.parent / "classes.txt"
+        run_config = run_config or find_run_config(path)
+        if not (path.parent / MODEL_CARD).is_file() and run_config and Path(run_config).is_file():
+            run = OmegaConf.load(run_config)
+            architecture = OmegaConf.select(run, "model.name")
+            if OmegaConf.select(run, "data.image_size"):
+                preprocess = Preprocess(image_size=int(run.data.image_size),
+                                        eval_crop_pct=float(run.data.get("eval_crop_pct", 0.875)))
+    loaded = load_model(path, classes, architecture=architecture, preprocess=preprocess)
+    return Predictor(loaded.model, loaded.class_names, loaded.preprocess, device=device)
+
+
+def data_config(cfg: DictConfig) -> tuple[dict, str]:
+    """(CarsDataModule config, split): the training run's data config with this run's non-null ``data.*``
+    on top; or, when a data group was chosen here (``data=stanford_cars``), that one."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    split = data.pop("split", "test")
+    if split not in SPLITS:
+        raise EvalError(f"data.split={split} is not a split: use data.split=test or data.split=val")
+    if "_target_" not in data:
+        run_config = cfg.get("run_config") or find_run_config(cfg.ckpt)
+        if run_config is None or not Path(run_config).is_file():
+            raise EvalError(
+                f"no training config.yaml found for {cfg.ckpt} to take the data from: pass data=stanford_cars "
+                "data.root=PATH (or run_config=PATH/config.yaml)"
+            )
+        base = OmegaConf.to_container(OmegaConf.load(run_config).data, resolve=True)
+        base.update({k: v for k, v in data.items() if v is not None})
+        data = base
+        log.info("data config from %s", run_config)
+    data["augmentation"] = None  # eval images go through the model's own preprocessing only
+    return data, split
+
+
+def eval_samples(data: dict, split: str, class_names: list[str]) -> tuple[list[Sample], float | None, list[str]]:
+    """The labelled samples of ``split`` exactly as training's CarsDataModule splits them, the car-box crop
+    margin it applies (None: no crop) and the images it left out (``data.on_corrupt=skip``)."""
+    datamodule = hydra.utils.instantiate(data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    if [n.lower() for n in datamodule.class_names] != [n.lower() for n in class_names]:
+        raise EvalError(
+            f"the model has {len(class_names)} classes but the data at {datamodule.root} has "
+            f"{datamodule.num_classes} (or other names): pass the data.root it was trained on"
+        )
+    if split == "test" and not datamodule.has_test_labels:
+        raise EvalError(f"{datamodule.root} has no test labels: use data.split=val")
+    dataset = datamodule.test_set if split == "test" else datamodule.val_set
+    return list(dataset.samples), getattr(dataset, "bbox_margin", None), list(getattr(datamodule, "skipped", []))
+
+
+class _Indexed(Dataset):
+    """A CarsDataset whose items also say which sample they are; an unreadable one comes back as its error."""
+
+    def __init__(self, dataset: CarsDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label_or_error = self.dataset[i]
+        return (image, i, None) if image is not None else (None, i, str(label_or_error))
+
+
+def _collate(items):
+    ok = [(x, i) for x, i, err in items if err is None]
+    images = torch.stack([x for x, _ in ok]) if ok else None
+    return images, [i for _, i in ok], [(i, err) for _, i, err in items if err is not None]
+
+
+@dataclass
+class EvalOutputs:
+    """Logits of every readable image of a split, in sample order, and what could not be read."""
+
+    logits: torch.Tensor  # (N, K) float32
+    labels: torch.Tensor  # (N,)
+    samples: list[Sample]  # the N readable samples
+    skipped: list[tuple[str, str]]  # (path, why) of unreadable images
+
+
+def collect_logits(
+    predictor: Predictor, samples: list[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
+    num_workers: int = 0, tta: str = "none", progress: bool = True,
+) -> EvalOutputs:
+    """Run the model over ``samples`` in batches, with optional flip TTA. Per-image work (decode, the car-box
+    crop when ``bbox_margin`` is set, the model's resize/crop) runs in DataLoader workers, as in training."""
+    if tta not in TTA_MODES:
+        raise EvalError(f"tta={tta} is not supported: use tta=none or tta=flip")
+    from tqdm.auto import tqdm
+
+    dataset = _Indexed(CarsDataset(samples, predictor.image_transform, bbox_margin))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
+    logits, kept, skipped = [], [], []
+    with tqdm(total=len(samples), desc="eval", unit="img", disable=not progress) as bar:
+        for images, idx, bad in loader:
+            for i, err in bad:
+                log.warning("skipping unreadable image: %s", err)
+                skipped.append((sample_label(samples[i]), err))
+            if images is not None:
+                out = predictor.logits(images)
+                if tta == "flip":
+                    out = (out + predictor.logits(images.flip(-1))) / 2
+                logits.append(out)
+                kept.extend(idx)
+            bar.update(len(idx) + len(bad))
+    if not kept:
+        raise EvalError(f"none of the {len(samples)} images could be read (first: {skipped[0][1] if skipped else '-'})")
+    kept_samples = [samples[i] for i in kept]
+    return EvalOutputs(torch.cat(logits), torch.tensor([s.label for s in kept_samples]), kept_samples, skipped)
+
+
+def _image(sample: Sample) -> torch.Tensor | None:
+    """A sample's image for a figure (whole, uncropped); None when it cannot be read."""
+    try:
+        return load_sample(sample)
+    except ImageReadError:
+        return None
+
+
+# -- numbers ---------------------------------------------------------------------------------------
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], split: str) -> dict:
+    """``{split}/name`` metrics, computed by the collection training logs with; ``{split}/loss`` is the NLL."""
+    metrics = classification_metrics(len(class_names), prefix=f"{split}/", class_names=class_names)
+    metrics.update(logits, labels)
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    values[f"{split}/loss"] = values[f"{split}/nll"]
+    return dict(sorted(values.items()))
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) counts: row = true class, column = predicted class."""
+    return torch.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def per_class_rows(cm: torch.Tensor, class_names: list[str]) -> list[dict]:
+    """Per class: support, precision, recall, F1 and the other class it is most often taken for."""
+    rows = []
+    tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
+    off = cm.clone().fill_diagonal_(0)
+    for k, name in enumerate(class_names):
+        p = tp[k].item() / predicted[k].item() if predicted[k] else 0.0
+        r = tp[k].item() / support[k].item() if support[k] else 0.0
+        other = int(off[k].argmax())
+        car = parse_car_name(name)
+        rows.append({
+            "label": k, "name": name, "make": car.make, "model": car.model, "year": car.year or "",
+            "support": int(support[k]), "precision": round(p, 6), "recall": round(r, 6),
+            "f1": round(2 * p * r / (p + r), 6) if p + r else 0.0,
+            "most_confused_with": class_names[other] if off[k, other] else "",
+            "most_confused_count": int(off[k, other]),
+        })
+    return rows
+
+
+def relation(a: str, b: str) -> str:
+    """How two class names differ: ``year`` (same family), ``model`` (same make) or ``make``."""
+    ca, cb = parse_car_name(a), parse_car_name(b)
+    return "year" if ca.family == cb.family else "model" if ca.make == cb.make else "make"
+
+
+def confused_pairs(cm: torch.Tensor, class_names: list[str], preds: torch.Tensor, labels: torch.Tensor,
+                   samples: list[Sample], top: int = 20) -> list[dict]:
+    """The ``top`` class pairs most often confused (either way), with an example sample of each side
+    (one it got wrong as the other, when there is one)."""
+    both = (cm + cm.T).triu(diagonal=1)
+    order = both.flatten().argsort(descending=True)[:top]
+    pairs = []
+    for flat in order.tolist():
+        a, b = divmod(flat, len(class_names))
+        if both[a, b] == 0:
+            break
+
+        def example(x: int, y: int) -> Sample | None:
+            hits = ((labels == x) & (preds == y)).nonzero().flatten().tolist()
+            hits = hits or (labels == x).nonzero().flatten().tolist()
+            return samples[hits[0]] if hits else None
+
+        pairs.append({
+            "name_a": class_names[a], "name_b": class_names[b], "a_as_b": int(cm[a, b]), "b_as_a": int(cm[b, a]),
+            "total": int(both[a, b]), "differ_in": relation(class_names[a], class_names[b]),
+            "example_a": example(a, b), "example_b": example(b, a),
+        })
+    return pairs
+
+
+PAIR_FIELDS = ["name_a", "name_b", "a_as_b", "b_as_a", "total", "differ_in", "example_a", "example_b"]
+
+
+def _write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> Path:
+    fields = fields or (list(rows[0]) if rows else PAIR_FIELDS)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, split: str, extra: dict,
+                  top_losses: int = 16, top_pairs: int = 20) -> dict:
+    """Every report file of one evaluation into ``out_dir``; returns the metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = predictor.class_names
+    metrics = compute_metrics(out.logits, out.labels, names, split)
+    (out_dir / "metrics.json").write_text(json.dumps({**metrics, **extra}, indent=1))
+
+    probs = out.logits.softmax(1)
+    preds = probs.argmax(1)
+    cm = confusion_matrix(preds, out.labels, len(names))
+    _write_csv(per_class_rows(cm, names), out_dir / "per_class.csv")
+
+    pairs = confused_pairs(cm, names, preds, out.labels, out.samples, top_pairs)
+    _write_csv([{**p, **{k: sample_label(p[k]) if p[k] else "" for k in ("example_a", "example_b")}} for p in pairs],
+               out_dir / "confused_pairs.csv")
+    confused_pairs_figure([{**p, **{k: p[k] and _image(p[k]) for k in ("example_a", "example_b")}} for p in pairs],
+                          out_dir / "confused_pairs.png")
+
+    loss = -probs[torch.arange(len(preds)), out.labels].clamp(min=1e-12).log()
+    wrong = (preds != out.labels).nonzero().flatten()
+    worst = wrong[loss[wrong].argsort(descending=True)][:top_losses].tolist()
+    top_losses_figure([{"image": _image(out.samples[i]), "true": names[out.labels[i]], "pred": names[preds[i]],
+                        "confidence": probs[i, preds[i]].item(), "loss": loss[i].item()} for i in worst],
+                      out_dir / "top_losses.png")
+    reliability_diagram(calibration_bins(out.logits, out.labels), out_dir / "reliability.png")
+
+    results = predictor.results(out.logits, [sample_label(s) for s in out.samples], topk=5)
+    _write_csv([{
+        "path": r.source, "label": int(lab), "true_name": names[lab], "pred_label": r.label, "pred_name": r.name,
+        "confidence": round(r.confidence, 6), "correct": int(r.label == lab), "loss": round(loss[i].item(), 6),
+        "top5": "; ".join(f"{n} ({p:.4f})" for n, p in r.topk),
+    } for i, (r, lab) in enumerate(zip(results, out.labels.tolist(), strict=True))], out_dir / "predictions.csv")
+    return metrics
+
+
+# -- the pure function and the entry point ------------------------------------------------------
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate ``cfg.ckpt`` on ``cfg.data.split``; write ``reports/`` under ``cfg.paths.output_dir``."""
+    predictor = load_predictor(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"),
+                               run_config=cfg.get("run_config"))
+    data, split = data_config(cfg)
+    out_dir = Path(cfg.paths.output_dir) / "reports"
+    if "skipped_file" in data:  # on_corrupt=skip names what it leaves out here, not in the training run
+        data["skipped_file"] = str(out_dir / "skipped.txt")
+    samples, margin, left_out = eval_samples(data, split, predictor.class_names)
+    batch_size = int(data.get("eval_batch_size") or data.get("batch_size") or 64)
+    log.info("evaluating %s on %d %s images (%s, tta=%s)", cfg.ckpt, len(samples), split, predictor.device, cfg.tta)
+    out = collect_logits(predictor, samples, bbox_margin=margin, batch_size=batch_size,
+                         num_workers=int(data.get("num_workers") or 0), tta=str(cfg.tta),
+                         progress=bool(cfg.get("progress", True)))
+    extra = {"checkpoint": str(cfg.ckpt), "split": split, "tta": str(cfg.tta), "images": len(out.samples),
+             "skipped": left_out + [p for p, _ in out.skipped], "classes": len(predictor.class_names)}
+    metrics = write_reports(out, predictor, out_dir, split=split, extra=extra,
+                            top_losses=int(cfg.top_losses), top_pairs=int(cfg.confused_pairs))
+    log.info("\n%s", summary(metrics, split, out_dir))
+    return metrics
+
+
+def summary(metrics: dict[str, float], split: str, out_dir: Path) -> str:
+    """A few lines for the console: accuracy, the fine-grained view, calibration, where the reports are."""
+    m = {k.removeprefix(f"{split}/"): v for k, v in metrics.items()}
+
+    def f(x: float) -> str:
+        return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+    return "\n".join([
+        f"{split}: top-1 {f(m['acc'])}, top-5 {f(m.get('acc_top5', float('nan')))}, macro F1 {f(m['f1_macro'])}",
+        f"  make {f(m['acc_make'])}, family (make + model) {f(m['acc_family'])}, year {f(m['acc_year'])} "
+        f"(+-1: {f(m['acc_year_pm1'])}), year in family {f(m['acc_year_in_family'])}",
+        f"  errors: wrong year only {f(m['err_wrong_year'])}, wrong model {f(m['err_wrong_model'])}, "
+        f"wrong make {f(m['err_wrong_make'])}",
+        f"  calibration: ECE {f(m['ece'])}, NLL {f(m['nll'])}",
+        f"Reports: {out_dir}",
+    ])
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: a user error is printed as one sentence, exit code 1."""
+    try:
+        evaluate(cfg)
+    except TwinCarError as e:
+        log.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The report figures: reliability diagram, confused twins, top losses, Grad-CAM overlays and grids.
+
+Pure functions over arrays and file paths; each writes one PNG (matplotlib, Agg) and returns its path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from twincar.data.transforms import ImageReadError, load_rgb  # noqa: E402
+from twincar.metrics import expected_calibration_error  # noqa: E402
+
+DPI = 100
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _thumbnail(image: str | Path | torch.Tensor | None, size: int = 160) -> np.ndarray:
+    """An image (a file, or a uint8 (3, H, W) tensor) as an (H, W, 3) uint8 array, longest side ``size``;
+    a grey tile when there is none or it cannot be read."""
+    try:
+        if isinstance(image, (str, Path)):
+            image = load_rgb(image)
+        if isinstance(image, torch.Tensor):
+            img = image.float()[None]
+            img = torch.nn.functional.interpolate(img, scale_factor=size / max(img.shape[-2:]), mode="bilinear",
+                                                  antialias=True)
+            return img[0].clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    except (ImageReadError, RuntimeError):
+        pass
+    return np.full((size * 3 // 4, size, 3), 200, np.uint8)
+
+
+def _short(name: str, width: int = 28) -> str:
+    """A class name wrapped on two lines for a figure title."""
+    if len(name) <= width:
+        return name
+    cut = name.rfind(" ", 0, width)
+    cut = cut if cut > 0 else width
+    return name[:cut] + "\n" + name[cut:].strip()
+
+
+def reliability_diagram(bins: torch.Tensor, path: str | Path) -> Path:
+    """Accuracy vs confidence per bin (from :func:`twincar.metrics.calibration_bins`), ECE in the title."""
+    count, conf, correct = (b.cpu().numpy() for b in bins)
+    n_bins = len(count)
+    edges = np.linspace(0, 1, n_bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    filled = count > 0
+    acc = np.divide(correct, count, out=np.zeros_like(correct), where=filled)
+    mean_conf = np.divide(conf, count, out=centers.copy(), where=filled)
+    ece = float(expected_calibration_error(bins.cpu()))
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=(3, 1), sharex=True)
+    ax.bar(centers, acc, width=1 / n_bins, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(centers[filled], (mean_conf - acc)[filled], bottom=acc[filled], width=1 / n_bins, color="tab:red",
+           alpha=0.3, edgecolor="tab:red", hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set(title=f"Reliability (ECE {ece:.3f}, {n_bins} bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    hist.bar(centers, count / max(count.sum(), 1), width=1 / n_bins, color="grey", edgecolor="black")
+    hist.set(xlabel="confidence (top-1 probability)", ylabel="share of images")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def confused_pairs_figure(pairs: Sequence[dict], path: str | Path) -> Path:
+    """One row per pair: an example image of each class, titled with its name and how often it was
+    taken for the other. ``pairs``: dicts with ``name_a``, ``name_b``, ``a_as_b``, ``b_as_a``,
+    ``differ_in``, ``example_a``, ``example_b`` (image files, uint8 (3, H, W) tensors or None)."""
+    rows = max(1, math.ceil(len(pairs) / 2))
+    fig, axes = plt.subplots(rows, 4, figsize=(13, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, pair in enumerate(pairs):
+        r, c = divmod(k, 2)
+        for side, other, ax in (("a", "b", axes[r, 2 * c]), ("b", "a", axes[r, 2 * c + 1])):
+            ax.imshow(_thumbnail(pair[f"example_{side}"]))
+            head = f"#{k + 1}, {pair['differ_in']} differs: " if side == "a" else f"#{k + 1}: "
+            ax.set_title(f"{head}{_short(pair[f'name_{side}'])}\ntaken for the other {pair[f'{side}_as_{other}']}x",
+                         fontsize=8)
+    if not pairs:
+        axes[0, 0].text(0, 0.5, "no confusions", fontsize=14)
+    fig.suptitle("Most confused class pairs (left and right: an image of each)", fontsize=12)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def top_losses_figure(items: Sequence[dict], path: str | Path, cols: int = 4) -> Path:
+    """fastai's ``plot_top_losses``: the most confidently wrong images with true and predicted names.
+    ``items``: dicts with ``image`` (a file or a uint8 (3, H, W) tensor), ``true``, ``pred``, ``confidence``,
+    ``loss``."""
+    rows = max(1, math.ceil(len(items) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, it in zip(axes.flat, items, strict=False):
+        ax.imshow(_thumbnail(it["image"]))
+        ax.set_title(f"true: {_short(it['true'])}\npred: {_short(it['pred'])}\n"
+                     f"p={it['confidence']:.2f}  loss={it['loss']:.2f}", fontsize=7)
+    if not items:
+        axes[0, 0].text(0, 0.5, "no errors", fontsize=14)
+    fig.suptitle("Top losses: most confidently wrong (true / predicted / confidence / loss)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def cam_title(e) -> str:
+    """"Make Model, Year (confidence)" of an :class:`~twincar.explain.Explanation`, and the target if other."""
+    p = e.prediction
+    title = f"{p.make} {p.model}, {p.year if p.year is not None else 'year n/a'} ({p.confidence:.0%})"
+    if e.target_name and e.target_name != p.name:
+        title += f"\nCAM of: {_short(e.target_name, 40)}"
+    return title
+
+
+def cam_figure(e, path: str | Path) -> Path:
+    """The original project's ``gradcam_example_*.png``: the image and its CAM overlay, titled with the
+    predicted make, model, year and confidence."""
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.8))
+    axes[0].imshow(e.image)
+    axes[0].set_title(Path(e.prediction.source).name, fontsize=8)
+    axes[1].imshow(e.overlay)
+    axes[1].set_title(f"{e.method}", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(cam_title(e), fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def cam_grid(explanations: Sequence, path: str | Path, cols: int = 4) -> Path:
+    """All overlays in one figure, each titled with its prediction."""
+    ok = [e for e in explanations if e.ok]
+    cols = max(1, min(cols, len(ok)))
+    rows = max(1, math.ceil(len(ok) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, e in zip(axes.flat, ok, strict=False):
+        ax.imshow(e.overlay)
+        ax.set_title(_short(cam_title(e), 60), fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

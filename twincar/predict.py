@@ -1,0 +1,206 @@
+"""Predict the make, model and year of car photos: ``python -m twincar.predict --images PATH... --model PATH``.
+
+Also installed as ``twincar-predict``. Writes one row per image (the original TwinCars columns ``image,
+make, model, year, confidence``, then ``class, label, top{i}_class, top{i}_prob, error``) to a CSV or JSON
+file. ``predict_files`` is the pure function; ``main`` is the thin argparse entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from twincar.errors import TwinCarError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+DEFAULT_OUTPUT = "reports/predictions_custom_images.csv"  # the original project's output file
+PROGRESS_MIN_IMAGES = 16  # show a progress bar from this many images on
+
+
+class NoImagesError(TwinCarError, FileNotFoundError):
+    """``--images`` matched no image file."""
+
+
+def find_images(specs: Sequence[str | Path]) -> list[Path]:
+    """Files named by ``specs``: folders (recursive, image extensions, sorted), files, or glob patterns.
+
+    A file given by name is kept whatever its extension (so a broken upload gets its own error row).
+    Duplicates are dropped, first occurrence wins.
+    """
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found.append(path)
+        elif any(c in str(spec) for c in "*?["):  # a glob pattern; ** recurses
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            found += [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        else:
+            raise NoImagesError(f"--images {spec}: no such file or folder")
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        listed = " ".join(map(str, specs))
+        raise NoImagesError(f"--images {listed}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
+    return unique
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def format_predictions(predictions: Sequence, fmt: str, topk: int) -> str:
+    """The CSV (header + one row per image) or JSON (a list of objects with a ``topk`` list) text."""
+    if fmt == "json":
+        objects = []
+        for p in predictions:
+            row = p.to_row(0)
+            row["topk"] = [{"class": n, "prob": round(q, 6)} for n, q in p.topk]
+            objects.append(row)
+        return json.dumps(objects, indent=1) + "\n"
+    buf = io.StringIO()
+    rows = [p.to_row(topk) for p in predictions]
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+@dataclass
+class PredictSummary:
+    """What a predict run did."""
+
+    output: Path
+    images: int
+    errors: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.images - self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.images} images, {self.errors} errors, {self.images_per_second:.1f} img/s "
+                f"-> {self.output}")
+
+
+def predict_files(
+    images: Sequence[str | Path],
+    model: str | Path,
+    *,
+    classes: str | Path | None = None,
+    output: str | Path = DEFAULT_OUTPUT,
+    fmt: str = "csv",
+    topk: int = 5,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "auto",
+    image_size: int | None = None,
+    resize_mode: str | None = None,
+    tta: str | None = None,
+    progress: bool = True,
+) -> PredictSummary:
+    """Predict every image and write the rows to ``output``; unreadable images get an ``error`` row.
+
+    The model and its class list are checked before any image is read.
+    """
+    from twincar.inference import Predictor  # torch is imported here, not for --help
+
+    if fmt not in ("csv", "json"):
+        raise TwinCarError(f"--format must be csv or json, got {fmt!r}")
+    if topk < 1:
+        raise TwinCarError(f"--topk must be at least 1, got {topk}")
+    predictor = Predictor.load(
+        model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta
+    )
+    files = find_images(images)
+    log.info("predicting %d image(s) with %s (%d classes, %s, %s)", len(files), model, len(predictor.class_names),
+             predictor.device, "bf16" if predictor.autocast_dtype is not None else "fp32")
+    start = time.perf_counter()
+    stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk,
+                                    num_workers=min(num_workers, max(0, len(files) // batch_size)))
+    if progress and len(files) >= PROGRESS_MIN_IMAGES:
+        from rich.progress import track
+
+        stream = track(stream, total=len(files), description="predicting", transient=True)
+    predictions = list(stream)
+    seconds = time.perf_counter() - start
+    out = write_atomic(Path(output), format_predictions(predictions, fmt, topk))
+    return PredictSummary(out, len(predictions), sum(not p.ok for p in predictions), seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="twincar-predict", description="Predict make, model and year of car photos into a CSV or JSON file."
+    )
+    parser.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                        help="image files, folders (searched recursively) or glob patterns")
+    parser.add_argument("--model", required=True, metavar="PATH",
+                        help="a TwinCar .ckpt, an exported .pth/.safetensors/.onnx, or the original TwinCars .pth")
+    parser.add_argument("--classes", metavar="PATH",
+                        help="classes.txt or classes.csv; needed when the model file carries no class names")
+    parser.add_argument("--output", "-o", metavar="PATH",
+                        help=f"output file (default {DEFAULT_OUTPUT}, .json with --format json)")
+    parser.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default csv)")
+    parser.add_argument("--topk", type=int, default=5, help="top-k classes per image (default 5)")
+    parser.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--workers", "-j", type=int, default=2, help="image decoding processes (default 2)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 autocast where the CPU/GPU computes bf16 natively, else fp32")
+    parser.add_argument("--img-size", type=int, metavar="N", help="network input side (default: from the model)")
+    parser.add_argument("--resize-mode", choices=("crop", "squash"),
+                        help="crop: short side + center crop; squash: whole image to NxN (default: from the model)")
+    parser.add_argument("--tta", choices=("flip",), help="test-time augmentation: average with the mirror image")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; a user error prints one sentence and exits 1, as does a run where every image failed."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    output = args.output or (DEFAULT_OUTPUT if args.format == "csv" else str(Path(DEFAULT_OUTPUT).with_suffix(".json")))
+    try:
+        summary = predict_files(
+            args.images, args.model, classes=args.classes, output=output, fmt=args.format, topk=args.topk,
+            batch_size=args.batch_size, num_workers=args.workers, device=args.device, precision=args.precision,
+            image_size=args.img_size, resize_mode=args.resize_mode, tta=args.tta, progress=not args.no_progress,
+        )
+    except TwinCarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary)
+    if summary.errors == summary.images:
+        print(f"error: none of the {summary.images} image(s) could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
