@@ -85,16 +85,6 @@ def test_unreadable_file_is_recorded_and_named_when_read(small_root, tmp_path, c
         cache(Sample(tmp_path / "elsewhere.jpg", 0))
 
 
-def test_boxes_are_scaled_with_the_image(small_root, tmp_path):
-    sample = _samples(small_root)[0]
-    cache = open_cache([sample], tmp_path / "cache", Preprocess(image_size=64))
-    boxed = cache.rescale(Sample(sample.path, sample.label, (11, 21, 110, 81)))  # in the 128 x 96 file
-    sx, sy = 97 / 128, 73 / 96  # the cached image is 97 x 73
-    assert boxed.bbox == (round(11 * sx), round(21 * sy), round(110 * sx), round(81 * sy))
-    unboxed = Sample(sample.path, sample.label)
-    assert cache.rescale(unboxed) == unboxed  # no box: nothing to scale
-
-
 def _nearest_centroid(train_x, train_y, x):
     """A real classifier over flattened pixels (predictions vary image by image, unlike a random network)."""
     classes = sorted(set(train_y.tolist()))

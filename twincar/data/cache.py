@@ -3,7 +3,8 @@
 Every image is decoded once (reduced-size JPEG decode where the file is large), resized so that its short
 side is ``cache_short_side(preprocess)`` (eval's resize size, 256 for 224; never enlarged) and appended to one
 flat file, either as raw ``uint8`` pixels (``format="raw"``: read by memory map, no decoding at all) or
-as a small JPEG (``format="jpeg"``: over 10x less disk, a cheap decode). Boxes are scaled with the image.
+as a small JPEG (``format="jpeg"``: over 10x less disk, a cheap decode). The datamodule scales car boxes
+to the cached size (``data.crop_to_bbox``).
 This is what makes FFCV fast; the per-image augmentation then runs on images a few times smaller.
 
 The cache lives in ``cache_dir/<key>/`` where ``key`` hashes every file's path, size and modification time,
@@ -26,7 +27,6 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -195,17 +195,6 @@ class ImageCache:
         if self.format == "jpeg":
             return decode_jpeg(data)
         return data.view(3, h, w)
-
-    def rescale(self, sample: Sample) -> Sample:
-        """``sample`` with its box in the cached image's pixels (the image was resized by a known factor)."""
-        entry = self.entries.get(self._key(sample))
-        if sample.bbox is None or entry is None:
-            return sample
-        h, w, orig_w, orig_h = entry[2:6]
-        sx, sy = w / orig_w, h / orig_h
-        x1, y1, x2, y2 = sample.bbox
-        box = (max(1, round(x1 * sx)), max(1, round(y1 * sy)), min(w, round(x2 * sx)), min(h, round(y2 * sy)))
-        return replace(sample, bbox=box)
 
 
 def open_cache(
