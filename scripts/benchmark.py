@@ -560,7 +560,7 @@ def gpu_train(paths, work, quick: bool, compile_model: bool, device: torch.devic
     torch.backends.cudnn.benchmark = True
     workers = min(16, os.cpu_count() or 1)
     if quick:
-        return gpu_train_at(paths, work, 32, 4, 2, 0, device, False, arch="resnet18")
+        return gpu_train_at(paths, work, 32, 4, 2, 0, device, False, arch="resnet10t")
     at224 = gpu_train_at(paths, work, 224, 256, 40, workers, device, compile_model)
     at448 = gpu_train_at(paths, work, 448, 64, 40, workers, device, compile_model)
     return {**at224, "at_448": at448}
