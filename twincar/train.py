@@ -23,6 +23,7 @@ from twincar.curves import plot_curves
 from twincar.data.classes import write_classes_txt
 from twincar.errors import TwinCarError
 from twincar.models.classifier import CarClassifier
+from twincar.models.finetune import run_lr_find
 from twincar.models.io import checkpoint_class_names, export_state_dict
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = _instantiate_all(cfg.get("logger"))
     log.info("instantiating trainer <%s>", cfg.trainer._target_)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.get("tune"):  # tune=lr_find: find a learning rate, train nothing
+        return run_lr_find(trainer, model, datamodule, OmegaConf.to_container(cfg.tune, resolve=True), out_dir)
 
     hp = hyperparameters(cfg)
     for logger in trainer.loggers:
