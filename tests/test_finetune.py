@@ -212,12 +212,12 @@ def test_compiled_forward_is_not_copied_by_weight_averaging():
 def test_lr_find_writes_its_plot_and_prints_a_suggestion_without_training(tmp_path, data_dir, capsys):
     from twincar.train import train
 
-    result = train(compose_train(tmp_path, data_dir, "tune=lr_find", "tune.num_training=12", "tune.min_lr=1e-5",
+    result = train(compose_train(tmp_path, data_dir, "tune=lr_find", "tune.num_training=20", "tune.min_lr=1e-5",
                                  "tune.max_lr=1", "tune.early_stop_threshold=null"))
     run = tmp_path / "run"
     assert (run / "lr_find.png").stat().st_size > 5000
     curve = json.loads((run / "lr_find.json").read_text())
-    assert len(curve["lr"]) == 12 and curve["lr"][0] < curve["lr"][-1]
+    assert len(curve["lr"]) == 20 and curve["lr"][0] < curve["lr"][-1]
     out = capsys.readouterr().out
     assert "Suggested learning rate" in out and f"optimizer.lr={result['lr_find/suggestion']:.3g}" in out
     assert 1e-5 <= result["lr_find/suggestion"] <= 1
