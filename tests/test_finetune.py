@@ -209,6 +209,7 @@ def test_compiled_forward_is_not_copied_by_weight_averaging():
 
 
 # -- LR finder --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lr_find_writes_its_plot_and_prints_a_suggestion_without_training(tmp_path, data_dir, capsys):
     from twincar.train import train
 
@@ -226,15 +227,17 @@ def test_lr_find_writes_its_plot_and_prints_a_suggestion_without_training(tmp_pa
 
 
 # -- debug presets ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_debug_overfit_drives_the_training_loss_near_zero(tmp_path, data_dir):
     from twincar.curves import read_epoch_history
     from twincar.train import train
 
-    train(compose_train(tmp_path, data_dir, "debug=overfit", "trainer.overfit_batches=2", "trainer.max_epochs=25",
-                        "optimizer.lr=3e-3", "data.image_size=32", "test=false", "export=false"))
+    train(compose_train(tmp_path, data_dir, "debug=overfit", "trainer.overfit_batches=2", "trainer.max_epochs=30",
+                        "trainer.detect_anomaly=false", "optimizer.lr=3e-3", "data.image_size=32", "test=false",
+                        "export=false"))
     losses = read_epoch_history(tmp_path / "run" / "csv" / "metrics.csv")["train/loss"]
     assert losses[0] > 1.0  # about log(6) at the start
-    assert losses[max(losses)] < 0.1  # memorised: below 0.1 after 25 epochs of the same 2 batches
+    assert losses[max(losses)] < 0.1  # memorised: below 0.1 after 30 epochs of the same 2 batches
 
 
 def test_debug_fdr_and_profiler_presets(tmp_path, data_dir):
