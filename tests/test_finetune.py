@@ -226,6 +226,28 @@ def test_lr_find_writes_its_plot_and_prints_a_suggestion_without_training(tmp_pa
         assert not (run / trained).exists(), trained
 
 
+# -- the ablation table -----------------------------------------------------------------------------
+def test_hierarchy_accuracy_on_known_predictions():
+    from twincar.ablation import hierarchy_accuracy
+
+    names = ["Audi S4 Sedan 2007", "Audi S4 Sedan 2012", "BMW M3 Coupe 2012"]
+    logits = torch.tensor([
+        [0.0, 5.0, 1.0],  # true 0 (S4 2007): predicted S4 2012 -> family right, year wrong
+        [0.0, 5.0, 1.0],  # true 1: right
+        [9.0, 1.0, 3.0],  # true 1: predicted S4 2007 -> family right; within the family, 2007 > 2012 -> year wrong
+        [5.0, 1.0, 3.0],  # true 2 (M3): predicted S4 -> family wrong; M3 has one year: not in the year score
+    ])
+    acc = hierarchy_accuracy(logits, torch.tensor([0, 1, 1, 2]), names)
+    assert acc == {"acc": 0.25, "acc_family": 0.75, "acc_year_in_family": pytest.approx(1 / 3)}
+
+
+def test_ablation_tool_names_a_directory_without_runs(tmp_path, capsys):
+    from twincar.ablation import main
+
+    assert main([str(tmp_path)]) == 1
+    assert f"no finished run (metrics.json) under {tmp_path}" in capsys.readouterr().err
+
+
 # -- debug presets ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_debug_overfit_drives_the_training_loss_near_zero(tmp_path, data_dir):
