@@ -40,7 +40,7 @@ def test_every_group_has_options():
     assert options("precision") == ["16-mixed", "32-true", "bf16-mixed"]
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert options("data") == ["stanford_cars", "synthetic"]
-    assert {"recipe448", "seed_twincars", "smoke", "abl_base", "abl_demo"} <= set(options("experiment"))
+    assert {"recipe448", "seed_twincars", "smoke", "abl_base", "abl_96"} <= set(options("experiment"))
     assert options("debug") == ["default", "fdr", "limit", "overfit", "profiler"]
     assert options("tune") == ["lr_find"]
 
