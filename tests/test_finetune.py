@@ -14,7 +14,12 @@ from tests.test_train import compose_train
 from twincar.data.datamodule import CarsDataModule
 from twincar.models.classifier import CarClassifier
 from twincar.models.finetune import (
-    EMA, CompiledForward, FreezeBackbone, backbone_modules, ema_decay, layer_decay_groups,
+    EMA,
+    CompiledForward,
+    FreezeBackbone,
+    backbone_modules,
+    ema_decay,
+    layer_decay_groups,
 )
 from twincar.models.io import load_model
 

@@ -1,8 +1,8 @@
 """Tabulate a sweep: ``python -m twincar.ablation outputs/multiruns/DATE [--json table.json]``.
 
-For every run of a ``-m`` sweep, evaluates on its val and test splits the best checkpoint and, from
-``last.ckpt``, the final raw weights and (when ``model.ema.decay`` was set) the final EMA weights, and
-prints a Markdown table: top-1, family accuracy (make + model right, year ignored) and
+For every run of a ``-m`` sweep, evaluates on its val and test splits the best checkpoint: its EMA
+weights and, from the same checkpoint, the raw weights (when ``model.ema.decay`` was set), and prints
+a Markdown table: top-1, family accuracy (make + model right, year ignored) and
 year-within-family accuracy (the year chosen among the true family's classes only; chance = 1/years).
 Run it from the directory the sweep was launched in (the runs' data paths are relative to it).
 """
@@ -58,7 +58,7 @@ class Row:
     """One line of the table: a run's weights evaluated on val and test."""
 
     run: str  # the job's overrides
-    weights: str  # best / last raw / last EMA
+    weights: str  # which checkpoint, and EMA or raw
     epochs: int
     minutes: float  # wall-clock training + evaluation time of the run, from train.log
     val: dict[str, float]
@@ -85,7 +85,7 @@ def _evaluate(state: dict[str, torch.Tensor], arch: str, names: list[str], pre: 
 
 
 def tabulate_run(run_dir: Path) -> list[Row]:
-    """Evaluate one finished run directory (best checkpoint, last raw and last EMA weights)."""
+    """Evaluate one finished run directory: the best checkpoint's weights (EMA and raw when EMA was on)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = " ".join(OmegaConf.load(overrides_file)) if overrides_file.is_file() else run_dir.name
@@ -94,17 +94,16 @@ def tabulate_run(run_dir: Path) -> list[Row]:
     dm.setup("fit")
     val, test = dm.val_set.samples, (dm.test_set.samples if dm.test_set else [])
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    hp = last["hyper_parameters"]
+    path = metrics.get("best_checkpoint") or str(run_dir / "checkpoints" / "last.ckpt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
     names, pre, arch = list(hp["class_names"]), Preprocess.from_dict(hp["preprocess"]), hp["name"]
-    weights = {}
-    if metrics.get("best_checkpoint"):
-        best = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
-        weights[f"best (epoch {best['epoch']}{', EMA' if 'current_model_state' in best else ''})"] = best["state_dict"]
-    if "current_model_state" in last:
-        weights["last, raw"], weights["last, EMA"] = last["current_model_state"], last["state_dict"]
+    which = "best" if metrics.get("best_checkpoint") else "last"
+    if "current_model_state" in ckpt:  # saved with EMA: the average in state_dict, the raw weights beside it
+        weights = {f"{which} (epoch {ckpt['epoch']}), EMA": ckpt["state_dict"],
+                   f"{which} (epoch {ckpt['epoch']}), raw": ckpt["current_model_state"]}
     else:
-        weights["last"] = last["state_dict"]
+        weights = {f"{which} (epoch {ckpt['epoch']})": ckpt["state_dict"]}
     minutes = _minutes(run_dir / "train.log") if (run_dir / "train.log").is_file() else float("nan")
     return [
         Row(overrides, label, int(metrics.get("epochs", 0)), minutes, _evaluate(state, arch, names, pre, val),
@@ -119,9 +118,9 @@ def markdown(rows: list[Row], val_size: int | None = None, test_size: int | None
             f"| test top-1{f' (n={test_size})' if test_size else ''} | test family | test year within family |")
     lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        t = r.test or {}
-        lines.append(f"| {r.run} | {r.weights} | {r.minutes:.1f} | {r.val['acc']:.3f} | {t.get('acc', float('nan')):.3f} "
-                     f"| {t.get('acc_family', float('nan')):.3f} | {t.get('acc_year_in_family', float('nan')):.3f} |")
+        t = {k: (r.test or {}).get(k, float("nan")) for k in ("acc", "acc_family", "acc_year_in_family")}
+        lines.append(f"| {r.run} | {r.weights} | {r.minutes:.1f} | {r.val['acc']:.3f} | {t['acc']:.3f} "
+                     f"| {t['acc_family']:.3f} | {t['acc_year_in_family']:.3f} |")
     return "\n".join(lines)
 
 

@@ -209,7 +209,8 @@ def run_lr_find(
     from lightning.pytorch.tuner import Tuner
 
     model.tuning = True  # no EMA or backbone freezing while the finder runs
-    kwargs = {k: v for k, v in tune.items() if k in ("min_lr", "max_lr", "num_training", "mode", "early_stop_threshold")}
+    options = ("min_lr", "max_lr", "num_training", "mode", "early_stop_threshold")
+    kwargs = {k: v for k, v in tune.items() if k in options}
     # the finder stops after num_training steps; let it cross epochs when an epoch is shorter (limit_train_batches)
     trainer.fit_loop.max_epochs = max(trainer.max_epochs or 1, kwargs.get("num_training", 100))
     finder = Tuner(trainer).lr_find(model, datamodule=datamodule, update_attr=False, **kwargs)
