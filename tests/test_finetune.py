@@ -272,7 +272,9 @@ def test_debug_fdr_and_profiler_presets(tmp_path, data_dir):
 
     metrics = train(compose_train(tmp_path / "fdr", data_dir, "debug=fdr"))
     assert 0 <= metrics["val/acc"] <= 1
-    assert not list((tmp_path / "fdr" / "run").glob("checkpoints/*.ckpt"))  # fast_dev_run saves nothing
+    # fast_dev_run: one batch per loop, no best checkpoint chosen, the weights as trained are evaluated
+    assert json.loads((tmp_path / "fdr" / "run" / "metrics.json").read_text())["best_checkpoint"] == ""
+    assert not list((tmp_path / "fdr" / "run").glob("checkpoints/epoch_*.ckpt"))
 
     train(compose_train(tmp_path / "prof", data_dir, "debug=profiler", "trainer.limit_train_batches=2"))
     report = (tmp_path / "prof" / "run" / "fit-profiler.txt").read_text()
