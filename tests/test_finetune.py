@@ -267,7 +267,7 @@ def test_debug_overfit_drives_the_training_loss_near_zero(tmp_path, data_dir):
     assert losses[max(losses)] < 0.1  # memorised: below 0.1 after 20 steps on the same batch
 
 
-def test_debug_fdr_and_profiler_presets(tmp_path, data_dir):
+def test_debug_fdr_limit_and_profiler_presets(tmp_path, data_dir):
     from twincar.train import train
 
     metrics = train(compose_train(tmp_path / "fdr", data_dir, "debug=fdr"))
@@ -275,6 +275,10 @@ def test_debug_fdr_and_profiler_presets(tmp_path, data_dir):
     # fast_dev_run: one batch per loop, no best checkpoint chosen, the weights as trained are evaluated
     assert json.loads((tmp_path / "fdr" / "run" / "metrics.json").read_text())["best_checkpoint"] == ""
     assert not list((tmp_path / "fdr" / "run").glob("checkpoints/epoch_*.ckpt"))
+
+    limited = train(compose_train(tmp_path / "limit", data_dir, "debug=limit"))
+    assert json.loads((tmp_path / "limit" / "run" / "metrics.json").read_text())["epochs"] == 3
+    assert 0 <= limited["test/acc"] <= 1
 
     train(compose_train(tmp_path / "prof", data_dir, "debug=profiler", "trainer.limit_train_batches=2"))
     report = (tmp_path / "prof" / "run" / "fit-profiler.txt").read_text()
