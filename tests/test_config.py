@@ -31,8 +31,8 @@ def make_cfg(tmp_path, *overrides: str):
 
 
 def test_every_group_has_options():
-    expected = {"augmentation", "callbacks", "data", "experiment", "logger", "model", "optimizer",
-                "paths", "precision", "scheduler", "trainer"}
+    expected = {"augmentation", "callbacks", "data", "debug", "experiment", "logger", "model", "optimizer",
+                "paths", "precision", "scheduler", "trainer", "tune"}
     assert expected <= set(GROUPS)
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "step"]
@@ -40,7 +40,9 @@ def test_every_group_has_options():
     assert options("precision") == ["16-mixed", "32-true", "bf16-mixed"]
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert options("data") == ["stanford_cars", "synthetic"]
-    assert options("experiment") == ["recipe448", "seed_twincars", "smoke"]
+    assert {"recipe448", "seed_twincars", "smoke", "abl_base", "abl_96"} <= set(options("experiment"))
+    assert options("debug") == ["default", "fdr", "limit", "overfit", "profiler"]
+    assert options("tune") == ["lr_find"]
 
 
 def test_default_config_trains_offline_on_the_embedded_data(tmp_path):

@@ -27,6 +27,7 @@ from twincar.distributed import PerRankSeed, hydra_job_relaunch, log_file_on_ran
 from twincar.errors import TwinCarError
 from twincar.export import build_model_card, hydra_run_config, write_model_card
 from twincar.models.classifier import CarClassifier
+from twincar.models.finetune import run_lr_find
 from twincar.models.io import checkpoint_class_names, export_state_dict
 from twincar.resume import Preemption, ResumeState, continue_logs, find_resume_checkpoint, prepare_logger_config
 
@@ -127,6 +128,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("instantiating trainer <%s>", cfg.trainer._target_)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     datamodule.per_device_batch_size(trainer.world_size)  # a batch that does not split fails before DDP starts
+    if cfg.get("tune"):  # tune=lr_find: find a learning rate, train nothing
+        return run_lr_find(trainer, model, datamodule, OmegaConf.to_container(cfg.tune, resolve=True), out_dir)
     if resume_state:
         continue_logs(trainer.loggers, resume_state)
 

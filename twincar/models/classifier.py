@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 
 from twincar.metrics import classification_metrics
+from twincar.models.finetune import EMA, CompiledForward, FreezeBackbone, layer_decay_groups
 from twincar.models.io import create_model
 
 
@@ -58,8 +59,12 @@ class CarClassifier(L.LightningModule):
         drop_rate: dropout before the classifier head.
         label_smoothing: label smoothing of the training loss (applies to Mixup targets too).
         channels_last: run convolutions in channels-last memory format (faster with AMP on GPUs).
-        optimizer: ``opt`` (timm optimizer name), ``lr``, ``weight_decay``, ``head_lr_mult`` and extra
-            optimizer kwargs (e.g. ``momentum``).
+        ema: weight EMA options, ``{"decay": 0.999, "warmup": True}``; ``decay`` None (or no mapping) = off.
+        freeze_backbone_epochs: train only the head (backbone and its BatchNorm statistics frozen) for
+            this many epochs, then everything.
+        compile: ``torch.compile`` the network (not the LightningModule); falls back to eager if unavailable.
+        optimizer: ``opt`` (timm optimizer name), ``lr``, ``weight_decay``, ``head_lr_mult``, ``layer_decay``
+            (timm's layer-wise lr decay, None = off) and extra optimizer kwargs (e.g. ``momentum``).
         scheduler: ``name`` (``cosine``, ``step`` or ``none``) and its options.
         preprocess: the input the model expects (:class:`twincar.data.transforms.Preprocess` as a dict).
     """
@@ -74,6 +79,9 @@ class CarClassifier(L.LightningModule):
         drop_rate: float = 0.0,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        ema: Mapping | None = None,
+        freeze_backbone_epochs: int = 0,
+        compile: bool = False,
         optimizer: Mapping | None = None,
         scheduler: Mapping | None = None,
         preprocess: Mapping | None = None,
@@ -86,6 +94,8 @@ class CarClassifier(L.LightningModule):
         )
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self._compiled = CompiledForward(self.model) if compile else None  # not a module: no new state keys
+        self.tuning = False  # set by the LR finder: no fine-tuning callbacks while it runs
         metrics = classification_metrics(len(self.class_names), class_names=self.class_names)  # + make/year, ECE
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -96,7 +106,7 @@ class CarClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        return self._compiled(x) if self._compiled is not None else self.model(x)
 
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -144,12 +154,30 @@ class CarClassifier(L.LightningModule):
         for name, value in self.val_acc_best.state_dict(prefix="val_acc_best.").items():
             checkpoint["state_dict"].setdefault(name, value)
 
+    # -- fine-tuning callbacks (twincar.models.finetune) -----------------------------------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Weight EMA and freeze-then-unfreeze, from ``model.ema`` and ``model.freeze_backbone_epochs``."""
+        if self.tuning:
+            return []
+        callbacks: list[L.Callback] = []
+        ema = self.hparams.ema or {}
+        if ema.get("decay") is not None:
+            callbacks.append(EMA(decay=ema["decay"], warmup=ema.get("warmup", True)))
+        if self.hparams.freeze_backbone_epochs:
+            callbacks.append(FreezeBackbone(self.hparams.freeze_backbone_epochs))
+        return callbacks
+
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = dict(self.hparams.optimizer or {"opt": "adam", "lr": 1e-3})
         opt_name, lr = cfg.pop("opt"), cfg.pop("lr")
         weight_decay, head_lr_mult = cfg.pop("weight_decay", 0.0), cfg.pop("head_lr_mult", 1.0)
-        groups = param_groups(self.model, lr=lr, weight_decay=weight_decay, head_lr_mult=head_lr_mult)
+        layer_decay = cfg.pop("layer_decay", None)
+        if layer_decay is not None:
+            groups = layer_decay_groups(self.model, lr=lr, weight_decay=weight_decay, head_lr_mult=head_lr_mult,
+                                        layer_decay=layer_decay)
+        else:
+            groups = param_groups(self.model, lr=lr, weight_decay=weight_decay, head_lr_mult=head_lr_mult)
         optimizer = create_optimizer_v2(groups, opt=opt_name, lr=lr, weight_decay=weight_decay, **cfg)
 
         sched = dict(self.hparams.scheduler or {"name": "none"})
