@@ -243,7 +243,7 @@ def test_hierarchy_accuracy_on_known_predictions():
         [5.0, 1.0, 3.0],  # true 2 (M3): predicted S4 -> family wrong; M3 has one year: not in the year score
     ])
     acc = hierarchy_accuracy(logits, torch.tensor([0, 1, 1, 2]), names)
-    assert acc == {"acc": 0.25, "acc_family": 0.75, "acc_year_in_family": pytest.approx(1 / 3)}
+    assert acc == {"acc": 0.25, "acc_family": 0.75, "acc_year_given_family": pytest.approx(1 / 3)}
 
 
 def test_ablation_tool_names_a_directory_without_runs(tmp_path, capsys):

@@ -3,7 +3,7 @@
 For every run of a ``-m`` sweep, evaluates on its val and test splits the best checkpoint: its EMA
 weights and, from the same checkpoint, the raw weights (when ``model.ema.decay`` was set), and prints
 a Markdown table: top-1, family accuracy (make + model right, year ignored) and
-year-within-family accuracy (the year chosen among the true family's classes only; chance = 1/years).
+year-given-family accuracy (the year chosen among the true family's classes only; chance = 1/years).
 Run it from the directory the sweep was launched in (the runs' data paths are relative to it).
 """
 
@@ -29,10 +29,10 @@ from twincar.inference import Predictor
 
 
 def hierarchy_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, float]:
-    """Top-1, family and year-within-family accuracy of ``logits`` (N, K) against ``labels`` (N,).
+    """Top-1, family and year-given-family accuracy of ``logits`` (N, K) against ``labels`` (N,).
 
     Family accuracy: the predicted class has the true class's make and model (any year).
-    Year-within-family: among images whose family has two or more years, the argmax over that family's
+    Year given family: among images whose family has two or more years, the argmax over that family's
     classes only is the true class (a model that knows the family, asked for the year; chance 1/years).
     """
     parsed = [parse_car_name(n) for n in class_names]
@@ -49,7 +49,7 @@ def hierarchy_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: 
     return {
         "acc": float((pred == labels).float().mean()),
         "acc_family": float(fam_ok.float().mean()),
-        "acc_year_in_family": year_hits / year_n if year_n else float("nan"),
+        "acc_year_given_family": year_hits / year_n if year_n else float("nan"),
     }
 
 
@@ -115,12 +115,12 @@ def tabulate_run(run_dir: Path) -> list[Row]:
 def markdown(rows: list[Row], val_size: int | None = None, test_size: int | None = None) -> str:
     """The table as Markdown: one line per run and weights."""
     head = (f"| run | weights | min | val top-1{f' (n={val_size})' if val_size else ''} "
-            f"| test top-1{f' (n={test_size})' if test_size else ''} | test family | test year within family |")
+            f"| test top-1{f' (n={test_size})' if test_size else ''} | test family | test year given family |")
     lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        t = {k: (r.test or {}).get(k, float("nan")) for k in ("acc", "acc_family", "acc_year_in_family")}
+        t = {k: (r.test or {}).get(k, float("nan")) for k in ("acc", "acc_family", "acc_year_given_family")}
         lines.append(f"| {r.run} | {r.weights} | {r.minutes:.1f} | {r.val['acc']:.3f} | {t['acc']:.3f} "
-                     f"| {t['acc_family']:.3f} | {t['acc_year_in_family']:.3f} |")
+                     f"| {t['acc_family']:.3f} | {t['acc_year_given_family']:.3f} |")
     return "\n".join(lines)
 
 
