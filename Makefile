@@ -24,10 +24,10 @@ browser: ## Install headless Chromium and its driver for the demo's browser test
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "chromium/chromedriver missing and cannot apt-get install them: the browser test will be skipped"; fi
 
-demo: $(STAMP) ## Train ResNet-50 on the embedded synthetic dataset (offline, about 5 min on 2 CPU cores)
+demo: $(STAMP) ## Train ResNet-50 on the embedded synthetic dataset (offline, about 5.5 min on 2 CPU cores)
 	$(PY) -m twincar.train
 
-test: $(STAMP) browser ## Run the test suite (about 10 min on 2 CPU cores)
+test: $(STAMP) browser ## Run the test suite (about 9 min on 2 CPU cores; installs chromium for the demo test)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 test-fast: $(STAMP) ## Run the tests that take seconds (skips the training runs)
