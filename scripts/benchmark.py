@@ -283,19 +283,6 @@ def reference_predict(images: str, model: str, classes: str, output: str, arch: 
             writer.writerow([str(path), names[int(logits.argmax(1))]])
 
 
-def predictor_predict(images: str, model: str, classes: str, output: str, batch: int = 32) -> None:
-    """TwinCar's predict path when ``twincar.predict`` is not on this branch: ``Predictor`` in batches."""
-    from twincar.inference import Predictor
-
-    predictor = Predictor.load(model, classes, device="cpu")
-    paths = sorted(Path(images).glob("*.jpg"))
-    with open(output, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "name"])
-        for p in predictor.predict(paths, batch_size=batch):
-            writer.writerow([p.source, p.name])
-
-
 def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: Path | None, quick: bool,
                 predict_args: Sequence[str] = (), repeats: int = 1) -> dict:
     arch = "resnet18" if quick and model is None else "resnet50"
@@ -324,13 +311,8 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
     args = [str(images), str(weights), str(weights.parent / "classes.txt")]
     ref_csv, tw_csv = work / "reference.csv", work / "twincar.csv"
     reference_cmd = [sys.executable, __file__, "--reference-predict", *args, str(ref_csv), arch]
-    import twincar
-
-    if (Path(twincar.__file__).parent / "predict.py").is_file():  # this checkout's, not another install's
-        twincar_cmd = [sys.executable, "-m", "twincar.predict", "--images", args[0], "--model", args[1],
-                       "--classes", args[2], "--output", str(tw_csv), "--device", "cpu", *predict_args]
-    else:
-        twincar_cmd = [sys.executable, __file__, "--predictor-predict", *args, str(tw_csv)]
+    twincar_cmd = [sys.executable, "-m", "twincar.predict", "--images", args[0], "--model", args[1],
+                   "--classes", args[2], "--output", str(tw_csv), "--device", "cpu", *predict_args]
     threads = min(2, os.cpu_count() or 1)
     runs = {"reference": [], "twincar": []}
     for r in range(repeats):  # interleaved, best of each
@@ -648,11 +630,8 @@ def table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("--reference-predict", "--predictor-predict"):  # the measured child processes
-        if argv[0] == "--reference-predict":
-            reference_predict(*argv[1:])
-        else:
-            predictor_predict(*argv[1:5])
+    if argv and argv[0] == "--reference-predict":  # the measured child process of the original loop
+        reference_predict(*argv[1:])
         return None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", help="a folder of .jpg files (default: a generated Stanford Cars-like set)")
