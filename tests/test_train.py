@@ -75,7 +75,7 @@ def test_smoke_run_exports_torchvision_weights_and_class_names(smoke_run):
     assert len(names) == SMALL_SPEC["num_classes"] and names[0] == "Audi S4 Sedan 2012"
     tv = torchvision.models.resnet50(num_classes=len(names))
     tv.load_state_dict(torch.load(run / "model.pth", weights_only=True), strict=True)
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["hyper_parameters"]["class_names"] == names
     assert ckpt["hyper_parameters"]["preprocess"]["image_size"] == 64
 
