@@ -22,10 +22,10 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from twincar.data.classes import parse_car_name
 from twincar.data.transforms import Preprocess
 from twincar.errors import TwinCarError
 from twincar.inference import Predictor
+from twincar.metrics import class_hierarchy
 
 
 def hierarchy_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, float]:
@@ -35,11 +35,11 @@ def hierarchy_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: 
     Year given family: among images whose family has two or more years, the argmax over that family's
     classes only is the true class (a model that knows the family, asked for the year; chance 1/years).
     """
-    parsed = [parse_car_name(n) for n in class_names]
-    family = [c.family for c in parsed]
-    members = {f: [i for i, g in enumerate(family) if g == f] for f in set(family)}
+    family = class_hierarchy(class_names)["family"]  # per class: its family id (the one class-name parser)
+    members = {f: (family == f).nonzero().flatten().tolist() for f in family.unique().tolist()}
     pred = logits.argmax(dim=1)
-    fam_ok = torch.tensor([family[p] == family[t] for p, t in zip(pred.tolist(), labels.tolist(), strict=True)])
+    fam_ok = family[pred] == family[labels]
+    family = family.tolist()
     year_hits, year_n = 0, 0
     for row, t in zip(logits, labels.tolist(), strict=True):
         idx = members[family[t]]

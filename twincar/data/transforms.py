@@ -209,11 +209,16 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict | None) -> Preprocess:
         """Read back :meth:`to_dict` (a checkpoint's or model card's); missing keys take the defaults."""
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown preprocessing field(s): {', '.join(sorted(unknown))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return _from_mapping(cls, d, "preprocessing field")
+
+
+def _from_mapping(cls, d: dict | None, what: str):
+    """A frozen dataclass from a config/JSON mapping: lists become tuples, unknown keys are an error."""
+    d = dict(d or {})
+    unknown = set(d) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown {what}(s): {', '.join(sorted(unknown))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # The original TwinCars project's inference preprocessing: Resize((224, 224)), ImageNet mean/std.
@@ -246,11 +251,7 @@ class Augmentation:
     @classmethod
     def from_config(cls, cfg: dict | None) -> Augmentation:
         """Build from a config mapping; lists become tuples and unknown keys are an error."""
-        cfg = dict(cfg or {})
-        unknown = set(cfg) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown augmentation option(s): {', '.join(sorted(unknown))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+        return _from_mapping(cls, cfg, "augmentation option")
 
 
 def _resize_size(pre: Preprocess) -> int:
