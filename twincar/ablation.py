@@ -26,6 +26,7 @@ from twincar.data.transforms import Preprocess
 from twincar.errors import TwinCarError
 from twincar.inference import Predictor
 from twincar.metrics import class_hierarchy
+from twincar.models.io import safe_torch_load
 
 
 def hierarchy_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, float]:
@@ -95,7 +96,7 @@ def tabulate_run(run_dir: Path) -> list[Row]:
     val, test = dm.val_set.samples, (dm.test_set.samples if dm.test_set else [])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     path = metrics.get("best_checkpoint") or str(run_dir / "checkpoints" / "last.ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = safe_torch_load(Path(path))
     hp = ckpt["hyper_parameters"]
     names, pre, arch = list(hp["class_names"]), Preprocess.from_dict(hp["preprocess"]), hp["name"]
     which = "best" if metrics.get("best_checkpoint") else "last"

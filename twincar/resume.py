@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
 from twincar.errors import TwinCarError
+from twincar.models.io import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ResumeState:
 
     @classmethod
     def read(cls, ckpt_path: str | Path) -> ResumeState:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = safe_torch_load(Path(ckpt_path))
         own = ckpt.get(STATE_KEY) or {}
         return cls(global_step=int(ckpt.get("global_step", 0)), csv_rows=own.get("csv_rows"))
 

@@ -29,7 +29,7 @@ class WeightsError(TwinCarError, RuntimeError):
     """Weights could not be had; the message says what to pass instead."""
 
 
-def _safe_torch_load(path: Path) -> object:
+def safe_torch_load(path: Path) -> object:
     """``torch.load(weights_only=True)``: a file that needs pickle code execution is refused in one sentence."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -54,7 +54,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises several types for a damaged or foreign file
             raise WeightsError(f"cannot read weights from {path}: {e}") from e
     else:
-        state = _safe_torch_load(path)
+        state = safe_torch_load(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # Lightning checkpoint or a {"state_dict": ...} wrapper
         if any(k.startswith("model.") for k in state):
@@ -69,10 +69,10 @@ def checkpoint_class_names(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist: pass ckpt_path=PATH to an existing .ckpt")
+    ckpt = safe_torch_load(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         return list(ckpt["hyper_parameters"]["class_names"])
-    except Exception as e:  # a foreign or damaged file
+    except Exception as e:  # a foreign file
         raise WeightsError(f"{path} is not a TwinCar checkpoint with class names: {e}") from e
 
 
@@ -260,7 +260,7 @@ def load_model(
         pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
         return LoadedModel(model, names, preprocess or pre, card.get("architecture", "onnx"), path, card)
     if path.suffix == ".ckpt":
-        ckpt = _safe_torch_load(path)
+        ckpt = safe_torch_load(path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise WeightsError(f"{path} is not a Lightning checkpoint (no state_dict)")
         card = dict(ckpt.get("hyper_parameters") or {})
