@@ -33,7 +33,7 @@ from twincar.errors import TwinCarError
 from twincar.figures import confused_pairs_figure, reliability_diagram, top_losses_figure
 from twincar.inference import Predictor
 from twincar.metrics import calibration_bins, classification_metrics
-from twincar.models.io import MODEL_CARD, load_model
+from twincar.models.io import MODEL_CARD
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ def load_predictor(
             if OmegaConf.select(run, "data.image_size"):
                 preprocess = Preprocess(image_size=int(run.data.image_size),
                                         eval_crop_pct=float(run.data.get("eval_crop_pct", 0.875)))
-    loaded = load_model(path, classes, architecture=architecture, preprocess=preprocess)
-    return Predictor(loaded.model, loaded.class_names, loaded.preprocess, device=device)
+    return Predictor.load(path, classes, device=device, architecture=architecture, preprocess=preprocess)
 
 
 def data_config(cfg: DictConfig) -> tuple[dict, str]:
