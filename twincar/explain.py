@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 METHODS = ("gradcam", "gradcam++", "eigencam", "finercam")
 FAITHFULNESS_REMOVED = 0.2  # faithfulness: confidence drop when this top share of the CAM's pixels is removed
 FINER_COMPARISONS = 3  # FinerCAM: contrast the target with this many nearest classes (by logit)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class ExplainError(TwinCarError, ValueError):
@@ -297,21 +296,6 @@ class Explainer:
 
 
 # -- the command line ---------------------------------------------------------------------------------
-def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files from files and folders (searched recursively, sorted); a missing path is an error."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise ExplainError(f"--images {item} does not exist: pass image files or folders of images")
-    if not files:
-        raise ExplainError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under --images {' '.join(map(str, inputs))}")
-    return files
-
-
 def label_from_folder(path: Path, class_names: Sequence[str]) -> str:
     """The true class of an image in a class-named folder (``.../BMW M3 Coupe 2012/001.jpg``), for --target true."""
     lowered = [n.lower() for n in class_names]
@@ -363,7 +347,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m twincar.explain",
         description="Grad-CAM overlays of a trained model's predictions, with a faithfulness score per image.",
     )
-    parser.add_argument("--images", nargs="+", required=True, help="image files and/or folders (recursive)")
+    parser.add_argument("--images", nargs="+", required=True, help="image files, folders (recursive) or globs")
     parser.add_argument("--model", required=True, help="a TwinCar .ckpt, an exported model.pth, or the original "
                         "TwinCars resnet50 .pth (then --classes)")
     parser.add_argument("--classes", help="classes.txt (one name per line, label order) for a bare .pth")
@@ -385,8 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from twincar.eval import load_predictor
+        from twincar.predict import find_images
 
-        images = collect_images(args.images)
+        images = find_images(args.images)  # the predict CLI's rules: files, folders, globs
         predictor = load_predictor(args.model, args.classes, device=args.device)
         explainer = Explainer(predictor, args.method, args.target_layer, faithfulness=not args.no_faithfulness)
         explainer.resolve_target(args.target if args.target != "true" else None, 0, None)  # check a name early

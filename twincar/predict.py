@@ -51,7 +51,8 @@ def find_images(specs: Sequence[str | Path]) -> list[Path]:
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
             found += [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         else:
-            raise NoImagesError(f"--images {spec}: no such file or folder")
+            raise NoImagesError(f"--images {spec}: no such file or folder ({path.name} does not exist: "
+                                "pass image files, folders or glob patterns)")
     unique = list(dict.fromkeys(found))
     if not unique:
         listed = " ".join(map(str, specs))
