@@ -13,9 +13,12 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
 * ``train_pipeline_cached``: the same with ``data.cache=true`` (pre-resized raw copy, memory-mapped).
 * ``eval_pipeline``: one core: decode, Resize((224, 224)), ToTensor, Normalize vs TwinCar's eval
   preprocessing (reduced-size decode, resize, crop, per-batch normalise); from the cache as an extra field.
-* ``cpu_predict``: whole processes, JPEG files to a CSV: the original predict loop (eager fp32 torchvision
-  resnet50, batch 1) vs ``python -m twincar.predict`` on the same weights: wall time, peak RSS, top-1
-  agreement (only with ``--model``: a random network predicts one class for everything).
+* ``cpu_predict``: whole processes on 2 cores, JPEG files to a CSV (512 generated images unless ``--images``):
+  the original predict loop (eager fp32 torchvision resnet50, batch 1) vs ``python -m twincar.predict`` with
+  its defaults on the same weights: wall time, start-up and per-image cost, peak RSS, top-1 agreement (only
+  with ``--model``: a random network predicts one class for everything) and how close a call the
+  disagreements were. ``cpu_predict_int8``: the same for ``twincar.predict`` on an int8 ONNX export of those
+  weights (``twincar.export quantize=int8``, calibrated on other images: ``--calibration DIR`` or generated).
 * ``train_step``: CPU training img/s of the network alone: fp32 vs bf16-mixed + channels_last.
 * ``gpu_train`` (CUDA only): end-to-end training img/s from JPEG files through TwinCar's datamodule and
   model (bf16-mixed, channels_last, optionally compiled) at 224 and 448, next to the model alone on
@@ -67,6 +70,7 @@ from twincar.data.transforms import (  # noqa: E402
 )
 
 MEASURES = ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "cpu_predict", "train_step", "gpu_train")
+PREDICT_IMAGES = 512  # cpu_predict's generated set: enough that per-image work, not start-up, sets the ratio
 # The seed augmentation (conf/augmentation/seed.yaml), for both pipelines.
 SEED_AUG = Augmentation(scale=(0.35, 1.0), ratio=(0.75, 1.3333), hflip=0.5, rotation=10.0,
                         color_jitter=(0.3, 0.3, 0.3, 0.02), color_jitter_prob=0.8, blur_prob=0.2, blur_sigma=(0.1, 1.5))
@@ -76,8 +80,9 @@ SIZES = [(700, 480), (640, 480), (800, 533), (500, 375), (1024, 683), (600, 400)
 
 
 # -- images ------------------------------------------------------------------------------------------------
-def make_images(out: Path, count: int, quick: bool = False, num_classes: int = 14) -> list[Path]:
-    """Write ``count`` JPEGs of synthetic cars with photo-like grain (deterministic), ~110 KB at 700x480.
+def make_images(out: Path, count: int, quick: bool = False, num_classes: int = 14, seed: int = 0) -> list[Path]:
+    """Write ``count`` JPEGs of synthetic cars with photo-like grain (deterministic per ``seed``), ~110 KB at
+    700x480. The first ``k`` images of a seed are the same whatever ``count``.
 
     Cars are drawn small by the embedded dataset's renderer and enlarged (drawing large is slow); the grain
     gives the files the entropy, hence the decode cost, of photos.
@@ -88,7 +93,7 @@ def make_images(out: Path, count: int, quick: bool = False, num_classes: int = 1
 
     out.mkdir(parents=True, exist_ok=True)
     names = select_classes(num_classes)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
         w, h = (160, 120) if quick else SIZES[i % len(SIZES)]
@@ -217,14 +222,18 @@ def eval_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None, bat
     with one_thread():
         speed = interleaved(fns, rounds)
         # where the time goes: the decode alone (full size and reduced), per image
+        # and the floor: 1/8-scale decoding, where the inverse DCT is nearly free and Huffman decoding remains
         decode = interleaved({"full": lambda: sum(1 for p in paths if load_rgb(p) is not None),
                               "reduced": lambda: sum(1 for p in paths if load_rgb(p, min_side=pre.decode_min_side)
-                                                     is not None)}, 1)
+                                                     is not None),
+                              "floor": lambda: sum(1 for p in paths if load_rgb(p, min_side=1) is not None)}, 1)
     extra = {"twincar_cached_img_s": round(speed["cached"], 2),
              "cached_ratio": round(speed["cached"] / speed["reference"], 2)} if cache is not None else {}
     return result(speed["reference"], speed["twincar"], image_size=size, images=len(paths), **extra,
                   profile={"decode_full_ms": round(1000 / decode["full"], 2),
                            "decode_reduced_ms": round(1000 / decode["reduced"], 2),
+                           "decode_floor_ms": round(1000 / decode["floor"], 2),
+                           "reference_total_ms": round(1000 / speed["reference"], 2),
                            "twincar_total_ms": round(1000 / speed["twincar"], 2)})
 
 
@@ -283,15 +292,21 @@ def reference_predict(images: str, model: str, classes: str, output: str, arch: 
             writer.writerow([str(path), names[int(logits.argmax(1))]])
 
 
-def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: Path | None, quick: bool,
-                predict_args: Sequence[str] = (), repeats: int = 1) -> dict:
+def _margins(path: Path) -> dict[str, float]:
+    """file name -> top-1 minus top-2 probability, from a ``twincar.predict`` CSV (how close a call it was)."""
+    with open(path, newline="") as f:
+        return {Path(r["image"]).name: float(r["top1_prob"]) - float(r.get("top2_prob") or 0)
+                for r in csv.DictReader(f) if r.get("top1_prob")}
+
+
+def _predict_weights(work: Path, model: Path | None, classes: Path | None, quick: bool) -> tuple[Path, str]:
+    """The weights both predict loops read, alone in a folder with a model card that says 224 squash (the
+    original preprocessing) and names the classes; a random network without ``--model``."""
+    from twincar.data.transforms import TWINCARS_PREPROCESS
+    from twincar.export import build_model_card, write_model_card
+
     arch = "resnet18" if quick and model is None else "resnet50"
-    images = work / "predict_images"
-    if not images.is_dir():
-        images.mkdir()
-        for p in paths:
-            shutil.copy(p, images / p.name)
-    weights = work / "predict_model" / "model.pth"  # alone in its folder: no model card, both read 224 squash
+    weights = work / "predict_model" / "model.pth"
     weights.parent.mkdir(exist_ok=True)
     if model is not None:
         from twincar.models.io import read_state_dict
@@ -305,33 +320,88 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
 
         names = select_classes(14)
         torch.save(getattr(torchvision.models, arch)(num_classes=len(names)).state_dict(), weights)
-    if arch != "resnet50":  # --quick: a small network, named in a model card (preprocessing stays 224 squash)
-        (weights.parent / "model_card.json").write_text(json.dumps({"architecture": arch}))
     (weights.parent / "classes.txt").write_text("\n".join(names) + "\n")
-    args = [str(images), str(weights), str(weights.parent / "classes.txt")]
-    ref_csv, tw_csv = work / "reference.csv", work / "twincar.csv"
-    reference_cmd = [sys.executable, __file__, "--reference-predict", *args, str(ref_csv), arch]
-    twincar_cmd = [sys.executable, "-m", "twincar.predict", "--images", args[0], "--model", args[1],
-                   "--classes", args[2], "--output", str(tw_csv), "--device", "cpu", *predict_args]
+    write_model_card(weights.parent, build_model_card(names, TWINCARS_PREPROCESS, arch))
+    return weights, arch
+
+
+def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: Path | None, quick: bool,
+                predict_args: Sequence[str] = (), repeats: int = 1,
+                calibration: Sequence[Path] = ()) -> dict[str, dict]:
+    """Whole processes, JPEG files to a CSV, on 2 cores: the original batch-1 fp32 loop vs ``twincar.predict``
+    with its defaults (``cpu_predict``) and on an int8 ONNX export of the same weights (``cpu_predict_int8``,
+    calibrated on ``calibration``, never on the measured images; skipped when none are given).
+
+    Each command also runs on one image: its start-up (imports, model load); ``per_image_ms`` is the rest.
+    """
+    weights, arch = _predict_weights(work, model, classes, quick)
+    folders = {}
+    for name, subset in (("all", paths), ("one", paths[:1])):
+        folders[name] = work / f"predict_images_{name}"
+        if not folders[name].is_dir():
+            folders[name].mkdir()
+            for p in subset:
+                shutil.copy(p, folders[name] / p.name)
+    class_file = weights.parent / "classes.txt"
+
+    def twincar_cmd(model_file: Path) -> Callable[[Path, Path], list[str]]:
+        return lambda images, out: [sys.executable, "-m", "twincar.predict", "--images", str(images), "--model",
+                                    str(model_file), "--output", str(out), "--device", "cpu", "--no-progress",
+                                    *predict_args]
+
+    commands: dict[str, Callable[[Path, Path], list[str]]] = {
+        "reference": lambda images, out: [sys.executable, __file__, "--reference-predict", str(images), str(weights),
+                                          str(class_file), str(out), arch],
+        "twincar": twincar_cmd(weights),
+    }
+    export_s = None
+    if calibration:
+        from twincar.export import export_model
+
+        start = time.perf_counter()
+        int8 = export_model(weights, "onnx", work / "int8", quantize="int8", calibration=list(calibration),
+                            calibration_images=len(calibration))
+        export_s = time.perf_counter() - start
+        commands["int8"] = twincar_cmd(int8)
     threads = min(2, os.cpu_count() or 1)
-    runs = {"reference": [], "twincar": []}
+    runs: dict[tuple[str, str], list[dict]] = {(name, size): [] for name in commands for size in folders}
     for r in range(repeats):  # interleaved, best of each
-        for name in (["reference", "twincar"] if r % 2 == 0 else ["twincar", "reference"]):
-            cmd = reference_cmd if name == "reference" else twincar_cmd
-            runs[name].append(_run_measured(cmd, work / f"{name}.log", threads))
+        for name in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
+            for size, images in folders.items():
+                out = work / f"{name}_{size}.csv"
+                runs[name, size].append(_run_measured(commands[name](images, out), work / f"{name}.log", threads))
     best = {k: min(v, key=lambda m: m["wall_s"]) for k, v in runs.items()}
-    ref, tw = _read_predictions(ref_csv), _read_predictions(tw_csv)
-    common = sorted(set(ref) & set(tw))
-    agreement = sum(ref[k].lower() == tw[k].lower() for k in common) / len(common) if common and model else None
     n = len(paths)
-    return result(n / best["reference"]["wall_s"], n / best["twincar"]["wall_s"], images=n, threads=threads,
-                  top1_agreement=None if agreement is None else round(agreement, 4),
-                  agreement_note=None if model else "not measured: no --model (random weights predict one class)",
-                  distinct_predictions=len(set(tw.values())), peak_rss_mb=round(best["twincar"]["peak_rss_mb"], 1),
-                  reference_peak_rss_mb=round(best["reference"]["peak_rss_mb"], 1),
-                  reference_wall_s=round(best["reference"]["wall_s"], 2),
-                  twincar_wall_s=round(best["twincar"]["wall_s"], 2), twincar_command=" ".join(twincar_cmd[1:3]),
-                  model=arch)
+    ref = _read_predictions(work / "reference_all.csv")
+
+    def measure(name: str) -> dict:
+        ours = _read_predictions(work / f"{name}_all.csv")
+        common = sorted(set(ref) & set(ours))
+        differ = [k for k in common if ref[k].lower() != ours[k].lower()]
+        agreement = 1 - len(differ) / len(common) if common and model else None
+        margins = _margins(work / f"{name}_all.csv")
+        wall, one = best[name, "all"]["wall_s"], best[name, "one"]["wall_s"]
+        ref_wall, ref_one = best["reference", "all"]["wall_s"], best["reference", "one"]["wall_s"]
+        return result(
+            n / ref_wall, n / wall, images=n, threads=threads,
+            top1_agreement=None if agreement is None else round(agreement, 4),
+            agreement_note=None if model else "not measured: no --model (random weights predict one class)",
+            disagreement_max_margin=round(max(margins[k] for k in differ), 4) if differ and model else None,
+            distinct_predictions=len(set(ours.values())), peak_rss_mb=round(best[name, "all"]["peak_rss_mb"], 1),
+            reference_peak_rss_mb=round(best["reference", "all"]["peak_rss_mb"], 1),
+            reference_wall_s=round(ref_wall, 2), twincar_wall_s=round(wall, 2),
+            reference_startup_s=round(ref_one, 2), twincar_startup_s=round(one, 2),
+            reference_per_image_ms=round((ref_wall - ref_one) / max(1, n - 1) * 1000, 1),
+            twincar_per_image_ms=round((wall - one) / max(1, n - 1) * 1000, 1),
+            twincar_command=" ".join(commands[name](Path("IMAGES"), Path("OUT.csv"))[1:7]), model=arch,
+        )
+
+    out = {"cpu_predict": measure("twincar")}
+    out["cpu_predict_int8"] = ({**measure("int8"), "export_s": round(export_s, 1),
+                                "calibration_images": len(calibration)} if calibration else
+                               {"reference_img_s": None, "twincar_img_s": None, "ratio": None,
+                                "skipped": "no calibration images"})
+    return out
 
 
 # -- 5: CPU training step ----------------------------------------------------------------------------------
@@ -566,8 +636,13 @@ def run(args: argparse.Namespace) -> dict:
         paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
         if not paths:
             raise SystemExit(f"no .jpg files in {args.images}")
-    else:
-        paths = make_images(work / "images", 6 if args.quick else 64, quick=args.quick)
+        predict_paths = paths[:args.predict_images] if args.predict_images else paths
+    else:  # cpu_predict wants more images (start-up is a fixed cost): the pipelines take the first 64
+        count = 6 if args.quick else 64
+        if "cpu_predict" in only and not args.quick:
+            count = max(count, args.predict_images or PREDICT_IMAGES)
+        generated = make_images(work / "images", count, quick=args.quick)
+        paths, predict_paths = generated[:6 if args.quick else 64], generated
     size = 32 if args.quick else 224
     rounds = 1 if args.quick else args.rounds
     report = {"machine": machine(), "quick": args.quick, "images": len(paths),
@@ -594,9 +669,16 @@ def run(args: argparse.Namespace) -> dict:
         elif name == "eval_pipeline":
             out[name] = eval_pipeline(paths, size, rounds, cache=cache)
         elif name == "cpu_predict":
-            subset = paths[:args.predict_images] if args.predict_images else paths
-            out[name] = cpu_predict(subset, work, args.model, args.classes, args.quick, args.predict_args.split(),
-                                    repeats=1 if args.quick else args.predict_repeats)
+            if args.no_int8:
+                calibration = []
+            elif args.calibration:
+                calibration = sorted(p for p in Path(args.calibration).iterdir() if p.suffix.lower() in (".jpg",
+                                                                                                          ".jpeg"))
+            else:  # another seed: never the measured images
+                calibration = make_images(work / "calibration", 4 if args.quick else 256, quick=args.quick, seed=1)
+            out.update(cpu_predict(predict_paths, work, args.model, args.classes, args.quick,
+                                   args.predict_args.split(), repeats=1 if args.quick else args.predict_repeats,
+                                   calibration=calibration))
         elif name == "train_step":
             out[name] = train_step(args.quick)
         elif name == "gpu_train":
@@ -643,7 +725,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per pipeline measure")
     parser.add_argument("--compile", action="store_true", help="gpu_train: torch.compile the network")
     parser.add_argument("--predict-args", default="", help="extra flags for python -m twincar.predict")
-    parser.add_argument("--predict-images", type=int, help="cpu_predict: only the first N images (default: all)")
+    parser.add_argument("--predict-images", type=int,
+                        help=f"cpu_predict: N images (default: all of --images, or {PREDICT_IMAGES} generated)")
+    parser.add_argument("--calibration", help="cpu_predict_int8: calibrate on the .jpg files of this folder "
+                                              "(default: 256 generated images, none of them measured)")
+    parser.add_argument("--no-int8", action="store_true", help="cpu_predict: skip the int8 ONNX export")
     parser.add_argument("--predict-repeats", type=int, default=1, help="cpu_predict: runs of each process, best kept")
     parser.add_argument("--workdir", help="keep generated images, cache and CSVs here (default: a temp dir)")
     args = parser.parse_args(argv)

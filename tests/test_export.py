@@ -78,3 +78,34 @@ def test_export_cli_writes_into_out_and_says_what_is_missing(trained_run, tmp_pa
     proc = run_cli("twincar.export", f"ckpt={tmp_path / 'nope.ckpt'}", cwd=tmp_path)
     said = proc.stdout + proc.stderr  # Hydra logs to the console and to export.log
     assert proc.returncode == 1 and "nope.ckpt does not exist" in said and "Traceback" not in said
+
+
+def test_int8_export_needs_onnx_and_calibration_images(tiny_export, tmp_path):
+    with pytest.raises(ExportError, match="quantize=int8 needs format=onnx"):
+        export_model(tiny_export, "pth", tmp_path, quantize="int8", calibration=tmp_path)
+    with pytest.raises(ExportError, match="quantize=int8 needs calibration=PATH"):
+        export_model(tiny_export, "onnx", tmp_path, quantize="int8")
+    with pytest.raises(ExportError, match="quantize=int4 is not one of int8"):
+        export_model(tiny_export, "onnx", tmp_path, quantize="int4", calibration=tmp_path)
+
+
+@pytest.mark.slow
+def test_int8_export_is_quantised_recorded_and_predicts_like_fp32(tiny_export, small_root, car_images, tmp_path):
+    import onnx
+
+    weights = export_model(tiny_export, "onnx", tmp_path / "q", quantize="int8",
+                           calibration=small_root / "cars_train", calibration_images=16)
+    assert weights == tmp_path / "q" / "model.int8.onnx" and not (tmp_path / "q" / "model.onnx").exists()
+    graph = onnx.load(str(weights)).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 10  # every conv's input is quantised
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)  # int8 weights
+    q = json.loads((tmp_path / "q" / MODEL_CARD).read_text())["quantization"]
+    n_train = len(list((small_root / "cars_train").glob("*.jpg")))
+    assert q["type"] == "int8" and q["calibration_images"] == 16
+    assert q["agreement_images"] == min(128, n_train - 16) and 0 <= q["top1_agreement_with_fp32"] <= 1
+    int8 = Predictor.load(weights, device="cpu")
+    assert int8.class_names == TINY_NAMES and int8.preprocess.image_size == 64
+    fp32 = Predictor.load(export_model(tiny_export, "onnx", tmp_path / "f"), device="cpu")
+    batch = torch.stack([fp32.prepare(p) for p in car_images])
+    a, b = fp32.logits(batch), int8.logits(batch)
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9  # the same function, rounded

@@ -182,3 +182,44 @@ def test_predict_on_a_training_run_with_and_without_classes(trained_run, data_di
     pth = Predictor.load(trained_run / "model.pth", device="cpu").predict(images[0])
     assert (ckpt.name, ckpt.confidence) == (pth.name, pytest.approx(pth.confidence, abs=1e-5))
     assert Predictor.load(trained_run / "model.pth").preprocess.image_size == 64  # from the model card
+
+
+def test_a_large_jpeg_is_predicted_from_the_reduced_decode_that_eval_uses(tiny_export, tmp_path):
+    # 1024x768 for a 64 px model: decoded at 1/8 (short side 96 >= the 73 px resize), as eval decodes it
+    from PIL import Image
+
+    from twincar.data.datamodule import FileReader
+    from twincar.data.formats import Sample
+    from twincar.data.transforms import load_rgb
+
+    rng = torch.Generator().manual_seed(0)
+    path = tmp_path / "large.jpg"
+    Image.fromarray(torch.randint(0, 256, (768, 1024, 3), generator=rng, dtype=torch.uint8).numpy()).save(path)
+    p = Predictor.load(tiny_export, device="cpu", precision="fp32")
+    eval_reader = FileReader(p.preprocess.decode_min_side)  # what validation and twincar.eval read
+    assert eval_reader(Sample(path, 0)).shape == (3, 96, 128)
+    expected = p.logits(p.image_transform(eval_reader(Sample(path, 0)))[None]).softmax(1)[0]
+    full = p.logits(p.image_transform(load_rgb(path))[None]).softmax(1)[0]
+    assert not torch.allclose(expected, full, atol=1e-6)  # the two decodes do differ, so the check below can fail
+    got = p.predict([path], topk=6)[0]
+    assert dict(got.topk) == pytest.approx(dict(zip(TINY_NAMES, expected.tolist(), strict=True)), abs=1e-6)
+
+
+def test_cpu_predict_decodes_in_process_and_a_gpu_gets_workers():
+    from twincar.predict import default_workers
+
+    assert default_workers(torch.device("cpu")) == 0  # workers would stall the network's threads on the same cores
+    assert default_workers(torch.device("cuda")) >= 1
+
+
+@pytest.mark.slow  # a subprocess importing torch
+def test_predicting_imports_no_training_code(tmp_path):
+    # start-up is most of a short predict run: kornia, Lightning, Hydra are training-only imports, and timm is
+    # imported only to build an eager network (an ONNX model needs none of it)
+    import subprocess
+    import sys
+
+    code = ("import sys; from twincar.inference import Predictor; import twincar.predict, twincar.models.io; "
+            "print(sorted(m for m in ('kornia', 'timm', 'lightning', 'torchmetrics', 'hydra') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -4,6 +4,11 @@ Writes the weights (``model.pth``, ``model.safetensors`` or a single-file ``mode
 dimension) plus ``model_card.json``: class names, preprocessing (input size, resize mode, mean/std),
 architecture, the run's metrics and config choices. ``Predictor.load``, ``twincar.predict --model`` and the
 demo read the card back. ``export_model`` is the pure function; ``main`` the thin Hydra entry point.
+
+``format=onnx quantize=int8 calibration=IMAGES`` writes ``model.int8.onnx`` instead: onnxruntime's static
+int8 quantisation (weights per channel, activations calibrated on ``calibration_images`` of the given images,
+prepared exactly as predict prepares them), about 3x faster than fp32 on a CPU with VNNI; its top-1
+agreement with the fp32 model on held-out calibration images is logged and kept in the model card.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from twincar.models.io import MODEL_CARD, export_state_dict, load_model
 log = logging.getLogger(__name__)
 
 FORMATS = ("pth", "safetensors", "onnx")
+QUANTIZATIONS = ("int8",)
 ONNX_OPSET = 18  # >= 17: LayerNormalization and friends as single ops; onnxruntime >= 1.14 runs it
+AGREEMENT_IMAGES = 128  # at most this many held-out calibration images for the int8 vs fp32 agreement check
 
 
 class ExportError(TwinCarError, ValueError):
@@ -120,11 +127,100 @@ def export_onnx(model: nn.Module, path: Path, image_size: int) -> float:
     return float((torch.from_numpy(got) - expected).abs().max())
 
 
-def export_model(ckpt: str | Path, fmt: str = "pth", out: str | Path = ".") -> Path:
+def _calibration_split(images: Sequence[Path], count: int) -> tuple[list[Path], list[Path]]:
+    """``count`` images evenly spread over ``images`` for calibration, and up to ``AGREEMENT_IMAGES`` of the
+    others (evenly spread too) to check the quantised model against."""
+    if count < 1:
+        raise ExportError(f"calibration_images={count} must be at least 1")
+    step = max(1.0, len(images) / count)
+    chosen = sorted({int(i * step) for i in range(min(count, len(images)))})
+    rest = [p for i, p in enumerate(images) if i not in set(chosen)]
+    held_out = rest[:: max(1, len(rest) // AGREEMENT_IMAGES)][:AGREEMENT_IMAGES]
+    return [images[i] for i in chosen], held_out
+
+
+def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path], held_out: Sequence[Path]) -> dict:
+    """Static int8 quantisation of the ONNX model ``fp32`` (run by ``predictor``) into ``out``, calibrated on
+    ``calibration`` (prepared and normalised by ``predictor``, exactly as for prediction).
+
+    Weights are int8 per output channel, activations uint8 per tensor (min/max calibration), in the QDQ
+    format that onnxruntime fuses into integer kernels. Returns the quantisation record for the model card,
+    with the top-1 agreement between the int8 and fp32 models on ``held_out``.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from twincar.inference import Predictor
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = (b for b in _prepared_batches(predictor, calibration))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {predictor.model.input_name: batch.numpy()}
+
+    prepared = out.with_name(out.stem + ".pre.onnx")
+    try:
+        quant_pre_process(str(fp32), str(prepared))  # shape inference + graph clean-up before quantising
+        quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+    agreement = None
+    if held_out:
+        int8 = Predictor.load(out, predictor.class_names, preprocess=predictor.preprocess, device="cpu",
+                              precision="fp32")
+        same = total = 0
+        for batch in _prepared_batches(predictor, held_out, normalise=False):
+            same += int((predictor.logits(batch).argmax(1) == int8.logits(batch).argmax(1)).sum())
+            total += len(batch)
+        agreement = round(same / total, 4) if total else None
+        log.info("int8 model: top-1 agreement with fp32 on %d held-out calibration images: %s", total, agreement)
+    return {"type": "int8", "method": "onnxruntime static QDQ, per-channel weights, min/max activations",
+            "calibration_images": len(calibration), "top1_agreement_with_fp32": agreement,
+            "agreement_images": len(held_out)}
+
+
+def _prepared_batches(predictor, images: Sequence[Path], batch_size: int = 16, normalise: bool = True):
+    """Batches of ``images`` as ``predictor`` feeds its network (normalised floats; ``normalise=False``: the
+    ``uint8`` prepared images); unreadable images are named in the log and left out."""
+    for i in range(0, len(images), batch_size):
+        ready = []
+        for path in images[i:i + batch_size]:
+            try:
+                ready.append(predictor.prepare(path))
+            except (OSError, ValueError) as e:
+                log.warning("calibration: skipping %s", e)
+        if ready:
+            batch = torch.stack(ready)
+            yield predictor.batch_transform(batch) if normalise else batch
+
+
+def export_model(
+    ckpt: str | Path,
+    fmt: str = "pth",
+    out: str | Path = ".",
+    *,
+    quantize: str | None = None,
+    calibration: Sequence[str | Path] | str | Path | None = None,
+    calibration_images: int = 256,
+) -> Path:
     """Export the model of a TwinCar checkpoint to ``out/model.<fmt>`` with ``out/model_card.json``; returns
-    the weights' path. ``ckpt`` may also be exported weights with their card (to convert between formats)."""
+    the weights' path. ``ckpt`` may also be exported weights with their card (to convert between formats).
+
+    ``quantize="int8"`` (``fmt="onnx"`` only) writes ``out/model.int8.onnx``, calibrated on
+    ``calibration_images`` of ``calibration`` (image files, folders or glob patterns; images like those the
+    model will see, e.g. its training folder)."""
     if fmt not in FORMATS:
         raise ExportError(f"format={fmt} is not one of {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize={quantize} is not one of {', '.join(QUANTIZATIONS)} (or null)")
+    if quantize and fmt != "onnx":
+        raise ExportError(f"quantize={quantize} needs format=onnx (onnxruntime runs the quantised model)")
+    if quantize and not calibration:
+        raise ExportError(f"quantize={quantize} needs calibration=PATH: images like those the model will see "
+                          "(files, folders or glob patterns, e.g. the training folder)")
     ckpt = Path(ckpt).expanduser()
     loaded = load_model(ckpt)
     if not isinstance(loaded.model, nn.Module) or not list(loaded.model.parameters()):
@@ -141,12 +237,27 @@ def export_model(ckpt: str | Path, fmt: str = "pth", out: str | Path = ".") -> P
         log.info("ONNX model checked with onnxruntime: max |difference| from PyTorch %.2e", diff)
         if diff > 1e-3:
             raise ExportError(f"{weights} differs from the PyTorch model by up to {diff:.2e}: the export is wrong")
+    quantization = None
+    if quantize:
+        from twincar.inference import Predictor
+        from twincar.predict import find_images
+
+        sources = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
+        chosen, held_out = _calibration_split(find_images(sources), calibration_images)
+        fp32 = Predictor.load(weights, loaded.class_names, preprocess=loaded.preprocess, device="cpu",
+                              precision="fp32")
+        quantized = out / f"model.{quantize}.onnx"
+        quantization = quantize_onnx(weights, quantized, fp32, chosen, held_out)
+        weights.unlink()
+        weights = quantized
     if ckpt.suffix == ".ckpt":
         metrics, config = run_record(ckpt)
     else:  # converting exported weights: keep what their card says
         metrics, config = loaded.card.get("metrics"), loaded.card.get("config")
     card = build_model_card(loaded.class_names, loaded.preprocess, loaded.architecture, metrics=metrics,
                             config=config, source=ckpt.name)
+    if quantization:
+        card["quantization"] = quantization
     write_model_card(out, card)
     log.info("wrote %s and %s", weights, out / MODEL_CARD)
     return weights
@@ -159,7 +270,10 @@ def main(cfg: DictConfig) -> None:
         log.error("pass ckpt=PATH to a TwinCar .ckpt (e.g. outputs/runs/RUN/checkpoints/last.ckpt)")
         sys.exit(1)
     try:
-        export_model(cfg.ckpt, cfg.format, cfg.out)
+        calibration = OmegaConf.to_container(cfg.calibration) if OmegaConf.is_list(cfg.calibration) \
+            else cfg.calibration
+        export_model(cfg.ckpt, cfg.format, cfg.out, quantize=cfg.quantize, calibration=calibration,
+                     calibration_images=cfg.calibration_images)
     except TwinCarError as e:
         log.error("%s", e)
         sys.exit(1)

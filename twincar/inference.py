@@ -122,19 +122,28 @@ def _source(image: ImageInput) -> str:
     return "<PIL image>" if isinstance(image, Image.Image) else "<tensor>"
 
 
-class _ImageDataset(Dataset):
-    """Decode + resize + crop one input (in a DataLoader worker); an unreadable one yields its error message."""
+def prepare_image(image: ImageInput, transform: nn.Module, min_side: int | None = None) -> torch.Tensor:
+    """Decode (a large JPEG file at reduced size, never below ``min_side``: ``load_rgb(min_side=)``) and
+    ``transform`` one input into a ``uint8`` (3, S, S) tensor."""
+    if isinstance(image, (str, Path)):
+        return transform(load_rgb(image, min_side=min_side))
+    return transform(to_uint8_rgb(image))
 
-    def __init__(self, items: Sequence[ImageInput], transform: nn.Module):
+
+class _ImageDataset(Dataset):
+    """:func:`prepare_image` of one input (in a DataLoader worker); an unreadable one yields its error message."""
+
+    def __init__(self, items: Sequence[ImageInput], transform: nn.Module, min_side: int | None):
         self.items = items
         self.transform = transform
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, self.transform(to_uint8_rgb(self.items[index])), None
+            return index, prepare_image(self.items[index], self.transform, self.min_side), None
         except (ImageReadError, ValueError, TypeError) as e:
             return index, None, str(e)
 
@@ -176,16 +185,16 @@ class Predictor:
         self.device = resolve_device(device)
         self.class_names = list(class_names)
         self.preprocess = preprocess
-        self.channels_last = channels_last
         self.tta = tta
         self.is_onnx = isinstance(model, OnnxModule)
+        self.channels_last = channels_last and not self.is_onnx  # onnxruntime takes NCHW: no copy there and back
         self.autocast_dtype = resolve_precision(precision, self.device)
         if self.is_onnx:
             if precision == "bf16":
                 raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
             self.autocast_dtype = None
         self.model = model.eval().to(self.device)
-        if channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.image_transform = EvalImageTransform(preprocess)  # per image: resize + crop, uint8
         self.batch_transform = BatchTransform(preprocess).to(self.device)  # per batch: float + normalise
@@ -227,9 +236,7 @@ class Predictor:
         """Per-image work (decode, resize, crop): a ``uint8`` (3, S, S) tensor. Safe in DataLoader workers.
 
         A large JPEG is decoded at reduced size (never below what the resize needs: ``load_rgb(min_side=)``)."""
-        if isinstance(image, (str, Path)):
-            return self.image_transform(load_rgb(image, min_side=self.preprocess.decode_min_side))
-        return self.image_transform(to_uint8_rgb(image))
+        return prepare_image(image, self.image_transform, self.preprocess.decode_min_side)
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
@@ -274,8 +281,8 @@ class Predictor:
         file yields a Prediction with ``error`` set (and a warning); the rest of its batch goes on.
         """
         loader = DataLoader(
-            _ImageDataset(images, self.image_transform), batch_size=batch_size, num_workers=num_workers,
-            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+            _ImageDataset(images, self.image_transform, self.preprocess.decode_min_side), batch_size=batch_size,
+            num_workers=num_workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
         )
         for indices, batch, errors in loader:
             done = dict(zip(indices, self.results(

@@ -16,18 +16,19 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import kornia.augmentation as K
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from timm.data import Mixup
 from torch import nn
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from twincar.errors import TwinCarError
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -349,11 +350,18 @@ class BatchTransform(nn.Module):
 
     def __init__(self, preprocess: Preprocess, aug: Augmentation | None = None, num_classes: int = 0):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
+        mean, std = torch.tensor(preprocess.mean).view(1, 3, 1, 1), torch.tensor(preprocess.std).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        # uint8 straight to normalised floats in two in-place passes: x * scale + shift
+        self.register_buffer("scale", 1 / (255 * std), persistent=False)
+        self.register_buffer("shift", -mean / std, persistent=False)
         photometric: list[nn.Module] = []
         self.mixup: Mixup | None = None
-        if aug is not None:
+        if aug is not None:  # kornia and timm's Mixup are imported for training only (predict starts faster)
+            import kornia.augmentation as K
+            from timm.data import Mixup
+
             if aug.color_jitter is not None:
                 photometric.append(K.ColorJitter(*aug.color_jitter, p=aug.color_jitter_prob))
             if aug.blur_prob > 0:
@@ -369,9 +377,15 @@ class BatchTransform(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
-        x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-        x = self.photometric(x).clamp_(0, 1) if len(self.photometric) else x
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        x = images.to(torch.float32, copy=True)  # in-place from here on: never the caller's tensor
+        if images.dtype == torch.uint8 and not len(self.photometric):
+            x.mul_(self.scale.to(x.device)).add_(self.shift.to(x.device))  # 3x faster than (x / 255 - mean) / std
+        else:
+            if images.dtype == torch.uint8:
+                x.div_(255)
+            if len(self.photometric):
+                x = self.photometric(x).clamp_(0, 1)
+            x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
         if labels is None:
             return x
         if self.mixup is not None:

@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -116,6 +115,8 @@ def create_model(
         weights: a local weights file, loaded after creation (takes the place of ``pretrained``).
         kwargs: passed to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ...).
     """
+    import timm  # here, not at import time: an ONNX model needs none of it
+
     if weights:
         model = timm.create_model(name, num_classes=num_classes, pretrained=False, **kwargs)
         load_weights(model, weights)
@@ -275,7 +276,7 @@ def load_model(
         carried = card.get("class_names")
         pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
     names = _check_names(given, list(carried) if carried else None, _head_outputs(state, path), path)
-    model = timm.create_model(arch, num_classes=len(names), pretrained=False)
+    model = create_model(arch, len(names))
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
