@@ -134,7 +134,8 @@ def _calibration_split(images: Sequence[Path], count: int) -> tuple[list[Path], 
         raise ExportError(f"calibration_images={count} must be at least 1")
     step = max(1.0, len(images) / count)
     chosen = sorted({int(i * step) for i in range(min(count, len(images)))})
-    rest = [p for i, p in enumerate(images) if i not in set(chosen)]
+    taken = set(chosen)
+    rest = [p for i, p in enumerate(images) if i not in taken]
     held_out = rest[:: max(1, len(rest) // AGREEMENT_IMAGES)][:AGREEMENT_IMAGES]
     return [images[i] for i in chosen], held_out
 
@@ -144,9 +145,12 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
     ``calibration`` (prepared and normalised by ``predictor``, exactly as for prediction).
 
     Weights are int8 per output channel, activations uint8 per tensor (min/max calibration), in the QDQ
-    format that onnxruntime fuses into integer kernels. Returns the quantisation record for the model card,
-    with the top-1 agreement between the int8 and fp32 models on ``held_out``.
+    format that onnxruntime fuses into integer kernels. The classifier head (Gemm/MatMul) stays fp32: a
+    negligible share of the work, and its rounding would move the logits directly (measured: 0.969 -> 0.979
+    top-1 agreement on the benchmark's 512 images). Returns the quantisation record for the model card, with
+    the top-1 agreement between the int8 and fp32 models on ``held_out``.
     """
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -163,8 +167,9 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
     prepared = out.with_name(out.stem + ".pre.onnx")
     try:
         quant_pre_process(str(fp32), str(prepared))  # shape inference + graph clean-up before quantising
+        head = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ("Gemm", "MatMul")]
         quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=head)
     finally:
         prepared.unlink(missing_ok=True)
     agreement = None
@@ -177,7 +182,7 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
             total += len(batch)
         agreement = round(same / total, 4) if total else None
         log.info("int8 model: top-1 agreement with fp32 on %d held-out calibration images: %s", total, agreement)
-    return {"type": "int8", "method": "onnxruntime static QDQ, per-channel weights, min/max activations",
+    return {"type": "int8", "method": "onnxruntime static QDQ, per-channel weights, min/max activations, fp32 head",
             "calibration_images": len(calibration), "top1_agreement_with_fp32": agreement,
             "agreement_images": len(held_out)}
 
