@@ -320,6 +320,8 @@ class RandomRotation(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         angle = float(torch.empty(()).uniform_(-self.degrees, self.degrees))
+        if img.device.type != "cpu":  # a device tensor (data.decode_device, data.cache_on_device): the same pixels
+            return v2.functional.rotate(img, angle)  # (nearest is rotate's default), without a host round trip
         return rotate_nearest(img, angle)
 
 
