@@ -7,6 +7,9 @@ Work is split where it scales:
 * per batch, on the training device after transfer: float conversion, photometric augmentation
   (colour jitter, Gaussian blur, per-sample), ImageNet normalisation and Mixup/CutMix
   -> :class:`BatchTransform`.
+
+With ``data.decode_device=cuda`` or ``data.cache_on_device=true`` the per-image transforms run on device
+tensors instead, after the batch transfer (:mod:`twincar.data.device`).
 """
 
 from __future__ import annotations
