@@ -13,8 +13,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tests.conftest import SMALL_SPEC
+from tests.layouts import build
 from tests.test_datamodule import make_dm
-from twincar.data.datamodule import CarsDataModule
+from twincar.data.datamodule import CarsDataModule, CarsDataset, DeviceRefDataset
 from twincar.data.device import DeviceImages, ImageRefs, check_cuda, check_fits, orient, read_encoded
 from twincar.data.formats import Sample
 from twincar.data.transforms import EvalImageTransform, Preprocess, load_rgb
@@ -70,6 +71,19 @@ def test_on_device_cache_gives_the_eval_pixels_of_the_memory_mapped_cache(small_
                     strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert fast.device_images.cache.flat.numel() == fast.image_cache.nbytes  # one flat tensor, loaded once
+
+
+@pytest.mark.parametrize("layout", ["devkit", "parquet"])
+def test_every_image_mode_and_parquet_rows_give_the_worker_pixels(tmp_path, layout):
+    # grayscale, CMYK, palette, RGBA and EXIF-rotated files (tests/layouts.py), through a worker process
+    root = build(layout, tmp_path / layout)
+    plain, fast = make_dm(root, tmp_path, image_size=32), make_dm(root, tmp_path, image_size=32, **DECODE)
+    samples = plain.train_set.samples + plain.val_set.samples
+    expected = CarsDataset(samples, EvalImageTransform(plain.preprocess), None, plain.val_set.reader)
+    refs = DeviceRefDataset(samples, fast.val_set.transform, None, fast.val_set.reader)
+    loader = DataLoader(refs, batch_size=8, num_workers=1, collate_fn=fast.val_dataloader().collate_fn, timeout=60)
+    x = torch.cat([b[0] for b in batches(fast, loader, False)])
+    assert torch.equal(x, fast.eval_batch_transform(torch.stack([expected[i][0] for i in range(len(samples))])))
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -155,7 +169,8 @@ def test_decode_failure_of_one_image_names_it_and_keeps_the_others(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("option", [["data.decode_device=cuda"], ["data.cache=true", "data.cache_on_device=true"]])
+@pytest.mark.parametrize("option", [["data.decode_device=cuda", "data.num_workers=1"],
+                                    ["data.cache=true", "data.cache_on_device=true"]])
 def test_a_short_training_run_works_with_each_option(tmp_path, data_dir, option):
     from hydra import compose, initialize_config_module
 

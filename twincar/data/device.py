@@ -19,12 +19,13 @@ the ``uint8`` batch that :class:`~twincar.data.transforms.BatchTransform` takes 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from twincar.data.cache import DATA, ImageCache
 from twincar.data.formats import Sample, load_sample, parquet, sample_header, sample_label
@@ -76,10 +77,9 @@ def read_encoded(sample: Sample) -> ImageRef:
     for other files and CMYK JPEGs, the image decoded here as ``load_sample`` does. ImageReadError names it."""
     header = sample_header(sample)
     name = sample_label(sample)
-    if sample.index is None:
-        data = read_file(str(sample.path))
-    else:
-        data = torch.frombuffer(bytearray(parquet.image_bytes(sample.path, sample.index)), dtype=torch.uint8)
+    # not torchvision's read_file: its tensors cannot be sent from a worker process (their storage is not shareable)
+    raw = Path(sample.path).read_bytes() if sample.index is None else parquet.image_bytes(sample.path, sample.index)
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     if is_jpeg(data) and header.mode in GPU_JPEG_MODES:
         w, h = (header.height, header.width) if header.orientation >= 5 else (header.width, header.height)
         return ImageRef(data, name, header.orientation, w, h)
