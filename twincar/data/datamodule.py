@@ -102,8 +102,11 @@ class DeviceRefDataset(CarsDataset):
         sample = self.samples[index]
         try:
             ref = self.reader(sample)
-            if self.bbox_margin is not None:
-                ref = ref._replace(box=car_box(sample, ref.width, ref.height))
+            if self.bbox_margin is not None:  # the header read once per image, not per epoch
+                boxes = self.__dict__.setdefault("_boxes", {})
+                if sample not in boxes:
+                    boxes[sample] = car_box(sample, ref.width, ref.height)
+                ref = ref._replace(box=boxes[sample])
         except ImageReadError as e:
             return None, str(e)
         return ref, sample.label
