@@ -22,7 +22,9 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
 * ``train_step``: CPU training img/s of the network alone: fp32 vs bf16-mixed + channels_last.
 * ``gpu_train`` (CUDA only): end-to-end training img/s from JPEG files through TwinCar's datamodule and
   model (bf16-mixed, channels_last, optionally compiled) at 224 and 448, next to the model alone on
-  in-memory tensors (the ceiling) and the original pipeline on the same GPU.
+  in-memory tensors (the ceiling) and the original pipeline on the same GPU; also from the cache, with the
+  JPEGs decoded on the GPU (``data.decode_device=cuda``) and from the cache held in GPU memory
+  (``data.cache_on_device=true``).
 
 Without ``--images`` a fixed set of JPEGs is generated (sizes like Stanford Cars: ~700x480 on average,
 ~110 KB, some large ones). ``--quick`` runs in seconds (tiny models and sizes: for the tests, not for numbers).
@@ -522,7 +524,10 @@ def _loop(loader, step: Callable, warmup: int, steps: int, device: torch.device)
 
 def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps: int, workers: int,
                  device: torch.device, compile_model: bool = False, arch: str = "resnet50") -> dict:
-    """End-to-end training img/s at ``size``: TwinCar (files, and cached), model alone, original pipeline."""
+    """End-to-end training img/s at ``size``: TwinCar (files, cached, GPU decode, cache in GPU memory), model
+    alone, original pipeline."""
+    from types import SimpleNamespace
+
     from torch.utils.data import DataLoader, Dataset
 
     from twincar.data.datamodule import CarsDataModule
@@ -531,10 +536,10 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     root = _devkit_of(paths, work / "devkit_dataset")
     repeat = max(1, (batch * (steps + 5)) // len(paths) + 1)  # enough samples for every timed step
 
-    def twincar_dm(cache: bool) -> CarsDataModule:
+    def twincar_dm(cache: bool, **gpu_input) -> CarsDataModule:
         dm = CarsDataModule(root=str(root), image_size=size, batch_size=batch, num_workers=workers,
                             val_fraction=0.05, split_dir=None, augmentation=SEED_AUG.__dict__, cache=cache,
-                            cache_dir=str(work / "cache"))
+                            cache_dir=str(work / "cache"), require_cuda=device.type == "cuda", **gpu_input)
         dm.prepare_data()
         dm.setup("fit")
         dm.train_set.samples = dm.train_set.samples * repeat
@@ -566,6 +571,14 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
             return train(x, targets)
         return step
 
+    def gpu_input_step(dm):  # the loader yields ImageRefs: the datamodule's per-batch step decodes or slices them
+        dm.trainer = SimpleNamespace(training=True)
+
+        def step(b):
+            x, _, targets = dm.on_after_batch_transfer((b[0], b[1].to(device, non_blocking=True)), 0)
+            return train(x, targets)
+        return step
+
     util = GpuUtilisation(device.index or 0) if device.type == "cuda" else None
     dm = twincar_dm(cache=False)
     dm.train_batch_transform.to(device)
@@ -577,6 +590,13 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     cached_dm = twincar_dm(cache=True)
     cached_dm.train_batch_transform.to(device)
     cached = _loop(cached_dm.train_dataloader(), twincar_step(cached_dm), 3, steps, device)
+    gpu_input = {}  # the GPU input paths: JPEGs decoded on the device, the cache held in device memory
+    for name, options in (("gpu_decode", dict(cache=False, decode_device="cuda")),
+                          ("device_cache", dict(cache=True, cache_on_device=True))):
+        gpu_dm = twincar_dm(**options)
+        gpu_dm.train_batch_transform.to(device)
+        gpu_input[name] = _loop(gpu_dm.train_dataloader(), gpu_input_step(gpu_dm), 3, steps, device)
+        del gpu_dm  # lets the device copy of the cache go before the next measure
 
     synthetic = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 196, (batch,), device=device)
@@ -601,6 +621,8 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     return result(reference, files, image_size=size, batch_size=batch, workers=workers,
                   model_only_img_s=round(model_only, 2), loader_efficiency=round(files / model_only, 3),
                   cached_img_s=round(cached, 2), cached_loader_efficiency=round(cached / model_only, 3),
+                  **{f: v for name, speed in gpu_input.items() for f, v in (
+                      (f"{name}_img_s", round(speed, 2)), (f"{name}_loader_efficiency", round(speed / model_only, 3)))},
                   gpu_utilisation_pct=util.mean if util else None, compiled=compile_model,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 

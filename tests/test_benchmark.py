@@ -78,6 +78,9 @@ def test_gpu_train_measure_runs_end_to_end_on_cpu(photos, tmp_path):
     r = BENCH["gpu_train"](photos, tmp_path, True, False, device=torch.device("cpu"))
     assert FIELDS <= set(r) and r["twincar_img_s"] > 0 and r["model_only_img_s"] > 0 and r["cached_img_s"] > 0
     assert r["loader_efficiency"] == pytest.approx(r["twincar_img_s"] / r["model_only_img_s"], rel=0.01)
+    for path in ("gpu_decode", "device_cache"):  # the GPU input paths, here on the CPU
+        assert r[f"{path}_img_s"] > 0
+        assert r[f"{path}_loader_efficiency"] == pytest.approx(r[f"{path}_img_s"] / r["model_only_img_s"], rel=0.01)
 
 
 def test_fast_train_pipeline_matches_the_reference_in_shape_dtype_and_range(photos):

@@ -182,12 +182,23 @@ class ImageCache:
         key = self._key(sample)
         return key in self.entries or key in self.errors
 
-    def __call__(self, sample: Sample) -> torch.Tensor:
-        """The cached image of ``sample``; ImageReadError (naming it) if it was unreadable or is not cached."""
+    @property
+    def nbytes(self) -> int:
+        """Size of the data file: every cached image, back to back."""
+        return (self.directory / DATA).stat().st_size
+
+    def entry(self, sample: Sample) -> list[int]:
+        """``[offset, nbytes, h, w, ...]`` of ``sample`` in the data file; ImageReadError (naming it) if it was
+        unreadable or is not cached."""
         key = self._key(sample)
         entry = self.entries.get(key)
         if entry is None:
             raise ImageReadError(self.errors.get(key) or f"cannot read image {key}: not in the cache {self.directory}")
+        return entry
+
+    def __call__(self, sample: Sample) -> torch.Tensor:
+        """The cached image of ``sample``; ImageReadError (naming it) if it was unreadable or is not cached."""
+        entry = self.entry(sample)
         if self._data is None:
             self._data = np.memmap(self.directory / DATA, dtype=np.uint8, mode="r")
         offset, nbytes, h, w = entry[:4]

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +17,15 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from twincar.data.cache import ImageCache, open_cache
 from twincar.data.check import find_unreadable
+from twincar.data.device import (
+    DECODE_DEVICES,
+    DeviceCache,
+    DeviceImages,
+    ImageRefs,
+    cache_ref,
+    check_cuda,
+    read_encoded,
+)
 from twincar.data.formats import (
     FORMATS,
     UNLABELED,
@@ -76,23 +86,44 @@ class CarsDataset(Dataset):
         sample = self.samples[index]
         try:
             img = self.reader(sample)
-            if self.bbox_margin is not None:  # boxes are in stored pixels; the decoded image is EXIF-oriented
-                header = sample_header(sample)  # and maybe smaller (reduced-size decode, cache): scale the box
-                box = scale_box(oriented_box(sample.bbox, header), header, img.shape[-1], img.shape[-2])
-                img = crop_to_box(img, box, self.bbox_margin)
+            if self.bbox_margin is not None:
+                img = crop_to_box(img, car_box(sample, img.shape[-1], img.shape[-2]), self.bbox_margin)
         except ImageReadError as e:
             return None, str(e)
         return self.transform(img), sample.label
 
 
-def collate_readable(batch: list[tuple]) -> tuple:
+class DeviceRefDataset(CarsDataset):
+    """The items of the GPU input paths (``data.decode_device=cuda``, ``data.cache_on_device=true``):
+    ``(ImageRef, label)``, the image's JPEG bytes or cache slice with its car box; the crop and ``transform``
+    run per batch on the device (:class:`twincar.data.device.DeviceImages`). Unreadable: ``(None, message)``."""
+
+    def __getitem__(self, index: int) -> tuple:
+        sample = self.samples[index]
+        try:
+            ref = self.reader(sample)
+            if self.bbox_margin is not None:  # the header read once per image, not per epoch
+                boxes = self.__dict__.setdefault("_boxes", {})
+                if sample not in boxes:
+                    boxes[sample] = car_box(sample, ref.width, ref.height)
+                ref = ref._replace(box=boxes[sample])
+        except ImageReadError as e:
+            return None, str(e)
+        return ref, sample.label
+
+
+def collate_readable(batch: list[tuple], collate_images: Callable[[list], object] | None = None) -> tuple:
     """``default_collate`` of the decoded items: ``(images, labels)``, plus a list of error messages as a third
-    element when some images of the batch could not be decoded (they are left out, never replaced)."""
+    element when some images of the batch could not be decoded (they are left out, never replaced).
+    ``collate_images``: how the images are put together instead (the GPU paths: ``ImageRefs``)."""
     good = [item for item in batch if item[0] is not None]
     failed = [item[1] for item in batch if item[0] is None]
     if not good:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), failed
-    images, labels = default_collate(good)
+    if collate_images is None:
+        images, labels = default_collate(good)
+    else:
+        images, labels = collate_images([item[0] for item in good]), default_collate([item[1] for item in good])
     return (images, labels, failed) if failed else (images, labels)
 
 
@@ -106,6 +137,13 @@ class FileReader:
         if sample.index is None and self.min_side:
             return load_rgb(sample.path, min_side=self.min_side)
         return load_sample(sample)
+
+
+def car_box(sample: Sample, width: int, height: int) -> tuple[int, int, int, int]:
+    """``sample.bbox`` (stored pixels) in the pixels of its image as decoded: EXIF-oriented, and maybe smaller
+    (``width`` x ``height``: reduced-size decode, cache)."""
+    header = sample_header(sample)
+    return scale_box(oriented_box(sample.bbox, header), header, width, height)
 
 
 def scale_box(box: tuple[int, int, int, int], header, width: int, height: int) -> tuple[int, int, int, int]:
@@ -174,6 +212,11 @@ class CarsDataModule(L.LightningDataModule):
     ``bbox_margin`` of the box size per side) before the other transforms. With ``synthetic`` set, the
     embedded dataset for that spec is generated (once, cached) under ``root/<fingerprint>`` and read by the
     very same loader.
+
+    GPU input paths (:mod:`twincar.data.device`): ``decode_device="cuda"`` decodes each batch's JPEGs on the
+    training device (workers only read the bytes); ``cache_on_device`` (with ``cache``, raw format) holds the
+    whole cache in device memory and reads no file at all. Both then crop and transform each image on the
+    device. ``require_cuda=False`` lets them run on whatever device the batch is on (the tests' CPU).
     """
 
     def __init__(
@@ -199,6 +242,9 @@ class CarsDataModule(L.LightningDataModule):
         cache: bool = False,
         cache_dir: str | None = None,
         cache_format: str = "raw",
+        decode_device: str = "cpu",
+        cache_on_device: bool = False,
+        require_cuda: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -212,6 +258,14 @@ class CarsDataModule(L.LightningDataModule):
             raise DatasetFormatError(f"data.on_corrupt={on_corrupt} is not one of {', '.join(ON_CORRUPT)}")
         if bbox_margin < 0:
             raise DatasetFormatError(f"data.bbox_margin={bbox_margin} must be >= 0 (a fraction of the box size)")
+        if decode_device not in DECODE_DEVICES:
+            raise TwinCarError(f"data.decode_device={decode_device} is not one of {', '.join(DECODE_DEVICES)}")
+        if cache_on_device and not (cache and cache_format == "raw"):
+            raise TwinCarError("data.cache_on_device=true holds the raw image cache: it needs data.cache=true and "
+                               "data.cache_format=raw")
+        if decode_device == "cuda" and cache:
+            raise TwinCarError("data.decode_device=cuda decodes the image files, data.cache=true reads the cache "
+                               "instead: set one of them (data.cache_on_device=true for the cache on the GPU)")
         self.spec = SyntheticSpec(**synthetic) if synthetic is not None else None
         self.root = Path(root) / self.spec.fingerprint() if self.spec else Path(root)
         self.split: dict | None = None  # the train/val file names in use, saved next to the run
@@ -221,6 +275,7 @@ class CarsDataModule(L.LightningDataModule):
         self.train_batch_transform: BatchTransform | None = None
         self.eval_batch_transform = BatchTransform(self.preprocess)
         self.image_cache: ImageCache | None = None  # the pre-resized copy read when data.cache=true
+        self.device_images: DeviceImages | None = None  # per-batch decode/crop/transform of the GPU input paths
 
     # -- data on disk -------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -278,16 +333,22 @@ class CarsDataModule(L.LightningDataModule):
             CarsData(data.format, data.root, data.class_names, train, []).validate()  # still every class
         self.split = split
         margin = hp.bbox_margin if hp.crop_to_bbox else None
-        eval_tf = EvalImageTransform(self.preprocess)
+        train_tf, eval_tf = TrainImageTransform(self.preprocess, self.aug), EvalImageTransform(self.preprocess)
         # data.cache: read the pre-resized copy; else the files, large JPEGs decoded at the reduced size that
         # loses nothing (train: the smallest random crop keeps image_size pixels each way)
         train_reader = FileReader(train_decode_min_side(self.preprocess, self.aug))
         eval_reader = FileReader(self.preprocess.decode_min_side)
+        dataset = CarsDataset
         if hp.cache:
             train_reader = eval_reader = self._open_cache()
-        self.train_set = CarsDataset(train, TrainImageTransform(self.preprocess, self.aug), margin, train_reader)
-        self.val_set = CarsDataset(val, eval_tf, margin, eval_reader)
-        self.test_set = CarsDataset(test, eval_tf, margin, eval_reader) if test else None
+        if hp.decode_device == "cuda" or hp.cache_on_device:  # the loader yields ImageRefs, the device does the rest
+            dataset = DeviceRefDataset
+            cache = DeviceCache(self.image_cache) if hp.cache_on_device else None
+            train_reader = eval_reader = partial(cache_ref, self.image_cache) if cache else read_encoded
+            self.device_images = DeviceImages(train_tf, eval_tf, margin, cache)
+        self.train_set = dataset(train, train_tf, margin, train_reader)
+        self.val_set = dataset(val, eval_tf, margin, eval_reader)
+        self.test_set = dataset(test, eval_tf, margin, eval_reader) if test else None
         if not test:
             log.warning("no test labels in %s (%s layout): test is skipped", data.root, data.format)
         self.train_batch_transform = BatchTransform(self.preprocess, self.aug, num_classes=self.num_classes)
@@ -346,16 +407,24 @@ class CarsDataModule(L.LightningDataModule):
         else:  # the global eval batch, split (rounding up): it changes speed only, never the metrics
             batch_size = -(-(hp.eval_batch_size or hp.batch_size) // world)
         sampler = None if train else eval_sampler(dataset, world, rank)  # train: Lightning's DistributedSampler
+        collate = collate_readable
+        workers = hp.num_workers
+        if self.device_images is not None:
+            option = "data.decode_device=cuda" if hp.decode_device == "cuda" else "data.cache_on_device=true"
+            if hp.require_cuda:
+                check_cuda(option)
+            collate = partial(collate_readable, collate_images=ImageRefs)
+            workers = 0 if hp.cache_on_device else workers  # the loader only looks up offsets: nothing to spread
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=train,
             sampler=sampler,
             drop_last=train and self.aug.mixes,  # Mixup/CutMix pairs samples: keep every batch full and even
-            num_workers=hp.num_workers,
+            num_workers=workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.num_workers > 0,
-            collate_fn=collate_readable,
+            persistent_workers=workers > 0,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -373,12 +442,17 @@ class CarsDataModule(L.LightningDataModule):
         """Per-batch work on the device. Training batches become ``(images, labels, targets)``,
         where ``targets`` are soft when Mixup/CutMix is on; eval batches ``(images, labels)``."""
         images, labels, *failed = batch
-        if failed and failed[0]:
-            self._decode_failures(failed[0])
+        failed = list(failed[0]) if failed else []
+        training = self.trainer is not None and self.trainer.training
+        if self.device_images is not None and len(labels):  # GPU input paths: decode, crop, transform here
+            images, labels, lost = self.device_images(images, labels, training)
+            failed += lost
+        if failed:
+            self._decode_failures(failed)
             if not len(labels):
-                raise TwinCarError(f"no image of a batch could be decoded ({failed[0][0]}, ...): run "
+                raise TwinCarError(f"no image of a batch could be decoded ({failed[0]}, ...): run "
                                    f"`python -m twincar.data.check {self.data.root}`")
-        if self.trainer is not None and self.trainer.training:
+        if training:
             if self.aug.mixes and len(labels) % 2:  # an image was left out: Mixup/CutMix pairs need an even batch
                 images, labels = images[:-1], labels[:-1]
             x, targets = self.train_batch_transform(images, labels)

@@ -7,6 +7,9 @@ Work is split where it scales:
 * per batch, on the training device after transfer: float conversion, photometric augmentation
   (colour jitter, Gaussian blur, per-sample), ImageNet normalisation and Mixup/CutMix
   -> :class:`BatchTransform`.
+
+With ``data.decode_device=cuda`` or ``data.cache_on_device=true`` the per-image transforms run on device
+tensors instead, after the batch transfer (:mod:`twincar.data.device`).
 """
 
 from __future__ import annotations
@@ -321,6 +324,8 @@ class RandomRotation(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         angle = float(torch.empty(()).uniform_(-self.degrees, self.degrees))
+        if img.device.type != "cpu":  # a device tensor (data.decode_device, data.cache_on_device): the same pixels
+            return v2.functional.rotate(img, angle)  # (nearest is rotate's default), without a host round trip
         return rotate_nearest(img, angle)
 
 

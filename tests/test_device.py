@@ -1,0 +1,189 @@
+"""The GPU input paths (data.decode_device=cuda, data.cache_on_device=true), run on the CPU: the same batches as
+the worker path, EXIF orientation, unreadable files, car boxes, clear errors, a short training run with each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from tests.conftest import SMALL_SPEC
+from tests.layouts import build
+from tests.test_datamodule import make_dm
+from twincar.data.datamodule import CarsDataModule, CarsDataset, DeviceRefDataset
+from twincar.data.device import DeviceImages, ImageRefs, check_cuda, check_fits, orient, read_encoded
+from twincar.data.formats import Sample
+from twincar.data.transforms import EvalImageTransform, Preprocess, load_rgb
+from twincar.errors import TwinCarError
+
+DECODE = dict(decode_device="cuda", require_cuda=False)  # the GPU-decode code path, on the batch's device (CPU)
+
+
+def on_device(tmp_path, kind: str) -> dict:
+    """The datamodule options of a GPU input path (on the CPU here)."""
+    if kind == "decode":
+        return DECODE
+    return dict(cache=True, cache_dir=str(tmp_path / "cache"), cache_on_device=True, require_cuda=False)
+
+
+def batches(dm, loader, training: bool) -> list[tuple]:
+    """Every batch of ``loader`` after the datamodule's per-batch step, as training or evaluation sees it."""
+    dm.trainer = type("T", (), {"training": training, "is_global_zero": True})()
+    return [dm.on_after_batch_transfer(b, 0) for b in loader]
+
+
+@pytest.mark.parametrize("kind", ["decode", "cache"])
+def test_batches_have_the_shape_dtype_range_and_labels_of_the_default_path(small_root, tmp_path, kind):
+    plain, fast = make_dm(small_root, tmp_path), make_dm(small_root, tmp_path, **on_device(tmp_path, kind))
+    raw = next(iter(fast.train_dataloader()))
+    assert isinstance(raw[0], ImageRefs) and len(raw[0]) == len(raw[1]) == 8  # the loader decodes nothing
+    (x, y, t), = batches(fast, [raw], True)
+    (x0, y0, _), = batches(plain, [next(iter(plain.train_dataloader()))], True)
+    assert x.shape == x0.shape == (8, 3, 64, 64) and x.dtype == x0.dtype == torch.float32
+    assert torch.equal(t, y) and y.dtype == y0.dtype == torch.int64
+    lo, hi = float(x0.min()), float(x0.max())
+    assert lo - 0.05 <= float(x.min()) and float(x.max()) <= hi + 0.05  # normalised 0..255
+    # labels stay with their images: the val batches come in sample order, labels as the samples say
+    seen = batches(fast, fast.val_dataloader(), False)
+    assert torch.equal(torch.cat([b[1] for b in seen]), torch.tensor([s.label for s in fast.val_set.samples]))
+    assert all(b[0].shape[1:] == (3, 64, 64) and b[0].dtype == torch.float32 for b in seen)
+
+
+def test_eval_batches_decoded_per_batch_equal_the_worker_path(small_root, tmp_path):
+    # on the CPU decode_jpeg is the workers' libjpeg-turbo: the same pixels exactly (nvJPEG's IDCT may differ
+    # by a grey level: not measured, no GPU lent)
+    plain, fast = make_dm(small_root, tmp_path), make_dm(small_root, tmp_path, **DECODE)
+    for a, b in zip(batches(plain, plain.test_dataloader(), False), batches(fast, fast.test_dataloader(), False),
+                    strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_on_device_cache_gives_the_eval_pixels_of_the_memory_mapped_cache(small_root, tmp_path):
+    mapped = make_dm(small_root, tmp_path, cache=True, cache_dir=str(tmp_path / "cache"))
+    fast = make_dm(small_root, tmp_path, **on_device(tmp_path, "cache"))
+    assert fast.train_dataloader().num_workers == 0
+    for a, b in zip(batches(mapped, mapped.val_dataloader(), False), batches(fast, fast.val_dataloader(), False),
+                    strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert fast.device_images.cache.flat.numel() == fast.image_cache.nbytes  # one flat tensor, loaded once
+
+
+@pytest.mark.parametrize("layout", ["devkit", "parquet"])
+def test_every_image_mode_and_parquet_rows_give_the_worker_pixels(tmp_path, layout):
+    # grayscale, CMYK, palette, RGBA and EXIF-rotated files (tests/layouts.py), through a worker process
+    root = build(layout, tmp_path / layout)
+    plain, fast = make_dm(root, tmp_path, image_size=32), make_dm(root, tmp_path, image_size=32, **DECODE)
+    samples = plain.train_set.samples + plain.val_set.samples
+    expected = CarsDataset(samples, EvalImageTransform(plain.preprocess), None, plain.val_set.reader)
+    refs = DeviceRefDataset(samples, fast.val_set.transform, None, fast.val_set.reader)
+    loader = DataLoader(refs, batch_size=8, num_workers=1, collate_fn=fast.val_dataloader().collate_fn, timeout=60)
+    x = torch.cat([b[0] for b in batches(fast, loader, False)])
+    assert torch.equal(x, fast.eval_batch_transform(torch.stack([expected[i][0] for i in range(len(samples))])))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_load_rgb_does(tmp_path, orientation):
+    path = tmp_path / f"o{orientation}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pixels = np.random.default_rng(orientation).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=95, exif=exif.tobytes())
+    ref = read_encoded(Sample(path, 0))
+    assert ref.source.dim() == 1 and ref.orientation == orientation  # bytes + header orientation from the worker
+    (img,) = DeviceImages(None, None).decode([ref], torch.device("cpu"))
+    assert torch.equal(img, load_rgb(path)) and (ref.width, ref.height) == (img.shape[2], img.shape[1])
+
+
+def test_png_and_cmyk_jpeg_are_decoded_in_the_worker(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    for name in ("a.png", "cmyk.jpg"):
+        ref = read_encoded(Sample(tmp_path / name, 0))
+        assert ref.source.shape == (3, 30, 50) and torch.equal(ref.source, load_rgb(tmp_path / name))
+    assert torch.equal(orient(ref.source, 1), ref.source)
+
+
+def test_a_truncated_jpeg_is_left_out_and_named_or_stops_the_run(small_root, tmp_path):
+    root = shutil.copytree(small_root, tmp_path / "copy")
+    dm = make_dm(root, tmp_path, on_corrupt="skip", skipped_file=str(tmp_path / "skipped.txt"), **DECODE)
+    bad = dm.val_set.samples[1].path
+    bad.write_bytes(bad.read_bytes()[:-300])  # after the header check: the worker reads it, the batch decode fails
+    loader = DataLoader(dm.val_set, batch_size=4, collate_fn=dm.val_dataloader().collate_fn)
+    out = batches(dm, loader, False)
+    labels = torch.cat([b[1] for b in out])
+    expected = [s.label for s in dm.val_set.samples if s.path != bad]
+    assert torch.equal(labels, torch.tensor(expected)) and sum(len(b[0]) for b in out) == len(dm.val_set) - 1
+    assert str(bad) in (tmp_path / "skipped.txt").read_text() and dm.skipped[-1].startswith(f"cannot read image {bad}")
+    dm.hparams.on_corrupt = "fail"
+    with pytest.raises(TwinCarError, match=f"{bad}: .*run `python -m twincar.data.check {root}`"):
+        batches(dm, loader, False)
+
+
+@pytest.mark.parametrize("kind", ["decode", "cache"])
+def test_car_box_crop_frames_the_same_car(small_root, tmp_path, kind):
+    # decode: the same full-size decode, the same crop, exactly; cache: the box scaled to the cached copy as
+    # CarsDataset scales it, so the on-device crop equals the memory-mapped one
+    base = {} if kind == "decode" else dict(cache=True, cache_dir=str(tmp_path / "cache"))
+    plain = make_dm(small_root, tmp_path, crop_to_bbox=True, **base)
+    fast = make_dm(small_root, tmp_path, crop_to_bbox=True, **on_device(tmp_path, kind))
+    (x0, y0), (x, y) = (batches(d, [next(iter(d.test_dataloader()))], False)[0] for d in (plain, fast))
+    assert torch.equal(x0, x) and torch.equal(y0, y)
+
+
+def test_wrong_settings_say_what_to_set(small_root, tmp_path):
+    with pytest.raises(TwinCarError, match="data.decode_device=gpu is not one of cpu, cuda"):
+        CarsDataModule(root=str(small_root), decode_device="gpu")
+    with pytest.raises(TwinCarError, match="needs data.cache=true and data.cache_format=raw"):
+        CarsDataModule(root=str(small_root), cache_on_device=True)
+    with pytest.raises(TwinCarError, match="set one of them"):
+        CarsDataModule(root=str(small_root), decode_device="cuda", cache=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(TwinCarError, match="^data.decode_device=cuda needs a CUDA GPU and none is available: "
+                                               "set data.decode_device=cpu$"):
+            make_dm(small_root, tmp_path, decode_device="cuda").train_dataloader()
+        with pytest.raises(TwinCarError, match="set data.cache_on_device=false$"):
+            check_cuda("data.cache_on_device=true")
+    check_fits(4 * 2**30, 70 * 2**30, 80 * 2**30, "cuda:0")  # Stanford Cars at 224 on an 80 GB GPU
+    with pytest.raises(TwinCarError, match=r"the image cache \(4.0 GiB\) does not fit in cuda:0 .*"
+                                           "set data.cache_on_device=false"):
+        check_fits(4 * 2**30, 5 * 2**30, 8 * 2**30, "cuda:0")
+
+
+def test_decode_failure_of_one_image_names_it_and_keeps_the_others(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(paths[-1])
+    refs = [read_encoded(Sample(p, i)) for i, p in enumerate(paths)]
+    refs[1] = refs[1]._replace(source=refs[1].source[:100])  # a truncated copy of its bytes
+    tf = EvalImageTransform(Preprocess(image_size=16))
+    x, y, failed = DeviceImages(tf, tf)(ImageRefs(refs), torch.tensor([0, 1, 2]), train=False)
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 2]
+    assert len(failed) == 1 and failed[0].startswith(f"cannot read image {paths[1]}: ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", [["data.decode_device=cuda", "data.num_workers=1"],
+                                    ["data.cache=true", "data.cache_on_device=true"]])
+def test_a_short_training_run_works_with_each_option(tmp_path, data_dir, option):
+    from hydra import compose, initialize_config_module
+
+    from twincar.train import train
+
+    with initialize_config_module("twincar.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=smoke", "model.name=test_resnet", "data.image_size=32", "~callbacks.rich_progress_bar",
+            "export=false", f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}",
+            f"paths.output_dir={tmp_path}/run", *option, "+data.require_cuda=false",
+            *[f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()],
+        ])
+    train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 <= metrics["val/acc"] <= 1 and metrics["test/loss"] > 0  # trained, validated and tested through it
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
