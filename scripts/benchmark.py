@@ -276,24 +276,6 @@ def _read_predictions(path: Path) -> dict[str, str]:
     return {Path(r[file_col]).name: r[name_col] for r in rows if r.get(name_col)}
 
 
-def reference_predict(images: str, model: str, classes: str, output: str, arch: str = "resnet50") -> None:
-    """The original TwinCars predict loop: eager fp32 torchvision resnet50, one image at a time."""
-    import torchvision
-
-    names = Path(classes).read_text().splitlines()
-    net = getattr(torchvision.models, arch)(num_classes=len(names))
-    net.load_state_dict(torch.load(model, map_location="cpu", weights_only=True))
-    net.eval()
-    tf = reference_eval_transform(224)
-    with open(output, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "name"])
-        for path in sorted(Path(images).glob("*.jpg")):
-            with torch.no_grad():
-                logits = net(tf(_pil_rgb(path)).unsqueeze(0))
-            writer.writerow([str(path), names[int(logits.argmax(1))]])
-
-
 def _margins(path: Path) -> dict[str, float]:
     """file name -> top-1 minus top-2 probability, from a ``twincar.predict`` CSV (how close a call it was)."""
     with open(path, newline="") as f:
@@ -352,8 +334,8 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
                                     *predict_args]
 
     commands: dict[str, Callable[[Path, Path], list[str]]] = {
-        "reference": lambda images, out: [sys.executable, __file__, "--reference-predict", str(images), str(weights),
-                                          str(class_file), str(out), arch],
+        "reference": lambda images, out: [sys.executable, str(REPO / "scripts" / "twincars_predict.py"), str(images),
+                                          str(weights), str(class_file), str(out), arch],
         "twincar": twincar_cmd(weights),
     }
     export_s = None
@@ -732,11 +714,8 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--reference-predict":  # the measured child process of the original loop
-        reference_predict(*argv[1:])
-        return None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", help="a folder of .jpg files (default: a generated Stanford Cars-like set)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
