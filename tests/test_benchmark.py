@@ -89,16 +89,19 @@ def test_fast_train_pipeline_matches_the_reference_in_shape_dtype_and_range(phot
     worker = TrainImageTransform(pre, BENCH["SEED_AUG"])
     on_device = BatchTransform(pre, BENCH["SEED_AUG"], num_classes=3)
     cache = open_cache([Sample(p, 0) for p in photos], photos[0].parent / "cache", pre)
-    ref = torch.stack([reference(BENCH["_pil_rgb"](p)) for p in photos])
+    draws = photos * 8  # 8 random augmentations of each photo: the means below average over crops and jitter
+    torch.manual_seed(0)
+    ref = torch.stack([reference(BENCH["_pil_rgb"](p)) for p in draws])
     lo = ((0 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
     hi = ((1 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
+    labels = torch.arange(len(draws)) % 3
     for read in (FileReader(), cache):
-        uint8 = torch.stack([worker(read(Sample(p, 0))) for p in photos])
-        assert uint8.dtype == torch.uint8 and uint8.shape == ref.shape == (4, 3, 64, 64)
-        x, y = on_device(uint8, torch.tensor([0, 1, 2, 0]))
-        assert x.dtype == ref.dtype == torch.float32 and torch.equal(y, torch.tensor([0, 1, 2, 0]))
+        uint8 = torch.stack([worker(read(Sample(p, 0))) for p in draws])
+        assert uint8.dtype == torch.uint8 and uint8.shape == ref.shape == (32, 3, 64, 64)
+        x, y = on_device(uint8, labels)
+        assert x.dtype == ref.dtype == torch.float32 and torch.equal(y, labels)
         assert ((x >= lo - 1e-5) & (x <= hi + 1e-5)).all() and ((ref >= lo - 1e-5) & (ref <= hi + 1e-5)).all()
-        assert abs(x.mean() - ref.mean()) < 0.5  # the same kind of images: both means near the photos' mean
+        assert abs(x.mean() - ref.mean()) < 0.5  # the same kind of images (30 seeds: at most 0.26 apart)
 
 
 def test_fast_eval_preprocessing_matches_the_reference_values(photos):
