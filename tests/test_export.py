@@ -87,6 +87,8 @@ def test_int8_export_needs_onnx_and_calibration_images(tiny_export, tmp_path):
         export_model(tiny_export, "onnx", tmp_path, quantize="int8")
     with pytest.raises(ExportError, match="quantize=int4 is not one of int8"):
         export_model(tiny_export, "onnx", tmp_path, quantize="int4", calibration=tmp_path)
+    with pytest.raises(ExportError, match=r"calibration=\S*nowhere: no such file or folder"):
+        export_model(tiny_export, "onnx", tmp_path / "out", quantize="int8", calibration=tmp_path / "nowhere")
 
 
 @pytest.mark.slow

@@ -127,6 +127,16 @@ def export_onnx(model: nn.Module, path: Path, image_size: int) -> float:
     return float((torch.from_numpy(got) - expected).abs().max())
 
 
+def _calibration_images(calibration: Sequence[str | Path] | str | Path) -> list[Path]:
+    """The image files named by ``calibration`` (files, folders, glob patterns, as ``--images`` takes them)."""
+    from twincar.predict import NoImagesError, find_images
+
+    try:
+        return find_images([calibration] if isinstance(calibration, (str, Path)) else list(calibration))
+    except NoImagesError as e:
+        raise ExportError(f"calibration={calibration}: {str(e).split(': ', 1)[-1]}") from e
+
+
 def _calibration_split(images: Sequence[Path], count: int) -> tuple[list[Path], list[Path]]:
     """``count`` images evenly spread over ``images`` for calibration, and up to ``AGREEMENT_IMAGES`` of the
     others (evenly spread too) to check the quantised model against."""
@@ -158,7 +168,7 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
 
     class Batches(CalibrationDataReader):
         def __init__(self):
-            self.batches = (b for b in _prepared_batches(predictor, calibration))
+            self.batches = _prepared_batches(predictor, calibration)
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -226,6 +236,7 @@ def export_model(
     if quantize and not calibration:
         raise ExportError(f"quantize={quantize} needs calibration=PATH: images like those the model will see "
                           "(files, folders or glob patterns, e.g. the training folder)")
+    calibration_set = _calibration_images(calibration) if quantize else []  # before any work: a wrong path fails fast
     ckpt = Path(ckpt).expanduser()
     loaded = load_model(ckpt)
     if not isinstance(loaded.model, nn.Module) or not list(loaded.model.parameters()):
@@ -245,10 +256,7 @@ def export_model(
     quantization = None
     if quantize:
         from twincar.inference import Predictor
-        from twincar.predict import find_images
-
-        sources = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
-        chosen, held_out = _calibration_split(find_images(sources), calibration_images)
+        chosen, held_out = _calibration_split(calibration_set, calibration_images)
         fp32 = Predictor.load(weights, loaded.class_names, preprocess=loaded.preprocess, device="cpu",
                               precision="fp32")
         quantized = out / f"model.{quantize}.onnx"
