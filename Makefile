@@ -27,7 +27,7 @@ browser: ## Install headless Chromium and its driver for the demo's browser test
 demo: $(STAMP) ## Train ResNet-50 on the embedded synthetic dataset (offline, about 5.5 min on 2 CPU cores)
 	$(PY) -m twincar.train
 
-test: $(STAMP) browser ## Run the test suite (about 9 min on 2 CPU cores; installs chromium for the demo test)
+test: $(STAMP) browser ## Run the test suite (about 10 min on 2 CPU cores; installs chromium for the demo test)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 test-fast: $(STAMP) ## Run the tests that take seconds (skips the training runs)
