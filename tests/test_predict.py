@@ -205,8 +205,8 @@ def test_a_large_jpeg_is_predicted_from_the_reduced_decode_that_eval_uses(tiny_e
     assert dict(got.topk) == pytest.approx(dict(zip(TINY_NAMES, expected.tolist(), strict=True)), abs=1e-6)
 
 
-def test_cpu_predict_decodes_in_process_and_a_gpu_gets_workers():
-    from twincar.predict import default_workers
+def test_cpu_inference_decodes_in_process_and_a_gpu_gets_workers():
+    from twincar.inference import default_workers
 
     assert default_workers(torch.device("cpu")) == 0  # workers would stall the network's threads on the same cores
     assert default_workers(torch.device("cuda")) >= 1

@@ -31,7 +31,7 @@ from twincar.data.formats import Sample, load_sample, sample_label
 from twincar.data.transforms import ImageReadError, Preprocess
 from twincar.errors import TwinCarError
 from twincar.figures import confused_pairs_figure, reliability_diagram, top_losses_figure
-from twincar.inference import Predictor
+from twincar.inference import Predictor, default_workers
 from twincar.metrics import calibration_bins, classification_metrics
 from twincar.models.io import MODEL_CARD
 
@@ -313,7 +313,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     batch_size = int(data.get("eval_batch_size") or data.get("batch_size") or 64)
     log.info("evaluating %s on %d %s images (%s, tta=%s)", cfg.ckpt, len(samples), split, predictor.device, cfg.tta)
     out = collect_logits(predictor, samples, bbox_margin=margin, batch_size=batch_size,
-                         num_workers=int(data.get("num_workers") or 0), tta=str(cfg.tta),
+                         num_workers=min(int(data.get("num_workers") or 0), default_workers(predictor.device)),
+                         tta=str(cfg.tta),
                          progress=bool(cfg.get("progress", True)))
     extra = {"checkpoint": str(cfg.ckpt), "split": split, "tta": str(cfg.tta), "images": len(out.samples),
              "skipped": left_out + [p for p, _ in out.skipped], "classes": len(predictor.class_names)}

@@ -91,13 +91,6 @@ def format_predictions(predictions: Sequence, fmt: str, topk: int) -> str:
     return buf.getvalue()
 
 
-def default_workers(device) -> int:
-    """Decoding processes for ``device``: none on the CPU, where the network already uses every core (decoding
-    is a few percent of the work there, and a busy core stalls every layer's threads: 4x slower measured on
-    2 cores with 2 workers), else up to 8 (a GPU waits on decoding)."""
-    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
-
-
 @dataclass
 class PredictSummary:
     """What a predict run did."""
@@ -151,6 +144,8 @@ def predict_files(
     log.info("predicting %d image(s) with %s (%d classes, %s, %s)", len(files), model, len(predictor.class_names),
              predictor.device, "bf16" if predictor.autocast_dtype is not None else "fp32")
     start = time.perf_counter()
+    from twincar.inference import default_workers
+
     workers = default_workers(predictor.device) if num_workers is None else num_workers
     stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk,
                                     num_workers=min(workers, max(0, len(files) // batch_size)))
