@@ -623,6 +623,11 @@ def gpu_train(paths, work, quick: bool, compile_model: bool, device: torch.devic
 
 
 # -- driver ------------------------------------------------------------------------------------------------
+def jpegs(folder: str | Path) -> list[Path]:
+    """The .jpg/.jpeg files directly in ``folder``, sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+
+
 def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -637,7 +642,7 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="twincar-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.images:
-        paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        paths = jpegs(args.images)
         if not paths:
             raise SystemExit(f"no .jpg files in {args.images}")
         predict_paths = paths[:args.predict_images] if args.predict_images else paths
@@ -676,8 +681,7 @@ def run(args: argparse.Namespace) -> dict:
             if args.no_int8:
                 calibration = []
             elif args.calibration:
-                calibration = sorted(p for p in Path(args.calibration).iterdir() if p.suffix.lower() in (".jpg",
-                                                                                                          ".jpeg"))
+                calibration = jpegs(args.calibration)
             else:  # another seed: never the measured images
                 calibration = make_images(work / "calibration", 4 if args.quick else 256, quick=args.quick, seed=1)
             out.update(cpu_predict(predict_paths, work, args.model, args.classes, args.quick,

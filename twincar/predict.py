@@ -131,7 +131,7 @@ def predict_files(
     The model and its class list are checked before any image is read. ``num_workers`` decoding processes
     (None: :func:`default_workers`).
     """
-    from twincar.inference import Predictor  # torch is imported here, not for --help
+    from twincar.inference import Predictor, default_workers  # torch is imported here, not for --help
 
     if fmt not in ("csv", "json"):
         raise TwinCarError(f"--format must be csv or json, got {fmt!r}")
@@ -144,8 +144,6 @@ def predict_files(
     log.info("predicting %d image(s) with %s (%d classes, %s, %s)", len(files), model, len(predictor.class_names),
              predictor.device, "bf16" if predictor.autocast_dtype is not None else "fp32")
     start = time.perf_counter()
-    from twincar.inference import default_workers
-
     workers = default_workers(predictor.device) if num_workers is None else num_workers
     stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk,
                                     num_workers=min(workers, max(0, len(files) // batch_size)))

@@ -98,15 +98,18 @@ class DeviceRefDataset(CarsDataset):
     ``(ImageRef, label)``, the image's JPEG bytes or cache slice with its car box; the crop and ``transform``
     run per batch on the device (:class:`twincar.data.device.DeviceImages`). Unreadable: ``(None, message)``."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.boxes: dict[Sample, tuple[int, int, int, int]] = {}  # car boxes: each header read once, not per epoch
+
     def __getitem__(self, index: int) -> tuple:
         sample = self.samples[index]
         try:
             ref = self.reader(sample)
-            if self.bbox_margin is not None:  # the header read once per image, not per epoch
-                boxes = self.__dict__.setdefault("_boxes", {})
-                if sample not in boxes:
-                    boxes[sample] = car_box(sample, ref.width, ref.height)
-                ref = ref._replace(box=boxes[sample])
+            if self.bbox_margin is not None:
+                if sample not in self.boxes:
+                    self.boxes[sample] = car_box(sample, ref.width, ref.height)
+                ref = ref._replace(box=self.boxes[sample])
         except ImageReadError as e:
             return None, str(e)
         return ref, sample.label
