@@ -18,40 +18,16 @@ from datetime import datetime
 from pathlib import Path
 
 import hydra
-import timm
 import torch
 from omegaconf import OmegaConf
 
 from twincar.data.transforms import Preprocess
 from twincar.errors import TwinCarError
-from twincar.inference import Predictor
-from twincar.metrics import class_hierarchy
-from twincar.models.io import safe_torch_load
-
-
-def hierarchy_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, float]:
-    """Top-1, family and year-given-family accuracy of ``logits`` (N, K) against ``labels`` (N,).
-
-    Family accuracy: the predicted class has the true class's make and model (any year).
-    Year given family: among images whose family has two or more years, the argmax over that family's
-    classes only is the true class (a model that knows the family, asked for the year; chance 1/years).
-    """
-    family = class_hierarchy(class_names)["family"]  # per class: its family id (the one class-name parser)
-    members = {f: (family == f).nonzero().flatten().tolist() for f in family.unique().tolist()}
-    pred = logits.argmax(dim=1)
-    fam_ok = family[pred] == family[labels]
-    family = family.tolist()
-    year_hits, year_n = 0, 0
-    for row, t in zip(logits, labels.tolist(), strict=True):
-        idx = members[family[t]]
-        if len(idx) >= 2:
-            year_n += 1
-            year_hits += idx[int(row[idx].argmax())] == t
-    return {
-        "acc": float((pred == labels).float().mean()),
-        "acc_family": float(fam_ok.float().mean()),
-        "acc_year_given_family": year_hits / year_n if year_n else float("nan"),
-    }
+from twincar.files import write_json
+from twincar.inference import Predictor, collect_logits
+from twincar.metrics import hierarchy_accuracy
+from twincar.models.io import build_model, safe_torch_load, strip_prefix
+from twincar.runs import Run, find_runs, label_runs
 
 
 @dataclass
@@ -74,28 +50,22 @@ def _minutes(log_file: Path) -> float:
     return (last - first).total_seconds() / 60
 
 
-def _evaluate(state: dict[str, torch.Tensor], arch: str, names: list[str], pre: Preprocess, samples) -> dict:
-    net = timm.create_model(arch, num_classes=len(names))
-    net.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
-    predictor = Predictor(net, names, pre, device="cpu")
-    logits = torch.cat([
-        predictor.logits(torch.stack([predictor.prepare(s.path) for s in samples[i:i + 64]]))
-        for i in range(0, len(samples), 64)
-    ])
-    return hierarchy_accuracy(logits, torch.tensor([s.label for s in samples]), names)
+def _evaluate(state: dict[str, torch.Tensor], arch: str, names: list[str], pre: Preprocess, dataset) -> dict:
+    """Accuracies of ``state`` on a split of the run's own datamodule, through eval's loop."""
+    model = build_model(arch, len(names), strip_prefix(state, "model."), arch)
+    predictor = Predictor(model, names, pre, device="cpu")
+    out = collect_logits(predictor, dataset.samples, bbox_margin=dataset.bbox_margin, progress=False)
+    return hierarchy_accuracy(out.logits, out.labels, names)
 
 
-def tabulate_run(run_dir: Path) -> list[Row]:
-    """Evaluate one finished run directory: the best checkpoint's weights (EMA and raw when EMA was on)."""
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = " ".join(OmegaConf.load(overrides_file)) if overrides_file.is_file() else run_dir.name
+def tabulate_run(run: Run) -> list[Row]:
+    """Evaluate one finished run: the best checkpoint's weights (EMA and raw when EMA was on)."""
+    cfg = OmegaConf.load(run.path / "config.yaml")
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
-    val, test = dm.val_set.samples, (dm.test_set.samples if dm.test_set else [])
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    path = metrics.get("best_checkpoint") or str(run_dir / "checkpoints" / "last.ckpt")
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    path = metrics.get("best_checkpoint") or str(run.path / "checkpoints" / "last.ckpt")
     ckpt = safe_torch_load(Path(path))
     hp = ckpt["hyper_parameters"]
     names, pre, arch = list(hp["class_names"]), Preprocess.from_dict(hp["preprocess"]), hp["name"]
@@ -105,10 +75,11 @@ def tabulate_run(run_dir: Path) -> list[Row]:
                    f"{which} (epoch {ckpt['epoch']}), raw": ckpt["current_model_state"]}
     else:
         weights = {f"{which} (epoch {ckpt['epoch']})": ckpt["state_dict"]}
-    minutes = _minutes(run_dir / "train.log") if (run_dir / "train.log").is_file() else float("nan")
+    log_file = run.path / "train.log"
+    minutes = _minutes(log_file) if log_file.is_file() else float("nan")
     return [
-        Row(overrides, label, int(metrics.get("epochs", 0)), minutes, _evaluate(state, arch, names, pre, val),
-            _evaluate(state, arch, names, pre, test) if test else {})
+        Row(run.label, label, int(metrics.get("epochs", 0)), minutes, _evaluate(state, arch, names, pre, dm.val_set),
+            _evaluate(state, arch, names, pre, dm.test_set) if dm.test_set else {})
         for label, state in weights.items()
     ]
 
@@ -126,15 +97,14 @@ def markdown(rows: list[Row], val_size: int | None = None, test_size: int | None
 
 
 def tabulate(sweep_dir: Path) -> tuple[list[Row], str]:
-    """Rows for every finished run under ``sweep_dir`` (job order) and the Markdown table."""
-    runs = sorted((p.parent for p in sweep_dir.glob("*/metrics.json")), key=lambda p: (len(p.name), p.name))
+    """Rows for every finished run under ``sweep_dir`` (job order, labelled by the overrides that differ) and
+    the Markdown table."""
+    runs = [r for r in find_runs(sweep_dir) if r.status == "done"]
     if not runs:
         raise TwinCarError(f"no finished run (metrics.json) under {sweep_dir}: pass a -m sweep's directory")
+    label_runs(runs)
     rows = [row for run in runs for row in tabulate_run(run)]
-    shared = set.intersection(*(set(r.run.split()) for r in rows))  # the sweep's common overrides
-    for r in rows:
-        r.run = " ".join(o for o in r.run.split() if o not in shared) or r.run
-    cfg = OmegaConf.load(runs[0] / "config.yaml")
+    cfg = OmegaConf.load(runs[0].path / "config.yaml")
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     dm.setup("fit")
     return rows, markdown(rows, len(dm.val_set), len(dm.test_set) if dm.test_set else None)
@@ -152,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(table)
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        write_json(args.json, [asdict(r) for r in rows])
     return 0
 
 

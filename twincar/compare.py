@@ -10,18 +10,16 @@ metric per run, labelled by the overrides that differ between runs). A job direc
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from twincar.errors import TwinCarError
+from twincar.files import write_csv
+from twincar.runs import Run, find_runs, label_runs
+from twincar.viz import metric_bars
 
 log = logging.getLogger(__name__)
 
@@ -34,61 +32,6 @@ LOWER_IS_BETTER = ("loss", "nll", "ece", "err_")  # metric name parts for which 
 
 class CompareError(TwinCarError, ValueError):
     """Nothing to compare, or a bad option; the message says what to pass."""
-
-
-@dataclass
-class Run:
-    """One run directory: where it is, how it was launched, what it reached."""
-
-    path: Path
-    overrides: list[str]  # as launched, e.g. ["optimizer=sgd", "experiment=smoke"]
-    metrics: dict[str, float] = field(default_factory=dict)
-    status: str = "done"  # done | no metrics.json
-    label: str = ""  # the overrides that differ from the other runs'
-
-
-def _is_run(d: Path) -> bool:
-    return (d / ".hydra" / "overrides.yaml").is_file() or (d / "config.yaml").is_file()
-
-
-def find_runs(root: str | Path) -> list[Run]:
-    """Every run directory below ``root`` (itself included), in path order (sweep jobs by number)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CompareError(f"{root} is not a directory: pass a sweep directory (outputs/multiruns/<date_time>) "
-                           "or a folder of runs (outputs/)")
-    dirs = {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
-    dirs |= {p.parent for p in root.rglob("config.yaml")}
-    dirs = {d for d in dirs if _is_run(d) and any((d / n).exists() for n in ("metrics.json", "checkpoints", "csv"))}
-
-    def order(d: Path):
-        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in d.relative_to(root).parts]
-
-    runs = []
-    for d in sorted(dirs, key=order):
-        overrides_file = d / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) or [] if overrides_file.is_file() else []
-        overrides = [str(o) for o in overrides]
-        run = Run(d, overrides)
-        try:
-            values = json.loads((d / "metrics.json").read_text())
-            run.metrics = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
-        except FileNotFoundError:
-            run.status = "no metrics.json"
-        except ValueError as e:
-            run.status = f"unreadable metrics.json ({e})"
-        runs.append(run)
-    if not runs:
-        raise CompareError(f"no training runs below {root} (directories with .hydra/overrides.yaml and metrics.json): "
-                           "pass the directory of a sweep or of several runs")
-    return runs
-
-
-def label_runs(runs: list[Run]) -> None:
-    """Label each run by its overrides that not every run shares (all of them when only one run)."""
-    common = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
-    for r in runs:
-        r.label = " ".join(o for o in r.overrides if o not in common) or "(defaults)"
 
 
 def sort_runs(runs: list[Run], metric: str) -> list[Run]:
@@ -120,39 +63,14 @@ def markdown_table(runs: list[Run], root: Path, sort: str) -> str:
     return "\n".join(lines)
 
 
-def write_csv(runs: list[Run], root: Path, path: Path) -> Path:
-    """Every run with every metric any run has (blank where it has not)."""
+def write_table(runs: list[Run], root: Path, path: Path) -> Path:
+    """``compare.csv``: every run with every metric any run has (blank where it has not)."""
     metrics = sorted({k for r in runs for k in r.metrics})
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rank", "run", "label", "overrides", "status", *metrics])
-        for i, r in enumerate(runs, 1):
-            writer.writerow([i, str(r.path.relative_to(root)) if r.path != root else ".", r.label,
-                             " ".join(r.overrides), r.status, *(r.metrics.get(m, "") for m in metrics)])
-    return path
-
-
-def bar_chart(runs: list[Run], sort: str, path: Path) -> Path:
-    """A horizontal bar of ``sort`` per run (best on top), labelled by its overrides."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [r for r in runs if not math.isnan(r.metrics.get(sort, math.nan))]
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(1, len(shown))))
-    values = [r.metrics[sort] for r in shown]
-    ax.barh(range(len(shown)), values, color="tab:blue")
-    ax.set_yticks(range(len(shown)), [r.label[:60] for r in shown], fontsize=8)
-    ax.invert_yaxis()
-    for y, v in enumerate(values):
-        ax.text(v, y, f" {v:.4f}", va="center", fontsize=8)
-    ax.set(xlabel=sort, title=f"{sort} per run ({len(shown)} of {len(runs)} runs)")
-    ax.margins(x=0.15)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    fields = ["rank", "run", "label", "overrides", "status", *metrics]
+    rows = [{"rank": i, "run": str(r.path.relative_to(root)) if r.path != root else ".", "label": r.label,
+             "overrides": " ".join(r.overrides), "status": r.status, **{m: r.metrics.get(m, "") for m in metrics}}
+            for i, r in enumerate(runs, 1)]
+    return write_csv(path, rows, fields)
 
 
 def compare(root: str | Path, sort: str = DEFAULT_SORT, out_dir: str | Path | None = None) -> tuple[list[Run], str]:
@@ -167,8 +85,9 @@ def compare(root: str | Path, sort: str = DEFAULT_SORT, out_dir: str | Path | No
     runs = sort_runs(runs, sort)
     out = Path(out_dir) if out_dir else root
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(runs, root, out / "compare.csv")
-    bar_chart(runs, sort, out / "compare.png")
+    write_table(runs, root, out / "compare.csv")
+    shown = [r for r in runs if not math.isnan(r.metrics.get(sort, math.nan))]
+    metric_bars([r.label for r in shown], [r.metrics[sort] for r in shown], sort, len(runs), out / "compare.png")
     return runs, markdown_table(runs, root, sort)
 
 

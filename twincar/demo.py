@@ -1,7 +1,7 @@
 """The web demo (the original TwinCars Hugging Face Space, rebuilt): ``python -m twincar.demo --model PATH``.
 
 Upload, drop or paste a car photo (or pick an example) and see its make, model, year and confidence, the top-5
-classes as bars and, on request, a Grad-CAM overlay (:mod:`twincar.explain`). Everything goes through one
+classes as bars and, on request, a Grad-CAM overlay (:mod:`twincar.cam`). Everything goes through one
 :class:`~twincar.inference.Predictor`, so the answer equals ``twincar.predict`` on the same file. Runs offline
 (no CDN assets, analytics off); uploads are limited in size; one prediction runs at a time (Gradio queue).
 ``build_app`` makes the app (tests and ``space/app.py`` call it); ``main`` is the thin argparse entry point.
@@ -70,7 +70,7 @@ class Answerer:
     def explainer(self):
         """The Grad-CAM explainer, built on first use (PyTorch models only)."""
         if self._explainer is None:
-            from twincar.explain import Explainer
+            from twincar.cam import Explainer
 
             self._explainer = Explainer(self.predictor, method="gradcam", faithfulness=False)
         return self._explainer

@@ -12,28 +12,24 @@ function; ``main`` the thin Hydra entry point. It never trains.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
 
-from twincar.data.classes import parse_car_name
-from twincar.data.datamodule import CarsDataset
-from twincar.data.formats import Sample, load_sample, sample_label
-from twincar.data.transforms import ImageReadError, Preprocess
+from twincar.data.classes import class_names_difference, parse_car_name
+from twincar.data.formats import Sample
+from twincar.data.images import ImageReadError, load_sample, sample_label
 from twincar.errors import TwinCarError
-from twincar.figures import confused_pairs_figure, reliability_diagram, top_losses_figure
-from twincar.inference import Predictor, default_workers
+from twincar.files import write_csv, write_json
+from twincar.inference import EvalOutputs, Predictor, collect_logits, default_workers
 from twincar.metrics import calibration_bins, classification_metrics
-from twincar.models.io import MODEL_CARD
+from twincar.runs import find_run_config
+from twincar.viz import confused_pairs_figure, reliability_diagram, top_losses_figure
 
 log = logging.getLogger(__name__)
 
@@ -47,37 +43,7 @@ class EvalError(TwinCarError, ValueError):
     """A bad eval option or input; the message names it and what to pass."""
 
 
-# -- inputs: model, data ---------------------------------------------------------------------------
-def find_run_config(model_path: str | Path) -> Path | None:
-    """The training ``config.yaml`` of the run a model file belongs to (``RUN/checkpoints/x.ckpt`` or
-    ``RUN/model.pth``), or None."""
-    model_path = Path(model_path).expanduser()
-    for d in (model_path.parent, model_path.parent.parent):
-        if (d / "config.yaml").is_file():
-            return d / "config.yaml"
-    return None
-
-
-def load_predictor(
-    path: str | Path, classes: str | Path | None = None, *, device: str = "auto", run_config: str | Path | None = None
-) -> Predictor:
-    """The model in ``path`` as a Predictor. A bare ``model.pth`` takes ``classes`` or the ``classes.txt`` beside
-    it, and, without a model card but inside a training run, that run's architecture and preprocessing."""
-    path = Path(path).expanduser()
-    preprocess, architecture = None, None
-    if path.suffix != ".ckpt":
-        if classes is None and (path.parent / "classes.txt").is_file():
-            classes = path.parent / "classes.txt"
-        run_config = run_config or find_run_config(path)
-        if not (path.parent / MODEL_CARD).is_file() and run_config and Path(run_config).is_file():
-            run = OmegaConf.load(run_config)
-            architecture = OmegaConf.select(run, "model.name")
-            if OmegaConf.select(run, "data.image_size"):
-                preprocess = Preprocess(image_size=int(run.data.image_size),
-                                        eval_crop_pct=float(run.data.get("eval_crop_pct", 0.875)))
-    return Predictor.load(path, classes, device=device, architecture=architecture, preprocess=preprocess)
-
-
+# -- inputs: the data ---------------------------------------------------------------------------
 def data_config(cfg: DictConfig) -> tuple[dict, str]:
     """(CarsDataModule config, split): the training run's data config with this run's non-null ``data.*``
     on top; or, when a data group was chosen here (``data=stanford_cars``), that one."""
@@ -106,76 +72,14 @@ def eval_samples(data: dict, split: str, class_names: list[str]) -> tuple[list[S
     datamodule = hydra.utils.instantiate(data, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("validate")
-    if [n.lower() for n in datamodule.class_names] != [n.lower() for n in class_names]:
-        raise EvalError(
-            f"the model has {len(class_names)} classes but the data at {datamodule.root} has "
-            f"{datamodule.num_classes} (or other names): pass the data.root it was trained on"
-        )
+    difference = class_names_difference(class_names, datamodule.class_names)
+    if difference:
+        raise EvalError(f"the model's classes differ from those of the data at {datamodule.root} ({difference}, "
+                        "model against data): pass the data.root it was trained on")
     if split == "test" and not datamodule.has_test_labels:
         raise EvalError(f"{datamodule.root} has no test labels: use data.split=val")
     dataset = datamodule.test_set if split == "test" else datamodule.val_set
     return list(dataset.samples), getattr(dataset, "bbox_margin", None), list(getattr(datamodule, "skipped", []))
-
-
-class _Indexed(Dataset):
-    """A CarsDataset whose items also say which sample they are; an unreadable one comes back as its error."""
-
-    def __init__(self, dataset: CarsDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        image, label_or_error = self.dataset[i]
-        return (image, i, None) if image is not None else (None, i, str(label_or_error))
-
-
-def _collate(items):
-    ok = [(x, i) for x, i, err in items if err is None]
-    images = torch.stack([x for x, _ in ok]) if ok else None
-    return images, [i for _, i in ok], [(i, err) for _, i, err in items if err is not None]
-
-
-@dataclass
-class EvalOutputs:
-    """Logits of every readable image of a split, in sample order, and what could not be read."""
-
-    logits: torch.Tensor  # (N, K) float32
-    labels: torch.Tensor  # (N,)
-    samples: list[Sample]  # the N readable samples
-    skipped: list[tuple[str, str]]  # (path, why) of unreadable images
-
-
-def collect_logits(
-    predictor: Predictor, samples: list[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
-    num_workers: int = 0, tta: str = "none", progress: bool = True,
-) -> EvalOutputs:
-    """Run the model over ``samples`` in batches, with optional flip TTA. Per-image work (decode, the car-box
-    crop when ``bbox_margin`` is set, the model's resize/crop) runs in DataLoader workers, as in training."""
-    if tta not in TTA_MODES:
-        raise EvalError(f"tta={tta} is not supported: use tta=none or tta=flip")
-    from tqdm.auto import tqdm
-
-    dataset = _Indexed(CarsDataset(samples, predictor.image_transform, bbox_margin))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
-    logits, kept, skipped = [], [], []
-    with tqdm(total=len(samples), desc="eval", unit="img", disable=not progress) as bar:
-        for images, idx, bad in loader:
-            for i, err in bad:
-                log.warning("skipping unreadable image: %s", err)
-                skipped.append((sample_label(samples[i]), err))
-            if images is not None:
-                out = predictor.logits(images)
-                if tta == "flip":
-                    out = (out + predictor.logits(images.flip(-1))) / 2
-                logits.append(out)
-                kept.extend(idx)
-            bar.update(len(idx) + len(bad))
-    if not kept:
-        raise EvalError(f"none of the {len(samples)} images could be read (first: {skipped[0][1] if skipped else '-'})")
-    kept_samples = [samples[i] for i in kept]
-    return EvalOutputs(torch.cat(logits), torch.tensor([s.label for s in kept_samples]), kept_samples, skipped)
 
 
 def _image(sample: Sample) -> torch.Tensor | None:
@@ -256,12 +160,7 @@ PAIR_FIELDS = ["name_a", "name_b", "a_as_b", "b_as_a", "total", "differ_in", "ex
 
 
 def _write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> Path:
-    fields = fields or (list(rows[0]) if rows else PAIR_FIELDS)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(path, rows, fields or (list(rows[0]) if rows else PAIR_FIELDS))
 
 
 def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, split: str, extra: dict,
@@ -270,7 +169,7 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
     out_dir.mkdir(parents=True, exist_ok=True)
     names = predictor.class_names
     metrics = compute_metrics(out.logits, out.labels, names, split)
-    (out_dir / "metrics.json").write_text(json.dumps({**metrics, **extra}, indent=1))
+    write_json(out_dir / "metrics.json", {**metrics, **extra})
 
     probs = out.logits.softmax(1)
     preds = probs.argmax(1)
@@ -303,8 +202,10 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
 # -- the pure function and the entry point ------------------------------------------------------
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate ``cfg.ckpt`` on ``cfg.data.split``; write ``reports/`` under ``cfg.paths.output_dir``."""
-    predictor = load_predictor(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"),
-                               run_config=cfg.get("run_config"))
+    if str(cfg.tta) not in TTA_MODES:
+        raise EvalError(f"tta={cfg.tta} is not supported: use tta=none or tta=flip")
+    predictor = Predictor.load(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"),
+                               tta=str(cfg.get("tta", "none")))
     data, split = data_config(cfg)
     out_dir = Path(cfg.paths.output_dir) / "reports"
     if "skipped_file" in data:  # on_corrupt=skip names what it leaves out here, not in the training run
@@ -314,7 +215,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     log.info("evaluating %s on %d %s images (%s, tta=%s)", cfg.ckpt, len(samples), split, predictor.device, cfg.tta)
     out = collect_logits(predictor, samples, bbox_margin=margin, batch_size=batch_size,
                          num_workers=min(int(data.get("num_workers") or 0), default_workers(predictor.device)),
-                         tta=str(cfg.tta),
                          progress=bool(cfg.get("progress", True)))
     extra = {"checkpoint": str(cfg.ckpt), "split": split, "tta": str(cfg.tta), "images": len(out.samples),
              "skipped": left_out + [p for p, _ in out.skipped], "classes": len(predictor.class_names)}

@@ -13,7 +13,6 @@ agreement with the fp32 model on held-out calibration images is logged and kept 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -22,13 +21,20 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 from torch import nn
 
-from twincar import __version__
-from twincar.data.transforms import Preprocess
+from twincar.data.images import NoImagesError, find_images
 from twincar.errors import TwinCarError
-from twincar.models.io import MODEL_CARD, export_state_dict, load_model
+from twincar.files import atomic_path
+from twincar.models.io import (
+    MODEL_CARD,
+    build_model_card,
+    export_safetensors,
+    export_state_dict,
+    load_model,
+    write_model_card,
+)
+from twincar.runs import run_record
 
 log = logging.getLogger(__name__)
 
@@ -42,69 +48,6 @@ class ExportError(TwinCarError, ValueError):
     """An export option is wrong or the model cannot be exported; the message says which."""
 
 
-def build_model_card(
-    class_names: Sequence[str],
-    preprocess: Preprocess,
-    architecture: str,
-    *,
-    metrics: dict | None = None,
-    config: dict | None = None,
-    source: str | None = None,
-) -> dict:
-    """What a consumer of exported weights needs (class names, preprocessing, architecture) and what the run was
-    (metrics such as ``test/acc``, config group choices and overrides)."""
-    return {
-        "architecture": architecture,
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "preprocess": preprocess.to_dict(),
-        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
-        "config": config or {},
-        "source": source,
-        "twincar_version": __version__,
-    }
-
-
-def write_model_card(directory: str | Path, card: dict) -> Path:
-    """Write ``model_card.json`` into ``directory`` (beside the weights it describes)."""
-    path = Path(directory) / MODEL_CARD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(card, indent=1) + "\n", "utf-8")
-    return path
-
-
-def hydra_run_config() -> dict:
-    """The running Hydra job's group choices and command-line overrides (``{}`` outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}
-    hc = HydraConfig.get()
-    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
-    return {"choices": choices, "overrides": list(hc.overrides.task)}
-
-
-def run_record(ckpt: Path) -> tuple[dict, dict]:
-    """Metrics and config choices of the run a checkpoint came from (``RUN/checkpoints/x.ckpt`` -> ``RUN/``)."""
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    metrics: dict = {}
-    config: dict = {}
-    if (run / "metrics.json").is_file():
-        try:
-            metrics = json.loads((run / "metrics.json").read_text("utf-8"))
-        except ValueError:
-            log.warning("%s is not valid JSON: metrics left out of the model card", run / "metrics.json")
-    hydra_yaml = run / ".hydra" / "hydra.yaml"
-    if hydra_yaml.is_file():
-        hc = OmegaConf.load(hydra_yaml).hydra
-        choices = OmegaConf.to_container(hc.runtime.choices)
-        config = {
-            "choices": {k: v for k, v in choices.items() if not k.startswith("hydra") and v is not None},
-            "overrides": list(hc.overrides.task),
-        }
-    return metrics, config
-
-
 def export_onnx(model: nn.Module, path: Path, image_size: int) -> float:
     """A single-file ONNX model (opset ``ONNX_OPSET``, dynamic batch); returns its largest absolute difference
     from the eager model on a random batch, measured with onnxruntime."""
@@ -115,21 +58,21 @@ def export_onnx(model: nn.Module, path: Path, image_size: int) -> float:
     model = model.eval().float()
     example = torch.randn(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(
-        model, (example,), str(path), input_names=["images"], output_names=["logits"], opset_version=ONNX_OPSET,
-        dynamo=True, external_data=False, dynamic_shapes=({0: batch},),
-    )
     check = torch.randn(3, 3, image_size, image_size)
     with torch.inference_mode():
         expected = model(check)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"images": check.numpy()})
+    with atomic_path(path) as tmp:
+        torch.onnx.export(
+            model, (example,), str(tmp), input_names=["images"], output_names=["logits"], opset_version=ONNX_OPSET,
+            dynamo=True, external_data=False, dynamic_shapes=({0: batch},),
+        )
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {"images": check.numpy()})
     return float((torch.from_numpy(got) - expected).abs().max())
 
 
 def _calibration_images(calibration: Sequence[str | Path] | str | Path) -> list[Path]:
     """The image files named by ``calibration`` (files, folders, glob patterns, as ``--images`` takes them)."""
-    from twincar.predict import NoImagesError, find_images
 
     try:
         return find_images([calibration] if isinstance(calibration, (str, Path)) else list(calibration))
@@ -178,8 +121,9 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
     try:
         quant_pre_process(str(fp32), str(prepared))  # shape inference + graph clean-up before quantising
         head = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ("Gemm", "MatMul")]
-        quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=head)
+        with atomic_path(out) as tmp:
+            quantize_static(str(prepared), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=head)
     finally:
         prepared.unlink(missing_ok=True)
     agreement = None
@@ -247,7 +191,7 @@ def export_model(
     if fmt == "pth":
         export_state_dict(loaded.model, weights)
     elif fmt == "safetensors":
-        save_file({k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}, str(weights))
+        export_safetensors(loaded.model, weights)
     else:
         diff = export_onnx(loaded.model, weights, loaded.preprocess.image_size)
         log.info("ONNX model checked with onnxruntime: max |difference| from PyTorch %.2e", diff)

@@ -1,4 +1,5 @@
-"""Predictor: the one inference object. predict, eval, explain and the demo all use it.
+"""Predictor: the one inference object, and the one loop over labelled images. predict, eval, explain, the
+demo and the ablation all go through here.
 
 >>> from twincar import Predictor
 >>> p = Predictor.load("outputs/runs/RUN/model.pth")  # model_card.json beside it gives classes and preprocessing
@@ -7,8 +8,12 @@
 >>> rs = p.predict(["a.jpg", "b.png"], batch_size=32, num_workers=2)  # a list; unreadable files get ``error``
 
 Loading goes through :func:`twincar.models.io.load_model` (safe: no unpickling) and preprocessing through
-:mod:`twincar.data.transforms` (the same eval transform as validation), so a prediction here equals what
-evaluation computes for the same file.
+:mod:`twincar.data.transforms` (the same eval transform as validation). Evaluation runs its images through
+:func:`collect_logits`, which calls the same :meth:`Predictor.prepare` decode and :meth:`Predictor.logits`, so
+a prediction here equals what evaluation computes for the same file, flip TTA included.
+
+Flip TTA (``tta="flip"``), the one definition: the softmax probabilities of the image and of its mirror image
+are averaged; :meth:`Predictor.logits` returns the log of that average, so its softmax is the average.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,15 +33,19 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from twincar.data.classes import parse_car_name
-from twincar.data.transforms import BatchTransform, EvalImageTransform, ImageReadError, Preprocess, load_rgb
+from twincar.data.datasets import CarsDataset, collate_readable
+from twincar.data.formats import Sample
+from twincar.data.images import ImageReadError, load_rgb, load_sample, sample_label
+from twincar.data.transforms import BatchTransform, EvalImageTransform, Preprocess
 from twincar.errors import TwinCarError
-from twincar.models.io import LoadedModel, OnnxModule, load_model
+from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model
+from twincar.runs import find_run_config
 
 log = logging.getLogger(__name__)
 
 ImageInput = str | Path | Image.Image | torch.Tensor
 PRECISIONS = ("auto", "fp32", "bf16")
-TTA_MODES = (None, "flip")
+TTA_MODES = (None, "none", "flip")  # "none" and None are the same: one pass
 
 
 @dataclass
@@ -101,8 +111,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if native else None
+        from twincar.compat.torch import cpu_has_native_bf16
+
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     return None
 
 
@@ -124,7 +135,8 @@ def to_uint8_rgb(image: ImageInput) -> torch.Tensor:
     raise TypeError(f"cannot predict on a {type(image).__name__}: pass a path, a PIL image or a uint8 tensor")
 
 
-def _source(image: ImageInput) -> str:
+def source_name(image: ImageInput) -> str:
+    """How an input is named in results: its path, or ``<PIL image>`` / ``<tensor>``."""
     if isinstance(image, (str, Path)):
         return str(image)
     return "<PIL image>" if isinstance(image, Image.Image) else "<tensor>"
@@ -138,8 +150,8 @@ def prepare_image(image: ImageInput, transform: nn.Module, min_side: int | None 
     return transform(to_uint8_rgb(image))
 
 
-class _ImageDataset(Dataset):
-    """:func:`prepare_image` of one input (in a DataLoader worker); an unreadable one yields its error message."""
+class _Inputs(Dataset):
+    """Item ``i``: ``(prepared image, i)``, or ``(None, message)`` when input ``i`` cannot be read (in a worker)."""
 
     def __init__(self, items: Sequence[ImageInput], transform: nn.Module, min_side: int | None):
         self.items = items
@@ -149,18 +161,44 @@ class _ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int | str]:
         try:
-            return index, prepare_image(self.items[index], self.transform, self.min_side), None
+            return prepare_image(self.items[index], self.transform, self.min_side), index
         except (ImageReadError, ValueError, TypeError) as e:
-            return index, None, str(e)
+            return None, str(e)
 
 
-def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
-    """(indices of readable images, their uint8 batch or None, {index: error} of the others)."""
-    ok = [(i, t) for i, t, _ in batch if t is not None]
-    errors = {i: err for i, t, err in batch if t is None}
-    return [i for i, _ in ok], (torch.stack([t for _, t in ok]) if ok else None), errors
+class _Numbered(Dataset):
+    """A :class:`~twincar.data.datamodule.CarsDataset` whose items carry their index instead of their label."""
+
+    def __init__(self, dataset: CarsDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int | str]:
+        image, label_or_error = self.dataset[index]
+        return (image, index) if image is not None else (None, label_or_error)
+
+
+def iter_batches(
+    dataset: Dataset, *, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+    """Batches of a dataset whose items are ``(image, index)`` or ``(None, message)``, in order: ``(indices of
+    the readable items, their uint8 batch or None, {index: message} of the unreadable ones)``. Unreadable
+    items are dropped by the one collate of the data layer (:func:`~twincar.data.datamodule.collate_readable`),
+    never replaced; their indices are the batch's others."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_readable, pin_memory=pin_memory)
+    start = 0
+    for images, indices, *failed in loader:
+        ok = indices.tolist()
+        messages = list(failed[0]) if failed else []
+        end = start + len(ok) + len(messages)
+        bad = [i for i in range(start, end) if i not in set(ok)]
+        start = end
+        yield ok, (images if ok else None), dict(zip(bad, messages, strict=True))
 
 
 class Predictor:
@@ -174,7 +212,8 @@ class Predictor:
         channels_last: run convolutions in channels-last memory format (faster on CPU and GPU).
         precision: ``fp32`` (exact), ``bf16`` (autocast) or ``auto`` (bf16 where the hardware has it natively,
             see :func:`resolve_precision`). An ONNX model always runs in fp32.
-        tta: ``"flip"`` averages the probabilities of the image and its mirror image; None for one pass.
+        tta: ``"flip"`` averages the probabilities of the image and its mirror image (see the module's
+            docstring); None (or ``"none"``) for one pass.
     """
 
     def __init__(
@@ -193,7 +232,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.class_names = list(class_names)
         self.preprocess = preprocess
-        self.tta = tta
+        self.tta = None if tta == "none" else tta
         self.is_onnx = isinstance(model, OnnxModule)
         self.channels_last = channels_last and not self.is_onnx  # onnxruntime takes NCHW: no copy there and back
         self.autocast_dtype = resolve_precision(precision, self.device)
@@ -224,7 +263,17 @@ class Predictor:
         """Load a ``.ckpt``, an exported ``.pth``/``.safetensors``/``.onnx`` (with its model card) or the original
         TwinCars ``.pth`` (then ``classes`` is needed; ``architecture`` is the timm name of a bare state dict,
         ``resnet50`` by default). ``preprocess`` replaces what the file says;
-        ``image_size``/``resize_mode`` change one field of it. Other keywords go to :class:`Predictor`."""
+        ``image_size``/``resize_mode`` change one field of it. Other keywords go to :class:`Predictor`.
+
+        A bare ``model.pth`` takes the ``classes.txt`` beside it when ``classes`` is not given, and, without a
+        model card but inside a training run, that run's architecture and preprocessing (its ``config.yaml``)."""
+        path = Path(path).expanduser()
+        if path.suffix not in (".ckpt", ".onnx") and not (path.parent / MODEL_CARD).is_file():
+            if classes is None and (path.parent / "classes.txt").is_file():
+                classes = path.parent / "classes.txt"
+            run_arch, run_pre = _run_model_config(path)
+            architecture = architecture or run_arch
+            preprocess = preprocess or run_pre
         loaded: LoadedModel = load_model(path, classes, architecture=architecture, preprocess=preprocess)
         pre = loaded.preprocess
         if image_size is not None or resize_mode is not None:
@@ -288,18 +337,16 @@ class Predictor:
         Decoding and resizing run in ``num_workers`` DataLoader processes (0: in this process). An unreadable
         file yields a Prediction with ``error`` set (and a warning); the rest of its batch goes on.
         """
-        loader = DataLoader(
-            _ImageDataset(images, self.image_transform, self.preprocess.decode_min_side), batch_size=batch_size,
-            num_workers=num_workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
-        )
-        for indices, batch, errors in loader:
+        batches = iter_batches(_Inputs(images, self.image_transform, self.preprocess.decode_min_side),
+                               batch_size=batch_size, num_workers=num_workers, pin_memory=self.device.type == "cuda")
+        for indices, batch, errors in batches:
             done = dict(zip(indices, self.results(
-                self.logits(batch), [_source(images[i]) for i in indices], topk
+                self.logits(batch), [source_name(images[i]) for i in indices], topk
             ), strict=True)) if indices else {}
             for i in sorted([*indices, *errors]):
                 if i in errors:
                     log.warning("skipping unreadable image: %s", errors[i])
-                    yield Prediction(source=_source(images[i]), error=errors[i])
+                    yield Prediction(source=source_name(images[i]), error=errors[i])
                 else:
                     yield done[i]
 
@@ -314,3 +361,58 @@ class Predictor:
         items = [images] if single else list(images)
         results = list(self.iter_predict(items, batch_size=batch_size, topk=topk, num_workers=num_workers))
         return results[0] if single else results
+
+
+def _run_model_config(path: Path) -> tuple[str | None, Preprocess | None]:
+    """The architecture and preprocessing of the training run a bare weights file sits in (None when unknown)."""
+    from omegaconf import OmegaConf
+
+    run_config = find_run_config(path)
+    if run_config is None:
+        return None, None
+    run = OmegaConf.load(run_config)
+    size, crop = OmegaConf.select(run, "data.image_size"), OmegaConf.select(run, "data.eval_crop_pct", default=0.875)
+    preprocess = Preprocess(image_size=int(size), eval_crop_pct=float(crop)) if size else None
+    return OmegaConf.select(run, "model.name"), preprocess
+
+
+# -- the one loop over labelled images: eval, the ablation ---------------------------------------------
+@dataclass
+class EvalOutputs:
+    """Logits of every readable image of a split, in sample order, and what could not be read."""
+
+    logits: torch.Tensor  # (N, K) float32: Predictor.logits (flip TTA included when the predictor has it)
+    labels: torch.Tensor  # (N,)
+    samples: list[Sample]  # the N readable samples
+    skipped: list[tuple[str, str]]  # (image, why) of unreadable images
+
+
+def collect_logits(
+    predictor: Predictor, samples: Sequence[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
+    num_workers: int = 0, progress: bool = True,
+) -> EvalOutputs:
+    """Run ``predictor`` over labelled ``samples`` in batches. Each image is decoded as :meth:`Predictor.prepare`
+    decodes a file (a large JPEG at reduced size), cropped to its car box when ``bbox_margin`` is set (as the
+    training run's val/test sets are), and put through the predictor's own transform and :meth:`Predictor.logits`.
+    An unreadable image is named in the log and in ``skipped``, and left out."""
+    from tqdm.auto import tqdm
+
+    samples = list(samples)
+    reader = partial(load_sample, min_side=predictor.preprocess.decode_min_side)
+    dataset = _Numbered(CarsDataset(samples, predictor.image_transform, bbox_margin, reader))
+    logits, kept, skipped = [], [], []
+    with tqdm(total=len(samples), desc="eval", unit="img", disable=not progress) as bar:
+        for indices, images, errors in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
+                                                    pin_memory=predictor.device.type == "cuda"):
+            for i, message in errors.items():
+                log.warning("skipping unreadable image: %s", message)
+                skipped.append((sample_label(samples[i]), message))
+            if images is not None:
+                logits.append(predictor.logits(images))
+                kept.extend(indices)
+            bar.update(len(indices) + len(errors))
+    if not kept:
+        first = skipped[0][1] if skipped else "-"
+        raise TwinCarError(f"none of the {len(samples)} images could be read (first: {first})")
+    kept_samples = [samples[i] for i in kept]
+    return EvalOutputs(torch.cat(logits), torch.tensor([s.label for s in kept_samples]), kept_samples, skipped)

@@ -111,6 +111,31 @@ class HierarchicalAccuracy(Metric):
         }
 
 
+def hierarchy_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, float]:
+    """Top-1, family and year-given-family accuracy of ``logits`` (N, K) against ``labels`` (N,).
+
+    Family accuracy: the predicted class has the true class's make and model (any year).
+    Year given family: among images whose family has two or more years, the argmax over that family's
+    classes only is the true class (a model that knows the family, asked for the year; chance 1/years).
+    """
+    family = class_hierarchy(class_names)["family"]  # per class: its family id
+    members = {f: (family == f).nonzero().flatten().tolist() for f in family.unique().tolist()}
+    pred = logits.argmax(dim=1)
+    fam_ok = family[pred] == family[labels]
+    family = family.tolist()
+    year_hits, year_n = 0, 0
+    for row, t in zip(logits, labels.tolist(), strict=True):
+        idx = members[family[t]]
+        if len(idx) >= 2:
+            year_n += 1
+            year_hits += idx[int(row[idx].argmax())] == t
+    return {
+        "acc": float((pred == labels).float().mean()),
+        "acc_family": float(fam_ok.float().mean()),
+        "acc_year_given_family": year_hits / year_n if year_n else float("nan"),
+    }
+
+
 def calibration_bins(logits: torch.Tensor, target: torch.Tensor, n_bins: int = ECE_BINS) -> torch.Tensor:
     """(3, n_bins): per equal-width confidence bin ``(lo, hi]``, the image count, summed confidence and
     summed correctness (top-1) of the softmax of ``logits``."""

@@ -9,69 +9,22 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from twincar.errors import TwinCarError
+from twincar.files import write_text
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DEFAULT_OUTPUT = "reports/predictions_custom_images.csv"  # the original project's output file
 PROGRESS_MIN_IMAGES = 16  # show a progress bar from this many images on
-
-
-class NoImagesError(TwinCarError, FileNotFoundError):
-    """``--images`` matched no image file."""
-
-
-def find_images(specs: Sequence[str | Path]) -> list[Path]:
-    """Files named by ``specs``: folders (recursive, image extensions, sorted), files, or glob patterns.
-
-    A file given by name is kept whatever its extension (so a broken upload gets its own error row).
-    Duplicates are dropped, first occurrence wins.
-    """
-    found: list[Path] = []
-    for spec in specs:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif path.is_file():
-            found.append(path)
-        elif any(c in str(spec) for c in "*?["):  # a glob pattern; ** recurses
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-            found += [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        else:
-            raise NoImagesError(f"--images {spec}: no such file or folder ({path.name} does not exist: "
-                                "pass image files, folders or glob patterns)")
-    unique = list(dict.fromkeys(found))
-    if not unique:
-        listed = " ".join(map(str, specs))
-        raise NoImagesError(f"--images {listed}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
-    return unique
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def format_predictions(predictions: Sequence, fmt: str, topk: int) -> str:
@@ -131,7 +84,8 @@ def predict_files(
     The model and its class list are checked before any image is read. ``num_workers`` decoding processes
     (None: :func:`default_workers`).
     """
-    from twincar.inference import Predictor, default_workers  # torch is imported here, not for --help
+    from twincar.data.images import find_images  # torch is imported here, not for --help
+    from twincar.inference import Predictor, default_workers
 
     if fmt not in ("csv", "json"):
         raise TwinCarError(f"--format must be csv or json, got {fmt!r}")
@@ -153,7 +107,7 @@ def predict_files(
         stream = track(stream, total=len(files), description="predicting", transient=True)
     predictions = list(stream)
     seconds = time.perf_counter() - start
-    out = write_atomic(Path(output), format_predictions(predictions, fmt, topk))
+    out = write_text(Path(output), format_predictions(predictions, fmt, topk))
     return PredictSummary(out, len(predictions), sum(not p.ok for p in predictions), seconds)
 
 

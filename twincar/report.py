@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from twincar.curves import plot_curves
 from twincar.errors import TwinCarError
+from twincar.viz import plot_curves
 
 log = logging.getLogger(__name__)
 

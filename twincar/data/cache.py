@@ -34,8 +34,9 @@ import torch
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from twincar.data.formats import Sample, load_sample, sample_header
-from twincar.data.transforms import ImageReadError, Preprocess, load_rgb
+from twincar.data.formats import Sample
+from twincar.data.images import ImageReadError, load_rgb, load_sample, sample_header
+from twincar.data.transforms import Preprocess
 from twincar.errors import TwinCarError
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from twincar.data.formats import FORMATS, Sample, load_dataset, sample_header, sample_label
+from twincar.data.formats import FORMATS, Sample, load_dataset
 from twincar.data.formats.parquet import image_bytes
-from twincar.data.transforms import ImageReadError, decode_rgb_bytes, oriented_box, read_header
+from twincar.data.images import ImageReadError, decode_rgb_bytes, oriented_box, read_header, sample_header, sample_label
 from twincar.errors import TwinCarError
 
 ERROR, WARNING, INFO = "error", "warning", "info"

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import re
 import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from twincar.files import write_text
 
 # Makes whose name has more than one word; every other make is the first word of the name.
 MULTI_WORD_MAKES: tuple[str, ...] = ("AM General", "Aston Martin", "Land Rover")
@@ -109,29 +112,40 @@ def read_class_names(path: str | Path) -> list[str]:
 
 def write_classes_txt(names: list[str], path: str | Path) -> Path:
     """Write one class name per line, in label order."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{n}\n" for n in names), "utf-8")
-    return path
+    return write_text(path, "".join(f"{n}\n" for n in names))
+
+
+def name_key(name: str) -> str:
+    """What two class names must share to be the same class: case and runs of whitespace are ignored.
+    The one rule, used by resume, predict, eval, explain and export."""
+    return " ".join(str(name).split()).casefold()
+
+
+def class_names_difference(a: list[str], b: list[str]) -> str | None:
+    """None when two class lists name the same classes in the same order (:func:`name_key`), else a short
+    description of the first difference: the counts, or the first label whose names differ."""
+    if len(a) != len(b):
+        return f"{len(a)} classes against {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if name_key(x) != name_key(y):
+            return f"label {i} is {x!r} against {y!r}"
+    return None
 
 
 def same_class_names(a: list[str], b: list[str]) -> bool:
     """True when two class lists name the same classes in the same order, ignoring case and spacing."""
-    return len(a) == len(b) and all(" ".join(x.split()).casefold() == " ".join(y.split()).casefold()
-                                    for x, y in zip(a, b, strict=True))
+    return class_names_difference(a, b) is None
 
 
 def write_classes_csv(names: list[str], path: str | Path) -> Path:
     """Write ``label,name,make,model,year`` for each class, in label order."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["label", "name", "make", "model", "year"])
-        for i, name in enumerate(names):
-            car = parse_car_name(name)
-            writer.writerow([i, car.full, car.make, car.model, car.year or ""])
-    return path
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["label", "name", "make", "model", "year"])
+    for i, name in enumerate(names):
+        car = parse_car_name(name)
+        writer.writerow([i, car.full, car.make, car.model, car.year or ""])
+    return write_text(path, buf.getvalue())
 
 
 def write_class_tables(names: list[str], out: str | Path) -> tuple[Path, Path]:

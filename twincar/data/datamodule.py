@@ -6,158 +6,40 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader
 
+from twincar.data import device as device_paths
 from twincar.data.cache import ImageCache, open_cache
 from twincar.data.check import find_unreadable
-from twincar.data.device import (
-    DECODE_DEVICES,
-    DeviceCache,
-    DeviceImages,
-    ImageRefs,
-    cache_ref,
-    check_cuda,
-    read_encoded,
-)
-from twincar.data.formats import (
-    FORMATS,
-    UNLABELED,
-    CarsData,
-    DatasetFormatError,
-    Sample,
-    load_dataset,
-    load_sample,
-    sample_header,
-    sample_label,
-)
+from twincar.data.datasets import CarsDataset, DeviceRefDataset, collate_readable
+from twincar.data.device import DeviceCache, DeviceImages, ImageRefs, cache_ref, read_encoded
+from twincar.data.formats import FORMATS, UNLABELED, CarsData, DatasetFormatError, Sample, load_dataset
+from twincar.data.images import load_sample, sample_label
+from twincar.data.pipeline import READS_CACHE, resolve_pipeline
+from twincar.data.sampling import eval_sampler, per_device_batch_size
 from twincar.data.synthetic import SyntheticSpec, generate
 from twincar.data.transforms import (
     Augmentation,
     BatchTransform,
     EvalImageTransform,
-    ImageReadError,
     Preprocess,
     TrainImageTransform,
-    crop_to_box,
-    load_rgb,
-    oriented_box,
+    check_mix_batch,
     train_decode_min_side,
 )
-from twincar.distributed import eval_sampler, per_device_batch_size
 from twincar.errors import TwinCarError
 
 log = logging.getLogger(__name__)
 
 
 ON_CORRUPT = ("fail", "skip")
-
-
-class CarsDataset(Dataset):
-    """Images and labels from a list of samples, optionally cropped to their car box first.
-
-    An image that fails to decode here (a truncated file that passed the header check) is never replaced
-    by another: the item comes back as ``(None, message)`` and :func:`collate_readable` leaves it out of
-    the batch, so it is counted nowhere; the datamodule names it once and applies ``data.on_corrupt``.
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        transform: torch.nn.Module,
-        bbox_margin: float | None = None,
-        reader: Callable[[Sample], torch.Tensor] | None = None,
-    ):
-        self.samples = list(samples)
-        self.transform = transform
-        self.bbox_margin = bbox_margin  # None: no crop; else crop to the box grown by this fraction per side
-        self.reader = reader or FileReader()  # sample -> uint8 (3, H, W): the file, or an ImageCache
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int | str]:
-        sample = self.samples[index]
-        try:
-            img = self.reader(sample)
-            if self.bbox_margin is not None:
-                img = crop_to_box(img, car_box(sample, img.shape[-1], img.shape[-2]), self.bbox_margin)
-        except ImageReadError as e:
-            return None, str(e)
-        return self.transform(img), sample.label
-
-
-class DeviceRefDataset(CarsDataset):
-    """The items of the GPU input paths (``data.decode_device=cuda``, ``data.cache_on_device=true``):
-    ``(ImageRef, label)``, the image's JPEG bytes or cache slice with its car box; the crop and ``transform``
-    run per batch on the device (:class:`twincar.data.device.DeviceImages`). Unreadable: ``(None, message)``."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.boxes: dict[Sample, tuple[int, int, int, int]] = {}  # car boxes: each header read once, not per epoch
-
-    def __getitem__(self, index: int) -> tuple:
-        sample = self.samples[index]
-        try:
-            ref = self.reader(sample)
-            if self.bbox_margin is not None:
-                if sample not in self.boxes:
-                    self.boxes[sample] = car_box(sample, ref.width, ref.height)
-                ref = ref._replace(box=self.boxes[sample])
-        except ImageReadError as e:
-            return None, str(e)
-        return ref, sample.label
-
-
-def collate_readable(batch: list[tuple], collate_images: Callable[[list], object] | None = None) -> tuple:
-    """``default_collate`` of the decoded items: ``(images, labels)``, plus a list of error messages as a third
-    element when some images of the batch could not be decoded (they are left out, never replaced).
-    ``collate_images``: how the images are put together instead (the GPU paths: ``ImageRefs``)."""
-    good = [item for item in batch if item[0] is not None]
-    failed = [item[1] for item in batch if item[0] is None]
-    if not good:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), failed
-    if collate_images is None:
-        images, labels = default_collate(good)
-    else:
-        images, labels = collate_images([item[0] for item in good]), default_collate([item[1] for item in good])
-    return (images, labels, failed) if failed else (images, labels)
-
-
-class FileReader:
-    """Decode a sample (``load_sample``); ``min_side`` allows a reduced-size decode of large JPEG files."""
-
-    def __init__(self, min_side: int | None = None):
-        self.min_side = min_side
-
-    def __call__(self, sample: Sample) -> torch.Tensor:
-        if sample.index is None and self.min_side:
-            return load_rgb(sample.path, min_side=self.min_side)
-        return load_sample(sample)
-
-
-def car_box(sample: Sample, width: int, height: int) -> tuple[int, int, int, int]:
-    """``sample.bbox`` (stored pixels) in the pixels of its image as decoded: EXIF-oriented, and maybe smaller
-    (``width`` x ``height``: reduced-size decode, cache)."""
-    header = sample_header(sample)
-    return scale_box(oriented_box(sample.bbox, header), header, width, height)
-
-
-def scale_box(box: tuple[int, int, int, int], header, width: int, height: int) -> tuple[int, int, int, int]:
-    """A 1-based box in the pixels of the full-size (oriented) image, in those of the same image decoded at
-    ``width`` x ``height`` (reduced-size decode, cache)."""
-    full_w, full_h = (header.height, header.width) if header.orientation >= 5 else (header.width, header.height)
-    if (full_w, full_h) == (width, height):
-        return box
-    sx, sy = width / full_w, height / full_h
-    x1, y1, x2, y2 = box
-    return max(1, round(x1 * sx)), max(1, round(y1 * sy)), min(width, round(x2 * sx)), min(height, round(y2 * sy))
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -216,10 +98,9 @@ class CarsDataModule(L.LightningDataModule):
     embedded dataset for that spec is generated (once, cached) under ``root/<fingerprint>`` and read by the
     very same loader.
 
-    GPU input paths (:mod:`twincar.data.device`): ``decode_device="cuda"`` decodes each batch's JPEGs on the
-    training device (workers only read the bytes); ``cache_on_device`` (with ``cache``, raw format) holds the
-    whole cache in device memory and reads no file at all. Both then crop and transform each image on the
-    device. ``require_cuda=False`` lets them run on whatever device the batch is on (the tests' CPU).
+    ``pipeline`` is how images reach the model (:mod:`twincar.data.pipeline`): ``files``, ``cache`` (a
+    pre-resized copy), ``gpu_decode`` or ``gpu_cache`` (:mod:`twincar.data.device`: per-image work on the
+    training device). ``cache``, ``decode_device`` and ``cache_on_device`` are its older spellings.
     """
 
     def __init__(
@@ -242,33 +123,27 @@ class CarsDataModule(L.LightningDataModule):
         bbox_margin: float = 0.1,
         on_corrupt: str = "fail",
         skipped_file: str | None = None,
-        cache: bool = False,
+        pipeline: str = "files",
         cache_dir: str | None = None,
         cache_format: str = "raw",
-        decode_device: str = "cpu",
-        cache_on_device: bool = False,
-        require_cuda: bool = True,
+        cache: bool | None = None,
+        decode_device: str | None = None,
+        cache_on_device: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.preprocess = Preprocess(image_size=image_size, eval_crop_pct=eval_crop_pct)
         self.aug = Augmentation.from_config(augmentation)
-        if self.aug.mixes and batch_size % 2:
-            raise ValueError(f"Mixup/CutMix needs an even data.batch_size, got {batch_size}")
+        if self.aug.mixes:
+            check_mix_batch(batch_size)
         if format not in FORMATS:
             raise DatasetFormatError(f"data.format={format} is not one of {', '.join(FORMATS)}")
         if on_corrupt not in ON_CORRUPT:
             raise DatasetFormatError(f"data.on_corrupt={on_corrupt} is not one of {', '.join(ON_CORRUPT)}")
         if bbox_margin < 0:
             raise DatasetFormatError(f"data.bbox_margin={bbox_margin} must be >= 0 (a fraction of the box size)")
-        if decode_device not in DECODE_DEVICES:
-            raise TwinCarError(f"data.decode_device={decode_device} is not one of {', '.join(DECODE_DEVICES)}")
-        if cache_on_device and not (cache and cache_format == "raw"):
-            raise TwinCarError("data.cache_on_device=true holds the raw image cache: it needs data.cache=true and "
-                               "data.cache_format=raw")
-        if decode_device == "cuda" and cache:
-            raise TwinCarError("data.decode_device=cuda decodes the image files, data.cache=true reads the cache "
-                               "instead: set one of them (data.cache_on_device=true for the cache on the GPU)")
+        self.pipeline = resolve_pipeline(pipeline, cache=cache, decode_device=decode_device,
+                                         cache_on_device=cache_on_device, cache_format=cache_format)
         self.spec = SyntheticSpec(**synthetic) if synthetic is not None else None
         self.root = Path(root) / self.spec.fingerprint() if self.spec else Path(root)
         self.split: dict | None = None  # the train/val file names in use, saved next to the run
@@ -286,7 +161,7 @@ class CarsDataModule(L.LightningDataModule):
         ``cache`` is on (both no-ops when already on disk)."""
         if self.spec is not None:
             generate(self.root, self.spec)
-        if self.hparams.cache:
+        if self.pipeline in READS_CACHE:
             self._open_cache()
 
     def _open_cache(self) -> ImageCache:
@@ -337,16 +212,16 @@ class CarsDataModule(L.LightningDataModule):
         self.split = split
         margin = hp.bbox_margin if hp.crop_to_bbox else None
         train_tf, eval_tf = TrainImageTransform(self.preprocess, self.aug), EvalImageTransform(self.preprocess)
-        # data.cache: read the pre-resized copy; else the files, large JPEGs decoded at the reduced size that
-        # loses nothing (train: the smallest random crop keeps image_size pixels each way)
-        train_reader = FileReader(train_decode_min_side(self.preprocess, self.aug))
-        eval_reader = FileReader(self.preprocess.decode_min_side)
         dataset = CarsDataset
-        if hp.cache:
+        if self.pipeline == "files":  # large JPEGs decoded at the reduced size that loses nothing (train: the
+            # smallest random crop keeps image_size pixels each way)
+            train_reader = partial(load_sample, min_side=train_decode_min_side(self.preprocess, self.aug))
+            eval_reader = partial(load_sample, min_side=self.preprocess.decode_min_side)
+        elif self.pipeline == "cache":
             train_reader = eval_reader = self._open_cache()
-        if hp.decode_device == "cuda" or hp.cache_on_device:  # the loader yields ImageRefs, the device does the rest
+        else:  # on the device: the loader yields ImageRefs, the device does the rest
             dataset = DeviceRefDataset
-            cache = DeviceCache(self.image_cache) if hp.cache_on_device else None
+            cache = DeviceCache(self._open_cache()) if self.pipeline == "gpu_cache" else None
             train_reader = eval_reader = partial(cache_ref, self.image_cache) if cache else read_encoded
             self.device_images = DeviceImages(train_tf, eval_tf, margin, cache)
         self.train_set = dataset(train, train_tf, margin, train_reader)
@@ -398,8 +273,8 @@ class CarsDataModule(L.LightningDataModule):
     def per_device_batch_size(self, world_size: int) -> int:
         """``batch_size`` is the global batch: each of ``world_size`` processes loads its share."""
         batch = per_device_batch_size(self.hparams.batch_size, world_size)
-        if self.aug.mixes and batch % 2:
-            raise ValueError(f"Mixup/CutMix needs an even batch per process, got {batch} (data.batch_size / processes)")
+        if self.aug.mixes:
+            check_mix_batch(batch, "data.batch_size per process (data.batch_size / processes)")
         return batch
 
     def _loader(self, dataset: CarsDataset, train: bool) -> DataLoader:
@@ -413,11 +288,9 @@ class CarsDataModule(L.LightningDataModule):
         collate = collate_readable
         workers = hp.num_workers
         if self.device_images is not None:
-            option = "data.decode_device=cuda" if hp.decode_device == "cuda" else "data.cache_on_device=true"
-            if hp.require_cuda:
-                check_cuda(option)
+            device_paths.check_cuda(f"data.pipeline={self.pipeline}")
             collate = partial(collate_readable, collate_images=ImageRefs)
-            workers = 0 if hp.cache_on_device else workers  # the loader only looks up offsets: nothing to spread
+            workers = 0 if self.pipeline == "gpu_cache" else workers  # only offsets are looked up: nothing to spread
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -28,13 +28,13 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from twincar.data.cache import DATA, ImageCache
-from twincar.data.formats import Sample, load_sample, parquet, sample_header, sample_label
+from twincar.data.formats import Sample, parquet
+from twincar.data.images import load_sample, sample_header, sample_label
 from twincar.data.transforms import crop_to_box
 from twincar.errors import TwinCarError
 
 log = logging.getLogger(__name__)
 
-DECODE_DEVICES = ("cpu", "cuda")
 GPU_JPEG_MODES = ("RGB", "L")  # PIL modes of the JPEGs nvJPEG decodes to RGB (not CMYK / YCCK)
 DEVICE_HEADROOM = 0.25  # share of the device's memory the on-device cache leaves free for training
 COPY_CHUNK = 256 * 2**20  # bytes copied to the device at a time when loading the cache
@@ -135,8 +135,8 @@ def decode_jpegs(data: list[torch.Tensor], names: list[str], device: torch.devic
 def check_cuda(option: str) -> None:
     """Stop with one sentence when ``option`` (a GPU input path) is on and no CUDA device is available."""
     if not torch.cuda.is_available():
-        off = "data.decode_device=cpu" if option.startswith("data.decode_device") else "data.cache_on_device=false"
-        raise TwinCarError(f"{option} needs a CUDA GPU and none is available: set {off}")
+        raise TwinCarError(f"{option} needs a CUDA GPU and none is available: use data.pipeline=files "
+                           "(or data.pipeline=cache)")
 
 
 def check_fits(nbytes: int, free: int, total: int, device: torch.device | str) -> None:

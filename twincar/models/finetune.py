@@ -18,7 +18,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from twincar.compat.lightning import averaged_model, drop_averaged_model
+from twincar.compat.torch import BatchNormBase, foreach_copy_, foreach_lerp_
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,10 @@ def ema_multi_avg_fn(decay: float, warmup: bool = True) -> Callable[[list, list,
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         if not averaged[0].is_floating_point():
-            torch._foreach_copy_(averaged, current)
+            foreach_copy_(averaged, current)
             return
         d = ema_decay(int(num_averaged), decay=decay, warmup=warmup)
-        torch._foreach_lerp_(averaged, current, 1.0 - d)
+        foreach_lerp_(averaged, current, 1.0 - d)
 
     return update
 
@@ -71,16 +73,17 @@ class EMA(WeightAveraging):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The average is created in ``setup``, before the model reaches its device: move it there."""
-        if self._average_model is not None:
-            self._average_model.to(pl_module.device)
+        average = averaged_model(self)
+        if average is not None:
+            average.to(pl_module.device)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """After fit the model holds the averaged weights; later validate/test runs use their checkpoint as is."""
         if stage == "fit":
-            self._average_model = None
+            drop_averaged_model(self)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if self._average_model is not None:  # resuming fit; outside fit, state_dict already holds the EMA
+        if averaged_model(self) is not None:  # resuming fit; outside fit, state_dict already holds the EMA
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
@@ -100,7 +103,7 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     for module in backbone_modules(model):
         for p in module.parameters(recurse=False):
             p.requires_grad_(trainable)
-        if isinstance(module, _BatchNorm):
+        if isinstance(module, BatchNormBase):
             module.train(trainable)
 
 
@@ -130,7 +133,7 @@ class FreezeBackbone(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
         if self._frozen(trainer):  # validation restores module modes; make sure BatchNorm stays frozen
             for module in backbone_modules(pl_module.model):
-                if isinstance(module, _BatchNorm) and module.training:
+                if isinstance(module, BatchNormBase) and module.training:
                     module.eval()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from twincar.data.classes import read_class_names
+from twincar.data.classes import class_names_difference, read_class_names
 from twincar.data.transforms import TWINCARS_PREPROCESS, Preprocess
 from twincar.errors import TwinCarError
+from twincar.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,20 @@ def safe_torch_load(path: Path) -> object:
         raise WeightsError(f"cannot read weights from {path}: {first_line}") from e
 
 
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` whose keys start with ``prefix`` (a LightningModule's ``model.``), without it."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def module_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's own tensors of a state dict: a Lightning checkpoint's ``model.``-prefixed ones (the
+    :class:`~twincar.models.classifier.CarClassifier` keeps its network as ``self.model``), and a DDP/
+    ``DataParallel`` save without its ``module.`` prefix. The one place these prefixes are known."""
+    if any(k.startswith("model.") for k in state):
+        state = strip_prefix(state, "model.")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file; a Lightning checkpoint gives its ``model.``-prefixed module weights."""
     path = Path(path).expanduser()
@@ -56,11 +72,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = safe_torch_load(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # Lightning checkpoint or a {"state_dict": ...} wrapper
-        if any(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return module_weights(state)
 
 
 def checkpoint_class_names(path: str | Path) -> list[str]:
@@ -137,15 +151,58 @@ def create_model(
         ) from e
 
 
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors, detached, on the CPU and contiguous (for resnet50: the torchvision key names)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def export_state_dict(model: nn.Module, path: str | Path) -> Path:
-    """Save a plain, CPU, contiguous state dict (for resnet50: the torchvision key names)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
-    return path
+    """Save a plain state dict (:func:`plain_state_dict`) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(plain_state_dict(model), tmp)
+    return Path(path)
+
+
+def export_safetensors(model: nn.Module, path: str | Path) -> Path:
+    """Save the model's tensors as ``.safetensors`` to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(plain_state_dict(model), str(tmp))
+    return Path(path)
 
 
 MODEL_CARD = "model_card.json"  # written beside exported weights: architecture, class names, preprocessing
+
+
+def build_model_card(
+    class_names: Sequence[str],
+    preprocess: Preprocess,
+    architecture: str,
+    *,
+    metrics: dict | None = None,
+    config: dict | None = None,
+    source: str | None = None,
+) -> dict:
+    """What a consumer of exported weights needs (class names, preprocessing, architecture) and what the run was
+    (metrics such as ``test/acc``, config group choices and overrides)."""
+    from twincar import __version__
+
+    return {
+        "architecture": architecture,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "preprocess": preprocess.to_dict(),
+        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
+        "config": config or {},
+        "source": source,
+        "twincar_version": __version__,
+    }
+
+
+def write_model_card(directory: str | Path, card: dict) -> Path:
+    """Write ``model_card.json`` (strict JSON) into ``directory``, beside the weights it describes."""
+    return write_json(Path(directory) / MODEL_CARD, card)
 
 
 @dataclass
@@ -209,9 +266,10 @@ def read_model_card(weights: Path) -> dict:
 
 def _check_names(given: list[str] | None, carried: list[str] | None, num_outputs: int, path: Path) -> list[str]:
     """The class names to use: those the file carries, else those given; a mismatch is an error."""
-    if carried is not None and given is not None and [n.lower() for n in carried] != [n.lower() for n in given]:
+    difference = class_names_difference(carried, given) if carried is not None and given is not None else None
+    if difference:
         raise WeightsError(
-            f"{path} carries {len(carried)} class names that differ from the {len(given)} given by --classes: "
+            f"{path} carries class names that differ from those given by --classes ({difference}): "
             "leave --classes out, or pass the classes the model was trained with"
         )
     names = carried if carried is not None else given
@@ -265,7 +323,7 @@ def load_model(
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise WeightsError(f"{path} is not a Lightning checkpoint (no state_dict)")
         card = dict(ckpt.get("hyper_parameters") or {})
-        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        state = strip_prefix(ckpt["state_dict"], "model.")
         arch = card.get("name", architecture or "resnet50")
         carried = card.get("class_names")
         pre = Preprocess.from_dict(card.get("preprocess"))
@@ -276,7 +334,13 @@ def load_model(
         carried = card.get("class_names")
         pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
     names = _check_names(given, list(carried) if carried else None, _head_outputs(state, path), path)
-    model = create_model(arch, len(names))
+    return LoadedModel(build_model(arch, len(names), state, path), names, preprocess or pre, arch, path, card)
+
+
+def build_model(arch: str, num_classes: int, state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """A timm ``arch`` network holding exactly the tensors of ``state`` (from ``path``, named in errors), in
+    eval mode: a missing, unexpected or misshapen tensor is an error."""
+    model = create_model(arch, num_classes)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -288,5 +352,4 @@ def load_model(
             "keep its model_card.json beside it (or pass the architecture it was trained with)"
         )
     model.load_state_dict(state)
-    model.eval()
-    return LoadedModel(model, names, preprocess or pre, arch, path, card)
+    return model.eval()

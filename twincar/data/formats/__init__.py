@@ -21,9 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torchvision.io import ImageReadMode
-
 from twincar.data.formats import full, kaggle, parquet
 from twincar.data.formats.common import UNLABELED, CarsData, DatasetFormatError, Sample, read_names_mat
 from twincar.data.formats.devkit import (
@@ -39,7 +36,6 @@ from twincar.data.formats.devkit import (
     write_annotations,
     write_meta,
 )
-from twincar.data.transforms import ImageHeader, decode_rgb_bytes, load_rgb, read_header
 
 
 @dataclass(frozen=True)
@@ -129,29 +125,8 @@ def read_class_names_from(path: str | Path) -> list[str]:
     )
 
 
-def _source(sample: Sample) -> Path | bytes:
-    return sample.path if sample.index is None else parquet.image_bytes(sample.path, sample.index)
-
-
-def sample_label(sample: Sample) -> str:
-    """How a sample is named to a user: its path, or ``file.parquet#row``."""
-    return str(sample.path) if sample.index is None else f"{sample.path}#{sample.index}"
-
-
-def sample_header(sample: Sample) -> ImageHeader:
-    """Size, mode and EXIF orientation of a sample's image from its header; ImageReadError when it is unusable."""
-    return read_header(_source(sample), sample_label(sample))
-
-
-def load_sample(sample: Sample, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
-    """Decode a sample's image to ``uint8`` (3, H, W) RGB (file or parquet row); ImageReadError names it."""
-    if sample.index is None:
-        return load_rgb(sample.path, mode)
-    return decode_rgb_bytes(_source(sample), sample_label(sample), mode)
-
-
 __all__ = [
     "FORMATS", "LAYOUTS", "TEST_LABELS_FILE", "UNLABELED", "CarsData", "DatasetFormatError", "Layout", "Sample",
-    "detect", "load_dataset", "load_sample", "load_stanford_cars", "read_annotations", "read_class_names_from",
-    "read_meta", "sample_header", "sample_label", "write_annotations", "write_meta",
+    "detect", "load_dataset", "load_stanford_cars", "read_annotations", "read_class_names_from",
+    "read_meta", "write_annotations", "write_meta",
 ]

@@ -1,11 +1,10 @@
-"""Several processes, one experiment: DDP launched from Hydra jobs, global batch, per-rank seeds, exact eval.
+"""Several processes, one experiment: DDP launched from Hydra jobs and per-rank seeds.
 
 * :func:`hydra_job_relaunch` fixes Lightning's DDP launch under ``-m`` sweeps: Lightning starts the
   other ranks by re-running the original command line, ``-m`` included, so every rank would run the
   whole sweep (Lightning issue 11300). Here each rank is started as a single run of *this job*: its
   concrete overrides, in its output directory.
-* :func:`per_device_batch_size`: ``data.batch_size`` is the global batch, divided across processes.
-* :func:`eval_sampler`: val/test shards that count every image exactly once (no padding).
+* the global batch and exact eval shards live with the data (:mod:`twincar.data.sampling`).
 * :class:`PerRankSeed`: each process draws different augmentations from ``seed + global rank``.
 """
 
@@ -22,47 +21,14 @@ from collections.abc import Iterator
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import Dataset, DistributedSampler
 
-from twincar.errors import TwinCarError
+from twincar.compat.lightning import child_processes, subprocess_launch
 
 log = logging.getLogger(__name__)
 
 # Hydra overrides that belong to the sweep, not to one of its jobs: dropped when relaunching a job.
 SWEEP_OVERRIDES = ("hydra.sweep", "hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper", "hydra.mode",
                    "hydra.run.dir", "hydra.output_subdir", "hydra.job.name", "hydra.job.num", "hydra.job.id")
-
-
-class BatchSizeError(TwinCarError):
-    """A global batch size that does not split evenly across the processes."""
-
-
-def per_device_batch_size(global_batch: int, world_size: int, *, option: str = "data.batch_size") -> int:
-    """The batch each process loads so that ``world_size`` of them make ``global_batch``.
-
-    Raises :class:`BatchSizeError` when it does not divide: the experiment would silently change.
-    """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if global_batch % world_size:
-        raise BatchSizeError(
-            f"{option}={global_batch} is the global batch and does not divide across {world_size} processes "
-            f"(trainer.devices x trainer.num_nodes): use a multiple of {world_size}"
-        )
-    return global_batch // world_size
-
-
-def eval_sampler(dataset: Dataset, world_size: int, rank: int) -> DistributedSampler | None:
-    """Rank ``rank``'s share of ``dataset`` for validation/testing: every item exactly once over all ranks.
-
-    Torch's ``DistributedSampler`` pads the last shard with repeats, so a few images would count
-    twice in the metrics; this one gives shards that differ in length by at most one (safe in
-    eval, where DDP syncs buffers only on the first batch). ``None`` on a single process.
-    """
-    if world_size <= 1:
-        return None
-    return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
 
 
 class PerRankSeed(L.Callback):
@@ -154,41 +120,33 @@ def hydra_job_relaunch(child_timeout_s: float = 600) -> Iterator[None]:
     process, starts its own processes on a fresh port instead of reusing this job's group.
     Outside Hydra, or when SLURM/torchrun created the processes, it changes nothing.
     """
-    from lightning.pytorch.strategies.launchers import subprocess_script
-
-    launcher_cls = subprocess_script._SubprocessScriptLauncher
-    original_cmd, original_call = subprocess_script._hydra_subprocess_cmd, launcher_cls._call_children_scripts
     saved_env = {k: os.environ.get(k) for k in LAUNCH_ENV}
-    launchers = []
-
-    def call_children_scripts(launcher) -> None:
-        original_call(launcher)
-        launchers.append(launcher)
-
-    subprocess_script._hydra_subprocess_cmd = lambda local_rank: job_command(local_rank)
-    launcher_cls._call_children_scripts = call_children_scripts
     failed = False
-    try:
-        yield
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        subprocess_script._hydra_subprocess_cmd = original_cmd
-        launcher_cls._call_children_scripts = original_call
-        if launchers:  # this process launched the job's ranks: leave none of it behind for the next job
-            for proc in (p for launcher in launchers for p in launcher.procs):
-                if failed:  # rank 0 gave up: the others would wait for it in a collective forever
-                    proc.kill()
-                try:
-                    proc.wait(timeout=child_timeout_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("DDP rank process %d still running after %.0f s: killing it", proc.pid, child_timeout_s)
-                    proc.kill()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with subprocess_launch(job_command) as launchers:  # job_command gives (command, cwd), as Lightning's own
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            _clean_up(launchers, failed, saved_env, child_timeout_s)
+
+
+def _clean_up(launchers: list, failed: bool, saved_env: dict, child_timeout_s: float) -> None:
+    """Wait for (or kill) the ranks this process launched, destroy the process group, restore the launch env."""
+    if launchers:  # this process launched the job's ranks: leave none of it behind for the next job
+        for proc in (p for launcher in launchers for p in child_processes(launcher)):
+            if failed:  # rank 0 gave up: the others would wait for it in a collective forever
+                proc.kill()
+            try:
+                proc.wait(timeout=child_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("DDP rank process %d still running after %.0f s: killing it", proc.pid, child_timeout_s)
+                proc.kill()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

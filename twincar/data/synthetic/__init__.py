@@ -7,7 +7,7 @@ stand-in that the same loader (:func:`twincar.data.formats.load_stanford_cars`) 
     ROOT/cars_test_annos_withlabels.mat  ROOT/cars_train/00001.jpg ...  ROOT/cars_test/00001.jpg ...
 
 Classes are real Stanford Cars names (:func:`select_classes`); each image is drawn by
-:func:`twincar.data.render.render_car`, where the model sets the silhouette, the make shared
+:func:`twincar.data.synthetic.render.render_car`, where the model sets the silhouette, the make shared
 details and the year only a small "facelift" detail, under random pose, background, lighting and
 noise scaled by one knob, ``SyntheticSpec.difficulty``.
 
@@ -36,7 +36,7 @@ from PIL import Image
 
 from twincar.data.classes import parse_car_name, stanford_cars_class_names
 from twincar.data.formats import TEST_LABELS_FILE, Sample, write_annotations, write_meta
-from twincar.data.render import render_car
+from twincar.data.synthetic.render import render_car
 
 # Bump whenever the images or files written for a given spec change: it is part of
 # SyntheticSpec.fingerprint(), so caches keyed on the fingerprint are invalidated.
@@ -76,7 +76,8 @@ class SyntheticSpec:
         width: image width in pixels (32..4096); 128 x 96 keeps the 4:3 of the real photos.
         height: image height in pixels (32..4096).
         difficulty: nuisance strength in [0, 1]; every range grows linearly with it (the table
-            is :meth:`twincar.data.render.Nuisance.from_difficulty`): pose range (scale, 3/4 yaw, roll, how far the
+            is :meth:`twincar.data.synthetic.render.Nuisance.from_difficulty`): pose range (scale, 3/4 yaw, roll,
+            how far the
             car may leave the frame), background (fewer plain studio backdrops, more outdoor
             scenes and abstract colour fields, more clutter, occluders), blur, lighting and
             colour-cast spread, sensor noise, and the size of the year detail (100% at 0, 75%

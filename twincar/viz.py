@@ -1,10 +1,14 @@
-"""The report figures: reliability diagram, confused twins, top losses, Grad-CAM overlays and grids.
+"""Every figure TwinCar draws: training curves (loss, accuracy, the fine-grained curve, from the CSV logger's
+``metrics.csv``) and the report figures (reliability diagram, confused twins, top losses, Grad-CAM overlays
+and grids).
 
-Pure functions over arrays and file paths; each writes one PNG (matplotlib, Agg) and returns its path.
+Pure functions over arrays and file paths; each writes one PNG (matplotlib, Agg) atomically and returns its path.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,19 +19,22 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from twincar.data.transforms import ImageReadError, load_rgb  # noqa: E402
+from twincar.data.images import ImageReadError, load_rgb  # noqa: E402
+from twincar.files import write_bytes  # noqa: E402
 from twincar.metrics import expected_calibration_error  # noqa: E402
 
 DPI = 100
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
+    return write_bytes(path, buf.getvalue())
 
 
 def _thumbnail(image: str | Path | torch.Tensor | None, size: int = 160) -> np.ndarray:
@@ -154,5 +161,89 @@ def cam_grid(explanations: Sequence, path: str | Path, cols: int = 4) -> Path:
     for ax, e in zip(axes.flat, ok, strict=False):
         ax.imshow(e.overlay)
         ax.set_title(_short(cam_title(e), 60), fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# -- training curves --------------------------------------------------------------------------------
+CURVES = {  # file name -> (title, y label, metric suffix)
+    "loss_curve.png": ("Loss", "cross-entropy", "loss"),
+    "accuracy_curve.png": ("Accuracy", "top-1 accuracy", "acc"),
+}
+
+FINE_GRAINED_CURVE = "fine_grained_curve.png"
+# val metric -> legend label, drawn in FINE_GRAINED_CURVE when the run logged them
+FINE_GRAINED = {
+    "val/acc": "class (top-1)",
+    "val/acc_make": "make",
+    "val/acc_family": "family (make + model)",
+    "val/acc_year_in_family": "year, when the family is right",
+}
+
+
+def read_epoch_history(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
+    """``{metric: {epoch: value}}`` from a Lightning CSVLogger file (last value per epoch wins)."""
+    history: dict[str, dict[int, float]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value not in ("", None):
+                    history.setdefault(key, {})[epoch] = float(value)
+    return history
+
+
+def plot_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write ``loss_curve.png`` and ``accuracy_curve.png`` (train and val per epoch) into ``out_dir``, and
+    ``fine_grained_curve.png`` when the run logged make/family/year accuracies."""
+    history = read_epoch_history(metrics_csv)
+    written = []
+    for file_name, (title, ylabel, suffix) in CURVES.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for stage in ("train", "val"):
+            series = history.get(f"{stage}/{suffix}", {})
+            if series:
+                epochs = sorted(series)
+                ax.plot([e + 1 for e in epochs], [series[e] for e in epochs], marker="o", label=stage)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(_save(fig, Path(out_dir) / file_name))
+    if "val/acc_make" in history:
+        written.append(plot_fine_grained(history, Path(out_dir) / FINE_GRAINED_CURVE))
+    return written
+
+
+def plot_fine_grained(history: dict[str, dict[int, float]], path: str | Path) -> Path:
+    """Val accuracy per epoch at each level of the class hierarchy: class, make, family, year in family."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in FINE_GRAINED.items():
+        series = {e: v for e, v in history.get(key, {}).items() if v == v}  # NaN: undefined that epoch
+        if series:
+            epochs = sorted(series)
+            ax.plot([e + 1 for e in epochs], [series[e] for e in epochs], marker="o", label=label)
+    ax.set(title="Validation accuracy by level", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def metric_bars(labels: Sequence[str], values: Sequence[float], metric: str, total: int, path: str | Path) -> Path:
+    """A horizontal bar of ``metric`` per run (in the order given: best first, on top), labelled by ``labels``;
+    ``total``: how many runs there were (those without the metric are not drawn)."""
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(1, len(values))))
+    ax.barh(range(len(values)), values, color="tab:blue")
+    ax.set_yticks(range(len(values)), [label[:60] for label in labels], fontsize=8)
+    ax.invert_yaxis()
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.4f}", va="center", fontsize=8)
+    ax.set(xlabel=metric, title=f"{metric} per run ({len(values)} of {total} runs)")
+    ax.margins(x=0.15)
     fig.tight_layout()
     return _save(fig, path)

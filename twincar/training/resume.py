@@ -28,7 +28,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
+from twincar.compat.lightning import set_csv_columns
 from twincar.errors import TwinCarError
+from twincar.files import write_csv
 from twincar.models.io import safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -108,13 +110,10 @@ def continue_logs(loggers: list, state: ResumeState) -> None:
         header, rows = _read_csv(path)
         if state.csv_rows is not None:
             rows = rows[: state.csv_rows]
-        writer = logger.experiment  # creating the writer deletes the old file
+        logger.experiment  # noqa: B018 -- creating the writer deletes the old file
         if header:
-            with open(path, "w", newline="") as f:
-                out = csv.DictWriter(f, fieldnames=header)
-                out.writeheader()
-                out.writerows(rows)
-            writer.metrics_keys = sorted(header)
+            write_csv(path, rows, header)
+            set_csv_columns(logger, header)
             log.info("resume: kept %d rows of %s", len(rows), path)
 
 

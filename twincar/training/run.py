@@ -1,0 +1,212 @@
+"""The named steps of a training run, so that ``train(cfg)`` reads as a recipe (lightning-hydra-template style):
+build the datamodule and model, find what to resume, build the trainer, log the hyperparameters, fit, evaluate
+the best checkpoint and write the run's artefacts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from twincar.data.classes import class_names_difference, write_classes_txt
+from twincar.errors import TwinCarError
+from twincar.files import write_json
+from twincar.models.classifier import CarClassifier
+from twincar.models.io import build_model_card, checkpoint_class_names, export_state_dict, write_model_card
+from twincar.runs import hydra_run_config
+from twincar.training.distributed import PerRankSeed
+from twincar.training.resume import (
+    Preemption,
+    ResumeState,
+    continue_logs,
+    find_resume_checkpoint,
+    prepare_logger_config,
+)
+from twincar.viz import plot_curves
+
+log = logging.getLogger(__name__)
+
+# Config sections that are logged as hyperparameters (flattened) in TensorBoard's HPARAMS tab.
+HPARAM_SECTIONS = ("model", "data", "augmentation", "optimizer", "scheduler", "trainer")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``; lists and None become strings (TensorBoard hparams types)."""
+    flat = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        else:
+            flat[name] = value if isinstance(value, (str, int, float, bool)) else str(value)
+    return flat
+
+
+def hyperparameters(cfg: DictConfig) -> dict[str, str | int | float | bool]:
+    """What a run is, for comparing runs: group choices, command-line overrides, flattened options."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.get("data", {}).pop("augmentation", None)  # the augmentation section, logged once
+    hp = flatten({k: container[k] for k in HPARAM_SECTIONS if k in container})
+    hp = {k: v for k, v in hp.items() if not k.endswith("_target_")}
+    hp["seed"] = str(cfg.get("seed"))
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        hp.update({f"choice/{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")})
+        hp["overrides"] = " ".join(hc.overrides.task) or "(none)"
+    return hp
+
+
+def instantiate_all(section: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a config mapping (callbacks, loggers), logging each."""
+    objects = []
+    for name, conf in (section or {}).items():
+        if conf is not None and "_target_" in conf:
+            log.info("instantiating %s <%s>", name, conf._target_)
+            objects.append(hydra.utils.instantiate(conf))
+    return objects
+
+
+def summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir: str) -> str:
+    lines = [f"Results of the best checkpoint ({num_classes} classes, chance accuracy {1 / num_classes:.3f}):"]
+    lines += [f"  {k:<22} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)]
+    for stage in ("val", "test"):  # the fine-grained view: where do the errors fall?
+        m = {k.removeprefix(f"{stage}/"): v for k, v in metrics.items() if k.startswith(f"{stage}/")}
+        if "acc_make" in m:
+            lines.append(f"Fine-grained ({stage}): make {m['acc_make']:.3f}, family (make + model) "
+                         f"{m['acc_family']:.3f}, year in family {m['acc_year_in_family']:.3f}")
+    lines += [f"Run directory: {out_dir}", f"TensorBoard:   tensorboard --logdir {Path(log_dir).resolve()}"]
+    return "\n".join(lines)
+
+
+def build_datamodule(cfg: DictConfig):
+    """The run's :class:`~twincar.data.datamodule.CarsDataModule`, its data prepared (generated, cached)."""
+    log.info("instantiating datamodule <%s>", cfg.data._target_)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    return datamodule
+
+
+def resume_checkpoint(cfg: DictConfig, checkpoint_dir: Path, class_names: list[str]) -> Path | None:
+    """The checkpoint to continue from (``resume=auto``'s ``last.ckpt``, or ``ckpt_path``), checked to be
+    trained on the same classes; None to start fresh."""
+    ckpt_path = find_resume_checkpoint(cfg.get("resume"), checkpoint_dir) or cfg.get("ckpt_path")
+    if not ckpt_path:
+        return None
+    difference = class_names_difference(checkpoint_class_names(ckpt_path), class_names)
+    if difference:
+        raise TwinCarError(
+            f"checkpoint {ckpt_path} was trained on other classes than the data has ({difference}, checkpoint "
+            "against data): resume with the same data, or start from its weights with model.weights=PATH instead "
+            "of ckpt_path"
+        )
+    return Path(ckpt_path)
+
+
+def build_model(cfg: DictConfig, datamodule) -> CarClassifier:
+    """The LightningModule for the datamodule's classes, with the run's model, optimizer and scheduler."""
+    log.info("instantiating model <%s> for %d classes", cfg.model.name, datamodule.num_classes)
+    return CarClassifier(
+        datamodule.class_names,
+        **OmegaConf.to_container(cfg.model, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        preprocess=datamodule.preprocess.to_dict(),
+    )
+
+
+@dataclass
+class Fit:
+    """What fitting needs besides the model and data: the trainer, the resume point, the preemption watch."""
+
+    trainer: L.Trainer
+    preemption: Preemption
+    ckpt_path: Path | None
+    resume_state: ResumeState | None
+
+
+def build_trainer(cfg: DictConfig, checkpoint_dir: Path, ckpt_path: Path | None) -> Fit:
+    """The trainer with the configured callbacks and loggers, plus preemption handling and per-rank seeds; logs
+    continue where the checkpoint left them when resuming in the same run directory."""
+    preemption = Preemption(checkpoint_dir)
+    callbacks = instantiate_all(cfg.get("callbacks")) + [preemption]
+    if cfg.get("seed") is not None:
+        callbacks.append(PerRankSeed(cfg.seed))
+    same_run = ckpt_path is not None and ckpt_path.resolve().parent == checkpoint_dir.resolve()
+    resume_state = ResumeState.read(ckpt_path) if same_run else None
+    if resume_state:  # the same run directory: its logs continue from the checkpoint
+        prepare_logger_config(cfg.get("logger"), resume_state)
+    loggers = instantiate_all(cfg.get("logger"))
+    log.info("instantiating trainer <%s>", cfg.trainer._target_)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if resume_state:
+        continue_logs(trainer.loggers, resume_state)
+    return Fit(trainer, preemption, ckpt_path, resume_state)
+
+
+def log_hyperparameters(cfg: DictConfig, fit: Fit, out_dir: Path) -> None:
+    """Every logger gets the run's hyperparameters (TensorBoard's HPARAMS tab pairs them with the optimized
+    metric); rank 0 saves the resolved ``config.yaml``."""
+    hp = hyperparameters(cfg)
+    for logger in fit.trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hp, metrics=None if fit.resume_state else {cfg.optimized_metric: 0.0})
+        else:
+            logger.log_hyperparams(hp)
+    if fit.trainer.is_global_zero:
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+
+
+def fit_model(fit: Fit, model: CarClassifier, datamodule, out_dir: Path) -> bool:
+    """Fit; False when a signal (SIGTERM, SIGUSR1) stopped it first (``last.ckpt`` was written to resume from)."""
+    try:
+        fit.trainer.fit(model, datamodule=datamodule, ckpt_path=fit.ckpt_path)
+    except SIGTERMException:  # Lightning stopped at a batch boundary; Preemption wrote last.ckpt
+        fit.preemption.stopped = fit.preemption.stopped or "SIGTERM"
+    if fit.preemption.stopped:
+        log.warning("run stopped by %s before the end; continue it with hydra.run.dir=%s resume=auto",
+                    fit.preemption.stopped, out_dir)
+        return False
+    return True
+
+
+def evaluate_best(trainer: L.Trainer, model: CarClassifier, datamodule, test: bool) -> tuple[dict[str, float], str]:
+    """Validate (and, with ``test`` and test labels, test) the best checkpoint; returns the metrics and its path
+    (empty when there is no checkpoint callback: the weights as trained)."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    ckpt = best or None
+    metrics: dict = {}
+    metrics.update(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0])
+    if test and datamodule.has_test_labels:
+        metrics.update(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0])
+    return {k: float(v) for k, v in sorted(metrics.items())}, best
+
+
+def write_curves(out_dir: Path) -> None:
+    """The loss/accuracy curves from the CSV log (before validate/test add their own rows)."""
+    metrics_csv = out_dir / "csv" / "metrics.csv"
+    if metrics_csv.is_file():
+        plot_curves(metrics_csv, out_dir)
+    else:
+        log.warning("no %s (CSV logger off?): loss/accuracy curves not drawn", metrics_csv)
+
+
+def write_artefacts(cfg: DictConfig, trainer: L.Trainer, model: CarClassifier, datamodule, metrics: dict,
+                    best: str, out_dir: Path) -> None:
+    """``split.json``, ``metrics.json`` and, with ``export``, ``model.pth`` + ``classes.txt`` + ``model_card.json``
+    (so ``Predictor.load(RUN/model.pth)`` needs nothing else)."""
+    write_json(out_dir / "split.json", datamodule.split)
+    write_json(out_dir / "metrics.json", {**metrics, "best_checkpoint": best, "epochs": trainer.current_epoch})
+    if cfg.get("export"):
+        export_state_dict(model.model, out_dir / "model.pth")
+        write_classes_txt(model.class_names, out_dir / "classes.txt")
+        write_model_card(out_dir, build_model_card(
+            model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),
+            source="model.pth"))
