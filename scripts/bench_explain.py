@@ -17,9 +17,9 @@ import time
 import timm
 import torch
 
+from twincar.cam import METHODS, Explainer
 from twincar.data.classes import stanford_cars_class_names
 from twincar.data.transforms import Preprocess
-from twincar.explain import METHODS, Explainer
 from twincar.inference import Predictor
 
 

@@ -46,6 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,8 @@ if str(REPO) not in sys.path:  # run as a file from a checkout: import this chec
     sys.path.insert(0, str(REPO))
 
 from twincar.data.cache import cache_short_side, open_cache  # noqa: E402
-from twincar.data.datamodule import FileReader  # noqa: E402
 from twincar.data.formats import Sample  # noqa: E402
+from twincar.data.images import load_rgb, load_sample  # noqa: E402
 from twincar.data.transforms import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -67,7 +68,6 @@ from twincar.data.transforms import (  # noqa: E402
     EvalImageTransform,
     Preprocess,
     TrainImageTransform,
-    load_rgb,
     train_decode_min_side,
 )
 
@@ -90,8 +90,8 @@ def make_images(out: Path, count: int, quick: bool = False, num_classes: int = 1
     gives the files the entropy, hence the decode cost, of photos.
     """
     from twincar.data.classes import parse_car_name
-    from twincar.data.render import render_car
     from twincar.data.synthetic import select_classes
+    from twincar.data.synthetic.render import render_car
 
     out.mkdir(parents=True, exist_ok=True)
     names = select_classes(num_classes)
@@ -197,7 +197,8 @@ def train_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None) ->
     reference = reference_train_transform(size)
     twincar = TrainImageTransform(Preprocess(image_size=size), SEED_AUG)
     samples = [Sample(p, 0) for p in paths]
-    read = cache if cache is not None else FileReader(train_decode_min_side(Preprocess(image_size=size), SEED_AUG))
+    read = cache if cache is not None else partial(
+        load_sample, min_side=train_decode_min_side(Preprocess(image_size=size), SEED_AUG))
     with one_thread():
         speed = interleaved({
             "reference": lambda: sum(1 for p in paths if reference(_pil_rgb(p)) is not None),
@@ -218,7 +219,7 @@ def eval_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None, bat
         return len(samples)
 
     fns = {"reference": lambda: sum(1 for p in paths if reference(_pil_rgb(p)) is not None),
-           "twincar": lambda: twincar(FileReader(pre.decode_min_side))}
+           "twincar": lambda: twincar(partial(load_sample, min_side=pre.decode_min_side))}
     if cache is not None:
         fns["cached"] = lambda: twincar(cache)
     with one_thread():
@@ -287,7 +288,7 @@ def _predict_weights(work: Path, model: Path | None, classes: Path | None, quick
     """The weights both predict loops read, alone in a folder with a model card that says 224 squash (the
     original preprocessing) and names the classes; a random network without ``--model``."""
     from twincar.data.transforms import TWINCARS_PREPROCESS
-    from twincar.export import build_model_card, write_model_card
+    from twincar.models.io import build_model_card, write_model_card
 
     arch = "resnet18" if quick and model is None else "resnet50"
     weights = work / "predict_model" / "model.pth"
@@ -521,7 +522,7 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     def twincar_dm(cache: bool, **gpu_input) -> CarsDataModule:
         dm = CarsDataModule(root=str(root), image_size=size, batch_size=batch, num_workers=workers,
                             val_fraction=0.05, split_dir=None, augmentation=SEED_AUG.__dict__, cache=cache,
-                            cache_dir=str(work / "cache"), require_cuda=device.type == "cuda", **gpu_input)
+                            cache_dir=str(work / "cache"), **gpu_input)
         dm.prepare_data()
         dm.setup("fit")
         dm.train_set.samples = dm.train_set.samples * repeat

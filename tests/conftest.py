@@ -64,8 +64,7 @@ def tiny_export(tmp_path_factory) -> Path:
 
     from twincar.data.classes import write_classes_txt
     from twincar.data.transforms import Preprocess
-    from twincar.export import build_model_card, write_model_card
-    from twincar.models.io import export_state_dict
+    from twincar.models.io import build_model_card, export_state_dict, write_model_card
 
     d = tmp_path_factory.mktemp("tiny_export")
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,9 @@ import torch
 from PIL import Image
 
 from twincar.data.cache import open_cache
-from twincar.data.datamodule import CarsDataset, FileReader
+from twincar.data.datasets import CarsDataset
 from twincar.data.formats import Sample
+from twincar.data.images import load_sample
 from twincar.data.transforms import (
     TWINCARS_PREPROCESS,
     BatchTransform,
@@ -95,7 +97,7 @@ def test_fast_train_pipeline_matches_the_reference_in_shape_dtype_and_range(phot
     lo = ((0 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
     hi = ((1 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
     labels = torch.arange(len(draws)) % 3
-    for read in (FileReader(), cache):
+    for read in (load_sample, cache):
         uint8 = torch.stack([worker(read(Sample(p, 0))) for p in draws])
         assert uint8.dtype == torch.uint8 and uint8.shape == ref.shape == (32, 3, 64, 64)
         x, y = on_device(uint8, labels)
@@ -108,7 +110,7 @@ def test_fast_eval_preprocessing_matches_the_reference_values(photos):
     # TwinCar's eval with the original preprocessing (224 squash) vs Resize((224, 224)) + ToTensor + Normalize
     reference = BENCH["reference_eval_transform"](224)
     per_image, per_batch = EvalImageTransform(TWINCARS_PREPROCESS), BatchTransform(TWINCARS_PREPROCESS)
-    read = FileReader(TWINCARS_PREPROCESS.decode_min_side)
+    read = partial(load_sample, min_side=TWINCARS_PREPROCESS.decode_min_side)
     for p in photos:
         ref = reference(BENCH["_pil_rgb"](p))
         ours = per_batch(per_image(read(Sample(p, 0)))[None])[0]

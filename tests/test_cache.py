@@ -12,9 +12,10 @@ from PIL import Image
 
 from tests.test_datamodule import make_dm
 from twincar.data.cache import ImageCache, cache_short_side, main, open_cache
-from twincar.data.datamodule import CarsDataset
+from twincar.data.datasets import CarsDataset
 from twincar.data.formats import Sample, load_stanford_cars
-from twincar.data.transforms import EvalImageTransform, ImageReadError, Preprocess, load_rgb
+from twincar.data.images import ImageReadError, load_rgb
+from twincar.data.transforms import EvalImageTransform, Preprocess
 
 
 def _samples(root):

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import SMALL_SPEC
 from tests.layouts import build, make_images
 from twincar.data.check import main
-from twincar.data.transforms import MAX_IMAGE_PIXELS
+from twincar.data.images import MAX_IMAGE_PIXELS
 
 
 def test_clean_copy_passes_and_counts_grayscale(small_root, capsys):

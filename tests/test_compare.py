@@ -13,6 +13,7 @@ from PIL import Image
 from tests.conftest import run_cli
 from tests.trained import SMALL_DATA
 from twincar.compare import CompareError, compare, main
+from twincar.runs import RunsError
 
 
 def make_job(d: Path, overrides: list[str], metrics: dict | None) -> Path:
@@ -63,9 +64,9 @@ def test_sweep_table_best_first_labelled_by_the_overrides_that_differ(sweep, cap
 
 
 def test_bad_directory_or_metric_says_what_to_pass(tmp_path, sweep):
-    with pytest.raises(CompareError, match="is not a directory: pass a sweep directory"):
+    with pytest.raises(RunsError, match="is not a directory: pass a sweep directory"):
         compare(tmp_path / "nowhere")
-    with pytest.raises(CompareError, match="no training runs below"):
+    with pytest.raises(RunsError, match="no training runs below"):
         compare(sweep / "0" / "csv")
     with pytest.raises(CompareError, match=r"no run below .* has metric 'val/f2': pass --sort one of epochs, "):
         compare(sweep, "val/f2")

@@ -11,9 +11,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests.conftest import SMALL_SPEC
-from twincar.data.datamodule import CarsDataModule, collate_readable, stratified_split
+from twincar.data.datamodule import CarsDataModule, stratified_split
+from twincar.data.datasets import collate_readable
 from twincar.data.formats import load_stanford_cars
-from twincar.data.transforms import crop_to_box, load_rgb
+from twincar.data.images import load_rgb
+from twincar.data.transforms import crop_to_box
 from twincar.errors import TwinCarError
 
 SEED_AUG = dict(scale=[0.35, 1.0], hflip=0.5, rotation=10.0, color_jitter=[0.3, 0.3, 0.3, 0.02], blur_prob=0.2)

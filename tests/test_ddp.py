@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import run_cli
-from twincar.distributed import BatchSizeError, PerRankSeed, eval_sampler, job_command, per_device_batch_size
+from twincar.data.sampling import BatchSizeError, eval_sampler, per_device_batch_size
+from twincar.training.distributed import PerRankSeed, job_command
 
 # 7 classes: 7 val images (one per class), an odd number, so padded shards would repeat one.
 SPEC7 = dict(num_classes=7, train_per_class=12, test_per_class=4, seed=0)

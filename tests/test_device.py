@@ -1,4 +1,4 @@
-"""The GPU input paths (data.decode_device=cuda, data.cache_on_device=true), run on the CPU: the same batches as
+"""The GPU input paths (data.pipeline=gpu_decode|gpu_cache), run on the CPU: the same batches as
 the worker path, EXIF orientation, unreadable files, car boxes, clear errors, a short training run with each."""
 
 from __future__ import annotations
@@ -15,20 +15,28 @@ from torch.utils.data import DataLoader
 from tests.conftest import SMALL_SPEC
 from tests.layouts import build
 from tests.test_datamodule import make_dm
-from twincar.data.datamodule import CarsDataModule, CarsDataset, DeviceRefDataset
+from twincar.data.datamodule import CarsDataModule
+from twincar.data.datasets import CarsDataset, DeviceRefDataset
 from twincar.data.device import DeviceImages, ImageRefs, check_cuda, check_fits, orient, read_encoded
 from twincar.data.formats import Sample
-from twincar.data.transforms import EvalImageTransform, Preprocess, load_rgb
+from twincar.data.images import load_rgb
+from twincar.data.transforms import EvalImageTransform, Preprocess
 from twincar.errors import TwinCarError
 
-DECODE = dict(decode_device="cuda", require_cuda=False)  # the GPU-decode code path, on the batch's device (CPU)
+DECODE = dict(pipeline="gpu_decode")  # the GPU-decode code path, on the batch's device (the CPU here)
+
+
+@pytest.fixture(autouse=True)
+def device_paths_on_the_cpu(monkeypatch):
+    """Run the on-device pipelines on whatever device the batch is on (the CPU here) instead of asking for CUDA."""
+    monkeypatch.setattr("twincar.data.device.check_cuda", lambda option: None)
 
 
 def on_device(tmp_path, kind: str) -> dict:
     """The datamodule options of a GPU input path (on the CPU here)."""
     if kind == "decode":
         return DECODE
-    return dict(cache=True, cache_dir=str(tmp_path / "cache"), cache_on_device=True, require_cuda=False)
+    return dict(pipeline="gpu_cache", cache_dir=str(tmp_path / "cache"))
 
 
 def batches(dm, loader, training: bool) -> list[tuple]:
@@ -136,7 +144,8 @@ def test_car_box_crop_frames_the_same_car(small_root, tmp_path, kind):
     assert torch.equal(x0, x) and torch.equal(y0, y)
 
 
-def test_wrong_settings_say_what_to_set(small_root, tmp_path):
+def test_wrong_settings_say_what_to_set(small_root, tmp_path, monkeypatch):
+    monkeypatch.undo()  # the real CUDA check
     with pytest.raises(TwinCarError, match="data.decode_device=gpu is not one of cpu, cuda"):
         CarsDataModule(root=str(small_root), decode_device="gpu")
     with pytest.raises(TwinCarError, match="needs data.cache=true and data.cache_format=raw"):
@@ -144,14 +153,19 @@ def test_wrong_settings_say_what_to_set(small_root, tmp_path):
     with pytest.raises(TwinCarError, match="set one of them"):
         CarsDataModule(root=str(small_root), decode_device="cuda", cache=True)
     if not torch.cuda.is_available():
-        with pytest.raises(TwinCarError, match="^data.decode_device=cuda needs a CUDA GPU and none is available: "
-                                               "set data.decode_device=cpu$"):
+        with pytest.raises(TwinCarError, match="^data.pipeline=gpu_decode needs a CUDA GPU and none is available: "
+                                               r"use data.pipeline=files \(or data.pipeline=cache\)$"):
             make_dm(small_root, tmp_path, decode_device="cuda").train_dataloader()
-        with pytest.raises(TwinCarError, match="set data.cache_on_device=false$"):
-            check_cuda("data.cache_on_device=true")
+        with pytest.raises(TwinCarError, match="^data.pipeline=gpu_cache needs a CUDA GPU"):
+            check_cuda("data.pipeline=gpu_cache")
+    with pytest.raises(TwinCarError, match="data.pipeline=gpu and data.cache|is not one of files, cache, gpu_decode"):
+        CarsDataModule(root=str(small_root), pipeline="gpu")
+    with pytest.raises(TwinCarError, match="data.pipeline=files and data.cache=true disagree|"
+                                           "data.pipeline=gpu_decode and data.cache=true disagree"):
+        CarsDataModule(root=str(small_root), pipeline="gpu_decode", cache=True)
     check_fits(4 * 2**30, 70 * 2**30, 80 * 2**30, "cuda:0")  # Stanford Cars at 224 on an 80 GB GPU
     with pytest.raises(TwinCarError, match=r"the image cache \(4.0 GiB\) does not fit in cuda:0 .*"
-                                           "set data.cache_on_device=false"):
+                                           "use data.pipeline=cache"):
         check_fits(4 * 2**30, 5 * 2**30, 8 * 2**30, "cuda:0")
 
 
@@ -180,7 +194,7 @@ def test_a_short_training_run_works_with_each_option(tmp_path, data_dir, option)
         cfg = compose("train", overrides=[
             "experiment=smoke", "model.name=test_resnet", "data.image_size=32", "~callbacks.rich_progress_bar",
             "export=false", f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}",
-            f"paths.output_dir={tmp_path}/run", *option, "+data.require_cuda=false",
+            f"paths.output_dir={tmp_path}/run", *option,
             *[f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()],
         ])
     train(cfg)

@@ -107,8 +107,7 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(run, tmp_path)
 @SLOW
 def test_an_unreadable_image_is_skipped_and_named(run, tmp_path):
     from twincar.data.formats import Sample
-    from twincar.eval import collect_logits
-    from twincar.inference import Predictor
+    from twincar.inference import Predictor, collect_logits
 
     p = Predictor.load(run / "checkpoints" / "last.ckpt", device="cpu")
     good = tmp_path / "good.jpg"
@@ -177,7 +176,8 @@ def test_reports_on_a_parquet_copy_name_rows_and_draw_them(tmp_path):
     from tests.layouts import NAMES, build
     from twincar import Predictor
     from twincar.data.transforms import Preprocess
-    from twincar.eval import collect_logits, eval_samples, write_reports
+    from twincar.eval import eval_samples, write_reports
+    from twincar.inference import collect_logits
 
     root = build("parquet", tmp_path / "hf")
     data = {"_target_": "twincar.data.datamodule.CarsDataModule", "root": str(root), "format": "parquet",
@@ -195,7 +195,7 @@ def test_reports_on_a_parquet_copy_name_rows_and_draw_them(tmp_path):
     pairs = read_csv(tmp_path / "reports" / "confused_pairs.csv")
     assert all("#" in r["example_a"] for r in pairs)
     from twincar.eval import _image
-    from twincar.figures import _thumbnail
+    from twincar.viz import _thumbnail
 
     thumb = _thumbnail(_image(samples[0]))  # figures draw a row from its parquet bytes, not a grey placeholder
     assert thumb.dtype == np.uint8 and thumb.shape[2] == 3 and len(np.unique(thumb)) > 10

@@ -233,7 +233,7 @@ def test_lr_find_writes_its_plot_and_prints_a_suggestion_without_training(tmp_pa
 
 # -- the ablation table -----------------------------------------------------------------------------
 def test_hierarchy_accuracy_on_known_predictions():
-    from twincar.ablation import hierarchy_accuracy
+    from twincar.metrics import hierarchy_accuracy
 
     names = ["Audi S4 Sedan 2007", "Audi S4 Sedan 2012", "BMW M3 Coupe 2012"]
     logits = torch.tensor([
@@ -250,14 +250,14 @@ def test_ablation_tool_names_a_directory_without_runs(tmp_path, capsys):
     from twincar.ablation import main
 
     assert main([str(tmp_path)]) == 1
-    assert f"no finished run (metrics.json) under {tmp_path}" in capsys.readouterr().err
+    assert f"no training runs below {tmp_path}" in capsys.readouterr().err
 
 
 # -- debug presets ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_debug_overfit_drives_the_training_loss_near_zero(tmp_path, data_dir):
-    from twincar.curves import read_epoch_history
     from twincar.train import train
+    from twincar.viz import read_epoch_history
 
     train(compose_train(tmp_path, data_dir, "debug=overfit", "trainer.overfit_batches=1", "trainer.max_epochs=20",
                         "trainer.detect_anomaly=false", "optimizer.lr=3e-3", "data.image_size=32", "test=false",

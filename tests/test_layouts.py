@@ -13,8 +13,9 @@ from tests.layouts import LAYOUTS, NAMES, build, build_devkit, make_images, writ
 from twincar.data import check as data_check
 from twincar.data.classes import main as classes_main
 from twincar.data.classes import read_class_names, read_classes_txt
-from twincar.data.formats import DatasetFormatError, detect, load_dataset, load_sample
+from twincar.data.formats import DatasetFormatError, detect, load_dataset
 from twincar.data.formats.parquet import image_bytes
+from twincar.data.images import load_sample
 
 
 @pytest.fixture(scope="module")

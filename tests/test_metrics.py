@@ -130,10 +130,10 @@ def test_ece_agrees_with_torchmetrics_and_accumulates_over_batches():
 def test_train_summary_prints_the_fine_grained_accuracies():
     from pathlib import Path
 
-    from twincar.train import _summary
+    from twincar.training.run import summary
 
     metrics = {"val/acc": 0.5, "val/acc_make": 0.9, "val/acc_family": 0.75, "val/acc_year_in_family": 0.625,
                "test/acc": 0.4, "test/acc_make": 0.8, "test/acc_family": 0.7, "test/acc_year_in_family": float("nan")}
-    text = _summary(metrics, 14, Path("run"), "outputs")
+    text = summary(metrics, 14, Path("run"), "outputs")
     assert "Fine-grained (val): make 0.900, family (make + model) 0.750, year in family 0.625" in text
     assert "Fine-grained (test): make 0.800, family (make + model) 0.700, year in family nan" in text

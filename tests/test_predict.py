@@ -13,9 +13,10 @@ import torch
 
 from tests.conftest import TINY_NAMES, run_cli
 from twincar import Predictor
+from twincar.data.images import find_images
 from twincar.inference import resolve_precision
 from twincar.models.io import WeightsError
-from twincar.predict import find_images, main
+from twincar.predict import main
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -186,17 +187,18 @@ def test_predict_on_a_training_run_with_and_without_classes(trained_run, data_di
 
 def test_a_large_jpeg_is_predicted_from_the_reduced_decode_that_eval_uses(tiny_export, tmp_path):
     # 1024x768 for a 64 px model: decoded at 1/8 (short side 96 >= the 73 px resize), as eval decodes it
+    from functools import partial
+
     from PIL import Image
 
-    from twincar.data.datamodule import FileReader
     from twincar.data.formats import Sample
-    from twincar.data.transforms import load_rgb
+    from twincar.data.images import load_rgb, load_sample
 
     rng = torch.Generator().manual_seed(0)
     path = tmp_path / "large.jpg"
     Image.fromarray(torch.randint(0, 256, (768, 1024, 3), generator=rng, dtype=torch.uint8).numpy()).save(path)
     p = Predictor.load(tiny_export, device="cpu", precision="fp32")
-    eval_reader = FileReader(p.preprocess.decode_min_side)  # what validation and twincar.eval read
+    eval_reader = partial(load_sample, min_side=p.preprocess.decode_min_side)  # what validation and twincar.eval read
     assert eval_reader(Sample(path, 0)).shape == (3, 96, 128)
     expected = p.logits(p.image_transform(eval_reader(Sample(path, 0)))[None]).softmax(1)[0]
     full = p.logits(p.image_transform(load_rgb(path))[None]).softmax(1)[0]

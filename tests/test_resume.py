@@ -18,7 +18,7 @@ import torch
 
 from tests.conftest import SMALL_SPEC, run_cli
 from tests.test_train import read_tensorboard
-from twincar.resume import Preemption, ResumeError, find_resume_checkpoint
+from twincar.training.resume import Preemption, ResumeError, find_resume_checkpoint
 
 SMALL_DATA = [f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()]
 STEPS_PER_EPOCH = 4

@@ -13,8 +13,8 @@ from PIL import Image
 from twincar.data import synthetic
 from twincar.data.classes import parse_car_name, stanford_cars_class_names
 from twincar.data.formats import load_stanford_cars
-from twincar.data.render import car_design, render_car
 from twincar.data.synthetic import SyntheticSpec, generate, select_classes
+from twincar.data.synthetic.render import car_design, render_car
 
 SIBLING_FAMILIES = [
     "Audi S4 Sedan",

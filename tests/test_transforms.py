@@ -3,15 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from twincar.data.transforms import (
-    Augmentation,
-    BatchTransform,
-    EvalImageTransform,
-    ImageReadError,
-    Preprocess,
-    TrainImageTransform,
-    load_rgb,
-)
+from twincar.data.images import ImageReadError, load_rgb
+from twincar.data.transforms import Augmentation, BatchTransform, EvalImageTransform, Preprocess, TrainImageTransform
 
 
 def test_grayscale_jpeg_decodes_to_rgb(tmp_path):
@@ -132,7 +125,7 @@ def _photo(path, width=800, height=600, **save):
 
 
 def test_reduced_size_decode_keeps_min_side_and_the_pixels(tmp_path):
-    from twincar.data.transforms import reduced_decode_scale
+    from twincar.data.images import reduced_decode_scale
 
     assert [reduced_decode_scale(800, 600, m) for m in (600, 300, 150, 120, 20)] == [1, 2, 4, 4, 8]
     path = _photo(tmp_path / "car.jpg")

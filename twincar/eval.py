@@ -28,7 +28,7 @@ from twincar.errors import TwinCarError
 from twincar.files import write_csv, write_json
 from twincar.inference import EvalOutputs, Predictor, collect_logits, default_workers
 from twincar.metrics import calibration_bins, classification_metrics
-from twincar.runs import find_run_config
+from twincar.runs import find_run_config, resolve_launch_paths
 from twincar.viz import confused_pairs_figure, reliability_diagram, top_losses_figure
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
 # -- the pure function and the entry point ------------------------------------------------------
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate ``cfg.ckpt`` on ``cfg.data.split``; write ``reports/`` under ``cfg.paths.output_dir``."""
+    resolve_launch_paths(cfg)
     if str(cfg.tta) not in TTA_MODES:
         raise EvalError(f"tta={cfg.tta} is not supported: use tta=none or tta=flip")
     predictor = Predictor.load(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"),

@@ -34,7 +34,7 @@ from twincar.models.io import (
     load_model,
     write_model_card,
 )
-from twincar.runs import run_record
+from twincar.runs import resolve_launch_paths, run_record
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,7 @@ def main(cfg: DictConfig) -> None:
     if not cfg.get("ckpt"):
         log.error("pass ckpt=PATH to a TwinCar .ckpt (e.g. outputs/runs/RUN/checkpoints/last.ckpt)")
         sys.exit(1)
+    resolve_launch_paths(cfg)
     try:
         calibration = OmegaConf.to_container(cfg.calibration) if OmegaConf.is_list(cfg.calibration) \
             else cfg.calibration

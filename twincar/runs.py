@@ -126,3 +126,40 @@ def run_record(model_path: str | Path) -> tuple[dict, dict]:
         hc = OmegaConf.load(hydra_yaml).hydra
         config = group_choices(OmegaConf.to_container(hc.runtime.choices), list(hc.overrides.task))
     return metrics, config
+
+
+# Options that name a file or folder. A relative value on the command line or in a config is taken from the
+# directory the command was launched in, whatever ``hydra.job.chdir`` is.
+PATH_OPTIONS = ("paths.root_dir", "data.root", "data.split_dir", "data.cache_dir", "model.weights", "ckpt_path",
+                "ckpt", "classes", "run_config", "out", "calibration")
+
+
+def resolve_launch_paths(cfg) -> None:
+    """Make every relative path option of ``cfg`` (:data:`PATH_OPTIONS`) absolute from the launch directory
+    (``${hydra:runtime.cwd}``), so ``data.root=data/x`` means the same with ``hydra.job.chdir=true``.
+    Options that interpolate others (``${paths.data_dir}/...``) follow ``paths.root_dir``. Outside Hydra: no-op."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    if not HydraConfig.initialized():
+        return
+    cwd = Path(HydraConfig.get().runtime.cwd)
+
+    def absolute(value):
+        if isinstance(value, str) and value and "://" not in value and not Path(value).expanduser().is_absolute():
+            return str(cwd / Path(value).expanduser())
+        return value
+
+    with open_dict(cfg):
+        for key in PATH_OPTIONS:
+            parent_key, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            if parent is None or leaf not in parent:
+                continue
+            if OmegaConf.is_interpolation(parent, leaf) and key != "paths.root_dir":
+                continue  # follows the options it interpolates (root_dir: TWINCAR_ROOT or '.', resolved here)
+            value = parent[leaf]
+            if OmegaConf.is_list(value):
+                parent[leaf] = [absolute(v) for v in value]
+            elif value is not None:
+                parent[leaf] = absolute(value)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from twincar.errors import TwinCarError
 from twincar.models.finetune import run_lr_find
+from twincar.runs import resolve_launch_paths
 from twincar.training.distributed import hydra_job_relaunch, log_file_on_rank_zero_only
 from twincar.training.run import (
     build_datamodule,
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, then validate (and test) the best checkpoint; write the run's artefacts; return the metrics."""
+    resolve_launch_paths(cfg)
     log_file_on_rank_zero_only()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

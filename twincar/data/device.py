@@ -144,8 +144,8 @@ def check_fits(nbytes: int, free: int, total: int, device: torch.device | str) -
     if nbytes > free - DEVICE_HEADROOM * total:
         raise TwinCarError(
             f"the image cache ({nbytes / 2**30:.1f} GiB) does not fit in {device} ({free / 2**30:.1f} of "
-            f"{total / 2**30:.1f} GiB free, {DEVICE_HEADROOM:.0%} kept for training): set data.cache_on_device=false "
-            "to read it memory-mapped through the loader, or lower data.image_size"
+            f"{total / 2**30:.1f} GiB free, {DEVICE_HEADROOM:.0%} kept for training): use data.pipeline=cache to "
+            "read it memory-mapped through the loader, or lower data.image_size"
         )
 
 
