@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser demo test test-fast lint tensorboard clean
+.PHONY: help install browser demo docs test test-fast lint tensorboard clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -qq -c constraints.txt -e '.[all]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install TwinCar and every extra (onnx, demo, cluster, search) with the pinned versions
+install: $(STAMP) ## Create .venv and install TwinCar and every extra (onnx, demo, cluster, search, docs) with the pinned versions
 
 browser: ## Install headless Chromium and its driver for the demo's browser test (Debian; needs root)
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
@@ -27,7 +27,10 @@ browser: ## Install headless Chromium and its driver for the demo's browser test
 demo: $(STAMP) ## Train ResNet-50 on the embedded synthetic dataset (offline, about 5.5 min on 2 CPU cores)
 	$(PY) -m twincar.train
 
-test: $(STAMP) browser ## Run the test suite (about 10 min on 2 CPU cores; installs chromium for the demo test)
+docs: $(STAMP) ## Build the documentation strictly (a broken link or a page missing from the nav fails)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+test: $(STAMP) browser docs ## Run the test suite and build the docs (about 12 min on 2 CPU cores; installs chromium for the demo test)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 test-fast: $(STAMP) ## Run the tests that take seconds (skips the training runs)
