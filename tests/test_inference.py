@@ -65,8 +65,12 @@ def test_class_count_mismatch_names_both_numbers(original_pth, tmp_path):
     write_classes_txt(["A 2001", "B 2002"], tmp_path / "two.txt")
     with pytest.raises(WeightsError, match=r"2 names but .* 196 outputs"):
         Predictor.load(d / "resnet50_twin_cars.pth", classes=tmp_path / "two.txt")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "resnet50_twin_cars.pth").write_bytes((d / "resnet50_twin_cars.pth").read_bytes())
     with pytest.raises(WeightsError, match="carries no class names: pass --classes"):
-        Predictor.load(d / "resnet50_twin_cars.pth")
+        Predictor.load(alone / "resnet50_twin_cars.pth")  # no classes.txt beside it either
+    assert len(Predictor.load(d / "resnet50_twin_cars.pth").class_names) == 196  # the classes.txt beside it
 
 
 class _Payload:

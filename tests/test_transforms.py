@@ -99,19 +99,19 @@ def test_augmentation_benchmark_script_prints_the_ratio(capsys):
 def test_load_rgb_refuses_bombs_from_the_header_and_names_empty_files(tmp_path, monkeypatch):
     from PIL import Image
 
-    from twincar.data import transforms
+    from twincar.data import images
 
     big = tmp_path / "big.png"
     Image.new("L", (400, 300)).save(big)
-    monkeypatch.setattr(transforms, "MAX_IMAGE_PIXELS", 100_000)
-    with pytest.raises(transforms.ImageReadError, match=r"big.png: 400x300 pixels is over the 100000 limit"):
-        transforms.load_rgb(big)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(images.ImageReadError, match=r"big.png: 400x300 pixels is over the 100000 limit"):
+        images.load_rgb(big)
     (tmp_path / "empty.jpg").write_bytes(b"")
-    with pytest.raises(transforms.ImageReadError, match=r"empty.jpg: the file is empty"):
-        transforms.load_rgb(tmp_path / "empty.jpg")
+    with pytest.raises(images.ImageReadError, match=r"empty.jpg: the file is empty"):
+        images.load_rgb(tmp_path / "empty.jpg")
     (tmp_path / "text.jpg").write_text("hello")
-    with pytest.raises(transforms.ImageReadError, match=r"text.jpg: not an image"):
-        transforms.load_rgb(tmp_path / "text.jpg")
+    with pytest.raises(images.ImageReadError, match=r"text.jpg: not an image"):
+        images.load_rgb(tmp_path / "text.jpg")
 
 
 def _photo(path, width=800, height=600, **save):
@@ -142,7 +142,7 @@ def test_reduced_size_decode_keeps_min_side_and_the_pixels(tmp_path):
 
 
 def test_reduced_size_decode_applies_exif_orientation_and_keeps_errors(tmp_path, monkeypatch):
-    from twincar.data import transforms
+    from twincar.data import images
 
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
@@ -152,7 +152,7 @@ def test_reduced_size_decode_applies_exif_orientation_and_keeps_errors(tmp_path,
     (tmp_path / "broken.jpg").write_bytes(open(path, "rb").read()[:2000])
     with pytest.raises(ImageReadError, match="broken.jpg"):
         load_rgb(tmp_path / "broken.jpg", min_side=100)
-    monkeypatch.setattr(transforms, "MAX_IMAGE_PIXELS", 100_000)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100_000)
     with pytest.raises(ImageReadError, match="rotated.jpg: 800x600 pixels is over"):
         load_rgb(path, min_side=100)
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from twincar.compat import require
 
-SUPPORTED = ">=1.5,<1.6"
+SUPPORTED = ">=1.5.7,<1.6"
 require("grad-cam", SUPPORTED, "Grad-CAM hook handling")
 
 

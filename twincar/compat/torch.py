@@ -8,7 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from twincar.compat import require
 
-SUPPORTED = ">=2.1,<3"
+SUPPORTED = ">=2.11,<3"
 require("torch", SUPPORTED, "CPU bf16 detection")
 
 
