@@ -31,6 +31,7 @@ def photos(tmp_path_factory) -> list[Path]:
     return BENCH["make_images"](tmp_path_factory.mktemp("photos"), 4, quick=True)
 
 
+@pytest.mark.slow  # train_step and gpu_train are training measures: optimizer steps on a network
 def test_quick_benchmark_writes_every_measure_and_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
     BENCH["main"](["--quick", "--json", str(out), "--only",

@@ -62,6 +62,7 @@ class WeightsSeenByValidation(L.Callback):
         self.fc = pl_module.model.fc.weight.detach().clone()
 
 
+@pytest.mark.slow
 def test_ema_weights_are_validated_checkpointed_and_left_in_the_model(tmp_path, small_root):
     dm = tiny_dm(small_root, tmp_path)
     model = tiny_model(dm, ema={"decay": 0.9})
@@ -87,6 +88,7 @@ def test_ema_weights_are_validated_checkpointed_and_left_in_the_model(tmp_path, 
     torch.testing.assert_close(loaded.model.fc.weight, best["model.fc.weight"])
 
 
+@pytest.mark.slow
 def test_ema_off_by_default_and_validate_after_fit_uses_the_checkpoint_as_is(tmp_path, small_root):
     dm = tiny_dm(small_root, tmp_path)
     assert tiny_model(dm).configure_callbacks() == []
@@ -126,6 +128,7 @@ class Snapshots(L.Callback):
         self.at_epoch_end.append(state(pl_module.model))
 
 
+@pytest.mark.slow
 def test_frozen_backbone_keeps_weights_and_bn_statistics_then_trains(tmp_path, small_root):
     dm = tiny_dm(small_root, tmp_path)
     model = tiny_model(dm, freeze_backbone_epochs=1)
@@ -267,6 +270,7 @@ def test_debug_overfit_drives_the_training_loss_near_zero(tmp_path, data_dir):
     assert losses[max(losses)] < 0.1  # memorised: below 0.1 after 20 steps on the same batch
 
 
+@pytest.mark.slow
 def test_debug_fdr_limit_and_profiler_presets(tmp_path, data_dir):
     from twincar.train import train
 

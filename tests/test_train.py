@@ -48,6 +48,7 @@ def smoke_run(tmp_path_factory, data_dir) -> tuple[Path, object]:
     return cwd, proc
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_artefact_in_its_run_directory(smoke_run):
     cwd, proc = smoke_run
     (run,) = run_dirs(cwd / "outputs")
@@ -66,6 +67,7 @@ def test_smoke_run_writes_every_artefact_in_its_run_directory(smoke_run):
     assert "TensorBoard:" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_smoke_run_exports_torchvision_weights_and_class_names(smoke_run):
     import torchvision
 
@@ -80,6 +82,7 @@ def test_smoke_run_exports_torchvision_weights_and_class_names(smoke_run):
     assert ckpt["hyper_parameters"]["preprocess"]["image_size"] == 64
 
 
+@pytest.mark.slow
 def test_smoke_run_logs_per_epoch_metrics_and_hparams(smoke_run):
     cwd, _ = smoke_run
     (run,) = run_dirs(cwd / "outputs")
@@ -92,6 +95,7 @@ def test_smoke_run_logs_per_epoch_metrics_and_hparams(smoke_run):
     assert "experiment=smoke" in hparams["overrides"]
 
 
+@pytest.mark.slow
 def test_sweep_writes_one_directory_per_job_with_its_hparams(tmp_path, data_dir):
     proc = run_cli("twincar.train", "-m", "optimizer=adam,sgd", "experiment=smoke", "test=false",
                    f"paths.data_dir={data_dir}", *SMALL_DATA, cwd=tmp_path)
@@ -146,6 +150,7 @@ def test_a_short_run_on_the_embedded_data_learns_well_above_chance(tmp_path, dat
     assert train_acc[max(train_acc)] > train_acc[0] + 0.15
 
 
+@pytest.mark.slow
 def test_ddp_with_two_processes_writes_one_run(tmp_path, data_dir):
     # DDP on the CPU (gloo): the same code path as multi-GPU nodes, minus SyncBatchNorm (GPU only).
     proc = run_cli("twincar.train", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -167,6 +172,7 @@ def compose_train(tmp_path, data_dir, *overrides: str):
         ])
 
 
+@pytest.mark.slow
 def test_train_function_runs_mixup_cutmix_with_label_smoothing(tmp_path, data_dir):
     """train(cfg) as a sweeper or notebook calls it: strong augmentation (soft targets) end to end."""
     from twincar.train import train
@@ -181,6 +187,7 @@ def test_train_function_runs_mixup_cutmix_with_label_smoothing(tmp_path, data_di
     assert 0 < train_loss < 10  # soft-target cross-entropy over 6 classes: finite, near log(6)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_and_refuse_one_of_other_classes(tmp_path, data_dir):
     from twincar.errors import TwinCarError
     from twincar.train import train
