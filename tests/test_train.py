@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,26 @@ RUN_FILES = ["config.yaml", "metrics.json", "csv/metrics.csv", "split.json", "lo
 
 def run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("metrics.json"))
+
+
+def assert_counts(metrics: dict, stage: str, images: int) -> None:
+    """``stage``'s accuracies are counts over the ``images`` it evaluated, and top-k can only add hits."""
+    acc = metrics[f"{stage}/acc"]
+    assert acc * images == pytest.approx(round(acc * images), abs=1e-4), (stage, acc, images)
+    assert acc <= metrics[f"{stage}/acc_top3"] <= metrics[f"{stage}/acc_top5"], metrics
+
+
+def smoke_images(run: Path) -> dict[str, int]:
+    """How many images experiment=smoke validates and tests on: two batches of 8 at most."""
+    split = json.loads((run / "split.json").read_text())
+    return {"val": min(len(split["val"]), 16), "test": min(SMALL_SPEC["num_classes"] * SMALL_SPEC["test_per_class"],
+                                                            16)}
+
+
+def last_logged(run: Path, column: str) -> float:
+    """The last value of ``column`` in the run's csv/metrics.csv."""
+    with (run / "csv" / "metrics.csv").open(newline="") as f:
+        return [float(r[column]) for r in csv.DictReader(f) if r.get(column)][-1]
 
 
 def read_tensorboard(run_dir: Path) -> tuple[dict[str, str], dict[str, list[float]]]:
@@ -58,11 +80,14 @@ def test_smoke_run_writes_every_artefact_in_its_run_directory(smoke_run):
     assert list((run / "checkpoints").glob("epoch_*.ckpt"))
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((run / "metrics.json").read_text())
-    for stage in ("val", "test"):
-        for name in ("acc", "acc_top3", "acc_top5", "precision_macro", "recall_macro", "f1_macro"):
-            assert 0 <= metrics[f"{stage}/{name}"] <= 1
-        assert metrics[f"{stage}/loss"] > 0
-    assert metrics["val/acc_best"] >= metrics["val/acc"] - 1e-6
+    for stage, images in smoke_images(run).items():
+        assert_counts(metrics, stage, images)
+        for name in ("acc", "acc_top3", "acc_top5", "precision_macro", "recall_macro", "f1_macro", "loss"):
+            # metrics.json holds what the final validate/test logged, not another computation
+            assert metrics[f"{stage}/{name}"] == pytest.approx(last_logged(run, f"{stage}/{name}"), abs=1e-6), name
+        assert math.isfinite(metrics[f"{stage}/loss"])
+    # one epoch: the best checkpoint is that epoch's, and validating it again gives the same accuracy
+    assert metrics["epochs"] == 1 and metrics["val/acc_best"] == pytest.approx(metrics["val/acc"], abs=1e-6)
     assert Path(metrics["best_checkpoint"]).is_file()
     assert "TensorBoard:" in proc.stdout + proc.stderr
 
@@ -107,12 +132,15 @@ def test_sweep_writes_one_directory_per_job_with_its_hparams(tmp_path, data_dir)
     for run in runs:
         hparams, scalars = read_tensorboard(run)
         chosen.append(hparams["choice/optimizer"])
-        assert "val/acc_best" in scalars and 0 <= scalars["val/acc_best"][-1] <= 1
+        saved = json.loads((run / "metrics.json").read_text())
+        assert scalars["val/acc_best"][-1] == pytest.approx(saved["val/acc_best"], abs=1e-6)
+        assert saved["val/acc_best"] == pytest.approx(scalars["val/acc"][0], abs=1e-6)  # one epoch: its val/acc
         assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "accuracy_curve.png").is_file()
-        assert "test/acc" not in json.loads((run / "metrics.json").read_text())  # test=false
+        assert "test/acc" not in saved  # test=false
     assert chosen == ["adam", "sgd"]
 
 
+@pytest.mark.slow  # a subprocess importing torch, Lightning and Hydra: about 9 s on 2 cores
 def test_offline_without_weights_says_what_to_pass(tmp_path, data_dir):
     proc = run_cli("twincar.train", "experiment=smoke", "model.pretrained=resnet50.a1_in1k",
                    f"paths.data_dir={data_dir}", *SMALL_DATA, cwd=tmp_path)
@@ -122,6 +150,7 @@ def test_offline_without_weights_says_what_to_pass(tmp_path, data_dir):
     assert "Traceback" not in out
 
 
+@pytest.mark.slow  # a subprocess importing torch, Lightning and Hydra: about 8 s on 2 cores
 def test_missing_dataset_root_says_what_to_pass(tmp_path):
     proc = run_cli("twincar.train", "experiment=smoke", "data=stanford_cars", f"data.root={tmp_path}/nowhere",
                    "model.pretrained=false", cwd=tmp_path)
@@ -158,7 +187,10 @@ def test_ddp_with_two_processes_writes_one_run(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = run_dirs(tmp_path / "outputs")  # rank 1 writes into rank 0's run directory, not its own
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0 <= metrics["val/acc"] <= 1 and 0 <= metrics["test/acc"] <= 1
+    assert metrics["epochs"] == 1
+    for stage in ("val", "test"):  # rank 0 logged and wrote the metrics reduced over both processes
+        assert metrics[f"{stage}/acc"] == pytest.approx(last_logged(run, f"{stage}/acc"), abs=1e-6)
+        assert metrics[f"{stage}/acc"] <= metrics[f"{stage}/acc_top3"] <= metrics[f"{stage}/acc_top5"]
     assert (run / "model.pth").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -180,7 +212,8 @@ def test_train_function_runs_mixup_cutmix_with_label_smoothing(tmp_path, data_di
     metrics = train(compose_train(tmp_path, data_dir, "augmentation=strong", "model.label_smoothing=0.1",
                                   "export=false"))
     assert not (tmp_path / "run" / "model.pth").exists()  # export=false
-    assert 0 <= metrics["val/acc"] <= 1 and 0 <= metrics["test/acc"] <= 1
+    for stage, images in smoke_images(tmp_path / "run").items():
+        assert_counts(metrics, stage, images)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["val/acc"] == pytest.approx(metrics["val/acc"])
     train_loss = read_epoch_history(tmp_path / "run" / "csv" / "metrics.csv")["train/loss"][0]
@@ -195,7 +228,11 @@ def test_resume_from_a_checkpoint_and_refuse_one_of_other_classes(tmp_path, data
     train(compose_train(tmp_path / "a", data_dir))
     last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
     resumed = train(compose_train(tmp_path / "b", data_dir, f"ckpt_path={last}", "trainer.max_epochs=2"))
-    assert json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())["epochs"] == 2
-    assert 0 <= resumed["val/acc"] <= 1
+    saved = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
+    assert saved["epochs"] == 2 and saved["val/acc"] == pytest.approx(resumed["val/acc"])
+    # one more epoch of 2 steps (experiment=smoke) on top of the checkpoint's 2, not 2 epochs from scratch
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
+    b_last = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert b_last["global_step"] == 4
     with pytest.raises(TwinCarError, match=r"was trained on 6 classes, but .* has 4"):
         train(compose_train(tmp_path / "c", data_dir, f"ckpt_path={last}", "data.synthetic.num_classes=4"))
