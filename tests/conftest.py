@@ -16,6 +16,25 @@ DEVKIT = REPO.parent / "shared" / "stanford_cars_devkit"
 SMALL_SPEC = dict(num_classes=6, train_per_class=12, test_per_class=4, seed=0)
 
 
+# Fixtures that train a model when first used (session or module scope, so set up before the guard below).
+TRAINING_FIXTURES = {"trained_run", "smoke_run", "run", "val_eval"}
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_train_nothing(request, monkeypatch):
+    """`make test-fast` (-m "not slow") trains nothing: a test that fits a model without the slow mark fails."""
+    if request.node.get_closest_marker("slow") is None:
+        from lightning.pytorch import Trainer
+
+        trains = TRAINING_FIXTURES & set(request.fixturenames)
+        assert not trains, f"{request.node.nodeid} uses {sorted(trains)}, which train: mark it @pytest.mark.slow"
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} trains a model (Trainer.fit): mark it @pytest.mark.slow")
+
+        monkeypatch.setattr(Trainer, "fit", refuse)
+
+
 @pytest.fixture(scope="session")
 def devkit() -> Path:
     """The original Stanford Cars devkit annotation files (shared with every developer and CI)."""

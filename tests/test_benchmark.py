@@ -33,6 +33,17 @@ def photos(tmp_path_factory) -> list[Path]:
     return BENCH["make_images"](tmp_path_factory.mktemp("photos"), 4, quick=True)
 
 
+def test_quick_benchmark_of_the_input_pipelines_trains_nothing(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    BENCH["main"](["--quick", "--json", str(out), "--only", "train_pipeline,eval_pipeline"])
+    printed = capsys.readouterr().out
+    m = json.loads(out.read_text())["measures"]
+    assert set(m) == {"train_pipeline", "eval_pipeline"}
+    for name, r in m.items():
+        assert r["ratio"] == pytest.approx(r["twincar_img_s"] / r["reference_img_s"], rel=0.02) and name in printed
+
+
+@pytest.mark.slow  # train_step and gpu_train are training measures: optimizer steps on a network
 def test_quick_benchmark_writes_every_measure_and_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
     BENCH["main"](["--quick", "--json", str(out), "--only",

@@ -89,4 +89,5 @@ def test_compare_after_a_real_two_job_sweep(tmp_path, data_dir):
     expected = sorted(acc, key=lambda j: (-acc[j], j))  # best first, job order on a tie
     assert [r.split(" | ")[1] for r in rows] == expected
     assert "val/acc_make" in (sweep / "compare.csv").read_text().splitlines()[0]
-    assert (sweep / "compare.png").stat().st_size > 0
+    with Image.open(sweep / "compare.png") as img:  # two finished jobs: two bars
+        assert img.format == "PNG" and img.size == (800, int(100 * (1.2 + 0.45 * 2)))

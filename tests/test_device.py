@@ -4,6 +4,7 @@ the worker path, EXIF orientation, unreadable files, car boxes, clear errors, a 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -199,5 +200,9 @@ def test_a_short_training_run_works_with_each_option(tmp_path, data_dir, option)
         ])
     train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert 0 <= metrics["val/acc"] <= 1 and metrics["test/loss"] > 0  # trained, validated and tested through it
+    # trained one epoch, then validated and tested through it: accuracies are counts over the images read
+    val_images = len(json.loads((tmp_path / "run" / "split.json").read_text())["val"])  # <= 2 batches of 8
+    assert metrics["epochs"] == 1 and math.isfinite(metrics["test/loss"])
+    assert metrics["val/acc"] * val_images == pytest.approx(round(metrics["val/acc"] * val_images), abs=1e-4)
+    assert metrics["test/acc"] * 16 == pytest.approx(round(metrics["test/acc"] * 16), abs=1e-4)  # 2 batches of 8
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -48,7 +48,8 @@ def test_eval_reproduces_the_metrics_training_logged(run, val_eval, tmp_path):
     for name in ("acc", "acc_top3", "acc_top5", "f1_macro", "loss", *FINE):
         assert val[f"val/{name}"] == pytest.approx(logged[f"val/{name}"], abs=1e-4, nan_ok=True), name
         assert test[f"test/{name}"] == pytest.approx(logged[f"test/{name}"], abs=1e-4, nan_ok=True), name
-    assert 0 < logged["val/acc_make"] <= 1 and "val/acc_family" in logged  # training logs them too
+    # training logs them too; a right class has the right family, and a right family the right make
+    assert logged["val/acc"] <= logged["val/acc_family"] <= logged["val/acc_make"]
     # the exported model.pth (+ classes.txt, preprocessing from the run's config) is the best checkpoint
     pth = evaluate(eval_cfg(tmp_path / "pth", run / "model.pth", "data.split=val"))
     assert pth["val/acc"] == pytest.approx(val["val/acc"]) and pth["val/nll"] == pytest.approx(val["val/nll"], abs=1e-4)
@@ -193,10 +194,11 @@ def test_reports_on_a_parquet_copy_name_rows_and_draw_them(tmp_path):
                                                                  "test-00000-of-00001.parquet#1"]
     assert sum(int(r["correct"]) for r in rows) / 6 == pytest.approx(metrics["test/acc"])
     pairs = read_csv(tmp_path / "reports" / "confused_pairs.csv")
-    assert all("#" in r["example_a"] for r in pairs)
+    assert pairs and all("#" in r["example_a"] for r in pairs)  # a random network confuses some (seeded)
     from twincar.eval import _image
     from twincar.viz import _thumbnail
 
     thumb = _thumbnail(_image(samples[0]))  # figures draw a row from its parquet bytes, not a grey placeholder
     assert thumb.dtype == np.uint8 and thumb.shape[2] == 3 and len(np.unique(thumb)) > 10
-    assert (tmp_path / "reports" / "top_losses.png").stat().st_size > 0
+    with Image.open(tmp_path / "reports" / "top_losses.png") as img:
+        assert img.format == "PNG" and img.size[0] > 100

@@ -104,8 +104,16 @@ def test_int8_export_is_quantised_recorded_and_predicts_like_fp32(tiny_export, s
     q = json.loads((tmp_path / "q" / MODEL_CARD).read_text())["quantization"]
     n_train = len(list((small_root / "cars_train").glob("*.jpg")))
     assert q["type"] == "int8" and q["calibration_images"] == 16
-    assert q["agreement_images"] == min(128, n_train - 16) and 0 <= q["top1_agreement_with_fp32"] <= 1
+    assert q["agreement_images"] == min(128, n_train - 16)
     int8 = Predictor.load(weights, device="cpu")
+    # the recorded agreement counts the held-out images (all but the 16 calibration ones) whose top-1 the int8
+    # model shares with fp32: at most the count over every image, and at least that count minus 16
+    train_images = sorted((small_root / "cars_train").glob("*.jpg"))
+    fp32_top1 = [r.label for r in Predictor.load(tiny_export, device="cpu", precision="fp32").predict(train_images)]
+    same_all = sum(a == r.label for a, r in zip(fp32_top1, int8.predict(train_images), strict=True))
+    same_held_out = q["top1_agreement_with_fp32"] * q["agreement_images"]
+    assert same_held_out == pytest.approx(round(same_held_out), abs=0.01)  # a count (rounded to 4 decimals)
+    assert same_all - 16 <= round(same_held_out) <= same_all
     assert int8.class_names == TINY_NAMES and int8.preprocess.image_size == 64
     fp32 = Predictor.load(tiny_export, device="cpu", precision="fp32")  # what the fp32 ONNX model computes, 1e-4
     batch = torch.stack([fp32.prepare(p) for p in car_images])

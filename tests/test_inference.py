@@ -44,7 +44,13 @@ def test_original_state_dict_gives_the_same_top1_as_torchvision(original_pth, tm
     names = stanford_cars_class_names()
     assert [r.name for r in results] == [names[i] for i in logits.argmax(1).tolist()]
     r = results[0]
-    assert r.make and r.year and len(r.topk) == 5 and 0 < r.confidence <= 1
+    assert f"{r.make} {r.model} {r.year}" == r.name == names[int(logits[0].argmax())]
+    # confidence and top-5 are the softmax of the model's logits on the prepared image, most likely first
+    probs = p.logits(p.prepare(paths[0])[None]).softmax(1)[0]
+    top_p, top_i = probs.topk(5)
+    assert r.confidence == pytest.approx(top_p[0].item(), abs=1e-6)
+    assert r.topk == [(names[i], pytest.approx(q, abs=1e-6)) for i, q in zip(top_i.tolist(), top_p.tolist(),
+                                                                              strict=True)]
 
 
 def test_unreadable_file_gets_an_error_and_the_rest_is_predicted(original_pth, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -182,7 +183,10 @@ def test_smoke_run_trains_on_each_layout(copies, tmp_path, layout):
 
     crop = [] if layout == "parquet" else ["data.crop_to_bbox=true"]
     metrics = train(compose_smoke(tmp_path, copies[layout], "model.name=resnet18", *crop))
-    assert 0 <= metrics["val/acc"] <= 1 and "test/acc" in metrics
+    # tested on the layout's 6 test images (fewer than experiment=smoke's 2 batches of 8): a count out of 6
+    assert metrics["test/acc"] * 6 == pytest.approx(round(metrics["test/acc"] * 6), abs=1e-4)
+    val_images = len(json.loads((tmp_path / "run/split.json").read_text())["val"])
+    assert metrics["val/acc"] * val_images == pytest.approx(round(metrics["val/acc"] * val_images), abs=1e-4)
     names = read_classes_txt(tmp_path / "run/classes.txt")
     assert [n.casefold() for n in names] == [n.casefold() for n in NAMES]
     assert not (tmp_path / "run/skipped.txt").exists()

@@ -207,11 +207,16 @@ def test_a_large_jpeg_is_predicted_from_the_reduced_decode_that_eval_uses(tiny_e
     assert dict(got.topk) == pytest.approx(dict(zip(TINY_NAMES, expected.tolist(), strict=True)), abs=1e-6)
 
 
-def test_cpu_inference_decodes_in_process_and_a_gpu_gets_workers():
+def test_cpu_inference_decodes_in_process_and_a_gpu_gets_workers(monkeypatch):
+    import os
+
     from twincar.inference import default_workers
 
     assert default_workers(torch.device("cpu")) == 0  # workers would stall the network's threads on the same cores
-    assert default_workers(torch.device("cuda")) >= 1
+    for cores, workers in ((2, 2), (32, 8), (None, 1)):  # a GPU: one per core, at most 8, one if unknown
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert default_workers(torch.device("cuda")) == workers, cores
+        assert default_workers(torch.device("cpu")) == 0
 
 
 @pytest.mark.slow  # a subprocess importing torch
