@@ -57,7 +57,8 @@ def test_data_and_models_import_no_orchestration():
 
 def test_data_imports_nothing_from_models_or_metrics():
     above = {"twincar.models", "twincar.metrics"}
-    upward = {m: sorted(i for i in deps if within(i, above)) for m, deps in GRAPH.items() if within(m, {"twincar.data"})}
+    upward = {m: sorted(i for i in deps if within(i, above))
+              for m, deps in GRAPH.items() if within(m, {"twincar.data"})}
     assert {m: d for m, d in upward.items() if d} == {}
     assert {i for i in GRAPH["twincar.metrics"] if not within(i, {"twincar.data", "twincar.errors"})} == set()
 
