@@ -26,7 +26,7 @@ from twincar.errors import TwinCarError
 from twincar.files import write_json
 from twincar.inference import Predictor, collect_logits
 from twincar.metrics import hierarchy_accuracy
-from twincar.models.io import build_model, safe_torch_load, strip_prefix
+from twincar.models.io import build_model, module_weights, safe_torch_load
 from twincar.runs import Run, find_runs, label_runs
 
 
@@ -52,7 +52,7 @@ def _minutes(log_file: Path) -> float:
 
 def _evaluate(state: dict[str, torch.Tensor], arch: str, names: list[str], pre: Preprocess, dataset) -> dict:
     """Accuracies of ``state`` on a split of the run's own datamodule, through eval's loop."""
-    model = build_model(arch, len(names), strip_prefix(state, "model."), arch)
+    model = build_model(arch, len(names), module_weights(state), arch)
     predictor = Predictor(model, names, pre, device="cpu")
     out = collect_logits(predictor, dataset.samples, bbox_margin=dataset.bbox_margin, progress=False)
     return hierarchy_accuracy(out.logits, out.labels, names)

@@ -144,15 +144,10 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
 def _prepared_batches(predictor, images: Sequence[Path], batch_size: int = 16, normalise: bool = True):
     """Batches of ``images`` as ``predictor`` feeds its network (normalised floats; ``normalise=False``: the
     ``uint8`` prepared images); unreadable images are named in the log and left out."""
-    for i in range(0, len(images), batch_size):
-        ready = []
-        for path in images[i:i + batch_size]:
-            try:
-                ready.append(predictor.prepare(path))
-            except (OSError, ValueError) as e:
-                log.warning("calibration: skipping %s", e)
-        if ready:
-            batch = torch.stack(ready)
+    for _, batch, errors in predictor.prepared_batches(images, batch_size=batch_size):
+        for message in errors.values():
+            log.warning("calibration: skipping %s", message)
+        if batch is not None:
             yield predictor.batch_transform(batch) if normalise else batch
 
 

@@ -329,6 +329,14 @@ class Predictor:
             ))
         return out
 
+    def prepared_batches(
+        self, images: Sequence[ImageInput], *, batch_size: int = 32, num_workers: int = 0
+    ) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+        """:meth:`prepare` every input, in ``num_workers`` DataLoader processes (0: here), in batches:
+        ``(indices of the readable inputs, their uint8 batch or None, {index: message} of the others)``."""
+        return iter_batches(_Inputs(images, self.image_transform, self.preprocess.decode_min_side),
+                            batch_size=batch_size, num_workers=num_workers, pin_memory=self.device.type == "cuda")
+
     def iter_predict(
         self, images: Sequence[ImageInput], *, batch_size: int = 32, topk: int = 5, num_workers: int = 0
     ) -> Iterator[Prediction]:
@@ -337,9 +345,7 @@ class Predictor:
         Decoding and resizing run in ``num_workers`` DataLoader processes (0: in this process). An unreadable
         file yields a Prediction with ``error`` set (and a warning); the rest of its batch goes on.
         """
-        batches = iter_batches(_Inputs(images, self.image_transform, self.preprocess.decode_min_side),
-                               batch_size=batch_size, num_workers=num_workers, pin_memory=self.device.type == "cuda")
-        for indices, batch, errors in batches:
+        for indices, batch, errors in self.prepared_batches(images, batch_size=batch_size, num_workers=num_workers):
             done = dict(zip(indices, self.results(
                 self.logits(batch), [source_name(images[i]) for i in indices], topk
             ), strict=True)) if indices else {}

@@ -12,15 +12,16 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from twincar.data.classes import name_key
 from twincar.data.formats.common import CarsData, DatasetFormatError, Sample, check_label, first_existing
 
 EXPECTS = "car_data/car_data/{train,test}/<Class Name>/*.jpg with names.csv (or train/<Class Name>/ in ROOT)"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def folder_key(name: str) -> str:
-    """How a class name and its folder are matched: case-insensitive, ``/`` as ``-``, spaces collapsed."""
-    return " ".join(name.replace("/", "-").split()).casefold()
+    """How a class name and its folder are matched: the class-name rule (:func:`~twincar.data.classes.name_key`),
+    with ``/`` (which no folder name can hold) as ``-``."""
+    return name_key(name.replace("/", "-"))
 
 
 def read_names_csv(path: Path) -> list[str]:
@@ -69,6 +70,8 @@ def _read_boxes(path: Path | None, num_classes: int) -> dict[str, tuple[tuple[in
 
 def read_kaggle_folders(base: Path) -> CarsData:
     """Both splits of the class-folder copy whose ``train/`` and ``test/`` are in ``base``."""
+    from twincar.data.images import IMAGE_EXTENSIONS  # here: data.images imports this package
+
     top = [base, base.parent, base.parent.parent]
     names_csv = first_existing(*(d / "names.csv" for d in top))
     if names_csv is None:
@@ -87,7 +90,7 @@ def read_kaggle_folders(base: Path) -> CarsData:
             label = label_of.get(folder_key(folder.name))
             if label is None:
                 raise DatasetFormatError(f"{folder}: folder name matches no class name in {names_csv}")
-            for img in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            for img in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
                 bbox, anno_label = boxes.get(img.name, (None, label))
                 if anno_label != label:
                     raise DatasetFormatError(
