@@ -194,7 +194,7 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
     _write_csv([{
         "path": r.source, "label": int(lab), "true_name": names[lab], "pred_label": r.label, "pred_name": r.name,
         "confidence": round(r.confidence, 6), "correct": int(r.label == lab), "loss": round(loss[i].item(), 6),
-        "top5": "; ".join(f"{n} ({p:.4f})" for n, p in r.topk),
+        "top5": "; ".join(f"{n} ({p:.6f})" for n, p in r.topk),
     } for i, (r, lab) in enumerate(zip(results, out.labels.tolist(), strict=True))], out_dir / "predictions.csv")
     return metrics
 
