@@ -89,8 +89,8 @@ def read_error(name: object, error: BaseException, otherwise: str = "corrupt") -
 
 
 def read_header(source: str | Path | bytes, name: str | Path | None = None) -> ImageHeader:
-    """Size, PIL mode, EXIF orientation, format and frame count of an image file or in-memory image, from its
-    header (decodes nothing).
+    """Size, PIL mode, EXIF orientation, format and whether it is animated, of an image file or in-memory image,
+    from its header (decodes nothing).
 
     Raises :class:`ImageReadError` naming ``name`` (default: the path) for a missing, unreadable, empty or
     non-image source, and for one of more than ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb).
@@ -133,7 +133,8 @@ def to_8bit(image: torch.Tensor) -> torch.Tensor:
 
 def pil_to_uint8(im: Image.Image, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
     """A PIL image (its current frame, any mode: 16-bit grayscale is scaled, not clipped) as a ``uint8``
-    (C, H, W) tensor: 3 channels for ``RGB``; ``UNCHANGED`` keeps L, LA, RGB and RGBA and makes the rest RGB."""
+    (C, H, W) tensor: 3 channels for ``RGB``; ``UNCHANGED`` keeps L, LA, RGB and RGBA and makes the rest RGB.
+    (PIL itself reads a 16-bit RGB TIFF as 8-bit RGB, by the high byte.)"""
     if im.mode.startswith("I"):  # I;16*, I: 16-bit grayscale (PIL's own conversion would clip at 255)
         im = Image.fromarray(to_8bit(torch.from_numpy(np.asarray(im).astype(np.int32))).numpy(), mode="L")
     target = _PIL_MODES.get(mode) or (im.mode if im.mode in ("L", "LA", "RGB", "RGBA") else "RGB")
