@@ -30,12 +30,11 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as TF
 
 from twincar.data.classes import parse_car_name
 from twincar.data.datasets import CarsDataset, collate_readable
 from twincar.data.formats import Sample
-from twincar.data.images import ImageReadError, load_rgb, load_sample, sample_label
+from twincar.data.images import ImageReadError, load_rgb, load_sample, pil_to_uint8, sample_label
 from twincar.data.transforms import BatchTransform, EvalImageTransform, Preprocess
 from twincar.errors import TwinCarError
 from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model
@@ -122,7 +121,7 @@ def to_uint8_rgb(image: ImageInput) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         return load_rgb(image)
     if isinstance(image, Image.Image):
-        return TF.pil_to_tensor(image.convert("RGB"))
+        return pil_to_uint8(image)  # as a file of that mode decodes (16-bit scaled)
     if isinstance(image, torch.Tensor):
         t = image
         if t.ndim == 2:

@@ -26,7 +26,15 @@ from pathlib import Path
 
 from twincar.data.formats import FORMATS, Sample, load_dataset
 from twincar.data.formats.parquet import image_bytes
-from twincar.data.images import ImageReadError, decode_rgb_bytes, oriented_box, read_header, sample_header, sample_label
+from twincar.data.images import (
+    ImageReadError,
+    decode_rgb_bytes,
+    oriented_box,
+    read_error,
+    read_header,
+    sample_header,
+    sample_label,
+)
 from twincar.errors import TwinCarError
 
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -57,10 +65,8 @@ def _read_bytes(sample: Sample) -> bytes:
         return image_bytes(sample.path, sample.index)
     try:
         return sample.path.read_bytes()
-    except FileNotFoundError as e:
-        raise ImageReadError(f"cannot read image {sample.path}: no such file", "missing") from e
-    except OSError as e:
-        raise ImageReadError(f"cannot read image {sample.path}: {e.strerror or e}", "corrupt") from e
+    except OSError as e:  # no such file, permission denied, a symlink loop: named as load_rgb names them
+        raise read_error(sample.path, e) from e
 
 
 def inspect(sample: Sample, split: str = "") -> Inspection:

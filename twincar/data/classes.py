@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from twincar.errors import TwinCarError
 from twincar.files import write_text
 
 # Makes whose name has more than one word; every other make is the first word of the name.
@@ -81,16 +82,40 @@ def stanford_cars_class_names() -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def read_classes_txt(path: str | Path) -> list[str]:
-    """Read one class name per line (blank lines ignored); index = label."""
-    path = Path(path)
+class ClassListError(TwinCarError, ValueError):
+    """A class list that cannot be used (empty, not text, a name twice); the message names the file."""
+
+
+def _unique(names: list[str], lines: list[int], path: Path) -> list[str]:
+    """``names`` when no two are the same class (:func:`name_key`); else a ClassListError naming the lines."""
+    seen: dict[str, list[int]] = {}
+    for name, line in zip(names, lines, strict=True):
+        seen.setdefault(name_key(name), []).append(line)
+    for name in names:
+        if len(on := seen[name_key(name)]) > 1:
+            listed = ", ".join(map(str, on[:-1])) + f" and {on[-1]}"
+            raise ClassListError(f"{path}: {name!r} is on lines {listed}: every class needs its own name")
+    return names
+
+
+def _read_text(path: Path) -> str:
+    """The text of a class list (a UTF-8 byte-order mark dropped)."""
     try:
-        names = [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
+        return path.read_text("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ClassListError(f"class list {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from e
     except OSError as e:
         raise FileNotFoundError(f"cannot read class list {path}: {e.strerror or e}") from e
-    if not names:
-        raise ValueError(f"class list {path} is empty")
-    return names
+
+
+def read_classes_txt(path: str | Path) -> list[str]:
+    """Read one class name per line (blank lines ignored, a UTF-8 BOM dropped); index = label. Two lines that
+    name the same class (:func:`name_key`) are a :class:`ClassListError`."""
+    path = Path(path)
+    numbered = [(i, line.strip()) for i, line in enumerate(_read_text(path).splitlines(), 1) if line.strip()]
+    if not numbered:
+        raise ClassListError(f"class list {path} is empty")
+    return _unique([n for _, n in numbered], [i for i, _ in numbered], path)
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -98,16 +123,16 @@ def read_class_names(path: str | Path) -> list[str]:
     path = Path(path)
     if path.suffix.lower() != ".csv":
         return read_classes_txt(path)
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise FileNotFoundError(f"cannot read class list {path}: {e.strerror or e}") from e
-    if not rows or "name" not in rows[0]:
-        raise ValueError(f"class list {path} needs a 'name' column (label,name,make,model,year)")
-    if "label" in rows[0]:
-        rows.sort(key=lambda r: int(r["label"]))
-    return [r["name"].strip() for r in rows]
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    rows = [(row, reader.line_num) for row in reader]
+    if not rows or "name" not in rows[0][0]:
+        raise ClassListError(f"class list {path} needs a 'name' column (label,name,make,model,year)")
+    if "label" in rows[0][0]:
+        try:
+            rows.sort(key=lambda r: int(r[0]["label"]))
+        except (TypeError, ValueError) as e:
+            raise ClassListError(f"class list {path}: every 'label' must be a whole number ({e})") from e
+    return _unique([(r["name"] or "").strip() for r, _ in rows], [line for _, line in rows], path)
 
 
 def write_classes_txt(names: list[str], path: str | Path) -> Path:
@@ -156,7 +181,6 @@ def write_class_tables(names: list[str], out: str | Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     from twincar.data.formats import read_class_names_from
-    from twincar.errors import TwinCarError
 
     parser = argparse.ArgumentParser(prog="python -m twincar.data.classes",
                                      description="Write classes.txt and classes.csv from a Stanford Cars copy.")

@@ -8,9 +8,12 @@ bad file the same way (:class:`ImageReadError`).
 
 from __future__ import annotations
 
-import glob
+import errno
+import fnmatch
 import io
+import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,11 +27,14 @@ from torchvision.io import ImageReadMode, decode_image
 from twincar.data.formats.common import Sample
 from twincar.errors import TwinCarError
 
+log = logging.getLogger(__name__)
+
 
 class ImageReadError(TwinCarError, OSError):
     """An image file is missing, truncated or not an image; the message names the file.
 
-    ``reason`` is one of ``missing``, ``empty``, ``not an image``, ``too large``, ``truncated``, ``corrupt``.
+    ``reason`` is one of ``missing``, ``unreadable`` (permission denied, a symlink loop), ``empty``,
+    ``not an image``, ``too large``, ``truncated``, ``corrupt``.
     """
 
     def __init__(self, message: str, reason: str = "corrupt"):
@@ -37,6 +43,8 @@ class ImageReadError(TwinCarError, OSError):
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # what a folder scan collects
+# Formats torchvision decodes (a single frame): the rest (BMP, TIFF, animated GIF/WebP) are decoded by PIL.
+TORCHVISION_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF")
 
 
 # Refuse images with more pixels than this before decoding them (decompression bombs): 2x PIL's own limit.
@@ -44,19 +52,48 @@ MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
 class ImageHeader(NamedTuple):
-    """What an image file's header says: stored size, PIL mode, EXIF orientation (1 = as stored)."""
+    """What an image file's header says: stored size, PIL mode, EXIF orientation (1 = as stored), PIL format
+    and whether it is an animated GIF or WebP (PIL decodes its first frame, as it does a multi-page TIFF's)."""
 
     width: int
     height: int
     mode: str
     orientation: int = 1
+    format: str = ""
+    animated: bool = False
+
+
+# OSError numbers, and how a message says them
+_OS_PROBLEMS = {errno.ENOENT: ("no such file", "missing"), errno.EACCES: ("permission denied", "unreadable"),
+                errno.EPERM: ("permission denied", "unreadable"), errno.ELOOP: ("a symlink loop", "unreadable"),
+                errno.EISDIR: ("a folder, not an image file", "not an image")}
+_TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")  # "decode_jpeg, /path/decode_jpeg.cpp:171, " before the text
+
+
+def read_error(name: object, error: BaseException, otherwise: str = "corrupt") -> ImageReadError:
+    """The :class:`ImageReadError` for an exception met while reading image ``name``: one sentence naming it
+    and the problem; ``otherwise`` is the reason of an error that is none of the known ones."""
+    if isinstance(error, ImageReadError):
+        return error
+    if isinstance(error, OSError) and error.errno in _OS_PROBLEMS:
+        what, reason = _OS_PROBLEMS[error.errno]
+        return ImageReadError(f"cannot read image {name}: {what}", reason)
+    if isinstance(error, Image.DecompressionBombError):
+        return ImageReadError(f"cannot read image {name}: {error}", "too large")
+    if isinstance(error, UnidentifiedImageError):
+        return ImageReadError(f"cannot read image {name}: not an image (unknown format or damaged header)",
+                              "not an image")
+    text = _TORCHVISION_PREFIX.sub("", str(error).strip()) or type(error).__name__
+    reason = "truncated" if re.search(r"truncat|incomplete|premature", text, re.I) else otherwise
+    return ImageReadError(f"cannot read image {name}: {reason} ({text})", reason)
 
 
 def read_header(source: str | Path | bytes, name: str | Path | None = None) -> ImageHeader:
-    """Size, PIL mode and EXIF orientation of an image file or in-memory image from its header (decodes nothing).
+    """Size, PIL mode, EXIF orientation, format and whether it is animated, of an image file or in-memory image,
+    from its header (decodes nothing).
 
-    Raises :class:`ImageReadError` naming ``name`` (default: the path) for a missing, empty or non-image
-    source, and for one of more than ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb).
+    Raises :class:`ImageReadError` naming ``name`` (default: the path) for a missing, unreadable, empty or
+    non-image source, and for one of more than ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb).
     """
     name = name if name is not None else source if not isinstance(source, bytes) else "<bytes>"
     try:
@@ -64,27 +101,17 @@ def read_header(source: str | Path | bytes, name: str | Path | None = None) -> I
         if empty:
             raise ImageReadError(f"cannot read image {name}: the file is empty (0 bytes)", "empty")
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:  # lazy: header only
-            (w, h), mode = im.size, im.mode
-            orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
-    except ImageReadError:
-        raise
-    except FileNotFoundError as e:
-        raise ImageReadError(f"cannot read image {name}: no such file", "missing") from e
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(f"cannot read image {name}: {e}", "too large") from e
-    except UnidentifiedImageError as e:
-        raise ImageReadError(f"cannot read image {name}: not an image (unknown format or damaged header)",
-                             "not an image") from e
-    except (OSError, ValueError) as e:
-        truncated = "truncat" in str(e).lower()
-        raise ImageReadError(f"cannot read image {name}: {'truncated' if truncated else 'not an image'} ({e})",
-                             "truncated" if truncated else "not an image") from e
+            (w, h), mode, fmt = im.size, im.mode, im.format or ""
+            orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") else 1
+            animated = fmt in ("GIF", "WEBP") and bool(getattr(im, "is_animated", False))
+    except Exception as e:  # whatever a strange file makes PIL raise, it is named, never a traceback
+        raise read_error(name, e, "not an image") from e
     if w * h > MAX_IMAGE_PIXELS:
         raise ImageReadError(
             f"cannot read image {name}: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)",
             "too large",
         )
-    return ImageHeader(w, h, mode, orientation if orientation in range(1, 9) else 1)
+    return ImageHeader(w, h, mode, orientation if orientation in range(1, 9) else 1, fmt, animated)
 
 
 def image_size_from_header(path: str | Path) -> tuple[int, int]:
@@ -93,39 +120,69 @@ def image_size_from_header(path: str | Path) -> tuple[int, int]:
     return w, h
 
 
-def _decode(source: str | torch.Tensor, name, mode: ImageReadMode) -> torch.Tensor:
+_PIL_MODES = {ImageReadMode.RGB: "RGB", ImageReadMode.GRAY: "L", ImageReadMode.GRAY_ALPHA: "LA",
+              ImageReadMode.RGB_ALPHA: "RGBA"}
+
+
+def to_8bit(image: torch.Tensor) -> torch.Tensor:
+    """A ``uint16`` image (16-bit PNG) scaled to ``uint8``: value * 255 / 65535, rounded. ``uint8`` as it is."""
+    if image.dtype == torch.uint8:
+        return image
+    return ((image.to(torch.int32).clamp(0, 65535) * 255 + 32767) // 65535).to(torch.uint8)
+
+
+def pil_to_uint8(im: Image.Image, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
+    """A PIL image (its current frame, any mode: 16-bit grayscale is scaled, not clipped) as a ``uint8``
+    (C, H, W) tensor: 3 channels for ``RGB``; ``UNCHANGED`` keeps L, LA, RGB and RGBA and makes the rest RGB.
+    (PIL itself reads a 16-bit RGB TIFF as 8-bit RGB, by the high byte.)"""
+    if im.mode.startswith("I"):  # I;16*, I: 16-bit grayscale (PIL's own conversion would clip at 255)
+        im = Image.fromarray(to_8bit(torch.from_numpy(np.asarray(im).astype(np.int32))).numpy(), mode="L")
+    target = _PIL_MODES.get(mode) or (im.mode if im.mode in ("L", "LA", "RGB", "RGBA") else "RGB")
+    array = torch.from_numpy(np.array(im.convert(target) if im.mode != target else im))
+    return array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)
+
+
+def _decode(source: Path | bytes, name: object, header: ImageHeader, mode: ImageReadMode,
+            min_side: int | None = None) -> torch.Tensor:
+    """The one decoder: torchvision for a single-frame JPEG, PNG, WebP or GIF, PIL for the rest (BMP, TIFF, the
+    first frame of an animated image) and for a JPEG decoded at reduced size (``min_side``). EXIF orientation is
+    applied; the result is always ``uint8`` (C, H, W). Any failure is an :class:`ImageReadError` naming ``name``."""
+    scale = 1
+    if min_side and mode == ImageReadMode.RGB and header.format in ("JPEG", "MPO"):
+        scale = reduced_decode_scale(header.width, header.height, min_side)
     try:
-        return decode_image(source, mode=mode, apply_exif_orientation=True)
-    except (RuntimeError, OSError, ValueError) as e:
-        reason = "truncated" if re.search(r"truncat|incomplete|premature", str(e), re.I) else "corrupt"
-        raise ImageReadError(f"cannot read image {name}: {e}", reason) from e
+        if header.format in TORCHVISION_FORMATS and not header.animated and scale == 1:
+            data = str(source) if isinstance(source, Path) else torch.frombuffer(bytearray(source), dtype=torch.uint8)
+            image = decode_image(data, mode=mode, apply_exif_orientation=True)
+            return to_8bit(image[0] if image.ndim == 4 else image)  # 4-D: frames of a GIF torchvision took as one
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            if scale > 1:  # libjpeg's DCT scaling: 1/2, 1/4 or 1/8 of the size, never below min_side
+                im.draft("RGB", (math.ceil(header.width / scale), math.ceil(header.height / scale)))
+            return pil_to_uint8(ImageOps.exif_transpose(im), mode)  # the current frame: the first
+    except Exception as e:  # a strange file is named, never a traceback that ends the run
+        raise read_error(name, e) from e
 
 
 def load_rgb(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB, *, min_side: int | None = None) -> torch.Tensor:
-    """Decode an image file (JPEG, PNG, ... any mode, EXIF orientation applied) into ``uint8`` (3, H, W) RGB.
+    """Decode an image file into ``uint8`` (3, H, W) RGB: every format of ``IMAGE_EXTENSIONS``, any mode
+    (grayscale, palette, CMYK, alpha; 16-bit scaled to 8), the first frame of an animated image, EXIF
+    orientation applied.
 
-    ``mode=ImageReadMode.UNCHANGED`` keeps the file's own channels (1 for grayscale). A missing, empty,
-    truncated or non-image file, or one of more than ``MAX_IMAGE_PIXELS`` (checked from the header,
+    ``mode=ImageReadMode.UNCHANGED`` keeps the file's own channels (1 for grayscale). A missing, unreadable,
+    empty, truncated or non-image file, or one of more than ``MAX_IMAGE_PIXELS`` (checked from the header,
     before decoding), raises :class:`ImageReadError` naming the file.
 
     ``min_side``: the smallest short side the caller needs. A JPEG at least twice that size is decoded
     at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL ``draft``), never below ``min_side``: the
     cheap part of a resize that follows anyway (see :func:`reduced_decode_scale`).
     """
-    header = read_header(Path(path))
-    if min_side and mode == ImageReadMode.RGB and reduced_decode_scale(header.width, header.height, min_side) > 1:
-        try:
-            return _decode_reduced(path, header.width, header.height, min_side)
-        except (OSError, ValueError) as e:
-            reason = "truncated" if re.search(r"truncat|incomplete|premature", str(e), re.I) else "corrupt"
-            raise ImageReadError(f"cannot read image {path}: {e}", reason) from e
-    return _decode(str(path), path, mode)
+    path = Path(path)
+    return _decode(path, path, read_header(path), mode, min_side)
 
 
 def decode_rgb_bytes(data: bytes, name: str, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
     """:func:`load_rgb` for an image held in memory (e.g. a parquet row); ``name`` is used in errors."""
-    read_header(data, name)
-    return _decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), name, mode)
+    return _decode(data, name, read_header(data, name), mode)
 
 
 def oriented_box(bbox: tuple[int, int, int, int], header: ImageHeader) -> tuple[int, int, int, int]:
@@ -148,16 +205,6 @@ def reduced_decode_scale(width: int, height: int, min_side: int) -> int:
     while scale < 8 and min(width, height) // (scale * 2) >= min_side:
         scale *= 2
     return scale
-
-
-def _decode_reduced(path: str | Path, width: int, height: int, min_side: int) -> torch.Tensor:
-    with Image.open(path) as im:
-        if im.format != "JPEG":  # DCT scaling is a JPEG feature; other formats decode in full
-            return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        scale = reduced_decode_scale(width, height, min_side)
-        im.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
-        rgb = ImageOps.exif_transpose(im.convert("RGB"))
-        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 
 def sample_label(sample: Sample) -> str:
@@ -194,26 +241,76 @@ class NoImagesError(TwinCarError, FileNotFoundError):
     """``--images`` matched no image file."""
 
 
-def find_images(specs: Sequence[str | Path]) -> list[Path]:
-    """Files named by ``specs``: folders (recursive, image extensions, sorted), files, or glob patterns.
+def _walk_files(top: Path, pattern: Sequence[str] | None = None) -> list[Path]:
+    """Files under folder ``top`` (as spelled: ``top/sub/file``), sorted, never through a folder symlink
+    (no loops, no file met twice). ``pattern``: the path parts below ``top`` to match, as :mod:`glob` does
+    (``**`` is any number of folders, ``*`` and ``?`` do not match a leading dot); None: every file."""
+    def unreadable(e: OSError) -> None:
+        log.warning("cannot list folder %s: %s (skipped)", e.filename, e.strerror or e)
 
-    A file given by name is kept whatever its extension (so a broken upload gets its own error row).
-    Duplicates are dropped, first occurrence wins.
+    depth = None if pattern is None or "**" in pattern else len(pattern) - 1  # deepest folder a match can be in
+    found = []
+    for folder, subfolders, files in os.walk(top, onerror=unreadable):  # followlinks=False
+        rel = Path(folder).relative_to(top).parts
+        if depth is not None and len(rel) >= depth:
+            subfolders.clear()
+        found += [Path(folder, f) for f in files if pattern is None or _glob_match((*rel, f), tuple(pattern))]
+    return sorted(p for p in found if p.is_file())
+
+
+def _glob_match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether path ``parts`` match glob ``pattern`` parts (``**``: zero or more folders, hidden ones not)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1)
+                   if not any(p.startswith(".") for p in parts[:i]))
+    hidden = parts[:1] and parts[0].startswith(".") and not pattern[0].startswith(".")
+    return bool(parts) and not hidden and fnmatch.fnmatch(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
+
+
+def _not_found(spec: str | Path, path: Path) -> str:
+    """Why ``--images spec`` names nothing: missing, a symlink loop, a broken symlink, no permission."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"--images {spec}: a symlink loop ({path} links back to itself): pass image files, folders or globs"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return f"--images {spec}: permission denied"
+        if path.is_symlink():
+            return f"--images {spec}: a broken symlink (to {os.readlink(path)}, which does not exist)"
+    return (f"--images {spec}: no such file or folder ({path.name} does not exist: "
+            "pass image files, folders or glob patterns)")
+
+
+def find_images(specs: Sequence[str | Path]) -> list[Path]:
+    """Files named by ``specs``: folders (recursive, image extensions, sorted), files, or glob patterns
+    (``**`` recurses). Folder symlinks are not followed in a scan (no loops).
+
+    A file given by name is kept whatever its extension (so a broken upload gets its own error row), a file
+    symlink too. The same file reached twice (two spellings, a link) is kept once: the first, as spelled.
     """
     found: list[Path] = []
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += [p for p in _walk_files(path) if p.suffix.lower() in IMAGE_EXTENSIONS]
         elif path.is_file():
             found.append(path)
-        elif any(c in str(spec) for c in "*?["):  # a glob pattern; ** recurses
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-            found += [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        elif any(c in str(spec) for c in "*?["):  # a glob pattern: walked from its first folder without magic
+            parts = path.parts
+            first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+            top = Path(*parts[:first]) if first else Path(".")
+            if top.is_dir():
+                found += [p for p in _walk_files(top, parts[first:]) if p.suffix.lower() in IMAGE_EXTENSIONS]
         else:
-            raise NoImagesError(f"--images {spec}: no such file or folder ({path.name} does not exist: "
-                                "pass image files, folders or glob patterns)")
-    unique = list(dict.fromkeys(found))
+            raise NoImagesError(_not_found(spec, path))
+    unique, seen = [], set()
+    for p in found:  # by resolved path: the first occurrence wins, as spelled
+        if (key := os.path.realpath(p)) not in seen:
+            seen.add(key)
+            unique.append(p)
     if not unique:
         listed = " ".join(map(str, specs))
         raise NoImagesError(f"--images {listed}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
