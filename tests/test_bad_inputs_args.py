@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +39,8 @@ def test_predict_on_cuda_without_a_gpu_says_so(tiny_export, car_images, tmp_path
 
     assert main(["--images", str(car_images[0]), "--model", str(tiny_export), "-o", str(tmp_path / "p.csv"),
                  "--device", "cuda"]) == 1
-    assert capsys.readouterr().err == "error: --device cuda: no CUDA GPU is available here: use --device cpu (or auto)\n"
+    expected = "error: --device cuda: no CUDA GPU is available here: use --device cpu (or auto)\n"
+    assert capsys.readouterr().err == expected
 
 
 # -- predict: the output file --------------------------------------------------------------------------------
