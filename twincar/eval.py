@@ -25,7 +25,7 @@ from twincar.data.classes import class_names_difference, parse_car_name
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_sample, sample_label
 from twincar.errors import TwinCarError
-from twincar.files import write_csv, write_json
+from twincar.files import check_writable_dir, write_csv, write_json
 from twincar.inference import EvalOutputs, Predictor, collect_logits, default_workers
 from twincar.metrics import calibration_bins, classification_metrics
 from twincar.runs import find_run_config, resolve_launch_paths
@@ -205,6 +205,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     resolve_launch_paths(cfg)
     if str(cfg.tta) not in TTA_MODES:
         raise EvalError(f"tta={cfg.tta} is not supported: use tta=none or tta=flip")
+    check_writable_dir(Path(cfg.paths.output_dir) / "reports", "paths.output_dir")  # before the model loads
     predictor = Predictor.load(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"),
                                tta=str(cfg.get("tta", "none")))
     data, split = data_config(cfg)

@@ -18,7 +18,7 @@ import numpy as np
 from twincar.cam import METHODS, Explainer, ExplainError, Explanation
 from twincar.data.classes import name_key
 from twincar.errors import TwinCarError
-from twincar.files import write_csv
+from twincar.files import check_writable_dir, write_csv
 from twincar.viz import cam_figure, cam_grid
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twincar.data.images import find_images
         from twincar.inference import Predictor
 
+        check_writable_dir(args.out, "--out")  # before any work
         images = find_images(args.images)  # the predict CLI's rules: files, folders, globs
         predictor = Predictor.load(args.model, args.classes, device=args.device)
         explainer = Explainer(predictor, args.method, args.target_layer, faithfulness=not args.no_faithfulness)

@@ -25,7 +25,7 @@ from torch import nn
 
 from twincar.data.images import NoImagesError, find_images
 from twincar.errors import TwinCarError
-from twincar.files import atomic_path
+from twincar.files import atomic_path, check_writable_dir
 from twincar.models.io import (
     MODEL_CARD,
     build_model_card,
@@ -176,6 +176,7 @@ def export_model(
         raise ExportError(f"quantize={quantize} needs calibration=PATH: images like those the model will see "
                           "(files, folders or glob patterns, e.g. the training folder)")
     calibration_set = _calibration_images(calibration) if quantize else []  # before any work: a wrong path fails fast
+    check_writable_dir(out, "out")
     ckpt = Path(ckpt).expanduser()
     loaded = load_model(ckpt)
     if not isinstance(loaded.model, nn.Module) or not list(loaded.model.parameters()):

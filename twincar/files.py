@@ -108,3 +108,37 @@ def write_csv(path: str | Path, rows: Iterable[dict], fields: Sequence[str]) -> 
     writer.writeheader()
     writer.writerows(rows)
     return write_text(path, buf.getvalue())
+
+
+def check_writable(path: str | Path, option: str) -> Path:
+    """Before any work: ``path`` can be written as a file (it is not a folder, no file stands where a folder of
+    it should be, and its nearest existing folder is writable). A :class:`WriteError` names ``option``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise WriteError(f"{_named(option, path)} is a folder: pass a file path, e.g. {path / 'predictions.csv'}")
+    check_writable_dir(path.parent, option, shown=path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise WriteError(f"{_named(option, path)}: permission denied (the file is read-only)")
+    return path
+
+
+def check_writable_dir(directory: str | Path, option: str, *, shown: Path | None = None) -> Path:
+    """Before any work: ``directory`` is, or can be created as, a writable folder. A :class:`WriteError` names
+    ``option`` and ``shown`` (default: the folder)."""
+    directory = Path(directory).expanduser()
+    shown = _named(option, shown or directory)
+    existing = directory
+    while not existing.exists():
+        if existing.is_symlink():  # a dangling link where a folder should be
+            raise WriteError(f"{shown}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WriteError(f"{shown}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise WriteError(f"{shown}: permission denied on the folder {existing}")
+    return directory
+
+
+def _named(option: str, path: Path) -> str:
+    """How an option and its value read in a message: ``--output x.csv`` or ``out=DIR`` (a config key)."""
+    return f"{option} {path}" if option.startswith("-") else f"{option}={path}"

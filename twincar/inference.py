@@ -37,7 +37,7 @@ from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_rgb, load_sample, pil_to_uint8, sample_label
 from twincar.data.transforms import BatchTransform, EvalImageTransform, Preprocess
 from twincar.errors import TwinCarError
-from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model
+from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model, min_input_size
 from twincar.runs import find_run_config
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,22 @@ class Prediction:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; a device that does not exist here is one sentence."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise TwinCarError(f"--device {device} is not a device: use auto, cpu, cuda or cuda:N") from e
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TwinCarError(f"--device {device}: no CUDA GPU is available here: use --device cpu (or auto)")
+        if resolved.index is not None and resolved.index >= count:
+            raise TwinCarError(f"--device {device}: there are only {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    elif resolved.type != "cpu":
+        raise TwinCarError(f"--device {device}: only cpu and cuda devices are supported")
+    return resolved
 
 
 def default_workers(device: torch.device) -> int:
@@ -275,9 +287,12 @@ class Predictor:
             preprocess = preprocess or run_pre
         loaded: LoadedModel = load_model(path, classes, architecture=architecture, preprocess=preprocess)
         pre = loaded.preprocess
+        if image_size is not None and image_size < 1:
+            raise TwinCarError(f"--img-size must be a positive number of pixels, got {image_size}")
         if image_size is not None or resize_mode is not None:
             try:
-                pre = replace(pre, image_size=image_size or pre.image_size, resize_mode=resize_mode or pre.resize_mode)
+                pre = replace(pre, image_size=pre.image_size if image_size is None else image_size,
+                              resize_mode=resize_mode or pre.resize_mode)
             except ValueError as e:
                 raise TwinCarError(f"--resize-mode: {e}") from e
         if isinstance(loaded.model, OnnxModule) and loaded.model.image_size not in (None, pre.image_size):
@@ -285,6 +300,10 @@ class Predictor:
                 f"{path} takes {loaded.model.image_size}x{loaded.model.image_size} inputs, not {pre.image_size}: "
                 "leave --img-size out for this ONNX model"
             )
+        smallest = min_input_size(loaded.model)
+        if pre.image_size < smallest:
+            raise TwinCarError(f"--img-size {pre.image_size} is smaller than {loaded.architecture} takes: its features "
+                               f"are {smallest}x smaller than the input, so give at least {smallest} pixels")
         return cls(loaded.model, loaded.class_names, pre, device=device, **kwargs)
 
     # -- the three steps: per image, per batch, results ---------------------------------------

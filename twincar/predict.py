@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import sys
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twincar.errors import TwinCarError
-from twincar.files import write_text
+from twincar.files import check_writable, dumps, write_text
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def format_predictions(predictions: Sequence, fmt: str, topk: int) -> str:
             row = p.to_row(0)
             row["topk"] = [{"class": n, "prob": round(q, 6)} for n, q in p.topk]
             objects.append(row)
-        return json.dumps(objects, indent=1) + "\n"
+        return dumps(objects) + "\n"
     buf = io.StringIO()
     rows = [p.to_row(topk) for p in predictions]
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -89,8 +88,10 @@ def predict_files(
 
     if fmt not in ("csv", "json"):
         raise TwinCarError(f"--format must be csv or json, got {fmt!r}")
-    if topk < 1:
-        raise TwinCarError(f"--topk must be at least 1, got {topk}")
+    for flag, value, least in (("--topk", topk, 1), ("--batch-size", batch_size, 1), ("--workers", num_workers, 0)):
+        if value is not None and value < least:
+            raise TwinCarError(f"{flag} must be at least {least}, got {value}")
+    output = check_writable(output, "--output")  # before the model loads: nothing computed is lost
     predictor = Predictor.load(
         model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta
     )
@@ -107,8 +108,12 @@ def predict_files(
         stream = track(stream, total=len(files), description="predicting", transient=True)
     predictions = list(stream)
     seconds = time.perf_counter() - start
-    out = write_text(Path(output), format_predictions(predictions, fmt, topk))
-    return PredictSummary(out, len(predictions), sum(not p.ok for p in predictions), seconds)
+    summary = PredictSummary(output, len(predictions), sum(not p.ok for p in predictions), seconds)
+    if summary.errors == summary.images and output.exists():
+        log.error("no image could be read: %s is left as it was", output)
+        return summary
+    write_text(output, format_predictions(predictions, fmt, topk))
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:

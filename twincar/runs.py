@@ -163,3 +163,4 @@ def resolve_launch_paths(cfg) -> None:
                 parent[leaf] = [absolute(v) for v in value]
             elif value is not None:
                 parent[leaf] = absolute(value)
+

@@ -132,6 +132,10 @@ class CarsDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
+        for option, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                     ("num_workers", num_workers, 0), ("image_size", image_size, 1)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise DatasetFormatError(f"data.{option}={value} must be a whole number of at least {least}")
         self.preprocess = Preprocess(image_size=image_size, eval_crop_pct=eval_crop_pct)
         self.aug = Augmentation.from_config(augmentation)
         if self.aug.mixes:

@@ -172,6 +172,16 @@ def export_safetensors(model: nn.Module, path: str | Path) -> Path:
     return Path(path)
 
 
+def min_input_size(model: nn.Module) -> int:
+    """The smallest input side a network takes: its total stride (timm's last ``feature_info`` reduction, 32 for
+    a ResNet), below which its last feature map is made of padding alone; 1 when the network does not say."""
+    info = getattr(model, "feature_info", None)
+    try:
+        return int(info[-1]["reduction"]) if info else 1
+    except (TypeError, KeyError, IndexError):
+        return 1
+
+
 MODEL_CARD = "model_card.json"  # written beside exported weights: architecture, class names, preprocessing
 
 

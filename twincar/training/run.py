@@ -20,7 +20,13 @@ from twincar.data.classes import class_names_difference, write_classes_txt
 from twincar.errors import TwinCarError
 from twincar.files import write_json
 from twincar.models.classifier import CarClassifier
-from twincar.models.io import build_model_card, checkpoint_class_names, export_state_dict, write_model_card
+from twincar.models.io import (
+    build_model_card,
+    checkpoint_class_names,
+    export_state_dict,
+    min_input_size,
+    write_model_card,
+)
 from twincar.runs import hydra_run_config
 from twincar.training.distributed import PerRankSeed
 from twincar.training.resume import (
@@ -113,13 +119,18 @@ def resume_checkpoint(cfg: DictConfig, checkpoint_dir: Path, class_names: list[s
 def build_model(cfg: DictConfig, datamodule) -> CarClassifier:
     """The LightningModule for the datamodule's classes, with the run's model, optimizer and scheduler."""
     log.info("instantiating model <%s> for %d classes", cfg.model.name, datamodule.num_classes)
-    return CarClassifier(
+    model = CarClassifier(
         datamodule.class_names,
         **OmegaConf.to_container(cfg.model, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         preprocess=datamodule.preprocess.to_dict(),
     )
+    smallest, size = min_input_size(model.model), datamodule.preprocess.image_size
+    if size < smallest:
+        raise TwinCarError(f"data.image_size={size} is smaller than {cfg.model.name} takes: its features are "
+                           f"{smallest}x smaller than the input, so give at least {smallest} pixels")
+    return model
 
 
 @dataclass

@@ -67,6 +67,9 @@ def detect(root: str | Path, format: str = "auto") -> tuple[Layout, Path]:
     root = Path(root).expanduser()
     if format not in FORMATS:
         raise DatasetFormatError(f"data.format={format} is not one of {', '.join(FORMATS)}")
+    if root.exists() and not root.is_dir():
+        raise DatasetFormatError(f"dataset root {root} is a file, not a folder: pass data.root=PATH to the folder of "
+                                 "a Stanford Cars copy (or use data=synthetic)")
     if not root.is_dir():
         raise DatasetFormatError(
             f"dataset root {root} does not exist: pass data.root=PATH to a Stanford Cars copy "
