@@ -12,9 +12,9 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
-import logging
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
