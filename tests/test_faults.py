@@ -300,3 +300,22 @@ def test_resume_auto_with_a_truncated_last_ckpt_continues_from_the_epoch_checkpo
     assert (ckpts / "epoch_000.ckpt").read_bytes() == epoch0
     assert safe_torch_load(last)["epoch"] == 1 and json.loads((run / "metrics.json").read_text())["epochs"] == 2
     assert _epoch_rows(run / "csv" / "metrics.csv", "val/acc") == [0, 1, 2]  # each epoch once (+ the final validate)
+
+
+def test_every_strategy_saves_through_the_atomic_checkpoint_io_unless_the_config_brings_its_own():
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from lightning.pytorch.plugins.precision import Precision
+
+    from twincar.training.checkpoints import AtomicCheckpointIO, with_atomic_checkpoints
+
+    (atomic,) = with_atomic_checkpoints(None)
+    assert isinstance(atomic, AtomicCheckpointIO)
+    trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, plugins=with_atomic_checkpoints(None),
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # DDP (rank 0 saves) too
+    precision, own = Precision(), TorchCheckpointIO()
+    assert with_atomic_checkpoints(own) == [own]  # the user's own checkpoint IO is kept, alone
+    plugins = with_atomic_checkpoints([precision])
+    assert plugins[0] is precision and isinstance(plugins[1], AtomicCheckpointIO)
+    assert with_atomic_checkpoints(None, {"_target_": "DDPStrategy", "checkpoint_io": {"_target_": "X"}}) == []
