@@ -31,7 +31,7 @@ def test_resume_auto_finds_last_checkpoint_or_starts_fresh(tmp_path, caplog):
     caplog.set_level("INFO")
     assert find_resume_checkpoint("auto", tmp_path) is None
     assert "no " in caplog.text and "starting fresh" in caplog.text
-    (tmp_path / "last.ckpt").write_bytes(b"x")
+    torch.save({"state_dict": {}}, tmp_path / "last.ckpt")  # a readable checkpoint (a damaged one: test_faults)
     assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "last.ckpt"
     assert find_resume_checkpoint(None, tmp_path) is None
     with pytest.raises(ResumeError, match="resume='yes' is not an option: use resume=auto"):

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -19,6 +20,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from twincar.errors import TwinCarError
+
+log = logging.getLogger(__name__)
 
 
 class WriteError(TwinCarError, OSError):
@@ -66,6 +69,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if isinstance(e, OSError) and not isinstance(e, TwinCarError):
             raise WriteError(f"cannot write {path}: {e.strerror or e} (the previous file, if any, is unchanged)") from e
         raise
+
+
+def temp_files(directory: str | Path) -> list[Path]:
+    """The temporary files :func:`atomic_path` leaves in ``directory`` when its process is killed mid-write
+    (``.<name>.<random>.tmp``)."""
+    directory = Path(directory)
+    return sorted(p for p in directory.glob(".*.tmp") if p.is_file()) if directory.is_dir() else []
+
+
+def remove_stale_temp_files(*directories: str | Path) -> list[Path]:
+    """Remove (and log) the temporary files a killed writer left in ``directories``; call it only where no
+    other process writes (e.g. holding the run directory's lock). Returns what was removed."""
+    removed = []
+    for path in (p for d in directories for p in temp_files(d)):
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError as e:
+            log.warning("could not remove the stale temporary file %s: %s", path, e.strerror or e)
+            continue
+        log.info("removed %s (%d bytes), left by an interrupted write", path, size)
+        removed.append(path)
+    return removed
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -3,7 +3,7 @@
 ``train(cfg)`` is the pure function (tests and sweepers call it); ``main`` is the thin Hydra entry
 point. A run directory ends up holding the resolved config, TensorBoard and CSV logs, best and
 last checkpoints, ``metrics.json``, ``split.json``, the loss/accuracy curves, ``model.pth``,
-``classes.txt`` and ``model_card.json``.
+``classes.txt`` and ``model_card.json``; every file is written atomically, and one run at a time writes there.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from twincar.errors import TwinCarError
+from twincar.files import remove_stale_temp_files
 from twincar.models.finetune import run_lr_find
 from twincar.runs import resolve_launch_paths
 from twincar.training.distributed import hydra_job_relaunch, log_file_on_rank_zero_only
+from twincar.training.lock import run_lock
 from twincar.training.run import (
     build_datamodule,
     build_model,
@@ -39,14 +41,23 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train, then validate (and test) the best checkpoint; write the run's artefacts; return the metrics."""
+    """Train, then validate (and test) the best checkpoint; write the run's artefacts; return the metrics.
+
+    The run directory is locked while it runs (one writer; see :mod:`twincar.training.lock`); what a killed
+    run left half-written there (temporary files) is removed first."""
     resolve_launch_paths(cfg)
     log_file_on_rank_zero_only()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir) as launching:
+        if launching:
+            remove_stale_temp_files(out_dir, out_dir / "checkpoints")
+        return _train(cfg, out_dir)
 
+
+def _train(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     ckpt_path = resume_checkpoint(cfg, out_dir / "checkpoints", datamodule.class_names)
     model = build_model(cfg, datamodule)

@@ -38,6 +38,7 @@ from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_rgb, load_sample, sample_header
 from twincar.data.transforms import Preprocess
 from twincar.errors import TwinCarError
+from twincar.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,11 @@ def build_cache(
                     out.write(data)
                     entries[path] = [offset, len(data), *shape]
                     offset += len(data)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the folder is renamed into place
         index = {"version": CACHE_VERSION, "format": fmt, "short_side": short_side, "bytes": offset,
                  "entries": entries, "errors": errors}
-        (tmp / INDEX).write_text(json.dumps(index))
+        write_text(tmp / INDEX, json.dumps(index))
         directory.parent.mkdir(parents=True, exist_ok=True)
         try:
             tmp.rename(directory)

@@ -14,9 +14,7 @@ and as one CSV row per problem (``--report report.csv``; ``.json`` for JSON):
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import json
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -36,6 +34,7 @@ from twincar.data.images import (
     sample_label,
 )
 from twincar.errors import TwinCarError
+from twincar.files import write_csv, write_json
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 MODE_INFO = {"L": "grayscale", "I;16": "grayscale", "LA": "grayscale", "CMYK": "CMYK"}
@@ -150,15 +149,13 @@ def find_unreadable(samples: Sequence[Sample], workers: int = 8) -> list[tuple[S
 
 
 def write_report(report: dict, path: Path) -> None:
-    """One CSV row per finding (``split,path,severity,problem,detail``), or the whole report as ``.json``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One CSV row per finding (``split,path,severity,problem,detail``), or the whole report as ``.json``;
+    written atomically."""
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps({**report, "findings": [asdict(f) for f in report["findings"]]}, indent=1))
+        write_json(path, {**report, "findings": [asdict(f) for f in report["findings"]]})
         return
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["split", "path", "severity", "problem", "detail"])
-        writer.writerows([x.split, x.path, x.severity, x.problem, x.detail] for x in report["findings"])
+    fields = ["split", "path", "severity", "problem", "detail"]
+    write_csv(path, ({k: getattr(x, k) for k in fields} for x in report["findings"]), fields)
 
 
 def format_table(report: dict) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -35,6 +34,7 @@ from twincar.data.transforms import (
     train_decode_min_side,
 )
 from twincar.errors import TwinCarError
+from twincar.files import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ def load_or_make_split(
              "train": [samples[i].name for i in train], "val": [samples[i].name for i in val]}
     if cache is not None:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(split))
-            tmp.replace(cache)  # atomic: parallel runs never read half a file
+            write_json(cache, split)  # atomic: parallel runs never read half a file
         except OSError as e:
             log.warning("could not cache the split in %s: %s", cache.parent, e)
     return split
@@ -264,10 +261,9 @@ class CarsDataModule(L.LightningDataModule):
         for m in new:
             log.warning("skipped (data.on_corrupt=skip): %s", m)
         if self.hparams.skipped_file and (self.trainer is None or self.trainer.is_global_zero):
-            path = Path(self.hparams.skipped_file)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as f:
-                f.writelines(f"{m}\n" for m in new)
+            path = Path(self.hparams.skipped_file)  # rewritten whole (atomically), earlier lines kept
+            kept = path.read_text("utf-8").splitlines() if path.is_file() else []
+            write_text(path, "".join(f"{m}\n" for m in kept + [m for m in new if m not in kept]))
 
     @property
     def has_test_labels(self) -> bool:

@@ -8,7 +8,7 @@ the callbacks come from :meth:`CarClassifier.configure_callbacks`, the optimizer
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +21,7 @@ from torch import nn
 
 from twincar.compat.lightning import averaged_model, drop_averaged_model
 from twincar.compat.torch import BatchNormBase, foreach_copy_, foreach_lerp_
+from twincar.files import write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +223,12 @@ def run_lr_find(
         raise RuntimeError("the LR finder did not run (trainer.fast_dev_run set?): run tune=lr_find without debug=")
     out_dir.mkdir(parents=True, exist_ok=True)
     fig = finder.plot(suggest=True)
-    fig.savefig(out_dir / "lr_find.png", dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    write_bytes(out_dir / "lr_find.png", buf.getvalue())
     suggestion = finder.suggestion()
-    (out_dir / "lr_find.json").write_text(
-        json.dumps({"suggestion": suggestion, "lr": finder.results["lr"], "loss": finder.results["loss"]}, indent=1)
-    )
+    write_json(out_dir / "lr_find.json", {"suggestion": suggestion, "lr": finder.results["lr"],
+                                          "loss": finder.results["loss"]})
     if suggestion is None:
         log.warning("LR finder: no suggestion (the loss curve has no clear descent); see %s", out_dir / "lr_find.png")
         return {}

@@ -30,18 +30,53 @@ class WeightsError(TwinCarError, RuntimeError):
     """Weights could not be had; the message says what to pass instead."""
 
 
-def safe_torch_load(path: Path) -> object:
-    """``torch.load(weights_only=True)``: a file that needs pickle code execution is refused in one sentence."""
+def safe_torch_load(path: Path, *, mmap: bool = False) -> object:
+    """``torch.load(weights_only=True)``: a file that needs pickle code execution is refused in one sentence, an
+    empty or truncated one is named as such. ``mmap``: map the tensors instead of reading them (a cheap check)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for a damaged or foreign file
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise WeightsError(
                 f"{path} needs pickle code execution to load (it holds more than tensors and plain values): "
                 "refused for safety; re-save it as a plain state dict or .safetensors"
             ) from e
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"cannot read weights from {path}: {first_line}") from e
+        problem = load_problem(path, e)
+        if problem.startswith("cannot be read: "):
+            raise WeightsError(f"cannot read weights from {path}: {problem.removeprefix('cannot be read: ')}") from e
+        raise WeightsError(f"{path} {problem}") from e
+
+
+def load_problem(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, as the end of a sentence that starts with the path: ``is empty (0
+    bytes)``, ``is truncated or damaged (...)``, or ``cannot be read: <the error's first line>``."""
+    path, text = Path(path), str(error).strip()
+    detail = text.splitlines()[0].split(". ")[0] if text else type(error).__name__  # torch adds paragraphs of advice
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    if size == 0:
+        return "is empty (0 bytes)"
+    if magic == b"PK" or magic[:1] == b"\x80" or isinstance(error, EOFError):  # a torch zip or pickle file
+        return f"is truncated or damaged ({size} bytes; {detail})"
+    return f"cannot be read: {detail}"
+
+
+def save_torch(obj: object, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`twincar.files.atomic_path`): a full disk or a kill leaves
+    the previous file intact and no temporary file; an ``OSError`` becomes a :class:`~twincar.files.WriteError`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's writer turns the file's OSError (ENOSPC) into a RuntimeError
+            cause = e.__context__
+            if isinstance(cause, OSError):
+                raise cause from e
+            raise
+    return Path(path)
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -158,9 +193,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_state_dict(model: nn.Module, path: str | Path) -> Path:
     """Save a plain state dict (:func:`plain_state_dict`) to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(plain_state_dict(model), tmp)
-    return Path(path)
+    return save_torch(plain_state_dict(model), path)
 
 
 def export_safetensors(model: nn.Module, path: str | Path) -> Path:

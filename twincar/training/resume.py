@@ -1,14 +1,15 @@
 """Runs that survive a kill: ``resume=auto``, logs that continue where the checkpoint left them, and
 a clean stop (checkpoint first) on SIGUSR1/SIGTERM, with a requeue on SLURM.
 
-* :func:`find_resume_checkpoint`: ``resume=auto`` -> ``checkpoints/last.ckpt`` of this run directory.
+* :func:`find_resume_checkpoint`: ``resume=auto`` -> ``checkpoints/last.ckpt`` of this run directory (the
+  newest readable checkpoint of the run when ``last.ckpt`` is damaged).
 * :class:`ResumeState`: what a checkpoint says about the logs; :func:`continue_logs` cuts the CSV
   and TensorBoard history back to the checkpoint, so no epoch is logged twice after a resume.
 * :class:`Preemption`: the callback that records the log position in every checkpoint, and turns a
   signal into ``last.ckpt`` + a clean exit (requeued on SLURM).
 
-Checkpoint files are written atomically by Lightning (a temporary file moved into place), so a
-kill during a save leaves the previous ``last.ckpt`` intact.
+Checkpoint files are written atomically in their folder (:class:`~twincar.training.checkpoints.AtomicCheckpointIO`),
+so a kill during a save leaves the previous ``last.ckpt`` intact.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from twincar.compat.lightning import set_csv_columns
 from twincar.errors import TwinCarError
 from twincar.files import write_csv
 from twincar.models.io import safe_torch_load
+from twincar.training.checkpoints import checkpoint_problem, newest_readable
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +52,32 @@ class ResumeError(TwinCarError):
 def find_resume_checkpoint(resume: str | bool | None, checkpoint_dir: str | Path) -> Path | None:
     """The checkpoint ``resume`` asks for: ``auto`` -> ``checkpoint_dir/last.ckpt`` if it exists, else None.
 
-    ``None``/``false`` never resume. With ``auto`` and no ``last.ckpt`` the run starts fresh and says so.
+    ``None``/``false`` never resume. With ``auto`` and no ``last.ckpt`` the run starts fresh and says so. A
+    damaged ``last.ckpt`` (empty, truncated) falls back to the newest readable checkpoint of the run, saying so;
+    with none, a :class:`ResumeError` names the files and how to start fresh.
     """
     if resume in (None, False, "false", "none", "null"):
         return None
     if resume != "auto":
         raise ResumeError(f"resume={resume!r} is not an option: use resume=auto (or ckpt_path=PATH for a given file)")
     last = Path(checkpoint_dir) / LAST
-    if last.is_file():
+    if not last.is_file():
+        log.info("resume=auto: no %s yet, starting fresh", last)
+        return None
+    problem = checkpoint_problem(last)
+    if problem is None:
         log.info("resume=auto: continuing from %s", last)
         return last
-    log.info("resume=auto: no %s yet, starting fresh", last)
-    return None
+    fallback, others = newest_readable(Path(checkpoint_dir), exclude=last)
+    if fallback is not None:
+        log.warning("resume=auto: %s %s: continuing from %s, the newest readable checkpoint of this run",
+                    last, problem, fallback)
+        return fallback
+    damaged = "; ".join(f"{p.name} {why}" for p, why in {last: problem, **others}.items())
+    raise ResumeError(
+        f"resume=auto: no checkpoint in {checkpoint_dir} can be read ({damaged}): start this run afresh with "
+        f"resume=null (its checkpoints are then overwritten) or train into a new hydra.run.dir"
+    )
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from twincar.data.classes import class_names_difference, write_classes_txt
 from twincar.errors import TwinCarError
-from twincar.files import write_json
+from twincar.files import write_json, write_text
 from twincar.models.classifier import CarClassifier
 from twincar.models.io import (
     build_model_card,
@@ -28,6 +28,7 @@ from twincar.models.io import (
     write_model_card,
 )
 from twincar.runs import hydra_run_config
+from twincar.training.checkpoints import with_atomic_checkpoints
 from twincar.training.distributed import PerRankSeed
 from twincar.training.resume import (
     Preemption,
@@ -144,8 +145,8 @@ class Fit:
 
 
 def build_trainer(cfg: DictConfig, checkpoint_dir: Path, ckpt_path: Path | None) -> Fit:
-    """The trainer with the configured callbacks and loggers, plus preemption handling and per-rank seeds; logs
-    continue where the checkpoint left them when resuming in the same run directory."""
+    """The trainer with the configured callbacks, loggers and plugins, plus preemption handling, per-rank seeds and
+    atomic checkpoint files; logs continue where the checkpoint left them when resuming in the same run directory."""
     preemption = Preemption(checkpoint_dir)
     callbacks = instantiate_all(cfg.get("callbacks")) + [preemption]
     if cfg.get("seed") is not None:
@@ -156,7 +157,10 @@ def build_trainer(cfg: DictConfig, checkpoint_dir: Path, ckpt_path: Path | None)
         prepare_logger_config(cfg.get("logger"), resume_state)
     loggers = instantiate_all(cfg.get("logger"))
     log.info("instantiating trainer <%s>", cfg.trainer._target_)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    plugins = with_atomic_checkpoints(hydra.utils.instantiate(cfg.trainer.get("plugins"), _convert_="all"),
+                                      cfg.trainer.get("strategy"))  # every checkpoint written atomically, DDP too
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 plugins=plugins)
     if resume_state:
         continue_logs(trainer.loggers, resume_state)
     return Fit(trainer, preemption, ckpt_path, resume_state)
@@ -172,7 +176,7 @@ def log_hyperparameters(cfg: DictConfig, fit: Fit, out_dir: Path) -> None:
         else:
             logger.log_hyperparams(hp)
     if fit.trainer.is_global_zero:
-        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+        write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def fit_model(fit: Fit, model: CarClassifier, datamodule, out_dir: Path) -> bool:

@@ -37,6 +37,7 @@ from PIL import Image
 from twincar.data.classes import parse_car_name, stanford_cars_class_names
 from twincar.data.formats import TEST_LABELS_FILE, Sample, write_annotations, write_meta
 from twincar.data.synthetic.render import render_car
+from twincar.files import write_text
 
 # Bump whenever the images or files written for a given spec change: it is part of
 # SyntheticSpec.fingerprint(), so caches keyed on the fingerprint are invalidated.
@@ -236,7 +237,7 @@ def _write(root: Path, spec: SyntheticSpec) -> None:
     write_annotations(mats[3], samples["test"], with_class=True)
     for path in mats:
         _fix_mat_header(path)
-    (root / MARKER_FILE).write_text(json.dumps(_marker(spec, names), indent=2) + "\n", "utf-8")
+    write_text(root / MARKER_FILE, json.dumps(_marker(spec, names), indent=2) + "\n")  # last: marks it complete
 
 
 def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
