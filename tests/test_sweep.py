@@ -60,7 +60,8 @@ def test_optuna_search_records_a_failed_trial_and_goes_on(tmp_path, data_dir):
                    f"hydra.sweeper.storage=sqlite:///{db}", f"paths.data_dir={data_dir}", *TINY, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "Failed experiment: " in out and "Mixup/CutMix needs an even batch, got 7: use an even data.batch_size" in out
+    assert "Failed experiment: " in out
+    assert "Mixup/CutMix needs an even batch, got 7: use an even data.batch_size" in out
 
     study = optuna.load_study(study_name="twincar", storage=f"sqlite:///{db}")  # the study is in the file
     states = [t.state.name for t in study.trials]
