@@ -574,16 +574,20 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     cached_dm.train_batch_transform.to(device)
     cached = _loop(cached_dm.train_dataloader(), twincar_step(cached_dm), 3, steps, device)
     gpu_input = {}  # the GPU input paths: JPEGs decoded on the device, the cache held in device memory
-    if device.type != "cuda":  # measured on whatever device the batch is on (the CPU in the tests)
-        import twincar.data.device
+    import twincar.data.device as device_paths
 
-        twincar.data.device.check_cuda = lambda option: None
-    for name, options in (("gpu_decode", dict(cache=False, decode_device="cuda")),
-                          ("device_cache", dict(cache=True, cache_on_device=True))):
-        gpu_dm = twincar_dm(**options)
-        gpu_dm.train_batch_transform.to(device)
-        gpu_input[name] = _loop(gpu_dm.train_dataloader(), gpu_input_step(gpu_dm), 3, steps, device)
-        del gpu_dm  # lets the device copy of the cache go before the next measure
+    check_cuda = device_paths.check_cuda
+    if device.type != "cuda":  # measured on whatever device the batch is on (the CPU in the tests)
+        device_paths.check_cuda = lambda option: None
+    try:
+        for name, options in (("gpu_decode", dict(cache=False, decode_device="cuda")),
+                              ("device_cache", dict(cache=True, cache_on_device=True))):
+            gpu_dm = twincar_dm(**options)
+            gpu_dm.train_batch_transform.to(device)
+            gpu_input[name] = _loop(gpu_dm.train_dataloader(), gpu_input_step(gpu_dm), 3, steps, device)
+            del gpu_dm  # lets the device copy of the cache go before the next measure
+    finally:
+        device_paths.check_cuda = check_cuda
 
     synthetic = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 196, (batch,), device=device)

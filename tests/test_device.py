@@ -21,7 +21,7 @@ from twincar.data.datasets import CarsDataset, DeviceRefDataset
 from twincar.data.device import DeviceImages, ImageRefs, check_cuda, check_fits, orient, read_encoded
 from twincar.data.formats import Sample
 from twincar.data.images import load_rgb
-from twincar.data.transforms import EvalImageTransform, Preprocess
+from twincar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalImageTransform, Preprocess
 from twincar.errors import TwinCarError
 
 DECODE = dict(pipeline="gpu_decode")  # the GPU-decode code path, on the batch's device (the CPU here)
@@ -55,8 +55,10 @@ def test_batches_have_the_shape_dtype_range_and_labels_of_the_default_path(small
     (x0, y0, _), = batches(plain, [next(iter(plain.train_dataloader()))], True)
     assert x.shape == x0.shape == (8, 3, 64, 64) and x.dtype == x0.dtype == torch.float32
     assert torch.equal(t, y) and y.dtype == y0.dtype == torch.int64
-    lo, hi = float(x0.min()), float(x0.max())
-    assert lo - 0.05 <= float(x.min()) and float(x.max()) <= hi + 0.05  # normalised 0..255
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)  # 0..255 normalised: within these bounds
+    lo, hi = float((-mean / std).min()), float(((1 - mean) / std).max())
+    for batch in (x, x0):
+        assert lo - 1e-4 <= float(batch.min()) and float(batch.max()) <= hi + 1e-4
     # labels stay with their images: the val batches come in sample order, labels as the samples say
     seen = batches(fast, fast.val_dataloader(), False)
     assert torch.equal(torch.cat([b[1] for b in seen]), torch.tensor([s.label for s in fast.val_set.samples]))
