@@ -38,6 +38,7 @@ from twincar.training.resume import (
     prepare_logger_config,
 )
 from twincar.training.search import pruning_callback
+from twincar.training.tracking import is_tracker, log_artefacts
 from twincar.viz import plot_curves
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,14 @@ def hyperparameters(cfg: DictConfig) -> dict[str, str | int | float | bool]:
         hp.update({f"choice/{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")})
         hp["overrides"] = " ".join(hc.overrides.task) or "(none)"
     return hp
+
+
+def tracking_params(cfg: DictConfig) -> dict[str, str | int | float | bool]:
+    """What MLflow and W&B get as params: the whole resolved config, flattened (``paths/...`` too), and the group
+    choices and overrides of :func:`hyperparameters`."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.get("data", {}).pop("augmentation", None)  # logged once, as augmentation/...
+    return {**flatten(container), **hyperparameters(cfg)}
 
 
 def instantiate_all(section: DictConfig | None) -> list:
@@ -212,7 +221,9 @@ def log_hyperparameters(cfg: DictConfig, fit: Fit, out_dir: Path) -> None:
     metric); rank 0 saves the resolved ``config.yaml``."""
     hp = hyperparameters(cfg)
     for logger in fit.trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if is_tracker(logger):  # MLflow, W&B: the whole resolved config
+            logger.log_hyperparams(tracking_params(cfg))
+        elif isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hp, metrics=None if fit.resume_state else {cfg.optimized_metric: 0.0})
         else:
             logger.log_hyperparams(hp)
@@ -266,3 +277,4 @@ def write_artefacts(cfg: DictConfig, trainer: L.Trainer, model: CarClassifier, d
         write_model_card(out_dir, build_model_card(
             model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),
             source="model.pth"))
+    log_artefacts(trainer.loggers, best, out_dir)  # MLflow, W&B: the best checkpoint and the model card

@@ -52,3 +52,50 @@ def tensorboard_logdir(trainer: L.Trainer, log_dir: str | Path) -> Path | None:
             return sweep
     outputs = Path(log_dir).resolve()
     return outputs if written.is_relative_to(outputs) else written
+
+
+def wandb_logger(*, offline: bool | str = "auto", **kwargs):
+    """Lightning's ``WandbLogger``, offline unless W&B has an API key (``WANDB_API_KEY`` or ``wandb login``) or
+    ``offline=false``; the run folder is written under ``save_dir``/wandb either way."""
+    import os
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    if offline == "auto":
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
+        offline = not (os.environ.get("WANDB_API_KEY") or logged_in)
+    if offline:
+        log.info("W&B offline (no API key): the run is kept under %s/wandb; upload it with `wandb sync`",
+                 kwargs.get("save_dir", "."))
+    Path(kwargs.get("save_dir") or ".").mkdir(parents=True, exist_ok=True)
+    return WandbLogger(offline=bool(offline), **kwargs)
+
+
+def is_tracker(logger) -> bool:
+    """MLflow and W&B: the trackers that get the whole resolved config and the run's artefacts."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    return isinstance(logger, (MLFlowLogger, WandbLogger))
+
+
+def log_artefacts(loggers, best_checkpoint: str, out_dir: Path) -> list[str]:
+    """Send the best checkpoint (``checkpoints/``) and ``model_card.json`` to every MLflow and W&B logger; returns
+    the files sent. Called once, on rank 0, after the final evaluation."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    files = [(Path(best_checkpoint), "checkpoints")] if best_checkpoint else []
+    if (out_dir / "model_card.json").is_file():
+        files.append((out_dir / "model_card.json", None))
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger):
+            for path, folder in files:
+                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=folder)
+        elif isinstance(logger, WandbLogger) and files:
+            import wandb
+
+            artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model")
+            for path, folder in files:
+                artifact.add_file(str(path), name=f"{folder}/{path.name}" if folder else path.name)
+            logger.experiment.log_artifact(artifact, aliases=["best"])
+    return [str(p) for p, _ in files]
