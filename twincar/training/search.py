@@ -44,6 +44,15 @@ def open_storage(url: str):
     return optuna.storages.RDBStorage(url)
 
 
+def absolute_storage(url: str) -> str:
+    """``url`` with a relative sqlite or journal file made absolute (from the launch directory), so that trials
+    that run elsewhere (submitit, SLURM) open the same study."""
+    for prefix in ("sqlite:///", "journal:"):
+        if url.startswith(prefix) and not Path(url.removeprefix(prefix)).is_absolute():
+            return prefix + str(Path(url.removeprefix(prefix)).absolute())
+    return url
+
+
 def distributions(arguments: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """The search space from Hydra sweep overrides (``choice(...)``, ``interval(a, b)``, ``tag(log, interval(...))``,
     ``range(a, b, step)``) as optuna distributions, and the plain overrides that every trial gets as they are."""
@@ -96,7 +105,7 @@ class Search:
                                "postgresql:// URL) so that the trials, and a rerun of the command, share the study")
         if not 0.0 <= max_failure_rate <= 1.0:
             raise TwinCarError(f"hydra.sweeper.max_failure_rate={max_failure_rate} must be within 0..1")
-        self.direction, self.study_name, self.storage = direction, study_name, storage
+        self.direction, self.study_name, self.storage = direction, study_name, absolute_storage(storage)
         self.n_trials, self.max_failure_rate = int(n_trials), float(max_failure_rate)
         self.n_jobs = max(1, int(n_jobs)) if parallel else 1
         if int(n_jobs) > 1 and not parallel:

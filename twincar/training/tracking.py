@@ -54,9 +54,25 @@ def tensorboard_logdir(trainer: L.Trainer, log_dir: str | Path) -> Path | None:
     return outputs if written.is_relative_to(outputs) else written
 
 
-def wandb_logger(*, offline: bool | str = "auto", **kwargs):
+def overrides_name() -> str | None:
+    """The run's name from its command-line overrides (Hydra's ``job.override_dirname``); None outside Hydra or
+    without overrides."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().job.override_dirname or None
+
+
+def mlflow_logger(*, run_name: str | None = None, **kwargs):
+    """Lightning's ``MLFlowLogger``, its run named after the command-line overrides unless ``run_name`` is given."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(run_name=run_name or overrides_name(), **kwargs)
+
+
+def wandb_logger(*, offline: bool | str = "auto", name: str | None = None, **kwargs):
     """Lightning's ``WandbLogger``, offline unless W&B has an API key (``WANDB_API_KEY`` or ``wandb login``) or
-    ``offline=false``; the run folder is written under ``save_dir``/wandb either way."""
+    ``offline=false``; named after the command-line overrides unless ``name`` is given; the run folder is written
+    under ``save_dir``/wandb either way."""
     import os
 
     from lightning.pytorch.loggers import WandbLogger
@@ -69,7 +85,7 @@ def wandb_logger(*, offline: bool | str = "auto", **kwargs):
         log.info("W&B offline (no API key): the run is kept under %s/wandb; upload it with `wandb sync`",
                  kwargs.get("save_dir", "."))
     Path(kwargs.get("save_dir") or ".").mkdir(parents=True, exist_ok=True)
-    return WandbLogger(offline=bool(offline), **kwargs)
+    return WandbLogger(offline=bool(offline), name=name or overrides_name(), **kwargs)
 
 
 def is_tracker(logger) -> bool:
