@@ -116,6 +116,8 @@ def test_smoke_run_logs_per_epoch_metrics_and_hparams(smoke_run):
                 "val/precision_macro", "val/recall_macro", "val/f1_macro", "val/acc_best", "test/acc"):
         assert tag in scalars, tag
     assert "hp_metric" not in scalars  # Lightning's placeholder of -1 is off
+    assert scalars["lr/backbone"] and scalars["lr/head"]  # tags named by parameter group, not by optimizer
+    assert hparams["optimizer/momentum"] == "n/a"  # an Adam run has SGD's column too, so a sweep's runs line up
     assert hparams["choice/optimizer"] == "adam" and hparams["optimizer/lr"] == pytest.approx(1e-3)
     assert "experiment=smoke" in hparams["overrides"]
 
@@ -128,16 +130,20 @@ def test_sweep_writes_one_directory_per_job_with_its_hparams(tmp_path, data_dir)
     runs = run_dirs(tmp_path / "outputs")
     assert [r.name for r in runs] == ["0", "1"] and runs[0].parent == runs[1].parent
     assert runs[0].parent.parent == tmp_path / "outputs" / "multiruns"
-    chosen = []
+    assert f"tensorboard --logdir {runs[0].parent.resolve()}" in proc.stdout + proc.stderr  # the sweep's folder
+    chosen, columns = [], []
     for run in runs:
         hparams, scalars = read_tensorboard(run)
         chosen.append(hparams["choice/optimizer"])
+        columns.append(set(hparams))
+        assert "lr/head" in scalars and not [t for t in scalars if t.startswith("lr-")]  # they overlay
         saved = json.loads((run / "metrics.json").read_text())
         assert scalars["val/acc_best"][-1] == pytest.approx(saved["val/acc_best"], abs=1e-6)
         assert saved["val/acc_best"] == pytest.approx(scalars["val/acc"][0], abs=1e-6)  # one epoch: its val/acc
         assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "accuracy_curve.png").is_file()
         assert "test/acc" not in saved  # test=false
     assert chosen == ["adam", "sgd"]
+    assert columns[0] == columns[1] and "optimizer/momentum" in columns[0]  # every hparam a column of both runs
 
 
 @pytest.mark.slow  # a subprocess importing torch, Lightning and Hydra: about 9 s on 2 cores

@@ -36,6 +36,7 @@ from twincar.training.run import (
     write_artefacts,
     write_curves,
 )
+from twincar.training.tracking import tensorboard_logdir
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     metrics, best = evaluate_best(fit.trainer, model, datamodule, bool(cfg.get("test")))
     if fit.trainer.is_global_zero:
         write_artefacts(cfg, fit.trainer, model, datamodule, metrics, best, out_dir)
-        log.info("\n%s", summary(metrics, datamodule.num_classes, out_dir, cfg.paths.log_dir))
+        logdir = tensorboard_logdir(fit.trainer, cfg.paths.log_dir)  # the sweep's folder, outputs/ or the run's
+        log.info("\n%s", summary(metrics, datamodule.num_classes, out_dir, logdir))
     return metrics
 
 

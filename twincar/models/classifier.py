@@ -57,6 +57,7 @@ class CarClassifier(L.LightningModule):
         pretrained: False, True (timm's default tag) or a hub tag such as ``resnet50.a1_in1k``.
         weights: local weights file (.pth/.safetensors/.ckpt) used instead of ``pretrained``.
         drop_rate: dropout before the classifier head.
+        drop_path_rate: stochastic depth (timm's ``drop_path_rate``), 0 = off.
         label_smoothing: label smoothing of the training loss (applies to Mixup targets too).
         channels_last: run convolutions in channels-last memory format (faster with AMP on GPUs).
         ema: weight EMA options, ``{"decay": 0.999, "warmup": True}``; ``decay`` None (or no mapping) = off.
@@ -77,6 +78,7 @@ class CarClassifier(L.LightningModule):
         pretrained: bool | str = False,
         weights: str | None = None,
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         ema: Mapping | None = None,
@@ -90,7 +92,8 @@ class CarClassifier(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.class_names = list(class_names)
         self.model = create_model(
-            name, len(self.class_names), pretrained=pretrained, weights=weights, drop_rate=drop_rate
+            name, len(self.class_names), pretrained=pretrained, weights=weights, drop_rate=drop_rate,
+            **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}),  # not every timm model takes it
         )
         if channels_last:
             self.model.to(memory_format=torch.channels_last)

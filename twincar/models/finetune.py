@@ -156,9 +156,10 @@ def layer_decay_groups(
         raise ValueError(f"optimizer.layer_decay={layer_decay} must be in (0, 1] (e.g. 0.75), or null for none")
     head = set(map(id, model.get_classifier().parameters()))
     groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay)
-    for g in groups:
+    for i, g in enumerate(groups):
         is_head = all(id(p) in head for p in g["params"])
         g["lr"] = lr * g.pop("lr_scale", 1.0) * (head_lr_mult if is_head else 1.0)
+        g["name"] = f"{'head' if is_head else f'backbone_{i:02d}'}{'_no_decay' if g['weight_decay'] == 0 else ''}"
     return groups
 
 

@@ -37,6 +37,8 @@ from twincar.training.resume import (
     find_resume_checkpoint,
     prepare_logger_config,
 )
+from twincar.training.search import pruning_callback
+from twincar.training.tracking import is_tracker, log_artefacts
 from twincar.viz import plot_curves
 
 log = logging.getLogger(__name__)
@@ -57,18 +59,59 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
     return flat
 
 
+# Groups whose options are alternatives with different keys (SGD has momentum, Adam has not): every run logs the
+# union of their options' keys, so that each key is a column of TensorBoard's HPARAMS table for every run of a sweep.
+ALTERNATIVE_GROUPS = ("model", "augmentation", "optimizer", "scheduler", "trainer")
+NOT_SET = "n/a"  # the HPARAMS value of a key that this run's option does not have
+
+
+def option_keys(group: str, conf_dir: Path | None = None) -> set[str]:
+    """The flattened keys (``a/b``) of every option of config ``group`` shipped in ``twincar/conf``, following each
+    option's same-group ``defaults``."""
+    import yaml
+
+    conf_dir = conf_dir or Path(__file__).resolve().parents[1] / "conf"
+
+    def keys(option: str, seen: frozenset = frozenset()) -> set[str]:
+        path = conf_dir / group / f"{option}.yaml"
+        if option in seen or not path.is_file():
+            return set()
+        doc = yaml.safe_load(path.read_text()) or {}
+        if "@package _global_" in path.read_text().split("\n", 1)[0]:
+            doc = doc.get(group) or {}
+        found = set()
+        for entry in doc.pop("defaults", None) or []:
+            if isinstance(entry, str) and entry != "_self_":
+                found |= keys(entry, seen | {option})
+        return found | set(flatten(doc, f"{group}/"))
+
+    return set().union(*(keys(p.stem) for p in sorted((conf_dir / group).glob("*.yaml"))))
+
+
 def hyperparameters(cfg: DictConfig) -> dict[str, str | int | float | bool]:
-    """What a run is, for comparing runs: group choices, command-line overrides, flattened options."""
+    """What a run is, for comparing runs: group choices, command-line overrides, flattened options; the keys of the
+    other options of a group (``optimizer/momentum`` of an Adam run) are there too, as ``n/a``."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container.get("data", {}).pop("augmentation", None)  # the augmentation section, logged once
     hp = flatten({k: container[k] for k in HPARAM_SECTIONS if k in container})
-    hp = {k: v for k, v in hp.items() if not k.endswith("_target_")}
+    for group in ALTERNATIVE_GROUPS:
+        for key in option_keys(group):
+            hp.setdefault(key, NOT_SET)
+    hp = {k: v for k, v in sorted(hp.items()) if not k.endswith("_target_")}
     hp["seed"] = str(cfg.get("seed"))
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         hp.update({f"choice/{k}": str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")})
         hp["overrides"] = " ".join(hc.overrides.task) or "(none)"
     return hp
+
+
+def tracking_params(cfg: DictConfig) -> dict[str, str | int | float | bool]:
+    """What MLflow and W&B get as params: the whole resolved config, flattened (``paths/...`` too), and the group
+    choices and overrides of :func:`hyperparameters`."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.get("data", {}).pop("augmentation", None)  # logged once, as augmentation/...
+    return {**flatten(container), **hyperparameters(cfg)}
 
 
 def instantiate_all(section: DictConfig | None) -> list:
@@ -81,7 +124,9 @@ def instantiate_all(section: DictConfig | None) -> list:
     return objects
 
 
-def summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir: str) -> str:
+def summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir: str | Path | None) -> str:
+    """The end-of-run report: the best checkpoint's metrics, the run directory and ``tensorboard --logdir`` of
+    ``log_dir`` (none without a TensorBoard logger)."""
     lines = [f"Results of the best checkpoint ({num_classes} classes, chance accuracy {1 / num_classes:.3f}):"]
     lines += [f"  {k:<22} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)]
     for stage in ("val", "test"):  # the fine-grained view: where do the errors fall?
@@ -89,7 +134,9 @@ def summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir:
         if "acc_make" in m:
             lines.append(f"Fine-grained ({stage}): make {m['acc_make']:.3f}, family (make + model) "
                          f"{m['acc_family']:.3f}, year in family {m['acc_year_in_family']:.3f}")
-    lines += [f"Run directory: {out_dir}", f"TensorBoard:   tensorboard --logdir {Path(log_dir).resolve()}"]
+    lines.append(f"Run directory: {out_dir}")
+    if log_dir is not None:
+        lines.append(f"TensorBoard:   tensorboard --logdir {Path(log_dir).resolve()}")
     return "\n".join(lines)
 
 
@@ -149,6 +196,9 @@ def build_trainer(cfg: DictConfig, checkpoint_dir: Path, ckpt_path: Path | None)
     atomic checkpoint files; logs continue where the checkpoint left them when resuming in the same run directory."""
     preemption = Preemption(checkpoint_dir)
     callbacks = instantiate_all(cfg.get("callbacks")) + [preemption]
+    prune = pruning_callback(cfg)  # a trial of hparams_search=optuna: report val/acc to its study each epoch
+    if prune is not None:
+        callbacks.append(prune)
     if cfg.get("seed") is not None:
         callbacks.append(PerRankSeed(cfg.seed))
     same_run = ckpt_path is not None and ckpt_path.resolve().parent == checkpoint_dir.resolve()
@@ -171,7 +221,9 @@ def log_hyperparameters(cfg: DictConfig, fit: Fit, out_dir: Path) -> None:
     metric); rank 0 saves the resolved ``config.yaml``."""
     hp = hyperparameters(cfg)
     for logger in fit.trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if is_tracker(logger):  # MLflow, W&B: the whole resolved config
+            logger.log_hyperparams(tracking_params(cfg))
+        elif isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hp, metrics=None if fit.resume_state else {cfg.optimized_metric: 0.0})
         else:
             logger.log_hyperparams(hp)
@@ -225,3 +277,4 @@ def write_artefacts(cfg: DictConfig, trainer: L.Trainer, model: CarClassifier, d
         write_model_card(out_dir, build_model_card(
             model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),
             source="model.pth"))
+    log_artefacts(trainer.loggers, best, out_dir)  # MLflow, W&B: the best checkpoint and the model card
