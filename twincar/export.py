@@ -256,7 +256,7 @@ def upload_to_hub(folder: Path, repo: str) -> str:
     except Exception as e:  # offline mode, network, auth and hub errors come in many types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"push_to_hub={repo}: could not upload {folder} to the Hugging Face Hub ({first}); the "
-                          "export itself is complete there: upload it later with huggingface-cli upload") from e
+                          "export itself is complete there: upload it later with hf upload") from e
     log.info("uploaded %s to %s", folder, url)
     return str(url)
 

@@ -485,7 +485,7 @@ def resolve_model_source(spec: str | Path) -> Path:
         where = "in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
             "on the Hugging Face Hub or in the local cache"
         raise WeightsError(f"--model {spec}: repository {repo} is not {where}: check the name, or download it "
-                           "first (huggingface-cli download REPO)") from e
+                           "first (hf download USER/REPO)") from e
     return _hub_weights(folder, text)
 
 
