@@ -285,6 +285,7 @@ def test_a_card_only_onnx_client_agrees_with_twincar_predict(shipped):
 
 BLOCK_TORCH = """
 import sys, importlib.abc
+at_start = set(sys.modules)  # the interpreter's own start-up (site hooks), not what predict imports
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in ('torch', 'torchvision'):
@@ -292,7 +293,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 from twincar.predict import main
 code = main(sys.argv[2:])
-open(sys.argv[1], 'w').write('\\n'.join(sorted({m.split('.')[0] for m in sys.modules})))
+open(sys.argv[1], 'w').write('\\n'.join(sorted({m.split('.')[0] for m in set(sys.modules) - at_start})))
 sys.exit(code)
 """
 
@@ -345,3 +346,39 @@ def test_the_wheel_carries_every_config(tmp_path):
     expected = {p.relative_to(REPO).as_posix() for p in conf.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert "twincar/conf/hydra/launcher/slurm.yaml" in expected
     assert expected - names == set()
+
+
+SPACE_WITHOUT_TORCH = BLOCK_TORCH.split("from twincar.predict")[0] + """
+import importlib.util
+spec = importlib.util.spec_from_file_location('space_app', sys.argv[1])
+app = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(app)
+from twincar.demo import Answerer
+predictor = app.load_predictor(sys.argv[2])
+demo = app.create_app(sys.argv[2])
+cam = next(b for b in demo.blocks.values() if getattr(b, 'elem_id', None) == 'gradcam')
+make, model, year, confidence, top5, overlay, message = Answerer(predictor)(sys.argv[3], True)
+print(type(predictor).__name__, make, model, year, cam.visible, overlay is None, 'torch' in sys.modules, sep='|')
+"""
+
+
+@pytest.mark.slow
+def test_the_space_serves_the_onnx_export_without_torch(shipped, tmp_path):
+    """The Space folder holds model.onnx + model_card.json; with torch unimportable it answers as twincar-predict
+    does, and offers no Grad-CAM (that needs PyTorch weights)."""
+    folder = tmp_path / "space"
+    folder.mkdir()
+    for name in ("model.onnx", "model_card.json"):
+        shutil.copy(shipped["onnx"].with_name(name), folder / name)
+    requirements = (REPO / "space" / "requirements.txt").read_text().lower()
+    assert "torch" not in requirements.replace("# ", "#").split("#")[0] and "onnxruntime" in requirements
+    front = yaml.safe_load((REPO / "space" / "README.md").read_text().split("---\n")[1])
+    assert str(front["python_version"]).startswith("3.")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
+    image, reference = shipped["images"][0], shipped["reference"][0]
+    proc = subprocess.run([sys.executable, "-c", SPACE_WITHOUT_TORCH, str(REPO / "space" / "app.py"), str(folder),
+                           str(image)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kind, make, model, year, cam_visible, no_overlay, torch_loaded = proc.stdout.strip().splitlines()[-1].split("|")
+    assert kind == "OnnxPredictor" and (make, model, year) == (reference["make"], reference["model"], reference["year"])
+    assert (cam_visible, no_overlay, torch_loaded) == ("False", "True", "False")

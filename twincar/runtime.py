@@ -225,6 +225,8 @@ class OnnxPredictor:
     """An ONNX model with its class names and input spec: the torch-free counterpart of
     :class:`twincar.inference.Predictor` (same answers, same :class:`Prediction` rows)."""
 
+    is_onnx = True  # the demo offers no Grad-CAM for it (that needs PyTorch weights)
+
     def __init__(self, session, class_names: Sequence[str], spec: InputSpec, *, tta: str | None = None):
         if tta not in (None, "none", "flip"):
             raise RuntimeModelError(f"--tta must be 'flip' or left out, got {tta!r}")
