@@ -27,6 +27,15 @@ from twincar.export import ExportError, export_model
 from twincar.models.io import WeightsError, build_model_card, resolve_model_source, write_model_card
 
 
+@pytest.fixture(autouse=True)
+def _global_rng_untouched():
+    """Building networks draws from torch's global generator: put it back, so the tests after these see the
+    random state they would see without them."""
+    state = torch.random.get_rng_state()
+    yield
+    torch.random.set_rng_state(state)
+
+
 def timm_model(spec: str, **kwargs):
     import timm
 
@@ -49,8 +58,14 @@ def hub_cache(tmp_path: Path, folder: Path, repo: str, monkeypatch) -> Path:
 
 
 # -- fast: the hub format on a random model ---------------------------------------------------------------
-def test_hf_export_loads_in_timm_and_twincar_with_the_same_logits(tiny_export, tmp_path, monkeypatch):
-    os.umask(0o022)
+@pytest.fixture()
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_hf_export_loads_in_timm_and_twincar_with_the_same_logits(tiny_export, tmp_path, monkeypatch, umask_022):
     out = tmp_path / "hf"
     export_model(tiny_export, "hf", out, license="apache-2.0")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
