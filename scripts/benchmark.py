@@ -17,7 +17,9 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
   the original predict loop (eager fp32 torchvision resnet50, batch 1) vs ``python -m twincar.predict`` with
   its defaults on the same weights: wall time, start-up and per-image cost, peak RSS, top-1 agreement (only
   with ``--model``: a random network predicts one class for everything) and how close a call the
-  disagreements were. ``cpu_predict_int8``: the same for ``twincar.predict`` on an int8 ONNX export of those
+  disagreements were. ``cpu_predict_onnx``: the same for ``twincar.predict`` on the fp32 ONNX export of those
+  weights, which runs on the torch-free runtime (numpy, PIL, onnxruntime; torch is never imported).
+  ``cpu_predict_int8``: the same for ``twincar.predict`` on an int8 ONNX export of those
   weights (``twincar.export quantize=int8``, calibrated on other images: ``--calibration DIR`` or generated).
 * ``train_step``: CPU training img/s of the network alone: fp32 vs bf16-mixed + channels_last.
 * ``gpu_train`` (CUDA only): end-to-end training img/s from JPEG files through TwinCar's datamodule and
@@ -339,10 +341,14 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
                                           str(weights), str(class_file), str(out), arch],
         "twincar": twincar_cmd(weights),
     }
+    from twincar.export import export_model
+
+    start = time.perf_counter()
+    fp32 = export_model(weights, "onnx", work / "onnx")  # the torch-free runtime's model (twincar.runtime)
+    onnx_export_s = time.perf_counter() - start
+    commands["onnx"] = twincar_cmd(fp32)
     export_s = None
     if calibration:
-        from twincar.export import export_model
-
         start = time.perf_counter()
         int8 = export_model(weights, "onnx", work / "int8", quantize="int8", calibration=list(calibration),
                             calibration_images=len(calibration))
@@ -381,7 +387,9 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
             twincar_command=" ".join(commands[name](Path("IMAGES"), Path("OUT.csv"))[1:7]), model=arch,
         )
 
-    out = {"cpu_predict": measure("twincar")}
+    out = {"cpu_predict": measure("twincar"),
+           "cpu_predict_onnx": {**measure("onnx"), "export_s": round(onnx_export_s, 1),
+                                "path": "torch-free runtime: numpy, PIL, onnxruntime (no torch import)"}}
     out["cpu_predict_int8"] = ({**measure("int8"), "export_s": round(export_s, 1),
                                 "calibration_images": len(calibration)} if calibration else
                                {"reference_img_s": None, "twincar_img_s": None, "ratio": None,

@@ -1,29 +1,61 @@
-"""Hugging Face Space: the TwinCar demo over the model file in this folder.
+"""Hugging Face Space: the TwinCar demo over the model files in this folder.
 
-Put ``model.safetensors`` (or ``model.pth`` / ``model.ckpt`` / ``model.onnx``) with its ``model_card.json`` here,
-optionally an ``examples/`` folder of photos, and the ``twincar`` package (see README.md). Locally:
-``python space/app.py``.
+By default it serves ``model.onnx`` (with its ``model_card.json``) on the torch-free runtime
+(:mod:`twincar.runtime`: numpy, PIL, onnxruntime; ``requirements.txt`` has no torch). Grad-CAM needs PyTorch
+weights: with ``model.safetensors`` (or ``model.pth`` / ``model.ckpt``) here and ``requirements-gradcam.txt``
+installed, those are served instead, Grad-CAM offered. Optionally an ``examples/`` folder of photos, and the
+``twincar`` package (see README.md). Locally: ``python space/app.py``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from twincar.demo import build_app, example_images, find_model_file, launch  # noqa: E402
-from twincar.inference import Predictor  # noqa: E402
+from twincar.demo import build_app, example_images, launch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+TORCH_FILES = ("model.safetensors", "model.pth", "model.ckpt")  # PyTorch weights: Grad-CAM possible
+
+
+def _torch_installed() -> bool:
+    """Whether torch can be imported here, without importing it (a broken install counts as none)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def load_predictor(folder: str | Path):
+    """The ONNX model on the torch-free runtime; the PyTorch weights (Grad-CAM) when they are here and torch is
+    installed, or when there is no ONNX model."""
+    folder = Path(folder)
+    classes = folder / "classes.txt"
+    classes = classes if classes.is_file() else None
+    torch_file = next((folder / n for n in TORCH_FILES if (folder / n).is_file()), None)
+    has_torch = _torch_installed()
+    if (folder / "model.onnx").is_file() and not (torch_file and has_torch):
+        from twincar.runtime import OnnxPredictor
+
+        return OnnxPredictor.load(folder / "model.onnx", classes)
+    if not has_torch:
+        from twincar.errors import TwinCarError
+
+        raise TwinCarError(f"no model.onnx in {folder}: export one (python -m twincar.export ... format=onnx), or "
+                           "install requirements-gradcam.txt to serve PyTorch weights")
+    from twincar.demo import find_model_file
+    from twincar.inference import Predictor
+
+    return Predictor.load(torch_file or find_model_file(folder), classes)
 
 
 def create_app(folder: str | Path = HERE):
     """The demo app over the model file (and ``examples/``) in ``folder``."""
     folder = Path(folder)
-    classes = folder / "classes.txt"
-    predictor = Predictor.load(find_model_file(folder), classes if classes.is_file() else None)
-    return build_app(predictor, examples=example_images(folder / "examples"), title="TwinCar")
+    return build_app(load_predictor(folder), examples=example_images(folder / "examples"), title="TwinCar")
 
 
 if __name__ == "__main__":

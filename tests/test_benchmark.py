@@ -72,7 +72,7 @@ def test_cpu_predict_runs_every_process_and_compares_their_csvs(photos, tmp_path
     calibration = BENCH["make_images"](tmp_path / "calibration", 2, quick=True, seed=1)
     assert not {p.read_bytes() for p in calibration} & {p.read_bytes() for p in photos}  # never the measured ones
     m = BENCH["cpu_predict"](photos, tmp_path, None, None, quick=True, calibration=calibration)
-    assert set(m) == {"cpu_predict", "cpu_predict_int8"}
+    assert set(m) == {"cpu_predict", "cpu_predict_onnx", "cpu_predict_int8"}
     for r in m.values():
         assert FIELDS <= set(r) and r["images"] == 4 and r["peak_rss_mb"] > 50 and r["reference_peak_rss_mb"] > 50
         assert r["top1_agreement"] is None and "not measured" in r["agreement_note"]  # random weights

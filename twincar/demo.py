@@ -123,7 +123,9 @@ def build_app(predictor, *, examples: Sequence[str] = (), max_upload_mb: float =
                 # server traceback) on a non-image or a decompression bomb; our decoder names the problem instead.
                 # (An instance attribute, not a subclass: Gradio writes a .pyi file beside any subclass's module.)
                 photo.preprocess = _unopened_path
-                show_cam = gr.Checkbox(label="Show Grad-CAM (where the model looks)", value=False, elem_id="gradcam")
+                # Grad-CAM needs PyTorch weights: not offered for an ONNX model
+                show_cam = gr.Checkbox(label="Show Grad-CAM (where the model looks)", value=False, elem_id="gradcam",
+                                       visible=not getattr(predictor, "is_onnx", False))
             with gr.Column():
                 message = gr.Markdown("Upload a car photo, drop one here, or pick an example.", elem_id="message")
                 with gr.Row():

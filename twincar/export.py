@@ -1,4 +1,4 @@
-"""Export a trained model: ``python -m twincar.export ckpt=PATH format=pth|safetensors|onnx [out=DIR]``.
+"""Export a trained model: ``python -m twincar.export ckpt=PATH format=pth|safetensors|onnx|hf [out=DIR]``.
 
 Writes the weights (``model.pth``, ``model.safetensors`` or a single-file ``model.onnx`` with a dynamic batch
 dimension) plus ``model_card.json``: class names, preprocessing (input size, resize mode, mean/std),
@@ -25,12 +25,16 @@ from torch import nn
 
 from twincar.data.images import NoImagesError, find_images
 from twincar.errors import TwinCarError
-from twincar.files import atomic_path, check_writable_dir
+from twincar.files import atomic_path, check_writable_dir, write_json, write_text
 from twincar.models.io import (
+    HUB_CONFIG,
+    HUB_README,
     MODEL_CARD,
     build_model_card,
     export_safetensors,
     export_state_dict,
+    hub_config,
+    hub_readme,
     load_model,
     write_model_card,
 )
@@ -38,7 +42,7 @@ from twincar.runs import resolve_launch_paths, run_record
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("pth", "safetensors", "onnx")
+FORMATS = ("pth", "safetensors", "onnx", "hf")  # hf: the timm / Hugging Face hub folder
 QUANTIZATIONS = ("int8",)
 ONNX_OPSET = 18  # >= 17: LayerNormalization and friends as single ops; onnxruntime >= 1.14 runs it
 AGREEMENT_IMAGES = 128  # at most this many held-out calibration images for the int8 vs fp32 agreement check
@@ -159,32 +163,49 @@ def export_model(
     quantize: str | None = None,
     calibration: Sequence[str | Path] | str | Path | None = None,
     calibration_images: int = 256,
+    classes: str | Path | None = None,
+    license: str = "other",
+    push_to_hub: str | None = None,
 ) -> Path:
     """Export the model of a TwinCar checkpoint to ``out/model.<fmt>`` with ``out/model_card.json``; returns
     the weights' path. ``ckpt`` may also be exported weights with their card (to convert between formats).
 
     ``quantize="int8"`` (``fmt="onnx"`` only) writes ``out/model.int8.onnx``, calibrated on
     ``calibration_images`` of ``calibration`` (image files, folders or glob patterns; images like those the
-    model will see, e.g. its training folder)."""
+    model will see, e.g. its training folder).
+
+    ``fmt="hf"`` writes timm's hub layout: ``config.json`` (architecture, ``label_names``, a ``pretrained_cfg``
+    whose timm eval transform is the model's own), ``model.safetensors`` (with metadata), a Hugging Face
+    ``README.md`` model card (``license`` in its front matter) and ``model_card.json``; ``push_to_hub="USER/REPO"``
+    then uploads the folder. ``classes``: the class list of weights that carry none (the original TwinCars
+    ``.pth``)."""
     if fmt not in FORMATS:
         raise ExportError(f"format={fmt} is not one of {', '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize={quantize} is not one of {', '.join(QUANTIZATIONS)} (or null)")
     if quantize and fmt != "onnx":
         raise ExportError(f"quantize={quantize} needs format=onnx (onnxruntime runs the quantised model)")
+    if push_to_hub and fmt != "hf":
+        raise ExportError(f"push_to_hub={push_to_hub} needs format=hf (the hub layout timm loads)")
     if quantize and not calibration:
         raise ExportError(f"quantize={quantize} needs calibration=PATH: images like those the model will see "
                           "(files, folders or glob patterns, e.g. the training folder)")
     calibration_set = _calibration_images(calibration) if quantize else []  # before any work: a wrong path fails fast
     check_writable_dir(out, "out")
     ckpt = Path(ckpt).expanduser()
-    loaded = load_model(ckpt)
+    loaded = load_model(ckpt, classes)
     if not isinstance(loaded.model, nn.Module) or not list(loaded.model.parameters()):
         raise ExportError(f"ckpt={ckpt} is not a PyTorch model: export from the .ckpt, .pth or .safetensors")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = out / f"model.{fmt}"
-    if fmt == "pth":
+    weights = out / ("model.safetensors" if fmt == "hf" else f"model.{fmt}")
+    if fmt == "hf":
+        export_safetensors(loaded.model, weights, metadata={"format": "pt", "architecture": loaded.architecture,
+                                                            "num_classes": str(len(loaded.class_names)),
+                                                            "exported_by": "twincar"})
+        write_json(out / HUB_CONFIG, hub_config(loaded.model, loaded.class_names, loaded.preprocess,
+                                                loaded.architecture))
+    elif fmt == "pth":
         export_state_dict(loaded.model, weights)
     elif fmt == "safetensors":
         export_safetensors(loaded.model, weights)
@@ -212,8 +233,32 @@ def export_model(
     if quantization:
         card["quantization"] = quantization
     write_model_card(out, card)
+    if fmt == "hf":
+        write_text(out / HUB_README, hub_readme(card, repo=push_to_hub, license=license))
     log.info("wrote %s and %s", weights, out / MODEL_CARD)
+    if push_to_hub:
+        upload_to_hub(out, push_to_hub)
     return weights
+
+
+def upload_to_hub(folder: Path, repo: str) -> str:
+    """Upload a ``format=hf`` export folder to the Hugging Face Hub repository ``repo`` (created when missing,
+    with the token of ``huggingface-cli login`` or ``HF_TOKEN``); returns the repository's URL. No network,
+    ``HF_HUB_OFFLINE=1`` or a refused token is one sentence."""
+    try:
+        from huggingface_hub import create_repo, upload_folder
+    except ImportError as e:
+        raise ExportError("push_to_hub needs huggingface_hub: pip install huggingface_hub") from e
+    try:
+        url = create_repo(repo, repo_type="model", exist_ok=True)
+        upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+                      commit_message="Upload TwinCar export (timm format)")
+    except Exception as e:  # offline mode, network, auth and hub errors come in many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"push_to_hub={repo}: could not upload {folder} to the Hugging Face Hub ({first}); the "
+                          "export itself is complete there: upload it later with hf upload") from e
+    log.info("uploaded %s to %s", folder, url)
+    return str(url)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
@@ -227,7 +272,8 @@ def main(cfg: DictConfig) -> None:
         calibration = OmegaConf.to_container(cfg.calibration) if OmegaConf.is_list(cfg.calibration) \
             else cfg.calibration
         export_model(cfg.ckpt, cfg.format, cfg.out, quantize=cfg.quantize, calibration=calibration,
-                     calibration_images=cfg.calibration_images)
+                     calibration_images=cfg.calibration_images, classes=cfg.get("classes"),
+                     license=cfg.get("license") or "other", push_to_hub=cfg.get("push_to_hub"))
     except TwinCarError as e:
         log.error("%s", e)
         sys.exit(1)

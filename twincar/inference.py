@@ -22,7 +22,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -37,50 +37,15 @@ from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_rgb, load_sample, pil_to_uint8, sample_label
 from twincar.data.transforms import BatchTransform, EvalImageTransform, Preprocess
 from twincar.errors import TwinCarError
-from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model, min_input_size
+from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model, min_input_size, resolve_model_source
 from twincar.runs import find_run_config
+from twincar.runtime import Prediction  # the one result type, shared with the torch-free runtime
 
 log = logging.getLogger(__name__)
 
 ImageInput = str | Path | Image.Image | torch.Tensor
 PRECISIONS = ("auto", "fp32", "bf16")
 TTA_MODES = (None, "none", "flip")  # "none" and None are the same: one pass
-
-
-@dataclass
-class Prediction:
-    """One image's answer. ``error`` is set (and the rest empty) when the image could not be read."""
-
-    source: str  # the file path, or "<PIL image>" / "<tensor>" for in-memory inputs
-    name: str = ""  # the predicted class name, e.g. "BMW M3 Coupe 2012"
-    label: int = -1  # its index in the class list
-    confidence: float = 0.0  # softmax probability of the predicted class
-    make: str = ""
-    model: str = ""
-    year: int | None = None
-    topk: list[tuple[str, float]] = field(default_factory=list)  # (name, probability), most likely first
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_row(self, topk: int | None = None) -> dict[str, object]:
-        """A flat row: the original TwinCars columns ``image, make, model, year, confidence``, then
-        ``class``, ``label``, ``top{i}_class``/``top{i}_prob`` for i = 1..topk, and ``error``."""
-        k = len(self.topk) if topk is None else topk
-        row: dict[str, object] = {
-            "image": self.source, "make": self.make, "model": self.model,
-            "year": "" if self.year is None else self.year,
-            "confidence": round(self.confidence, 6) if self.ok else "",
-            "class": self.name, "label": self.label if self.ok else "",
-        }
-        for i in range(k):
-            name, prob = self.topk[i] if i < len(self.topk) else ("", "")
-            row[f"top{i + 1}_class"] = name
-            row[f"top{i + 1}_prob"] = round(prob, 6) if prob != "" else ""
-        row["error"] = self.error or ""
-        return row
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -277,8 +242,9 @@ class Predictor:
         ``image_size``/``resize_mode`` change one field of it. Other keywords go to :class:`Predictor`.
 
         A bare ``model.pth`` takes the ``classes.txt`` beside it when ``classes`` is not given, and, without a
-        model card but inside a training run, that run's architecture and preprocessing (its ``config.yaml``)."""
-        path = Path(path).expanduser()
+        model card but inside a training run, that run's architecture and preprocessing (its ``config.yaml``).
+        ``local-dir:DIR`` and ``hf-hub:USER/REPO`` name a timm hub folder or repository (``export format=hf``)."""
+        path = resolve_model_source(path)
         if path.suffix not in (".ckpt", ".onnx") and not (path.parent / MODEL_CARD).is_file():
             if classes is None and (path.parent / "classes.txt").is_file():
                 classes = path.parent / "classes.txt"

@@ -81,10 +81,10 @@ def predict_files(
     """Predict every image and write the rows to ``output``; unreadable images get an ``error`` row.
 
     The model and its class list are checked before any image is read. ``num_workers`` decoding processes
-    (None: :func:`default_workers`).
+    (None: :func:`default_workers`). An ``.onnx`` model runs on the torch-free runtime (:mod:`twincar.runtime`:
+    numpy, PIL and onnxruntime; torch is never imported), decoding in this process.
     """
-    from twincar.data.images import find_images  # torch is imported here, not for --help
-    from twincar.inference import Predictor, default_workers
+    from twincar.data.discovery import find_images
 
     if fmt not in ("csv", "json"):
         raise TwinCarError(f"--format must be csv or json, got {fmt!r}")
@@ -92,20 +92,39 @@ def predict_files(
         if value is not None and value < least:
             raise TwinCarError(f"{flag} must be at least {least}, got {value}")
     output = check_writable(output, "--output")  # before the model loads: nothing computed is lost
-    predictor = Predictor.load(
-        model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta
-    )
-    files = find_images(images)
-    log.info("predicting %d image(s) with %s (%d classes, %s, %s)", len(files), model, len(predictor.class_names),
-             predictor.device, "bf16" if predictor.autocast_dtype is not None else "fp32")
-    start = time.perf_counter()
-    workers = default_workers(predictor.device) if num_workers is None else num_workers
-    stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk,
-                                    num_workers=min(workers, max(0, len(files) // batch_size)))
-    if progress and len(files) >= PROGRESS_MIN_IMAGES:
-        from rich.progress import track
+    if str(model).endswith(".onnx"):
+        from twincar.runtime import OnnxPredictor
 
-        stream = track(stream, total=len(files), description="predicting", transient=True)
+        if precision == "bf16":
+            raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
+        runtime = OnnxPredictor.load(model, classes, device=device, image_size=image_size, resize_mode=resize_mode,
+                                     tta=tta)
+        files = find_images(images)
+        log.info("predicting %d image(s) with %s (%d classes, onnxruntime, fp32)", len(files), model,
+                 len(runtime.class_names))
+        start = time.perf_counter()
+        stream = runtime.iter_predict(files, batch_size=batch_size, topk=topk)
+    else:
+        from twincar.inference import Predictor, default_workers  # torch is imported here, not for --help
+
+        predictor = Predictor.load(
+            model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta
+        )
+        files = find_images(images)
+        log.info("predicting %d image(s) with %s (%d classes, %s, %s)", len(files), model,
+                 len(predictor.class_names), predictor.device,
+                 "bf16" if predictor.autocast_dtype is not None else "fp32")
+        start = time.perf_counter()
+        workers = default_workers(predictor.device) if num_workers is None else num_workers
+        stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk,
+                                        num_workers=min(workers, max(0, len(files) // batch_size)))
+    if progress and len(files) >= PROGRESS_MIN_IMAGES:
+        try:
+            from rich.progress import track
+        except ImportError:  # the torch-free install has no rich: no progress bar
+            track = None
+        if track is not None:
+            stream = track(stream, total=len(files), description="predicting", transient=True)
     predictions = list(stream)
     seconds = time.perf_counter() - start
     summary = PredictSummary(output, len(predictions), sum(not p.ok for p in predictions), seconds)
@@ -123,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", nargs="+", required=True, metavar="PATH",
                         help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--model", required=True, metavar="PATH",
-                        help="a TwinCar .ckpt, an exported .pth/.safetensors/.onnx, or the original TwinCars .pth")
+                        help="a TwinCar .ckpt, an exported .pth/.safetensors/.onnx (run without torch), "
+                             "local-dir:DIR or hf-hub:USER/REPO (a timm hub export), or the original TwinCars .pth")
     parser.add_argument("--classes", metavar="PATH",
                         help="classes.txt or classes.csv; needed when the model file carries no class names")
     parser.add_argument("--output", "-o", metavar="PATH",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,12 +197,13 @@ def export_state_dict(model: nn.Module, path: str | Path) -> Path:
     return save_torch(plain_state_dict(model), path)
 
 
-def export_safetensors(model: nn.Module, path: str | Path) -> Path:
-    """Save the model's tensors as ``.safetensors`` to ``path`` atomically."""
+def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save the model's tensors as ``.safetensors`` to ``path`` atomically, with ``metadata`` (string keys and
+    values, e.g. ``{"format": "pt"}``) in its header."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file(plain_state_dict(model), str(tmp))
+        save_file(plain_state_dict(model), str(tmp), metadata=metadata)
     return Path(path)
 
 
@@ -213,6 +215,36 @@ def min_input_size(model: nn.Module) -> int:
         return int(info[-1]["reduction"]) if info else 1
     except (TypeError, KeyError, IndexError):
         return 1
+
+
+def input_contract(preprocess: Preprocess) -> dict:
+    """Everything a client needs to turn an image file into the network's input, with no TwinCar code: the
+    ``input`` section of the model card. TwinCar's own predict follows exactly these steps (a numpy + PIL
+    client that follows them gets the same answers: ``tests/test_deploy.py``)."""
+    size = preprocess.image_size
+    if preprocess.resize_mode == "squash":
+        resize = {"mode": "squash", "size": [size, size], "interpolation": "bilinear", "antialias": True,
+                  "rule": "the whole image to size (width, height); aspect ratio not kept"}
+        crop = None
+        decode_side = size
+    else:
+        decode_side = preprocess.decode_min_side
+        resize = {"mode": "short_side", "short_side": decode_side, "interpolation": "bilinear", "antialias": True,
+                  "rule": "short side to short_side = round(image_size / eval_crop_pct); long side "
+                          "int(short_side * long / short), truncated"}
+        crop = {"mode": "center", "size": [size, size],
+                "rule": "top = int(round((height - size) / 2)), left = int(round((width - size) / 2)), "
+                        "Python's round (half to even)"}
+    return {
+        "layout": "NCHW", "dtype": "float32", "channels": "RGB", "batch": "any (dynamic)",
+        "decode": {"color": "RGB (grayscale, palette, CMYK converted; alpha dropped; 16-bit scaled to 8)",
+                   "exif_orientation": "applied (PIL ImageOps.exif_transpose)",
+                   "large_jpeg": f"decoded at 1/s size by libjpeg DCT scaling (PIL Image.draft('RGB', (ceil(w / s), "
+                                 f"ceil(h / s)))), s the largest of 1, 2, 4, 8 with min(w, h) // s >= {decode_side}"},
+        "resize": resize, "crop": crop,
+        "scale": "pixel / 255 (0 to 1)", "mean": list(preprocess.mean), "std": list(preprocess.std),
+        "normalize": "(pixel / 255 - mean) / std, per channel",
+    }
 
 
 MODEL_CARD = "model_card.json"  # written beside exported weights: architecture, class names, preprocessing
@@ -236,6 +268,10 @@ def build_model_card(
         "num_classes": len(class_names),
         "class_names": list(class_names),
         "preprocess": preprocess.to_dict(),
+        "input": input_contract(preprocess),
+        "output": {"name": "logits", "shape": ["N", len(class_names)], "dtype": "float32",
+                   "meaning": "unnormalised logits, one per class in class_names order: softmax over the last axis "
+                              "gives the probabilities"},
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
         "config": config or {},
         "source": source,
@@ -246,6 +282,211 @@ def build_model_card(
 def write_model_card(directory: str | Path, card: dict) -> Path:
     """Write ``model_card.json`` (strict JSON) into ``directory``, beside the weights it describes."""
     return write_json(Path(directory) / MODEL_CARD, card)
+
+
+# -- the timm / Hugging Face hub layout: config.json + model.safetensors (+ README.md) ----------------------
+HUB_CONFIG = "config.json"  # timm's model config: architecture, num_classes, label_names, pretrained_cfg
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the weights timm looks for in a hub folder, first first
+HUB_SOURCES = ("local-dir:", "hf-hub:")  # the model sources timm.create_model takes, and load_model too
+# pretrained_cfg keys that describe the network (kept from timm's own config); the rest is replaced or dropped
+_TIMM_NETWORK_KEYS = ("first_conv", "classifier", "fixed_input_size", "min_input_size")
+
+
+def timm_crop_pct(preprocess: Preprocess) -> float:
+    """A ``crop_pct`` for which timm's eval transform resizes the short side to exactly TwinCar's size.
+
+    TwinCar resizes to ``round(image_size / eval_crop_pct)``, timm to ``floor(image_size / crop_pct)``: the
+    run's own ``eval_crop_pct`` when both agree (``0.875`` at 224: 256), else ``image_size / (size + 0.25)``,
+    which floors to ``size`` whatever the float rounding."""
+    if preprocess.resize_mode == "squash":  # the whole image to image_size x image_size, nothing cropped
+        return 1.0
+    size = preprocess.decode_min_side
+    if math.floor(preprocess.image_size / preprocess.eval_crop_pct) == size:
+        return preprocess.eval_crop_pct
+    return preprocess.image_size / (size + 0.25)
+
+
+def timm_pretrained_cfg(model: nn.Module, preprocess: Preprocess, class_names: Sequence[str]) -> dict:
+    """The ``pretrained_cfg`` of a hub ``config.json`` whose eval transform (timm's ``resolve_data_config`` +
+    ``create_transform``) is TwinCar's: short side (or squash) resize, bilinear (PIL's, antialiased), center
+    crop, the run's mean and std."""
+    own = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg = {k: own[k] for k in _TIMM_NETWORK_KEYS if own.get(k) is not None}
+    size = preprocess.image_size
+    cfg.update(
+        input_size=[3, size, size], interpolation="bilinear", crop_pct=timm_crop_pct(preprocess),
+        crop_mode="squash" if preprocess.resize_mode == "squash" else "center", mean=list(preprocess.mean),
+        std=list(preprocess.std), num_classes=len(class_names),
+    )
+    return cfg
+
+
+def _global_pool(model: nn.Module) -> str:
+    pool = getattr(model, "global_pool", "")
+    return pool if isinstance(pool, str) else str(getattr(pool, "pool_type", "") or "")
+
+
+def hub_config(model: nn.Module, class_names: Sequence[str], preprocess: Preprocess, architecture: str) -> dict:
+    """timm's hub ``config.json`` for ``model``: what ``timm.create_model("local-dir:DIR", pretrained=True)`` and
+    ``"hf-hub:USER/REPO"`` build the network from, with the class names as ``label_names``."""
+    config = {"architecture": architecture, "num_classes": len(class_names),
+              "num_features": int(getattr(model, "num_features", 0)) or None,
+              "global_pool": _global_pool(model) or None,
+              "label_names": list(class_names), "pretrained_cfg": timm_pretrained_cfg(model, preprocess, class_names)}
+    return {k: v for k, v in config.items() if v is not None}
+
+
+HUB_README = "README.md"  # the Hugging Face model card: YAML front matter + how to use the model
+
+
+def hub_readme(card: dict, *, repo: str | None = None, license: str = "other") -> str:
+    """The Hugging Face model card (``README.md``) of a hub export: front matter (library_name timm, license,
+    datasets, tags, the run's test metrics as model-index results) and a body saying how to load the model with
+    timm and with TwinCar, its preprocessing, the class list, and its intended use and limits."""
+    names, pre = card["class_names"], card["preprocess"]
+    metrics = {k: v for k, v in (card.get("metrics") or {}).items()
+               if k.startswith("test/") and isinstance(v, (int, float)) and math.isfinite(v)}
+    q = json.dumps  # a JSON string or number is a YAML scalar
+    front = ["---", "library_name: timm", f"license: {q(license)}", "pipeline_tag: image-classification",
+             "tags:", "  - image-classification", "  - timm", "  - twincar", "  - fine-grained", "datasets:",
+             "  - stanford-cars"]
+    if metrics:
+        front += ["model-index:", f"  - name: {q(repo or card['architecture'])}", "    results:",
+                  "      - task:", "          type: image-classification",
+                  "        dataset:", "          name: Stanford Cars", "          type: stanford-cars",
+                  "        metrics:"]
+        for k, v in sorted(metrics.items()):
+            kind = "accuracy" if "acc" in k else k.split("/", 1)[1]
+            front += [f"          - type: {q(kind)}", f"            name: {q(k)}", f"            value: {q(v)}"]
+    front.append("---")
+    where = f"hf-hub:{repo}" if repo else "local-dir:PATH/TO/THIS/FOLDER"
+    resize = (f"the whole image to {pre['image_size']}x{pre['image_size']} (aspect ratio not kept)"
+              if pre["resize_mode"] == "squash" else
+              f"short side to {card['input']['resize']['short_side']} px, center crop {pre['image_size']}x"
+              f"{pre['image_size']}")
+    table = "\n".join(f"| {i} | {n} |" for i, n in enumerate(names))
+    shown = ", ".join(f"`{k}` {v:.4f}" for k, v in sorted(metrics.items())) or "none recorded"
+    body = f"""
+# {card['architecture']} for car make, model and year ({len(names)} classes)
+
+A [timm](https://github.com/huggingface/pytorch-image-models) `{card['architecture']}` fine-tuned with TwinCar to name
+a car's make, model and year from one photo. Test metrics of its training run: {shown}.
+
+## Use with timm
+
+```python
+import timm, torch
+from PIL import Image
+
+model = timm.create_model("{where}", pretrained=True).eval()
+config = timm.data.resolve_data_config({{}}, model=model)
+transform = timm.data.create_transform(**config)  # exactly this model's eval preprocessing
+with torch.inference_mode():
+    probs = model(transform(Image.open("car.jpg").convert("RGB")).unsqueeze(0)).softmax(-1)
+print(model.pretrained_cfg["label_names"][int(probs.argmax())])
+```
+
+## Use with TwinCar
+
+```bash
+twincar-predict --images photos/ --model {where}
+```
+
+## Preprocessing
+
+RGB, {resize}, bilinear with antialiasing, 0-1 scaling, mean {pre['mean']}, std {pre['std']}; the network
+outputs logits (softmax gives the probabilities). `model_card.json` spells out every step for a client in any
+language.
+
+## Intended use and limits
+
+Recognising the make, model and year of a car in a photo, among the {len(names)} classes below only: a car of any
+other model is still given one of them (look at the confidence). Trained on photos like those of Stanford Cars
+(mostly side and three-quarter views of whole cars); close-ups, interiors, heavy occlusion, night shots or drawings
+are outside what it has seen. Not for identifying people or vehicles' owners.
+
+## Classes
+
+| label | class |
+|---|---|
+{table}
+"""
+    return "\n".join(front) + "\n" + body
+
+
+def preprocess_from_timm(pretrained_cfg: dict, source: object) -> Preprocess:
+    """TwinCar's :class:`Preprocess` for a timm ``pretrained_cfg`` (a hub ``config.json`` not written by TwinCar):
+    the same input size, resize (timm's ``floor`` rounding kept), crop, mean and std. TwinCar resizes bilinear
+    only: another interpolation is used as bilinear, with a warning naming ``source``."""
+    size = pretrained_cfg.get("input_size", [3, 224, 224])
+    if len(size) != 3 or size[1] != size[2]:
+        raise WeightsError(f"{source}: input_size {list(size)} is not square: TwinCar takes square inputs only")
+    mode = pretrained_cfg.get("crop_mode") or "center"
+    if mode not in ("center", "squash"):
+        raise WeightsError(f"{source}: crop_mode {mode!r} is not supported: TwinCar crops 'center' or 'squash'")
+    if pretrained_cfg.get("interpolation", "bilinear") != "bilinear":
+        log.warning("%s: trained with %s resizing; TwinCar resizes bilinear (answers may differ slightly)",
+                    source, pretrained_cfg["interpolation"])
+    crop = float(pretrained_cfg.get("crop_pct") or 0.875)
+    image_size = int(size[-1])
+    pre = {"image_size": image_size, "resize_mode": "squash" if mode == "squash" else "crop",
+           "eval_crop_pct": 1.0 if mode == "squash" else image_size / math.floor(image_size / crop)}
+    for key in ("mean", "std"):
+        if pretrained_cfg.get(key):
+            pre[key] = tuple(float(v) for v in pretrained_cfg[key])
+    return Preprocess(**pre)
+
+
+def card_from_hub_config(config: dict, source: object) -> dict:
+    """A TwinCar model card (architecture, class names, preprocessing) from a timm hub ``config.json``."""
+    pretrained = config.get("pretrained_cfg") or {}
+    names = config.get("label_names", pretrained.get("label_names"))
+    if isinstance(names, dict):  # {index: name} with gaps: not a class list TwinCar can use
+        names = None
+    card = {"architecture": config.get("architecture"),
+            "preprocess": preprocess_from_timm(pretrained, source).to_dict()}
+    if names:
+        card["class_names"] = [str(n) for n in names]
+    return {k: v for k, v in card.items() if v is not None}
+
+
+def _hub_weights(folder: Path, spec: str) -> Path:
+    if not (folder / HUB_CONFIG).is_file():
+        raise WeightsError(f"--model {spec}: {folder} has no {HUB_CONFIG}: pass a folder written by "
+                           "twincar.export format=hf (or a timm hub model)")
+    for name in HUB_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"--model {spec}: {folder} has {HUB_CONFIG} but no {' or '.join(HUB_WEIGHTS)}")
+
+
+def resolve_model_source(spec: str | Path) -> Path:
+    """The weights file a model argument names: a path as it is; ``local-dir:DIR`` the weights of a hub folder
+    (``config.json`` + ``model.safetensors``); ``hf-hub:USER/REPO[@REVISION]`` those of a Hugging Face Hub
+    repository, downloaded, or with ``HF_HUB_OFFLINE=1`` taken from the local Hugging Face cache only. A folder or
+    repository that is not there is one sentence."""
+    text = str(spec)
+    if text.startswith("local-dir:"):
+        folder = Path(text.removeprefix("local-dir:")).expanduser()
+        if not folder.is_dir():
+            raise WeightsError(f"--model {spec}: no such folder {folder} (export one with twincar.export format=hf)")
+        return _hub_weights(folder, text)
+    if not text.startswith("hf-hub:"):
+        return Path(spec).expanduser()
+    repo, _, revision = text.removeprefix("hf-hub:").partition("@")
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError as e:
+        raise WeightsError(f"--model {spec} needs huggingface_hub: pip install huggingface_hub") from e
+    try:
+        folder = Path(snapshot_download(repo, revision=revision or None,
+                                        allow_patterns=[HUB_CONFIG, MODEL_CARD, *HUB_WEIGHTS]))
+    except Exception as e:  # hub, network and cache errors come in many types
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
+            "on the Hugging Face Hub or in the local cache"
+        raise WeightsError(f"--model {spec}: repository {repo} is not {where}: check the name, or download it "
+                           "first (hf download USER/REPO)") from e
+    return _hub_weights(folder, text)
 
 
 @dataclass
@@ -297,6 +538,14 @@ def read_model_card(weights: Path) -> dict:
     """The ``model_card.json`` beside exported weights, or ``{}`` when there is none."""
     card_path = weights.with_name(MODEL_CARD)
     if not card_path.is_file():
+        hub = weights.with_name(HUB_CONFIG)
+        if weights.suffix != ".onnx" and hub.is_file():  # a timm hub folder written by another tool
+            try:
+                config = json.loads(hub.read_text("utf-8"))
+            except ValueError as e:
+                raise WeightsError(f"{hub} is not valid JSON: {e}") from e
+            if isinstance(config, dict) and "architecture" in config:
+                return card_from_hub_config(config, hub)
         return {}
     try:
         card = json.loads(card_path.read_text("utf-8"))
@@ -341,14 +590,16 @@ def load_model(
 
     ``path`` is a TwinCar Lightning ``.ckpt`` (class names and preprocessing inside), exported weights
     (``.pth``/``.safetensors``/``.onnx``, the last run by onnxruntime) with a ``model_card.json`` beside them,
+    a timm hub folder or repository (``local-dir:DIR``, ``hf-hub:USER/REPO``: :func:`resolve_model_source`),
     or a bare state dict such as the original TwinCars ``.pth`` (a torchvision resnet50 with a K-way ``fc``),
     which needs ``classes`` and gets the original preprocessing (224x224 squash, ImageNet mean/std) unless
     ``preprocess`` is given.
     Every file is read with ``weights_only=True`` or safetensors: nothing is unpickled.
     """
-    path = Path(path).expanduser()
+    path = resolve_model_source(path)
     if not path.is_file():
-        raise WeightsError(f"model file {path} does not exist: give the path of a .ckpt, .pth, .safetensors or .onnx")
+        raise WeightsError(f"model file {path} does not exist: give the path of a .ckpt, .pth, .safetensors or .onnx"
+                           " (or local-dir:DIR, hf-hub:USER/REPO)")
     try:
         given = read_class_names(classes) if isinstance(classes, (str, Path)) else (list(classes) if classes else None)
     except (OSError, ValueError) as e:
