@@ -24,6 +24,10 @@ from twincar.errors import TwinCarError
 log = logging.getLogger(__name__)
 
 
+class ReadError(TwinCarError, ValueError):
+    """A file TwinCar reads back (a model card, a config) is not what it should be; the message names it."""
+
+
 class WriteError(TwinCarError, OSError):
     """A file could not be written (full disk, no permission, a folder in the way); the old one is intact."""
 
@@ -168,3 +172,15 @@ def check_writable_dir(directory: str | Path, option: str, *, shown: Path | None
 def _named(option: str, path: Path) -> str:
     """How an option and its value read in a message: ``--output x.csv`` or ``out=DIR`` (a config key)."""
     return f"{option} {path}" if option.startswith("-") else f"{option}={path}"
+
+
+def read_json_object(path: str | Path, holds: str) -> dict:
+    """The JSON object in ``path`` (a model card, a hub config); a :class:`ReadError` in one sentence when it is
+    not valid JSON or not an object (``holds``: what it should hold, for the message)."""
+    try:
+        value = json.loads(Path(path).read_text("utf-8"))
+    except ValueError as e:
+        raise ReadError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ReadError(f"{path} must hold a JSON object ({holds})")
+    return value

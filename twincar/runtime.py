@@ -15,7 +15,6 @@ center crop, ``(pixel / 255 - mean) / std`` as float32 NCHW, logits out. Flip TT
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from twincar.data.classes import class_names_difference, parse_car_name, read_class_names
 from twincar.errors import TwinCarError
+from twincar.files import ReadError, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +213,9 @@ def read_card(weights: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        card = json.loads(path.read_text("utf-8"))
-    except ValueError as e:
-        raise RuntimeModelError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(card, dict):
-        raise RuntimeModelError(f"{path} must hold a JSON object (class_names, preprocess, architecture)")
-    return card
+        return read_json_object(path, "class_names, preprocess, architecture")
+    except ReadError as e:
+        raise RuntimeModelError(str(e)) from e
 
 
 class OnnxPredictor:

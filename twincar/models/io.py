@@ -22,7 +22,7 @@ from torch import nn
 from twincar.data.classes import class_names_difference, read_class_names
 from twincar.data.transforms import TWINCARS_PREPROCESS, Preprocess
 from twincar.errors import TwinCarError
-from twincar.files import atomic_path, write_json
+from twincar.files import ReadError, atomic_path, read_json_object, write_json
 
 log = logging.getLogger(__name__)
 
@@ -548,12 +548,9 @@ def read_model_card(weights: Path) -> dict:
                 return card_from_hub_config(config, hub)
         return {}
     try:
-        card = json.loads(card_path.read_text("utf-8"))
-    except ValueError as e:
-        raise WeightsError(f"{card_path} is not valid JSON: {e}") from e
-    if not isinstance(card, dict):
-        raise WeightsError(f"{card_path} must hold a JSON object (class_names, preprocess, architecture)")
-    return card
+        return read_json_object(card_path, "class_names, preprocess, architecture")
+    except ReadError as e:
+        raise WeightsError(str(e)) from e
 
 
 def _check_names(given: list[str] | None, carried: list[str] | None, num_outputs: int, path: Path) -> list[str]:
