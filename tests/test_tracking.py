@@ -122,10 +122,15 @@ TINY_RUN = ["experiment=smoke", "model.name=test_resnet", "data.image_size=32", 
 
 
 @pytest.mark.slow
-def test_a_run_logs_params_metrics_and_artifacts_to_an_mlflow_server(tmp_path, data_dir, mlflow_server):
+def test_one_run_logs_to_an_mlflow_server_and_an_offline_wandb_folder_beside_tensorboard(
+        tmp_path, data_dir, mlflow_server, monkeypatch):
+    """logger=many: TensorBoard, CSV, MLflow (a real server) and W&B (offline: no API key) from one run."""
     from mlflow.tracking import MlflowClient
 
-    proc = run_cli("twincar.train", "logger=mlflow", f"logger.mlflow.tracking_uri={mlflow_server}", "optimizer=sgd",
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    proc = run_cli("twincar.train", "logger=many", f"logger.mlflow.tracking_uri={mlflow_server}", "optimizer=sgd",
                    f"paths.data_dir={data_dir}", *TINY_RUN, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -144,17 +149,9 @@ def test_a_run_logs_params_metrics_and_artifacts_to_an_mlflow_server(tmp_path, d
         f"checkpoints/{Path(best).name}"]
     card = json.loads(Path(client.download_artifacts(run.info.run_id, "model_card.json", str(tmp_path))).read_text())
     assert card["architecture"] == "test_resnet"
-
-
-@pytest.mark.slow
-def test_wandb_without_an_api_key_writes_an_offline_run_folder_with_the_metrics(tmp_path, data_dir, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    proc = run_cli("twincar.train", "logger=wandb", f"paths.data_dir={data_dir}", *TINY_RUN, cwd=tmp_path)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    (run_dir,) = tmp_path.glob("outputs/runs/*/wandb/offline-run-*")
+    (run_dir,) = tmp_path.glob("outputs/runs/*/wandb/offline-run-*")  # W&B, offline, from the same run
     (records,) = run_dir.glob("run-*.wandb")
     data = records.read_bytes()
     for name in (b"val/acc", b"train/loss", b"lr/head", b"choice/optimizer"):
         assert name in data, name
+    assert list(tmp_path.glob("outputs/runs/*/tensorboard/events.out.tfevents.*"))  # and TensorBoard beside them
