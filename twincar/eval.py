@@ -19,67 +19,32 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from twincar.data.classes import class_names_difference, parse_car_name
+from twincar.data.classes import parse_car_name
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_sample, sample_label
 from twincar.errors import TwinCarError
 from twincar.files import check_writable_dir, write_csv, write_json
-from twincar.inference import EvalOutputs, Predictor, collect_logits, default_workers
+from twincar.inference import (  # noqa: F401 (EvalError, SPLITS: part of this module's interface)
+    SPLITS,
+    EvalError,
+    EvalOutputs,
+    Predictor,
+    collect_logits,
+    data_config,
+    default_workers,
+    eval_samples,
+)
 from twincar.metrics import calibration_bins, classification_metrics
-from twincar.runs import find_run_config, resolve_launch_paths
+from twincar.runs import resolve_launch_paths
 from twincar.viz import confused_pairs_figure, reliability_diagram, top_losses_figure
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("test", "val")
 TTA_MODES = ("none", "flip")
 REPORT_FILES = ("metrics.json", "per_class.csv", "confused_pairs.csv", "confused_pairs.png", "top_losses.png",
                 "reliability.png", "predictions.csv")
-
-
-class EvalError(TwinCarError, ValueError):
-    """A bad eval option or input; the message names it and what to pass."""
-
-
-# -- inputs: the data ---------------------------------------------------------------------------
-def data_config(cfg: DictConfig) -> tuple[dict, str]:
-    """(CarsDataModule config, split): the training run's data config with this run's non-null ``data.*``
-    on top; or, when a data group was chosen here (``data=stanford_cars``), that one."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    split = data.pop("split", "test")
-    if split not in SPLITS:
-        raise EvalError(f"data.split={split} is not a split: use data.split=test or data.split=val")
-    if "_target_" not in data:
-        run_config = cfg.get("run_config") or find_run_config(cfg.ckpt)
-        if run_config is None or not Path(run_config).is_file():
-            raise EvalError(
-                f"no training config.yaml found for {cfg.ckpt} to take the data from: pass data=stanford_cars "
-                "data.root=PATH (or run_config=PATH/config.yaml)"
-            )
-        base = OmegaConf.to_container(OmegaConf.load(run_config).data, resolve=True)
-        base.update({k: v for k, v in data.items() if v is not None})
-        data = base
-        log.info("data config from %s", run_config)
-    data["augmentation"] = None  # eval images go through the model's own preprocessing only
-    return data, split
-
-
-def eval_samples(data: dict, split: str, class_names: list[str]) -> tuple[list[Sample], float | None, list[str]]:
-    """The labelled samples of ``split`` exactly as training's CarsDataModule splits them, the car-box crop
-    margin it applies (None: no crop) and the images it left out (``data.on_corrupt=skip``)."""
-    datamodule = hydra.utils.instantiate(data, _convert_="all")
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    difference = class_names_difference(class_names, datamodule.class_names)
-    if difference:
-        raise EvalError(f"the model's classes differ from those of the data at {datamodule.root} ({difference}, "
-                        "model against data): pass the data.root it was trained on")
-    if split == "test" and not datamodule.has_test_labels:
-        raise EvalError(f"{datamodule.root} has no test labels: use data.split=val")
-    dataset = datamodule.test_set if split == "test" else datamodule.val_set
-    return list(dataset.samples), getattr(dataset, "bbox_margin", None), list(getattr(datamodule, "skipped", []))
 
 
 def _image(sample: Sample) -> torch.Tensor | None:

@@ -12,8 +12,13 @@ Loading goes through :func:`twincar.models.io.load_model` (safe: no unpickling) 
 :func:`collect_logits`, which calls the same :meth:`Predictor.prepare` decode and :meth:`Predictor.logits`, so
 a prediction here equals what evaluation computes for the same file, flip TTA included.
 
-Flip TTA (``tta="flip"``), the one definition: the softmax probabilities of the image and of its mirror image
-are averaged; :meth:`Predictor.logits` returns the log of that average, so its softmax is the average.
+Calibration (:mod:`twincar.calibration`): a model file that carries a temperature ``T`` (from the end of training
+or ``python -m twincar.calibrate``) is predicted with ``softmax(logits / T)``, so ``confidence`` is the calibrated
+probability; with an unknown threshold too, an image whose unknown score is below it has ``known=False`` (not one of
+the model's classes) and keeps its closest classes in ``topk``.
+
+Flip TTA (``tta="flip"``), the one definition: the (calibrated) softmax probabilities of the image and of its mirror
+image are averaged; :meth:`Predictor.logits` returns the log of that average, so its softmax is the average.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from twincar.data.classes import parse_car_name
+from twincar.calibration import Calibration
+from twincar.data.classes import class_names_difference, parse_car_name
 from twincar.data.datasets import CarsDataset, collate_readable
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_rgb, load_sample, pil_to_uint8, sample_label
@@ -39,6 +46,9 @@ from twincar.data.transforms import BatchTransform, EvalImageTransform, Preproce
 from twincar.errors import TwinCarError
 from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model, min_input_size
 from twincar.runs import find_run_config
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,33 +64,52 @@ class Prediction:
     source: str  # the file path, or "<PIL image>" / "<tensor>" for in-memory inputs
     name: str = ""  # the predicted class name, e.g. "BMW M3 Coupe 2012"
     label: int = -1  # its index in the class list
-    confidence: float = 0.0  # softmax probability of the predicted class
+    confidence: float = 0.0  # (calibrated) softmax probability of the predicted class
     make: str = ""
     model: str = ""
     year: int | None = None
     topk: list[tuple[str, float]] = field(default_factory=list)  # (name, probability), most likely first
     error: str | None = None
+    known: bool = True  # False: the unknown score is below the model's threshold, not one of its classes
+    unknown_score: float | None = None  # the score compared with the threshold (None: no threshold in use)
+    num_classes: int = 0  # how many classes the model knows (for the "not one of the N" answer)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
-    def to_row(self, topk: int | None = None) -> dict[str, object]:
+    @property
+    def answer(self) -> str:
+        """The class name, or, for an unknown car, that it is not one of the known classes."""
+        return self.name if self.known else unknown_answer(self.num_classes)
+
+    def to_row(self, topk: int | None = None, open_set: bool = False) -> dict[str, object]:
         """A flat row: the original TwinCars columns ``image, make, model, year, confidence``, then
-        ``class``, ``label``, ``top{i}_class``/``top{i}_prob`` for i = 1..topk, and ``error``."""
+        ``class``, ``label``, ``top{i}_class``/``top{i}_prob`` for i = 1..topk, with ``open_set`` ``known`` and
+        ``unknown_score``, and ``error``. An unknown car has empty make/model/year/label, ``class`` says it is
+        not one of the known classes, and the top-k columns keep its closest classes."""
         k = len(self.topk) if topk is None else topk
+        known = self.known or not self.ok
         row: dict[str, object] = {
-            "image": self.source, "make": self.make, "model": self.model,
-            "year": "" if self.year is None else self.year,
+            "image": self.source, "make": self.make if known else "", "model": self.model if known else "",
+            "year": "" if self.year is None or not known else self.year,
             "confidence": round(self.confidence, 6) if self.ok else "",
-            "class": self.name, "label": self.label if self.ok else "",
+            "class": self.answer if self.ok else "", "label": self.label if self.ok and known else "",
         }
         for i in range(k):
             name, prob = self.topk[i] if i < len(self.topk) else ("", "")
             row[f"top{i + 1}_class"] = name
             row[f"top{i + 1}_prob"] = round(prob, 6) if prob != "" else ""
+        if open_set:
+            row["known"] = ("true" if self.known else "false") if self.ok else ""
+            row["unknown_score"] = "" if self.unknown_score is None else round(self.unknown_score, 6)
         row["error"] = self.error or ""
         return row
+
+
+def unknown_answer(num_classes: int) -> str:
+    """What TwinCar answers for a car that is none of its classes."""
+    return f"not one of the {num_classes} known classes" if num_classes else "not one of the known classes"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -225,6 +254,10 @@ class Predictor:
             see :func:`resolve_precision`). An ONNX model always runs in fp32.
         tta: ``"flip"`` averages the probabilities of the image and its mirror image (see the module's
             docstring); None (or ``"none"``) for one pass.
+        calibration: the model's :class:`~twincar.calibration.Calibration` (or its dict): its temperature divides
+            the logits; None: raw softmax, no unknown answer.
+        unknown: ``"auto"`` (the calibration's threshold, when it has one), ``"off"`` (every image is one of the
+            classes) or a number: the threshold on the calibration's score (max-logit by default).
     """
 
     def __init__(
@@ -237,6 +270,8 @@ class Predictor:
         channels_last: bool = True,
         precision: str = "fp32",
         tta: str | None = None,
+        calibration: Calibration | dict | None = None,
+        unknown: str | float = "auto",
     ):
         if tta not in TTA_MODES:
             raise TwinCarError(f"--tta must be 'flip' or left out, got {tta!r}")
@@ -257,6 +292,18 @@ class Predictor:
         self.image_transform = EvalImageTransform(preprocess)  # per image: resize + crop, uint8
         self.batch_transform = BatchTransform(preprocess).to(self.device)  # per batch: float + normalise
         self.parsed = [parse_car_name(n) for n in self.class_names]
+        self.calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
+        self.temperature = self.calibration.temperature if self.calibration else 1.0
+        self.unknown_threshold = unknown_threshold(unknown, self.calibration)
+
+    @property
+    def score(self) -> str:
+        """The unknown score in use (:data:`twincar.calibration.SCORES`)."""
+        return self.calibration.score if self.calibration else "max_logit"
+
+    def unknown_scores(self, raw_logits: torch.Tensor) -> torch.Tensor:
+        """(N,) unknown scores of raw logits (:meth:`outputs`' first), higher = more like a known class."""
+        return (self.calibration or Calibration()).scores(raw_logits)
 
     @classmethod
     def load(
@@ -304,22 +351,39 @@ class Predictor:
         if pre.image_size < smallest:
             raise TwinCarError(f"--img-size {pre.image_size} is smaller than {loaded.architecture} takes: its features "
                                f"are {smallest}x smaller than the input, so give at least {smallest} pixels")
+        kwargs.setdefault("calibration", loaded.calibration)
         return cls(loaded.model, loaded.class_names, pre, device=device, **kwargs)
 
     # -- the three steps: per image, per batch, results ---------------------------------------
+    def with_calibration(self, calibration: Calibration | dict | None, unknown: str | float = "auto") -> Predictor:
+        """This predictor (same network, no copy) with another calibration: ``calibration`` None is raw softmax."""
+        other = object.__new__(Predictor)
+        other.__dict__.update(self.__dict__)
+        other.calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
+        other.temperature = other.calibration.temperature if other.calibration else 1.0
+        other.unknown_threshold = unknown_threshold(unknown, other.calibration)
+        return other
+
     def prepare(self, image: ImageInput) -> torch.Tensor:
         """Per-image work (decode, resize, crop): a ``uint8`` (3, S, S) tensor. Safe in DataLoader workers.
 
         A large JPEG is decoded at reduced size (never below what the resize needs: ``load_rgb(min_side=)``)."""
         return prepare_image(image, self.image_transform, self.preprocess.decode_min_side)
 
-    @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits (N, K) in float32 on the CPU for a ``uint8`` batch (N, 3, S, S) of prepared images.
+        """Calibrated logits (N, K) in float32 on the CPU for a ``uint8`` batch (N, 3, S, S) of prepared images:
+        the network's divided by the temperature (1 when the model carries none), so their softmax is the
+        calibrated probability.
 
-        With ``tta="flip"`` these are the log of the probabilities averaged over the image and its mirror
+        With ``tta="flip"`` these are the log of the calibrated probabilities averaged over the image and its mirror
         image (so their softmax is that average).
         """
+        return self.outputs(batch)[1]
+
+    @torch.inference_mode()
+    def outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(raw, calibrated)`` logits (N, K) of one forward pass: ``raw`` at temperature 1 (what the unknown
+        score and ``ece_raw`` use), ``calibrated`` as :meth:`logits` returns them."""
         x = self.batch_transform(batch.to(self.device, non_blocking=True))
         if self.tta == "flip":
             x = torch.cat([x, x.flip(3)])
@@ -328,22 +392,25 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             out = self.model(x).float()
-        if self.tta == "flip":
-            plain, flipped = out.log_softmax(1).chunk(2)
-            out = torch.logaddexp(plain, flipped) - math.log(2)
-        return out.cpu()
+        out = out.cpu()
+        return flip_average(out, 1.0, self.tta), flip_average(out, self.temperature, self.tta)
 
-    def results(self, logits: torch.Tensor, sources: Sequence[str], topk: int = 5) -> list[Prediction]:
-        """Turn logits into :class:`Prediction` objects (top-k names and probabilities, make/model/year)."""
+    def results(self, logits: torch.Tensor, sources: Sequence[str], topk: int = 5,
+                scores: torch.Tensor | None = None) -> list[Prediction]:
+        """Turn (calibrated) logits into :class:`Prediction` objects (top-k names and probabilities, make/model/year);
+        with the images' unknown ``scores`` and a threshold in use, ``known`` and ``unknown_score`` too."""
         probs = logits.float().softmax(dim=1)
         k = min(topk, probs.shape[1])
         top_p, top_i = probs.topk(k, dim=1)
+        threshold = self.unknown_threshold if scores is not None else None
+        score_list = scores.tolist() if threshold is not None else [None] * len(sources)
         out = []
-        for src, ps, idx in zip(sources, top_p.tolist(), top_i.tolist(), strict=True):
+        for src, ps, idx, score in zip(sources, top_p.tolist(), top_i.tolist(), score_list, strict=True):
             car = self.parsed[idx[0]]
             out.append(Prediction(
                 source=src, name=car.full, label=idx[0], confidence=ps[0], make=car.make, model=car.model,
                 year=car.year, topk=[(self.class_names[i], p) for i, p in zip(idx, ps, strict=True)],
+                known=score is None or score >= threshold, unknown_score=score, num_classes=len(self.class_names),
             ))
         return out
 
@@ -364,9 +431,12 @@ class Predictor:
         file yields a Prediction with ``error`` set (and a warning); the rest of its batch goes on.
         """
         for indices, batch, errors in self.prepared_batches(images, batch_size=batch_size, num_workers=num_workers):
-            done = dict(zip(indices, self.results(
-                self.logits(batch), [source_name(images[i]) for i in indices], topk
-            ), strict=True)) if indices else {}
+            done = {}
+            if indices:
+                raw, calibrated = self.outputs(batch)
+                scores = self.unknown_scores(raw) if self.unknown_threshold is not None else None
+                done = dict(zip(indices, self.results(calibrated, [source_name(images[i]) for i in indices], topk,
+                                                      scores), strict=True))
             for i in sorted([*indices, *errors]):
                 if i in errors:
                     log.warning("skipping unreadable image: %s", errors[i])
@@ -387,6 +457,33 @@ class Predictor:
         return results[0] if single else results
 
 
+def flip_average(out: torch.Tensor, temperature: float, tta: str | None) -> torch.Tensor:
+    """The network's outputs (N, K), or (2N, K) with flip TTA (images, then mirror images), divided by
+    ``temperature``; with flip TTA, the log of the two views' averaged probabilities."""
+    out = out / temperature if temperature != 1.0 else out
+    if tta != "flip":
+        return out
+    plain, flipped = out.log_softmax(1).chunk(2)
+    return torch.logaddexp(plain, flipped) - math.log(2)
+
+
+def unknown_threshold(unknown: str | float | None, calibration: Calibration | None) -> float | None:
+    """The unknown threshold ``--unknown`` asks for: ``auto`` -> the calibration's (None when it has none),
+    ``off`` (or None) -> None, a number -> that number."""
+    if unknown is None or unknown == "off":
+        return None
+    if unknown == "auto":
+        return calibration.threshold if calibration else None
+    try:
+        value = float(unknown)
+    except (TypeError, ValueError) as e:
+        raise TwinCarError(
+            f"--unknown {unknown} is not auto, off or a number (a threshold on the unknown score)") from e
+    if not math.isfinite(value):
+        raise TwinCarError(f"--unknown {unknown} must be a finite number")
+    return value
+
+
 def _run_model_config(path: Path) -> tuple[str | None, Preprocess | None]:
     """The architecture and preprocessing of the training run a bare weights file sits in (None when unknown)."""
     from omegaconf import OmegaConf
@@ -405,10 +502,15 @@ def _run_model_config(path: Path) -> tuple[str | None, Preprocess | None]:
 class EvalOutputs:
     """Logits of every readable image of a split, in sample order, and what could not be read."""
 
-    logits: torch.Tensor  # (N, K) float32: Predictor.logits (flip TTA included when the predictor has it)
+    logits: torch.Tensor  # (N, K) float32: raw (temperature 1) Predictor.outputs, flip TTA included when it has it
     labels: torch.Tensor  # (N,)
     samples: list[Sample]  # the N readable samples
     skipped: list[tuple[str, str]]  # (image, why) of unreadable images
+    calibrated: torch.Tensor | None = None  # (N, K): Predictor.logits (the predictor's temperature); None = logits
+
+    def __post_init__(self):
+        if self.calibrated is None:
+            self.calibrated = self.logits
 
 
 def collect_logits(
@@ -424,7 +526,7 @@ def collect_logits(
     samples = list(samples)
     reader = partial(load_sample, min_side=predictor.preprocess.decode_min_side)
     dataset = _Numbered(CarsDataset(samples, predictor.image_transform, bbox_margin, reader))
-    logits, kept, skipped = [], [], []
+    logits, calibrated, kept, skipped = [], [], [], []
     with tqdm(total=len(samples), desc="eval", unit="img", disable=not progress) as bar:
         for indices, images, errors in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
                                                     pin_memory=predictor.device.type == "cuda"):
@@ -432,11 +534,64 @@ def collect_logits(
                 log.warning("skipping unreadable image: %s", message)
                 skipped.append((sample_label(samples[i]), message))
             if images is not None:
-                logits.append(predictor.logits(images))
+                raw, cal = predictor.outputs(images)
+                logits.append(raw)
+                calibrated.append(cal)
                 kept.extend(indices)
             bar.update(len(indices) + len(errors))
     if not kept:
         first = skipped[0][1] if skipped else "-"
         raise TwinCarError(f"none of the {len(samples)} images could be read (first: {first})")
     kept_samples = [samples[i] for i in kept]
-    return EvalOutputs(torch.cat(logits), torch.tensor([s.label for s in kept_samples]), kept_samples, skipped)
+    return EvalOutputs(torch.cat(logits), torch.tensor([s.label for s in kept_samples]), kept_samples, skipped,
+                       torch.cat(calibrated))
+
+
+# -- the labelled images of a split: eval, calibrate ------------------------------------------------------
+SPLITS = ("test", "val")
+
+
+class EvalError(TwinCarError, ValueError):
+    """A bad eval option or input; the message names it and what to pass."""
+
+
+def data_config(cfg: DictConfig) -> tuple[dict, str]:
+    """(CarsDataModule config, split): the training run's data config with this run's non-null ``data.*``
+    on top; or, when a data group was chosen here (``data=stanford_cars``), that one."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    split = data.pop("split", "test")
+    if split not in SPLITS:
+        raise EvalError(f"data.split={split} is not a split: use data.split=test or data.split=val")
+    if "_target_" not in data:
+        run_config = cfg.get("run_config") or find_run_config(cfg.ckpt)
+        if run_config is None or not Path(run_config).is_file():
+            raise EvalError(
+                f"no training config.yaml found for {cfg.ckpt} to take the data from: pass data=stanford_cars "
+                "data.root=PATH (or run_config=PATH/config.yaml)"
+            )
+        base = OmegaConf.to_container(OmegaConf.load(run_config).data, resolve=True)
+        base.update({k: v for k, v in data.items() if v is not None})
+        data = base
+        log.info("data config from %s", run_config)
+    data["augmentation"] = None  # eval images go through the model's own preprocessing only
+    return data, split
+
+
+def eval_samples(data: dict, split: str, class_names: list[str]) -> tuple[list[Sample], float | None, list[str]]:
+    """The labelled samples of ``split`` exactly as training's CarsDataModule splits them, the car-box crop
+    margin it applies (None: no crop) and the images it left out (``data.on_corrupt=skip``)."""
+    import hydra
+
+    datamodule = hydra.utils.instantiate(data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    difference = class_names_difference(class_names, datamodule.class_names)
+    if difference:
+        raise EvalError(f"the model's classes differ from those of the data at {datamodule.root} ({difference}, "
+                        "model against data): pass the data.root it was trained on")
+    if split == "test" and not datamodule.has_test_labels:
+        raise EvalError(f"{datamodule.root} has no test labels: use data.split=val")
+    dataset = datamodule.test_set if split == "test" else datamodule.val_set
+    return list(dataset.samples), getattr(dataset, "bbox_margin", None), list(getattr(datamodule, "skipped", []))
