@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +48,7 @@ def test_the_threshold_keeps_the_target_share_of_the_split_it_is_fitted_on():
     for tpr in (0.95, 0.9, 0.5, 1.0):
         t = fit_threshold(scores, tpr)
         assert float((scores >= t).double().mean()) == pytest.approx(tpr)
-    assert fit_threshold(torch.tensor([1.0, 2.0, 3.0, 4.0]), 0.75) == 2.0  # the largest that keeps 3 of 4
+    assert 1.5 <= fit_threshold(torch.tensor([1.0, 2.0, 3.0, 4.0]), 0.75) < 2.0  # just below the 3rd highest
     with pytest.raises(TwinCarError, match=r"true-positive rate must be in \(0, 1\]"):
         fit_threshold(scores, 0)
 
@@ -80,3 +84,104 @@ def test_a_calibration_round_trips_and_refuses_nonsense():
     assert Calibration.from_dict(None) is None
     with pytest.raises(TwinCarError, match="temperature must be a positive number"):
         Calibration(temperature=0.0)
+
+
+# -- the model file carries it; predict marks unknown cars -------------------------------------------------------
+def calibrated_copy(tiny_export: Path, tmp_path: Path, calibration: dict) -> Path:
+    """A copy of the tiny exported model (weights, card, classes) whose model card carries ``calibration``."""
+    from twincar.models.io import write_calibration
+
+    d = tmp_path / "model"
+    d.mkdir()
+    for name in ("model.pth", "model_card.json", "classes.txt"):
+        shutil.copy(tiny_export.parent / name, d / name)
+    write_calibration(d / "model.pth", calibration)
+    return d / "model.pth"
+
+
+def test_predict_marks_cars_below_the_threshold_unknown_and_keeps_their_closest_classes(tiny_export, car_images,
+                                                                                      tmp_path):
+    from twincar.inference import Predictor
+    from twincar.predict import format_predictions, predict_files
+
+    plain = Predictor.load(tiny_export, device="cpu", precision="fp32")
+    raw = torch.cat([plain.outputs(plain.prepare(p)[None])[0] for p in car_images])
+    scores = unknown_scores(raw)
+    threshold = float(scores.median())  # 3 images: the lowest is unknown, the other two known
+    model = calibrated_copy(tiny_export, tmp_path, {"temperature": 2.0, "threshold": threshold})
+
+    p = Predictor.load(model, device="cpu", precision="fp32")
+    assert p.temperature == 2.0 and p.unknown_threshold == threshold
+    results = p.predict(car_images)
+    assert [r.known for r in results] == (scores >= threshold).tolist() == [s >= threshold for s in scores.tolist()]
+    assert [r.unknown_score for r in results] == pytest.approx(scores.tolist())
+    # confidence is the calibrated probability: softmax(logits / T)
+    assert results[0].confidence == pytest.approx(float((raw[0] / 2).softmax(0).max()), abs=1e-6)
+
+    out = tmp_path / "preds.csv"
+    summary = predict_files(car_images, model, output=out, device="cpu", precision="fp32", progress=False, topk=2)
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-3:] == ["known", "unknown_score", "error"] and summary.unknown == 1
+    (unknown,) = [r for r in rows if r["known"] == "false"]
+    assert unknown["class"] == "not one of the 6 known classes" and unknown["make"] == "" and unknown["label"] == ""
+    assert unknown["top1_class"] and unknown["top2_class"]  # its closest classes, still there
+    assert sum(r["known"] == "true" and r["class"] == r["top1_class"] for r in rows) == 2
+
+    off = p.with_calibration(p.calibration, unknown="off")
+    assert off.unknown_threshold is None and "known" not in format_predictions(off.predict(car_images), "csv", 1)
+    assert {r.known for r in p.with_calibration(p.calibration, unknown="-1e9").predict(car_images)} == {True}
+    assert p.with_calibration(p.calibration, unknown="1.5").unknown_threshold == 1.5
+    with pytest.raises(TwinCarError, match="--unknown maybe is not auto, off or a number"):
+        p.with_calibration(p.calibration, unknown="maybe")
+
+
+def test_the_original_projects_pth_is_calibrated_through_a_sidecar_beside_it(tmp_path):
+    import timm
+
+    from twincar.inference import Predictor
+    from twincar.models.io import calibration_sidecar, export_state_dict, write_calibration
+
+    torch.manual_seed(0)
+    pth = export_state_dict(timm.create_model("resnet18", num_classes=3), tmp_path / "twincars.pth")
+    before = pth.read_bytes()
+    names = ["Audi S4 Sedan 2012", "Audi S4 Sedan 2007", "BMW M3 Coupe 2012"]
+    assert write_calibration(pth, {"temperature": 1.5, "threshold": 3.0}) == calibration_sidecar(pth)
+    assert pth.read_bytes() == before  # the weights file is never touched
+    p = Predictor.load(pth, names, architecture="resnet18", device="cpu")
+    assert p.temperature == 1.5 and p.unknown_threshold == 3.0
+    assert Predictor.load(pth, names, architecture="resnet18", device="cpu", unknown="off").unknown_threshold is None
+
+
+# -- a trained model: training calibrates; eval, calibrate ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir) -> Path:
+    from tests.trained import trained_run
+
+    return trained_run(tmp_path_factory, data_dir)
+
+
+@pytest.mark.slow  # trains the shared small model once per session
+def test_training_fits_a_temperature_that_lowers_the_ece_of_the_held_out_test_split(run, tmp_path):
+    from twincar.inference import Predictor, collect_logits
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    card = json.loads((run / "model_card.json").read_text())
+    ckpt = Path(metrics["best_checkpoint"])
+    stored = torch.load(ckpt, weights_only=True)["hyper_parameters"]["calibration"]
+    assert card["calibration"] == stored and stored["temperature"] == pytest.approx(metrics["val/temperature"])
+    assert metrics["test/ece"] < metrics["test/ece_raw"] and metrics["test/nll"] < metrics["test/nll_raw"]
+    # the threshold keeps 95% of the validation images it was fitted on, with the logits predict computes
+    p = Predictor.load(ckpt, device="cpu", precision="fp32")
+    assert p.temperature == stored["temperature"] and p.unknown_threshold == stored["threshold"]
+    split = json.loads((run / "split.json").read_text())
+    assert stored["images"] == len(split["val"])
+    from tests.trained import compose
+    from twincar.inference import data_config, eval_samples
+
+    cfg = compose("eval", [f"ckpt={ckpt}", f"paths.output_dir={tmp_path}", "data.split=val"])
+    data, _ = data_config(cfg)
+    samples, margin, _ = eval_samples(data, "val", p.class_names)
+    val = collect_logits(p, samples, bbox_margin=margin, progress=False)
+    kept = float((p.unknown_scores(val.logits) >= p.unknown_threshold).double().mean())
+    assert kept == pytest.approx(math.ceil(0.95 * len(samples)) / len(samples))

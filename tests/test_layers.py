@@ -8,9 +8,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "twincar"
 ENTRY_POINTS = {"twincar.train", "twincar.eval", "twincar.predict", "twincar.explain", "twincar.export",
-                "twincar.demo", "twincar.compare", "twincar.report", "twincar.ablation"}
+                "twincar.demo", "twincar.compare", "twincar.report", "twincar.ablation", "twincar.calibrate"}
 ORCHESTRATION = ENTRY_POINTS | {"twincar.inference", "twincar.cam", "twincar.viz", "twincar.runs",
-                                "twincar.training"}
+                                "twincar.training", "twincar.calibration"}
 # twincar.metrics sits between data and models: the classifier logs with it, and it reads only class names
 
 

@@ -68,16 +68,23 @@ def unknown_scores(logits: torch.Tensor, score: str = DEFAULT_SCORE, temperature
     raise TwinCarError(f"unknown score {score!r}: use one of {', '.join(SCORES)}")
 
 
+THRESHOLD_MARGIN = 1e-4  # relative: the threshold sits this far below the last kept score (float noise of a rerun)
+
+
 def fit_threshold(known_scores: torch.Tensor, tpr: float = DEFAULT_TPR) -> float:
-    """The largest threshold ``t`` such that at least ``tpr`` of ``known_scores`` are ``>= t`` (an image is known
-    when its score is at or above ``t``): exactly ``ceil(tpr * n) / n`` of them pass when the scores are distinct."""
+    """A threshold ``t`` such that ``ceil(tpr * n) / n`` of ``known_scores`` are ``>= t`` (an image is known when its
+    score is at or above ``t``) when the scores are distinct: just below the lowest score that must pass (by
+    ``THRESHOLD_MARGIN``, never below the midpoint to the next lower score), so that recomputing the same images'
+    scores on other hardware keeps them."""
     if not 0 < tpr <= 1:
         raise TwinCarError(f"the target true-positive rate must be in (0, 1], got {tpr}")
     s = known_scores.detach().double().flatten().sort().values
     if len(s) == 0:
         raise TwinCarError("no known images to choose the unknown threshold on: the split is empty")
-    below = math.floor(round((1 - tpr) * len(s), 9))  # images allowed below the threshold
-    return float(s[min(below, len(s) - 1)])
+    below = min(math.floor(round((1 - tpr) * len(s), 9)), len(s) - 1)  # images allowed below the threshold
+    t = float(s[below])
+    margin = t - THRESHOLD_MARGIN * max(1.0, abs(t))
+    return max(margin, (t + float(s[below - 1])) / 2) if below > 0 else margin
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
