@@ -185,3 +185,65 @@ def test_training_fits_a_temperature_that_lowers_the_ece_of_the_held_out_test_sp
     val = collect_logits(p, samples, bbox_margin=margin, progress=False)
     kept = float((p.unknown_scores(val.logits) >= p.unknown_threshold).double().mean())
     assert kept == pytest.approx(math.ceil(0.95 * len(samples)) / len(samples))
+
+
+def test_the_demo_says_not_one_of_the_cars_it_knows_and_shows_the_closest(tiny_export, car_images, tmp_path):
+    from twincar.demo import Answerer
+    from twincar.inference import Predictor
+
+    model = calibrated_copy(tiny_export, tmp_path, {"temperature": 1.0, "threshold": 1e9})  # nothing is known
+    make, _, _, confidence, top5, _, message = Answerer(Predictor.load(model, device="cpu"))(str(car_images[0]))
+    assert message.startswith("### Not one of the 6 cars I know") and make == "" and confidence == ""
+    assert len(top5) == 5 and list(top5)[0] in message  # the closest classes, named and as bars
+
+
+@pytest.mark.slow  # uses the shared trained model
+def test_eval_reports_raw_and_calibrated_and_the_open_set_of_the_unknown_synthetic_classes(run, tmp_path):
+    from tests.trained import compose
+    from twincar.eval import evaluate
+
+    best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
+    logged = json.loads((run / "metrics.json").read_text())
+    m = evaluate(compose("eval", [f"ckpt={best}", f"paths.output_dir={tmp_path}", "progress=false", "ood=synthetic"]))
+    for name in ("ece", "ece_raw", "nll", "nll_raw", "temperature"):
+        assert m[f"test/{name}"] == pytest.approx(logged[f"test/{name}" if name != "temperature" else
+                                                         "val/temperature"], abs=1e-4), name
+    for name in ("auroc", "fpr95", "known_accepted", "unknown_rejected"):  # as training reported them
+        assert 0 <= m[f"ood/{name}"] <= 1 and m[f"ood/{name}"] == pytest.approx(logged[f"ood/{name}"], abs=1e-4)
+    assert m["ood/images"] == 6 * 4  # data.synthetic.unknown_classes=6 classes x test_per_class
+    with (tmp_path / "reports" / "predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(int(r["known"]) for r in rows) / len(rows) == pytest.approx(m["ood/known_accepted"])
+    assert (tmp_path / "reports" / "ood_scores.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # uses the shared trained model
+def test_calibrate_refits_an_exported_model_and_stores_it_in_its_card(run, tmp_path):
+    from tests.trained import compose
+    from twincar.calibrate import calibrate_model
+
+    d = tmp_path / "export"
+    d.mkdir()
+    for name in ("model.pth", "model_card.json", "classes.txt"):
+        shutil.copy(run / name, d / name)
+    cfg = compose("calibrate", [f"ckpt={d / 'model.pth'}", f"run_config={run / 'config.yaml'}",
+                                f"paths.output_dir={tmp_path / 'out'}", "progress=false", "tpr=0.5"])
+    c = calibrate_model(cfg)
+    logged = json.loads((run / "metrics.json").read_text())
+    assert c.temperature == pytest.approx(logged["val/temperature"], rel=1e-3)  # the same val images and weights
+    card = json.loads((d / "model_card.json").read_text())
+    assert card["calibration"]["target_tpr"] == 0.5 and card["calibration"]["threshold"] == pytest.approx(c.threshold)
+    assert json.loads((tmp_path / "out" / "calibration.json").read_text())["stored_in"] == str(d / "model_card.json")
+
+
+def test_the_synthetic_unknown_classes_are_never_in_the_dataset_and_leave_it_unchanged(tmp_path):
+    from twincar.data.synthetic import SyntheticSpec, generate_unknown, select_classes, unknown_class_names
+
+    spec = SyntheticSpec(num_classes=4, unknown_classes=3, test_per_class=2, width=32, height=32)
+    assert spec.fingerprint() == SyntheticSpec(num_classes=4, test_per_class=2, width=32, height=32).fingerprint()
+    names = unknown_class_names(spec)
+    assert len(names) == 3 and not set(names) & set(select_classes(4))
+    samples = generate_unknown(tmp_path / spec.fingerprint(), spec)
+    assert len(samples) == 6 and all(s.label == -1 and s.path.is_file() for s in samples)
+    first = samples[0].path.read_bytes()
+    assert generate_unknown(tmp_path / spec.fingerprint(), spec)[0].path.read_bytes() == first  # cached, same files

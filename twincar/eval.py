@@ -214,11 +214,11 @@ def ood_images(cfg: DictConfig, data: dict) -> list:
     if str(ood) == "synthetic":
         from twincar.data.synthetic import SyntheticSpec, generate_unknown
 
-        spec = dict(data.get("synthetic") or {})
-        if not spec.get("unknown_classes"):
-            raise EvalError("ood=synthetic needs unknown classes: pass data.synthetic.unknown_classes=N (N > 0)")
-        root = Path(data["root"]).parent / "synthetic_unknown"
-        return [s.path for s in generate_unknown(root, SyntheticSpec(**spec))]
+        if not data.get("synthetic") or not data["synthetic"].get("unknown_classes"):
+            raise EvalError("ood=synthetic needs the embedded dataset with unknown classes: pass "
+                            "data.synthetic.unknown_classes=N (N > 0)")
+        spec = SyntheticSpec(**data["synthetic"])
+        return [s.path for s in generate_unknown(Path(data["root"]) / spec.fingerprint(), spec)]
     try:
         return find_images([str(ood)])
     except (OSError, ValueError) as e:

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from twincar.calibration import Calibration, calibrate, ece_nll
+from twincar.calibration import Calibration, auroc, calibrate, ece_nll, fpr_at_tpr
 from twincar.data.classes import class_names_difference, write_classes_txt
 from twincar.errors import TwinCarError
 from twincar.files import write_json, write_text
@@ -94,9 +95,11 @@ def summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir:
         if "ece_raw" in m:
             lines.append(f"Calibrated ({stage}): ECE {m['ece']:.3f} (raw {m['ece_raw']:.3f}), NLL {m['nll']:.3f} "
                          f"(raw {m['nll_raw']:.3f}), temperature {metrics['val/temperature']:.3f}")
-        if "auroc" in m:
-            lines.append(f"Open set ({stage}, {m['unknown_images']:.0f} images of unknown classes): AUROC "
-                         f"{m['auroc']:.3f}, FPR95 {m['fpr95']:.3f}")
+    if "ood/auroc" in metrics:
+        lines.append(f"Open set ({metrics['ood/images']:.0f} images of classes never trained on): AUROC "
+                     f"{metrics['ood/auroc']:.3f}, FPR95 {metrics['ood/fpr95']:.3f}; at the threshold "
+                     f"{metrics['ood/known_accepted']:.1%} of known images accepted, "
+                     f"{metrics['ood/unknown_rejected']:.1%} of unknown ones rejected")
     lines += [f"Run directory: {out_dir}", f"TensorBoard:   tensorboard --logdir {Path(log_dir).resolve()}"]
     return "\n".join(lines)
 
@@ -219,7 +222,9 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
     them (:func:`~twincar.inference.collect_logits`); store them in the best checkpoint's hyper-parameters.
 
     ``metrics`` gains ``val/temperature``, and for val (and test, when it was tested) ``ece``/``nll`` become the
-    calibrated values, the trainer's raw ones moving to ``ece_raw``/``nll_raw`` (as eval reports them)."""
+    calibrated values, the trainer's raw ones moving to ``ece_raw``/``nll_raw`` (as eval reports them). On the
+    embedded dataset with ``data.synthetic.unknown_classes``, also the ``ood/*`` open-set metrics (:func:`open_set`)
+    of its unknown classes against the test (else val) images."""
     from twincar.inference import Predictor, collect_logits
 
     predictor = Predictor(model.model, model.class_names, datamodule.preprocess, device=model.device,
@@ -239,6 +244,12 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
     for stage, out in stages.items():
         metrics[f"{stage}/ece_raw"], metrics[f"{stage}/nll_raw"] = ece_nll(out.logits, out.labels)
         metrics[f"{stage}/ece"], metrics[f"{stage}/nll"] = ece_nll(out.logits, out.labels, calibration.temperature)
+    spec = getattr(datamodule, "spec", None)
+    if spec is not None and spec.unknown_classes:  # the embedded set's open-set split: classes never trained on
+        from twincar.data.synthetic import generate_unknown
+
+        unknown = collect_logits(predictor, generate_unknown(datamodule.root, spec), batch_size=batch, progress=False)
+        metrics.update(open_set(calibration, stages.get("test", val).logits, unknown.logits))
     model.hparams["calibration"] = calibration.to_dict()
     if best:
         write_calibration(best, calibration.to_dict())
@@ -246,6 +257,16 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
              calibration.temperature, calibration.images, calibration.ece_raw, calibration.ece,
              calibration.threshold, calibration.score)
     return calibration
+
+
+def open_set(calibration: Calibration, known_logits: torch.Tensor, unknown_logits: torch.Tensor) -> dict[str, float]:
+    """``ood/*``: AUROC and FPR95 of the calibration's unknown score between known-class and unknown images, and the
+    shares of each its threshold gets right."""
+    known, unknown = calibration.scores(known_logits), calibration.scores(unknown_logits)
+    return {"ood/auroc": auroc(known, unknown), "ood/fpr95": fpr_at_tpr(known, unknown, calibration.target_tpr),
+            "ood/known_accepted": float((known >= calibration.threshold).double().mean()),
+            "ood/unknown_rejected": float((unknown < calibration.threshold).double().mean()),
+            "ood/images": float(len(unknown))}
 
 
 def write_curves(out_dir: Path) -> None:
