@@ -247,3 +247,40 @@ def test_the_synthetic_unknown_classes_are_never_in_the_dataset_and_leave_it_unc
     assert len(samples) == 6 and all(s.label == -1 and s.path.is_file() for s in samples)
     first = samples[0].path.read_bytes()
     assert generate_unknown(tmp_path / spec.fingerprint(), spec)[0].path.read_bytes() == first  # cached, same files
+
+
+# -- embeddings and the nearest training cars --------------------------------------------------------------------
+def test_neighbours_equal_a_brute_force_search_and_the_index_round_trips(tmp_path):
+    from twincar.neighbours import CHUNK, NeighbourIndex, knn_metrics, top_k_similar
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(CHUNK + 7, 16, generator=g), dim=1)  # two chunks
+    sims, idx = top_k_similar(queries, keys, 3)
+    distances = torch.cdist(queries, keys)  # brute force: the smallest Euclidean distances
+    assert torch.equal(idx, distances.argsort(dim=1)[:, :3])
+    assert torch.allclose(sims, 1 - distances.gather(1, idx) ** 2 / 2, atol=1e-5)
+    _, own = top_k_similar(keys, keys, 1, exclude_self=True)
+    assert torch.equal(own[:, 0], torch.cdist(keys, keys).fill_diagonal_(float("inf")).argmin(dim=1))
+
+    labels = torch.arange(300) % 3
+    index = NeighbourIndex(keys, labels, [f"img{i}.jpg" for i in range(300)], ["A 2012", "B 2012", "C 2012"])
+    loaded = NeighbourIndex.load(index.save(tmp_path / "index"))
+    assert torch.equal(loaded.embeddings, keys) and loaded.paths == index.paths
+    (first, *_), = loaded.search(queries[:1], 3)
+    assert first == (f"img{idx[0, 0]}.jpg", index.class_names[int(labels[idx[0, 0]])], pytest.approx(sims[0, 0]))
+    # a query equal to an indexed image finds it (k-NN top-1 of the index on itself is 1)
+    assert knn_metrics(index, keys, labels)["test/knn_acc"] == 1.0
+
+
+def test_embed_gives_normalised_pre_logit_features(tiny_export, car_images):
+    from twincar.inference import Predictor
+
+    p = Predictor.load(tiny_export, device="cpu", precision="fp32")
+    e = p.embed(car_images)
+    assert e.shape == (3, p.model.num_features) and torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+    x = p.batch_transform(p.prepare(car_images[0])[None])
+    with torch.inference_mode():
+        features = p.model.forward_head(p.model.forward_features(x), pre_logits=True)
+        assert torch.allclose(p.model.get_classifier()(features), p.model(x), atol=1e-4)  # the head's input
+    assert torch.allclose(e[0], torch.nn.functional.normalize(features, dim=1)[0], atol=1e-5)

@@ -395,6 +395,40 @@ class Predictor:
         out = out.cpu()
         return flip_average(out, 1.0, self.tta), flip_average(out, self.temperature, self.tta)
 
+    @torch.inference_mode()
+    def embeddings(self, batch: torch.Tensor) -> torch.Tensor:
+        """L2-normalised pre-logit features (N, D), float32 on the CPU, of a ``uint8`` batch of prepared images:
+        timm's ``forward_head(forward_features(x), pre_logits=True)`` (after global pooling); with flip TTA the
+        normalised mean of the image's and its mirror image's."""
+        if self.is_onnx or not hasattr(self.model, "forward_head"):
+            raise TwinCarError("embeddings need a PyTorch timm model (.ckpt, .pth or .safetensors), not ONNX")
+        x = self.batch_transform(batch.to(self.device, non_blocking=True))
+        if self.tta == "flip":
+            x = torch.cat([x, x.flip(3)])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True).float()
+        feats = feats.flatten(1)
+        if self.tta == "flip":
+            feats = torch.nn.functional.normalize(feats, dim=1)
+            feats = sum(feats.chunk(2))
+        return torch.nn.functional.normalize(feats, dim=1).cpu()
+
+    def embed(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 32,
+              num_workers: int = 0) -> torch.Tensor:
+        """L2-normalised pre-logit features (N, D) of images (paths, PIL images or tensors), input order
+        (:meth:`embeddings`); an unreadable input is an error naming it."""
+        single = isinstance(images, (str, Path, Image.Image, torch.Tensor))
+        items = [images] if single else list(images)
+        out = []
+        for _, batch, errors in self.prepared_batches(items, batch_size=batch_size, num_workers=num_workers):
+            if errors:
+                raise TwinCarError(f"cannot embed an image: {next(iter(errors.values()))}")
+            out.append(self.embeddings(batch))
+        return torch.cat(out) if out else torch.empty(0, 0)
+
     def results(self, logits: torch.Tensor, sources: Sequence[str], topk: int = 5,
                 scores: torch.Tensor | None = None) -> list[Prediction]:
         """Turn (calibrated) logits into :class:`Prediction` objects (top-k names and probabilities, make/model/year);
@@ -513,6 +547,18 @@ class EvalOutputs:
             self.calibrated = self.logits
 
 
+def labelled_batches(
+    predictor: Predictor, samples: Sequence[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
+    num_workers: int = 0,
+) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+    """:func:`iter_batches` of labelled ``samples`` as the predictor decodes a file (a large JPEG at reduced size),
+    cropped to the car box when ``bbox_margin`` is set, through its own image transform."""
+    reader = partial(load_sample, min_side=predictor.preprocess.decode_min_side)
+    dataset = _Numbered(CarsDataset(list(samples), predictor.image_transform, bbox_margin, reader))
+    return iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=predictor.device.type == "cuda")
+
+
 def collect_logits(
     predictor: Predictor, samples: Sequence[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
     num_workers: int = 0, progress: bool = True,
@@ -524,12 +570,10 @@ def collect_logits(
     from tqdm.auto import tqdm
 
     samples = list(samples)
-    reader = partial(load_sample, min_side=predictor.preprocess.decode_min_side)
-    dataset = _Numbered(CarsDataset(samples, predictor.image_transform, bbox_margin, reader))
     logits, calibrated, kept, skipped = [], [], [], []
     with tqdm(total=len(samples), desc="eval", unit="img", disable=not progress) as bar:
-        for indices, images, errors in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
-                                                    pin_memory=predictor.device.type == "cuda"):
+        for indices, images, errors in labelled_batches(predictor, samples, bbox_margin=bbox_margin,
+                                                        batch_size=batch_size, num_workers=num_workers):
             for i, message in errors.items():
                 log.warning("skipping unreadable image: %s", message)
                 skipped.append((sample_label(samples[i]), message))
