@@ -284,3 +284,33 @@ def test_embed_gives_normalised_pre_logit_features(tiny_export, car_images):
         features = p.model.forward_head(p.model.forward_features(x), pre_logits=True)
         assert torch.allclose(p.model.get_classifier()(features), p.model(x), atol=1e-4)  # the head's input
     assert torch.allclose(e[0], torch.nn.functional.normalize(features, dim=1)[0], atol=1e-5)
+
+
+@pytest.mark.slow  # uses the shared trained model
+def test_the_index_of_a_run_gives_predict_its_nearest_training_cars_and_eval_its_knn_metrics(run, tmp_path):
+    from tests.trained import compose
+    from twincar.eval import evaluate
+    from twincar.index import build
+    from twincar.inference import Predictor
+    from twincar.neighbours import NeighbourIndex
+    from twincar.predict import predict_files
+
+    ckpt = Path(json.loads((run / "metrics.json").read_text())["best_checkpoint"])
+    folder = build(compose("index", [f"ckpt={ckpt}", f"out={tmp_path / 'index'}", f"paths.output_dir={tmp_path}"]))
+    index = NeighbourIndex.load(folder)
+    split = json.loads((run / "split.json").read_text())
+    assert len(index.paths) == len(split["train"])  # every training image
+    test_images = sorted((Path(index.paths[0]).parent.parent / "cars_test").glob("*.jpg"))[:3]
+    out = tmp_path / "preds.csv"
+    predict_files(test_images, ckpt, output=out, device="cpu", precision="fp32", progress=False, neighbours=2,
+                  index=folder, unknown="off")
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    p = Predictor.load(ckpt, device="cpu", precision="fp32")
+    brute = (p.embed(test_images) @ index.embeddings.T).argsort(dim=1, descending=True)[:, :2]
+    for row, best in zip(rows, brute.tolist(), strict=True):
+        assert [row["nn1_image"], row["nn2_image"]] == [index.paths[i] for i in best]
+        assert row["nn1_class"] == index.class_names[int(index.labels[best[0]])]
+    m = evaluate(compose("eval", [f"ckpt={ckpt}", f"paths.output_dir={tmp_path / 'eval'}", "progress=false",
+                                  f"index={folder}"]))
+    assert 0 <= m["test/knn_acc"] <= 1 and 0 <= m["test/recall_at_1"] <= 1

@@ -248,6 +248,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
              "skipped": left_out + [p for p, _ in out.skipped], "classes": len(predictor.class_names)}
     metrics = write_reports(out, predictor, out_dir, split=split, extra=extra,
                             top_losses=int(cfg.top_losses), top_pairs=int(cfg.confused_pairs))
+    if cfg.get("index"):  # the embedding's own k-NN top-1 (against the training images) and Recall@1
+        from twincar.neighbours import NeighbourIndex, build_index, knn_metrics
+
+        queries = build_index(predictor, out.samples, batch_size=batch_size, bbox_margin=margin)
+        metrics.update(knn_metrics(NeighbourIndex.load(cfg.index), queries.embeddings, queries.labels, f"{split}/"))
+        write_json(out_dir / "metrics.json", {**metrics, **extra})
     if cfg.get("ood"):
         unknown = unknown_images(predictor, ood_images(cfg, data), batch_size=batch_size)
         metrics.update(open_set_metrics(predictor, out.logits, unknown, out_dir))
@@ -272,6 +278,7 @@ def summary(metrics: dict[str, float], split: str, out_dir: Path) -> str:
         f"  calibration: ECE {f(m['ece'])}, NLL {f(m['nll'])} (before temperature scaling: ECE "
         f"{f(m.get('ece_raw', float('nan')))}, NLL {f(m.get('nll_raw', float('nan')))}; "
         f"T = {m.get('temperature', 1.0):.3f})",
+        *([f"  embedding: k-NN top-1 {f(m['knn_acc'])}, Recall@1 {f(m['recall_at_1'])}"] if "knn_acc" in m else []),
         *([f"  open set ({metrics['ood/images']} unknown images): AUROC {f(metrics['ood/auroc'])}, FPR95 "
            f"{f(metrics['ood/fpr95'])}"] if "ood/auroc" in metrics else []),
         f"Reports: {out_dir}",

@@ -73,6 +73,7 @@ class Prediction:
     known: bool = True  # False: the unknown score is below the model's threshold, not one of its classes
     unknown_score: float | None = None  # the score compared with the threshold (None: no threshold in use)
     num_classes: int = 0  # how many classes the model knows (for the "not one of the N" answer)
+    neighbours: list[tuple[str, str, float]] = field(default_factory=list)  # nearest training (image, class, cosine)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +101,8 @@ class Prediction:
             name, prob = self.topk[i] if i < len(self.topk) else ("", "")
             row[f"top{i + 1}_class"] = name
             row[f"top{i + 1}_prob"] = round(prob, 6) if prob != "" else ""
+        for i, (image, name, sim) in enumerate(self.neighbours):
+            row[f"nn{i + 1}_image"], row[f"nn{i + 1}_class"], row[f"nn{i + 1}_similarity"] = image, name, round(sim, 6)
         if open_set:
             row["known"] = ("true" if self.known else "false") if self.ok else ""
             row["unknown_score"] = "" if self.unknown_score is None else round(self.unknown_score, 6)
@@ -637,5 +640,5 @@ def eval_samples(data: dict, split: str, class_names: list[str]) -> tuple[list[S
                         "model against data): pass the data.root it was trained on")
     if split == "test" and not datamodule.has_test_labels:
         raise EvalError(f"{datamodule.root} has no test labels: use data.split=val")
-    dataset = datamodule.test_set if split == "test" else datamodule.val_set
+    dataset = {"test": datamodule.test_set, "val": datamodule.val_set, "train": datamodule.train_set}[split]
     return list(dataset.samples), getattr(dataset, "bbox_margin", None), list(getattr(datamodule, "skipped", []))

@@ -82,23 +82,32 @@ def predict_files(
     resize_mode: str | None = None,
     tta: str | None = None,
     unknown: str = "auto",
+    neighbours: int = 0,
+    index: str | Path | None = None,
     progress: bool = True,
 ) -> PredictSummary:
     """Predict every image and write the rows to ``output``; unreadable images get an ``error`` row.
 
     The model and its class list are checked before any image is read. ``num_workers`` decoding processes
     (None: :func:`default_workers`). ``unknown``: ``auto`` (the model's calibrated threshold, when it carries one),
-    ``off`` or a threshold on its unknown score; a car below it is "not one of the known classes".
+    ``off`` or a threshold on its unknown score; a car below it is "not one of the known classes". ``neighbours``:
+    add the k nearest training images of each (from ``index``, default ``index/`` beside the model: built by
+    ``python -m twincar.index``).
     """
     from twincar.data.images import find_images  # torch is imported here, not for --help
     from twincar.inference import Predictor, default_workers
 
     if fmt not in ("csv", "json"):
         raise TwinCarError(f"--format must be csv or json, got {fmt!r}")
-    for flag, value, least in (("--topk", topk, 1), ("--batch-size", batch_size, 1), ("--workers", num_workers, 0)):
+    for flag, value, least in (("--topk", topk, 1), ("--neighbours", neighbours, 0), ("--batch-size", batch_size, 1),
+                               ("--workers", num_workers, 0)):
         if value is not None and value < least:
             raise TwinCarError(f"{flag} must be at least {least}, got {value}")
     output = check_writable(output, "--output")  # before the model loads: nothing computed is lost
+    if neighbours:
+        from twincar.neighbours import NeighbourIndex
+
+        neighbour_index = NeighbourIndex.load(Path(index) if index else Path(model).expanduser().parent / "index")
     predictor = Predictor.load(
         model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta,
         unknown=unknown,
@@ -117,6 +126,12 @@ def predict_files(
 
         stream = track(stream, total=len(files), description="predicting", transient=True)
     predictions = list(stream)
+    if neighbours:
+        readable = [p for p in predictions if p.ok]
+        found = neighbour_index.search(predictor.embed([p.source for p in readable], batch_size=batch_size),
+                                       neighbours) if readable else []
+        for p, near in zip(readable, found, strict=True):
+            p.neighbours = near
     seconds = time.perf_counter() - start
     summary = PredictSummary(output, len(predictions), sum(not p.ok for p in predictions), seconds,
                              sum(p.ok and not p.known for p in predictions))
@@ -155,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: mark cars below the model's calibrated unknown threshold as not one of its classes "
                         "(python -m twincar.calibrate; training fits it); off: always name a class; VALUE: a threshold "
                         "on the unknown score (max-logit by default)")
+    parser.add_argument("--neighbours", type=int, default=0, metavar="K",
+                        help="add the K nearest training images and their classes to each row (an index built by "
+                        "python -m twincar.index)")
+    parser.add_argument("--index", metavar="DIR", help="the neighbour index folder (default: index/ beside the model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -169,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.images, args.model, classes=args.classes, output=output, fmt=args.format, topk=args.topk,
             batch_size=args.batch_size, num_workers=args.workers, device=args.device, precision=args.precision,
             image_size=args.img_size, resize_mode=args.resize_mode, tta=args.tta, unknown=args.unknown,
+            neighbours=args.neighbours, index=args.index,
             progress=not args.no_progress,
         )
     except TwinCarError as e:
