@@ -8,9 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "twincar"
 ENTRY_POINTS = {"twincar.train", "twincar.eval", "twincar.predict", "twincar.explain", "twincar.export",
-                "twincar.demo", "twincar.compare", "twincar.report", "twincar.ablation"}
+                "twincar.demo", "twincar.compare", "twincar.report", "twincar.ablation",
+                "twincar.calibrate", "twincar.index"}
 ORCHESTRATION = ENTRY_POINTS | {"twincar.inference", "twincar.cam", "twincar.viz", "twincar.runs",
-                                "twincar.training"}
+                                "twincar.training", "twincar.calibration", "twincar.neighbours"}
 # twincar.metrics sits between data and models: the classifier logs with it, and it reads only class names
 
 

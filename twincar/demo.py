@@ -1,6 +1,7 @@
 """The web demo (the original TwinCars Hugging Face Space, rebuilt): ``python -m twincar.demo --model PATH``.
 
-Upload, drop or paste a car photo (or pick an example) and see its make, model, year and confidence, the top-5
+Upload, drop or paste a car photo (or pick an example) and see its make, model, year and (calibrated) confidence, or,
+for a car below the model's unknown threshold, "Not one of the N cars I know" with the closest classes; the top-5
 classes as bars and, on request, a Grad-CAM overlay (:mod:`twincar.cam`). Everything goes through one
 :class:`~twincar.inference.Predictor`, so the answer equals ``twincar.predict`` on the same file. Runs offline
 (no CDN assets, analytics off); uploads are limited in size; one prediction runs at a time (Gradio queue).
@@ -96,9 +97,18 @@ class Answerer:
         if not prediction.ok:
             reason = prediction.error.replace(str(path), name)
             return (*EMPTY_ANSWER, f"Cannot use this file: {reason}. Upload a JPEG or PNG photo.")
+        if not prediction.known:  # below the model's calibrated unknown threshold: say so, show the closest classes
+            return ("", "", "", "", dict(prediction.topk), overlay, unknown_message(prediction, note))
         year = "" if prediction.year is None else str(prediction.year)
         return (prediction.make, prediction.model, year, f"{prediction.confidence:.1%}", dict(prediction.topk),
                 overlay, f"### {prediction.name}\n{note}")
+
+
+def unknown_message(prediction, note: str = "") -> str:
+    """The demo's answer for a car that is none of the model's classes: that, and which classes are closest."""
+    closest = ", ".join(name for name, _ in prediction.topk[:3])
+    return (f"### Not one of the {prediction.num_classes} cars I know\nThe closest of them: {closest} (unknown score "
+            f"{prediction.unknown_score:.2f}, below the model's threshold).\n{note}")
 
 
 def _unopened_path(payload) -> str | None:

@@ -1,4 +1,5 @@
-"""Evaluate a trained model: ``python -m twincar.eval ckpt=PATH [data.split=test|val] [data.root=PATH] [tta=flip]``.
+"""Evaluate a trained model: ``python -m twincar.eval ckpt=PATH [data.split=test|val] [data.root=PATH] [tta=flip]
+[ood=FOLDER|synthetic]``.
 
 The model comes in through :class:`~twincar.inference.Predictor` (class names and preprocessing from the file),
 the images from :class:`~twincar.data.datamodule.CarsDataModule` built from the training run's data config
@@ -6,8 +7,10 @@ the images from :class:`~twincar.data.datamodule.CarsDataModule` built from the 
 (the code training logs with), so ``eval`` on a checkpoint's split reproduces what training logged.
 
 It writes into its run directory ``reports/``: ``metrics.json``, ``per_class.csv``, ``confused_pairs.csv`` /
-``.png``, ``top_losses.png``, ``reliability.png`` and ``predictions.csv``. ``evaluate(cfg)`` is the pure
-function; ``main`` the thin Hydra entry point. It never trains.
+``.png``, ``top_losses.png``, ``reliability.png`` and ``predictions.csv``; with ``ood=`` (images of no known
+class) also ``ood_scores.png`` and the ``ood/*`` open-set metrics. Confidence is the model's calibrated probability
+(its temperature, :mod:`twincar.calibration`): ``{split}/ece`` after temperature scaling, ``{split}/ece_raw``
+before. ``evaluate(cfg)`` is the pure function; ``main`` the thin Hydra entry point. It never trains.
 """
 
 from __future__ import annotations
@@ -19,67 +22,33 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from twincar.data.classes import class_names_difference, parse_car_name
+from twincar.calibration import auroc, ece_nll, fpr_at_tpr
+from twincar.data.classes import parse_car_name
 from twincar.data.formats import Sample
-from twincar.data.images import ImageReadError, load_sample, sample_label
+from twincar.data.images import ImageReadError, find_images, load_sample, sample_label
 from twincar.errors import TwinCarError
 from twincar.files import check_writable_dir, write_csv, write_json
-from twincar.inference import EvalOutputs, Predictor, collect_logits, default_workers
+from twincar.inference import (  # noqa: F401 (EvalError, SPLITS: part of this module's interface)
+    SPLITS,
+    EvalError,
+    EvalOutputs,
+    Predictor,
+    collect_logits,
+    data_config,
+    default_workers,
+    eval_samples,
+)
 from twincar.metrics import calibration_bins, classification_metrics
-from twincar.runs import find_run_config, resolve_launch_paths
-from twincar.viz import confused_pairs_figure, reliability_diagram, top_losses_figure
+from twincar.runs import resolve_launch_paths
+from twincar.viz import confused_pairs_figure, reliability_diagram, score_histogram, top_losses_figure
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("test", "val")
 TTA_MODES = ("none", "flip")
 REPORT_FILES = ("metrics.json", "per_class.csv", "confused_pairs.csv", "confused_pairs.png", "top_losses.png",
                 "reliability.png", "predictions.csv")
-
-
-class EvalError(TwinCarError, ValueError):
-    """A bad eval option or input; the message names it and what to pass."""
-
-
-# -- inputs: the data ---------------------------------------------------------------------------
-def data_config(cfg: DictConfig) -> tuple[dict, str]:
-    """(CarsDataModule config, split): the training run's data config with this run's non-null ``data.*``
-    on top; or, when a data group was chosen here (``data=stanford_cars``), that one."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    split = data.pop("split", "test")
-    if split not in SPLITS:
-        raise EvalError(f"data.split={split} is not a split: use data.split=test or data.split=val")
-    if "_target_" not in data:
-        run_config = cfg.get("run_config") or find_run_config(cfg.ckpt)
-        if run_config is None or not Path(run_config).is_file():
-            raise EvalError(
-                f"no training config.yaml found for {cfg.ckpt} to take the data from: pass data=stanford_cars "
-                "data.root=PATH (or run_config=PATH/config.yaml)"
-            )
-        base = OmegaConf.to_container(OmegaConf.load(run_config).data, resolve=True)
-        base.update({k: v for k, v in data.items() if v is not None})
-        data = base
-        log.info("data config from %s", run_config)
-    data["augmentation"] = None  # eval images go through the model's own preprocessing only
-    return data, split
-
-
-def eval_samples(data: dict, split: str, class_names: list[str]) -> tuple[list[Sample], float | None, list[str]]:
-    """The labelled samples of ``split`` exactly as training's CarsDataModule splits them, the car-box crop
-    margin it applies (None: no crop) and the images it left out (``data.on_corrupt=skip``)."""
-    datamodule = hydra.utils.instantiate(data, _convert_="all")
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    difference = class_names_difference(class_names, datamodule.class_names)
-    if difference:
-        raise EvalError(f"the model's classes differ from those of the data at {datamodule.root} ({difference}, "
-                        "model against data): pass the data.root it was trained on")
-    if split == "test" and not datamodule.has_test_labels:
-        raise EvalError(f"{datamodule.root} has no test labels: use data.split=val")
-    dataset = datamodule.test_set if split == "test" else datamodule.val_set
-    return list(dataset.samples), getattr(dataset, "bbox_margin", None), list(getattr(datamodule, "skipped", []))
 
 
 def _image(sample: Sample) -> torch.Tensor | None:
@@ -91,12 +60,18 @@ def _image(sample: Sample) -> torch.Tensor | None:
 
 
 # -- numbers ---------------------------------------------------------------------------------------
-def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], split: str) -> dict:
-    """``{split}/name`` metrics, computed by the collection training logs with; ``{split}/loss`` is the NLL."""
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], split: str,
+                    raw_logits: torch.Tensor | None = None) -> dict:
+    """``{split}/name`` metrics, computed by the collection training logs with; ``{split}/loss`` is the NLL.
+    ``logits`` are the predictor's (calibrated) ones; with ``raw_logits`` (temperature 1) also ``{split}/ece_raw``
+    and ``{split}/nll_raw``, the calibration before temperature scaling (and ``{split}/loss`` is ``nll_raw``)."""
     metrics = classification_metrics(len(class_names), prefix=f"{split}/", class_names=class_names)
     metrics.update(logits, labels)
     values = {k: float(v) for k, v in metrics.compute().items()}
     values[f"{split}/loss"] = values[f"{split}/nll"]
+    if raw_logits is not None:  # the loss is the training objective's: the NLL before temperature scaling
+        values[f"{split}/ece_raw"], values[f"{split}/nll_raw"] = ece_nll(raw_logits, labels)
+        values[f"{split}/loss"] = values[f"{split}/nll_raw"]
     return dict(sorted(values.items()))
 
 
@@ -168,10 +143,11 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
     """Every report file of one evaluation into ``out_dir``; returns the metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = predictor.class_names
-    metrics = compute_metrics(out.logits, out.labels, names, split)
+    metrics = compute_metrics(out.calibrated, out.labels, names, split, raw_logits=out.logits)
+    metrics[f"{split}/temperature"] = predictor.temperature
     write_json(out_dir / "metrics.json", {**metrics, **extra})
 
-    probs = out.logits.softmax(1)
+    probs = out.calibrated.softmax(1)
     preds = probs.argmax(1)
     cm = confusion_matrix(preds, out.labels, len(names))
     _write_csv(per_class_rows(cm, names), out_dir / "per_class.csv")
@@ -188,15 +164,65 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
     top_losses_figure([{"image": _image(out.samples[i]), "true": names[out.labels[i]], "pred": names[preds[i]],
                         "confidence": probs[i, preds[i]].item(), "loss": loss[i].item()} for i in worst],
                       out_dir / "top_losses.png")
-    reliability_diagram(calibration_bins(out.logits, out.labels), out_dir / "reliability.png")
+    reliability_diagram(calibration_bins(out.calibrated, out.labels), out_dir / "reliability.png",
+                        raw_bins=calibration_bins(out.logits, out.labels) if predictor.temperature != 1.0 else None)
 
-    results = predictor.results(out.logits, [sample_label(s) for s in out.samples], topk=5)
+    scores = predictor.unknown_scores(out.logits) if predictor.unknown_threshold is not None else None
+    results = predictor.results(out.calibrated, [sample_label(s) for s in out.samples], topk=5, scores=scores)
     _write_csv([{
         "path": r.source, "label": int(lab), "true_name": names[lab], "pred_label": r.label, "pred_name": r.name,
         "confidence": round(r.confidence, 6), "correct": int(r.label == lab), "loss": round(loss[i].item(), 6),
+        **({"known": int(r.known), "unknown_score": round(r.unknown_score, 6)} if scores is not None else {}),
         "top5": "; ".join(f"{n} ({p:.6f})" for n, p in r.topk),
     } for i, (r, lab) in enumerate(zip(results, out.labels.tolist(), strict=True))], out_dir / "predictions.csv")
     return metrics
+
+
+# -- open set: images of no known class --------------------------------------------------------------
+def unknown_images(predictor: Predictor, images: list, *, batch_size: int = 64) -> torch.Tensor:
+    """Raw logits (N, K) of images of no known class (paths or samples' paths), unreadable ones left out."""
+    raw = [predictor.outputs(batch)[0] for _, batch, _ in predictor.prepared_batches(images, batch_size=batch_size)
+           if batch is not None]
+    if not raw:
+        raise EvalError(f"none of the {len(images)} out-of-distribution image(s) could be read")
+    return torch.cat(raw)
+
+
+def open_set_metrics(predictor: Predictor, known_raw: torch.Tensor, unknown_raw: torch.Tensor, out_dir: Path,
+                     tpr: float = 0.95) -> dict[str, float]:
+    """``ood/auroc``, ``ood/fpr95`` (threshold-free: the known images' 95% TPR point), and, at the model's own
+    threshold, ``ood/known_accepted`` and ``ood/unknown_rejected``; draws ``ood_scores.png``."""
+    known, unknown = predictor.unknown_scores(known_raw), predictor.unknown_scores(unknown_raw)
+    metrics = {"ood/auroc": auroc(known, unknown), "ood/fpr95": fpr_at_tpr(known, unknown, tpr),
+               "ood/images": len(unknown)}
+    threshold = predictor.unknown_threshold
+    if threshold is not None:
+        metrics["ood/known_accepted"] = float((known >= threshold).double().mean())
+        metrics["ood/unknown_rejected"] = float((unknown < threshold).double().mean())
+    else:
+        log.warning("the model carries no unknown threshold (python -m twincar.calibrate): ood/known_accepted and "
+                    "ood/unknown_rejected are not reported")
+    score_histogram(known, unknown, out_dir / "ood_scores.png", threshold=threshold, score=predictor.score,
+                    auroc=metrics["ood/auroc"])
+    return metrics
+
+
+def ood_images(cfg: DictConfig, data: dict) -> list:
+    """The out-of-distribution images ``ood=`` names: a folder (or files, globs) of images of no known class,
+    or ``synthetic``: the unknown classes of the embedded dataset (``data.synthetic.unknown_classes``)."""
+    ood = cfg.get("ood")
+    if str(ood) == "synthetic":
+        from twincar.data.synthetic import SyntheticSpec, generate_unknown
+
+        if not data.get("synthetic") or not data["synthetic"].get("unknown_classes"):
+            raise EvalError("ood=synthetic needs the embedded dataset with unknown classes: pass "
+                            "data.synthetic.unknown_classes=N (N > 0)")
+        spec = SyntheticSpec(**data["synthetic"])
+        return [s.path for s in generate_unknown(Path(data["root"]) / spec.fingerprint(), spec)]
+    try:
+        return find_images([str(ood)])
+    except (OSError, ValueError) as e:
+        raise EvalError(f"ood={ood}: {e}") from e
 
 
 # -- the pure function and the entry point ------------------------------------------------------
@@ -222,6 +248,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
              "skipped": left_out + [p for p, _ in out.skipped], "classes": len(predictor.class_names)}
     metrics = write_reports(out, predictor, out_dir, split=split, extra=extra,
                             top_losses=int(cfg.top_losses), top_pairs=int(cfg.confused_pairs))
+    if cfg.get("index"):  # the embedding's own k-NN top-1 (against the training images) and Recall@1
+        from twincar.neighbours import NeighbourIndex, build_index, knn_metrics
+
+        queries = build_index(predictor, out.samples, batch_size=batch_size, bbox_margin=margin)
+        metrics.update(knn_metrics(NeighbourIndex.load(cfg.index), queries.embeddings, queries.labels, f"{split}/"))
+        write_json(out_dir / "metrics.json", {**metrics, **extra})
+    if cfg.get("ood"):
+        unknown = unknown_images(predictor, ood_images(cfg, data), batch_size=batch_size)
+        metrics.update(open_set_metrics(predictor, out.logits, unknown, out_dir))
+        write_json(out_dir / "metrics.json", {**metrics, **extra, "ood": str(cfg.ood)})
     log.info("\n%s", summary(metrics, split, out_dir))
     return metrics
 
@@ -239,7 +275,12 @@ def summary(metrics: dict[str, float], split: str, out_dir: Path) -> str:
         f"(+-1: {f(m['acc_year_pm1'])}), year in family {f(m['acc_year_in_family'])}",
         f"  errors: wrong year only {f(m['err_wrong_year'])}, wrong model {f(m['err_wrong_model'])}, "
         f"wrong make {f(m['err_wrong_make'])}",
-        f"  calibration: ECE {f(m['ece'])}, NLL {f(m['nll'])}",
+        f"  calibration: ECE {f(m['ece'])}, NLL {f(m['nll'])} (before temperature scaling: ECE "
+        f"{f(m.get('ece_raw', float('nan')))}, NLL {f(m.get('nll_raw', float('nan')))}; "
+        f"T = {m.get('temperature', 1.0):.3f})",
+        *([f"  embedding: k-NN top-1 {f(m['knn_acc'])}, Recall@1 {f(m['recall_at_1'])}"] if "knn_acc" in m else []),
+        *([f"  open set ({metrics['ood/images']} unknown images): AUROC {f(metrics['ood/auroc'])}, FPR95 "
+           f"{f(metrics['ood/fpr95'])}"] if "ood/auroc" in metrics else []),
         f"Reports: {out_dir}",
     ])
 

@@ -229,7 +229,7 @@ def export_model(
     else:  # converting exported weights: keep what their card says
         metrics, config = loaded.card.get("metrics"), loaded.card.get("config")
     card = build_model_card(loaded.class_names, loaded.preprocess, loaded.architecture, metrics=metrics,
-                            config=config, source=ckpt.name)
+                            config=config, source=ckpt.name, calibration=loaded.calibration)
     if quantization:
         card["quantization"] = quantization
     write_model_card(out, card)

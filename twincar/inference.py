@@ -12,8 +12,13 @@ Loading goes through :func:`twincar.models.io.load_model` (safe: no unpickling) 
 :func:`collect_logits`, which calls the same :meth:`Predictor.prepare` decode and :meth:`Predictor.logits`, so
 a prediction here equals what evaluation computes for the same file, flip TTA included.
 
-Flip TTA (``tta="flip"``), the one definition: the softmax probabilities of the image and of its mirror image
-are averaged; :meth:`Predictor.logits` returns the log of that average, so its softmax is the average.
+Calibration (:mod:`twincar.calibration`): a model file that carries a temperature ``T`` (from the end of training
+or ``python -m twincar.calibrate``) is predicted with ``softmax(logits / T)``, so ``confidence`` is the calibrated
+probability; with an unknown threshold too, an image whose unknown score is below it has ``known=False`` (not one of
+the model's classes) and keeps its closest classes in ``topk``.
+
+Flip TTA (``tta="flip"``), the one definition: the (calibrated) softmax probabilities of the image and of its mirror
+image are averaged; :meth:`Predictor.logits` returns the log of that average, so its softmax is the average.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from twincar.data.classes import parse_car_name
+from twincar.calibration import Calibration
+from twincar.data.classes import class_names_difference, parse_car_name
 from twincar.data.datasets import CarsDataset, collate_readable
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_rgb, load_sample, pil_to_uint8, sample_label
@@ -39,7 +46,10 @@ from twincar.data.transforms import BatchTransform, EvalImageTransform, Preproce
 from twincar.errors import TwinCarError
 from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model, min_input_size, resolve_model_source
 from twincar.runs import find_run_config
-from twincar.runtime import Prediction  # the one result type, shared with the torch-free runtime
+from twincar.runtime import Prediction, unknown_threshold  # shared with the torch-free runtime
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +200,10 @@ class Predictor:
             see :func:`resolve_precision`). An ONNX model always runs in fp32.
         tta: ``"flip"`` averages the probabilities of the image and its mirror image (see the module's
             docstring); None (or ``"none"``) for one pass.
+        calibration: the model's :class:`~twincar.calibration.Calibration` (or its dict): its temperature divides
+            the logits; None: raw softmax, no unknown answer.
+        unknown: ``"auto"`` (the calibration's threshold, when it has one), ``"off"`` (every image is one of the
+            classes) or a number: the threshold on the calibration's score (max-logit by default).
     """
 
     def __init__(
@@ -202,6 +216,8 @@ class Predictor:
         channels_last: bool = True,
         precision: str = "fp32",
         tta: str | None = None,
+        calibration: Calibration | dict | None = None,
+        unknown: str | float = "auto",
     ):
         if tta not in TTA_MODES:
             raise TwinCarError(f"--tta must be 'flip' or left out, got {tta!r}")
@@ -222,6 +238,18 @@ class Predictor:
         self.image_transform = EvalImageTransform(preprocess)  # per image: resize + crop, uint8
         self.batch_transform = BatchTransform(preprocess).to(self.device)  # per batch: float + normalise
         self.parsed = [parse_car_name(n) for n in self.class_names]
+        self.calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
+        self.temperature = self.calibration.temperature if self.calibration else 1.0
+        self.unknown_threshold = unknown_threshold(unknown, self.calibration.threshold if self.calibration else None)
+
+    @property
+    def score(self) -> str:
+        """The unknown score in use (:data:`twincar.calibration.SCORES`)."""
+        return self.calibration.score if self.calibration else "max_logit"
+
+    def unknown_scores(self, raw_logits: torch.Tensor) -> torch.Tensor:
+        """(N,) unknown scores of raw logits (:meth:`outputs`' first), higher = more like a known class."""
+        return (self.calibration or Calibration()).scores(raw_logits)
 
     @classmethod
     def load(
@@ -270,22 +298,39 @@ class Predictor:
         if pre.image_size < smallest:
             raise TwinCarError(f"--img-size {pre.image_size} is smaller than {loaded.architecture} takes: its features "
                                f"are {smallest}x smaller than the input, so give at least {smallest} pixels")
+        kwargs.setdefault("calibration", loaded.calibration)
         return cls(loaded.model, loaded.class_names, pre, device=device, **kwargs)
 
     # -- the three steps: per image, per batch, results ---------------------------------------
+    def with_calibration(self, calibration: Calibration | dict | None, unknown: str | float = "auto") -> Predictor:
+        """This predictor (same network, no copy) with another calibration: ``calibration`` None is raw softmax."""
+        other = object.__new__(Predictor)
+        other.__dict__.update(self.__dict__)
+        other.calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
+        other.temperature = other.calibration.temperature if other.calibration else 1.0
+        other.unknown_threshold = unknown_threshold(unknown, other.calibration.threshold if other.calibration else None)
+        return other
+
     def prepare(self, image: ImageInput) -> torch.Tensor:
         """Per-image work (decode, resize, crop): a ``uint8`` (3, S, S) tensor. Safe in DataLoader workers.
 
         A large JPEG is decoded at reduced size (never below what the resize needs: ``load_rgb(min_side=)``)."""
         return prepare_image(image, self.image_transform, self.preprocess.decode_min_side)
 
-    @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits (N, K) in float32 on the CPU for a ``uint8`` batch (N, 3, S, S) of prepared images.
+        """Calibrated logits (N, K) in float32 on the CPU for a ``uint8`` batch (N, 3, S, S) of prepared images:
+        the network's divided by the temperature (1 when the model carries none), so their softmax is the
+        calibrated probability.
 
-        With ``tta="flip"`` these are the log of the probabilities averaged over the image and its mirror
+        With ``tta="flip"`` these are the log of the calibrated probabilities averaged over the image and its mirror
         image (so their softmax is that average).
         """
+        return self.outputs(batch)[1]
+
+    @torch.inference_mode()
+    def outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(raw, calibrated)`` logits (N, K) of one forward pass: ``raw`` at temperature 1 (what the unknown
+        score and ``ece_raw`` use), ``calibrated`` as :meth:`logits` returns them."""
         x = self.batch_transform(batch.to(self.device, non_blocking=True))
         if self.tta == "flip":
             x = torch.cat([x, x.flip(3)])
@@ -294,22 +339,59 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             out = self.model(x).float()
-        if self.tta == "flip":
-            plain, flipped = out.log_softmax(1).chunk(2)
-            out = torch.logaddexp(plain, flipped) - math.log(2)
-        return out.cpu()
+        out = out.cpu()
+        return flip_average(out, 1.0, self.tta), flip_average(out, self.temperature, self.tta)
 
-    def results(self, logits: torch.Tensor, sources: Sequence[str], topk: int = 5) -> list[Prediction]:
-        """Turn logits into :class:`Prediction` objects (top-k names and probabilities, make/model/year)."""
+    @torch.inference_mode()
+    def embeddings(self, batch: torch.Tensor) -> torch.Tensor:
+        """L2-normalised pre-logit features (N, D), float32 on the CPU, of a ``uint8`` batch of prepared images:
+        timm's ``forward_head(forward_features(x), pre_logits=True)`` (after global pooling); with flip TTA the
+        normalised mean of the image's and its mirror image's."""
+        if self.is_onnx or not hasattr(self.model, "forward_head"):
+            raise TwinCarError("embeddings need a PyTorch timm model (.ckpt, .pth or .safetensors), not ONNX")
+        x = self.batch_transform(batch.to(self.device, non_blocking=True))
+        if self.tta == "flip":
+            x = torch.cat([x, x.flip(3)])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True).float()
+        feats = feats.flatten(1)
+        if self.tta == "flip":
+            feats = torch.nn.functional.normalize(feats, dim=1)
+            feats = sum(feats.chunk(2))
+        return torch.nn.functional.normalize(feats, dim=1).cpu()
+
+    def embed(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 32,
+              num_workers: int = 0) -> torch.Tensor:
+        """L2-normalised pre-logit features (N, D) of images (paths, PIL images or tensors), input order
+        (:meth:`embeddings`); an unreadable input is an error naming it."""
+        single = isinstance(images, (str, Path, Image.Image, torch.Tensor))
+        items = [images] if single else list(images)
+        out = []
+        for _, batch, errors in self.prepared_batches(items, batch_size=batch_size, num_workers=num_workers):
+            if errors:
+                raise TwinCarError(f"cannot embed an image: {next(iter(errors.values()))}")
+            out.append(self.embeddings(batch))
+        return torch.cat(out) if out else torch.empty(0, 0)
+
+    def results(self, logits: torch.Tensor, sources: Sequence[str], topk: int = 5,
+                scores: torch.Tensor | None = None) -> list[Prediction]:
+        """Turn (calibrated) logits into :class:`Prediction` objects (top-k names and probabilities, make/model/year);
+        with the images' unknown ``scores`` and a threshold in use, ``known`` and ``unknown_score`` too."""
         probs = logits.float().softmax(dim=1)
         k = min(topk, probs.shape[1])
         top_p, top_i = probs.topk(k, dim=1)
+        threshold = self.unknown_threshold if scores is not None else None
+        score_list = scores.tolist() if threshold is not None else [None] * len(sources)
         out = []
-        for src, ps, idx in zip(sources, top_p.tolist(), top_i.tolist(), strict=True):
+        for src, ps, idx, score in zip(sources, top_p.tolist(), top_i.tolist(), score_list, strict=True):
             car = self.parsed[idx[0]]
             out.append(Prediction(
                 source=src, name=car.full, label=idx[0], confidence=ps[0], make=car.make, model=car.model,
                 year=car.year, topk=[(self.class_names[i], p) for i, p in zip(idx, ps, strict=True)],
+                known=score is None or score >= threshold, unknown_score=score, num_classes=len(self.class_names),
             ))
         return out
 
@@ -330,9 +412,12 @@ class Predictor:
         file yields a Prediction with ``error`` set (and a warning); the rest of its batch goes on.
         """
         for indices, batch, errors in self.prepared_batches(images, batch_size=batch_size, num_workers=num_workers):
-            done = dict(zip(indices, self.results(
-                self.logits(batch), [source_name(images[i]) for i in indices], topk
-            ), strict=True)) if indices else {}
+            done = {}
+            if indices:
+                raw, calibrated = self.outputs(batch)
+                scores = self.unknown_scores(raw) if self.unknown_threshold is not None else None
+                done = dict(zip(indices, self.results(calibrated, [source_name(images[i]) for i in indices], topk,
+                                                      scores), strict=True))
             for i in sorted([*indices, *errors]):
                 if i in errors:
                     log.warning("skipping unreadable image: %s", errors[i])
@@ -353,6 +438,16 @@ class Predictor:
         return results[0] if single else results
 
 
+def flip_average(out: torch.Tensor, temperature: float, tta: str | None) -> torch.Tensor:
+    """The network's outputs (N, K), or (2N, K) with flip TTA (images, then mirror images), divided by
+    ``temperature``; with flip TTA, the log of the two views' averaged probabilities."""
+    out = out / temperature if temperature != 1.0 else out
+    if tta != "flip":
+        return out
+    plain, flipped = out.log_softmax(1).chunk(2)
+    return torch.logaddexp(plain, flipped) - math.log(2)
+
+
 def _run_model_config(path: Path) -> tuple[str | None, Preprocess | None]:
     """The architecture and preprocessing of the training run a bare weights file sits in (None when unknown)."""
     from omegaconf import OmegaConf
@@ -371,10 +466,27 @@ def _run_model_config(path: Path) -> tuple[str | None, Preprocess | None]:
 class EvalOutputs:
     """Logits of every readable image of a split, in sample order, and what could not be read."""
 
-    logits: torch.Tensor  # (N, K) float32: Predictor.logits (flip TTA included when the predictor has it)
+    logits: torch.Tensor  # (N, K) float32: raw (temperature 1) Predictor.outputs, flip TTA included when it has it
     labels: torch.Tensor  # (N,)
     samples: list[Sample]  # the N readable samples
     skipped: list[tuple[str, str]]  # (image, why) of unreadable images
+    calibrated: torch.Tensor | None = None  # (N, K): Predictor.logits (the predictor's temperature); None = logits
+
+    def __post_init__(self):
+        if self.calibrated is None:
+            self.calibrated = self.logits
+
+
+def labelled_batches(
+    predictor: Predictor, samples: Sequence[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
+    num_workers: int = 0,
+) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+    """:func:`iter_batches` of labelled ``samples`` as the predictor decodes a file (a large JPEG at reduced size),
+    cropped to the car box when ``bbox_margin`` is set, through its own image transform."""
+    reader = partial(load_sample, min_side=predictor.preprocess.decode_min_side)
+    dataset = _Numbered(CarsDataset(list(samples), predictor.image_transform, bbox_margin, reader))
+    return iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=predictor.device.type == "cuda")
 
 
 def collect_logits(
@@ -388,21 +500,72 @@ def collect_logits(
     from tqdm.auto import tqdm
 
     samples = list(samples)
-    reader = partial(load_sample, min_side=predictor.preprocess.decode_min_side)
-    dataset = _Numbered(CarsDataset(samples, predictor.image_transform, bbox_margin, reader))
-    logits, kept, skipped = [], [], []
+    logits, calibrated, kept, skipped = [], [], [], []
     with tqdm(total=len(samples), desc="eval", unit="img", disable=not progress) as bar:
-        for indices, images, errors in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
-                                                    pin_memory=predictor.device.type == "cuda"):
+        for indices, images, errors in labelled_batches(predictor, samples, bbox_margin=bbox_margin,
+                                                        batch_size=batch_size, num_workers=num_workers):
             for i, message in errors.items():
                 log.warning("skipping unreadable image: %s", message)
                 skipped.append((sample_label(samples[i]), message))
             if images is not None:
-                logits.append(predictor.logits(images))
+                raw, cal = predictor.outputs(images)
+                logits.append(raw)
+                calibrated.append(cal)
                 kept.extend(indices)
             bar.update(len(indices) + len(errors))
     if not kept:
         first = skipped[0][1] if skipped else "-"
         raise TwinCarError(f"none of the {len(samples)} images could be read (first: {first})")
     kept_samples = [samples[i] for i in kept]
-    return EvalOutputs(torch.cat(logits), torch.tensor([s.label for s in kept_samples]), kept_samples, skipped)
+    return EvalOutputs(torch.cat(logits), torch.tensor([s.label for s in kept_samples]), kept_samples, skipped,
+                       torch.cat(calibrated))
+
+
+# -- the labelled images of a split: eval, calibrate ------------------------------------------------------
+SPLITS = ("test", "val")
+
+
+class EvalError(TwinCarError, ValueError):
+    """A bad eval option or input; the message names it and what to pass."""
+
+
+def data_config(cfg: DictConfig) -> tuple[dict, str]:
+    """(CarsDataModule config, split): the training run's data config with this run's non-null ``data.*``
+    on top; or, when a data group was chosen here (``data=stanford_cars``), that one."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    split = data.pop("split", "test")
+    if split not in SPLITS:
+        raise EvalError(f"data.split={split} is not a split: use data.split=test or data.split=val")
+    if "_target_" not in data:
+        run_config = cfg.get("run_config") or find_run_config(cfg.ckpt)
+        if run_config is None or not Path(run_config).is_file():
+            raise EvalError(
+                f"no training config.yaml found for {cfg.ckpt} to take the data from: pass data=stanford_cars "
+                "data.root=PATH (or run_config=PATH/config.yaml)"
+            )
+        base = OmegaConf.to_container(OmegaConf.load(run_config).data, resolve=True)
+        base.update({k: v for k, v in data.items() if v is not None})
+        data = base
+        log.info("data config from %s", run_config)
+    data["augmentation"] = None  # eval images go through the model's own preprocessing only
+    return data, split
+
+
+def eval_samples(data: dict, split: str, class_names: list[str]) -> tuple[list[Sample], float | None, list[str]]:
+    """The labelled samples of ``split`` exactly as training's CarsDataModule splits them, the car-box crop
+    margin it applies (None: no crop) and the images it left out (``data.on_corrupt=skip``)."""
+    import hydra
+
+    datamodule = hydra.utils.instantiate(data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    difference = class_names_difference(class_names, datamodule.class_names)
+    if difference:
+        raise EvalError(f"the model's classes differ from those of the data at {datamodule.root} ({difference}, "
+                        "model against data): pass the data.root it was trained on")
+    if split == "test" and not datamodule.has_test_labels:
+        raise EvalError(f"{datamodule.root} has no test labels: use data.split=val")
+    dataset = {"test": datamodule.test_set, "val": datamodule.val_set, "train": datamodule.train_set}[split]
+    return list(dataset.samples), getattr(dataset, "bbox_margin", None), list(getattr(datamodule, "skipped", []))

@@ -1,8 +1,9 @@
 """Predict the make, model and year of car photos: ``python -m twincar.predict --images PATH... --model PATH``.
 
 Also installed as ``twincar-predict``. Writes one row per image (the original TwinCars columns ``image,
-make, model, year, confidence``, then ``class, label, top{i}_class, top{i}_prob, error``) to a CSV or JSON
-file. ``predict_files`` is the pure function; ``main`` is the thin argparse entry point.
+make, model, year, confidence``, then ``class, label, top{i}_class, top{i}_prob``, ``known, unknown_score`` when the
+model carries an unknown threshold (``--unknown``), and ``error``) to a CSV or JSON file. ``predict_files`` is the
+pure function; ``main`` is the thin argparse entry point.
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ PROGRESS_MIN_IMAGES = 16  # show a progress bar from this many images on
 
 
 def format_predictions(predictions: Sequence, fmt: str, topk: int) -> str:
-    """The CSV (header + one row per image) or JSON (a list of objects with a ``topk`` list) text."""
+    """The CSV (header + one row per image) or JSON (a list of objects with a ``topk`` list) text; with an unknown
+    threshold in use, each row says whether the car is ``known`` (one of the classes) and its ``unknown_score``."""
+    open_set = any(p.unknown_score is not None for p in predictions)
     if fmt == "json":
         objects = []
         for p in predictions:
-            row = p.to_row(0)
+            row = p.to_row(0, open_set)
             row["topk"] = [{"class": n, "prob": round(q, 6)} for n, q in p.topk]
             objects.append(row)
         return dumps(objects) + "\n"
     buf = io.StringIO()
-    rows = [p.to_row(topk) for p in predictions]
+    rows = [p.to_row(topk, open_set) for p in predictions]
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
@@ -51,13 +54,15 @@ class PredictSummary:
     images: int
     errors: int
     seconds: float
+    unknown: int = 0  # images that are not one of the model's classes (below its unknown threshold)
 
     @property
     def images_per_second(self) -> float:
         return (self.images - self.errors) / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.images} images, {self.errors} errors, {self.images_per_second:.1f} img/s "
+        unknown = f", {self.unknown} not one of the known classes" if self.unknown else ""
+        return (f"{self.images} images, {self.errors} errors{unknown}, {self.images_per_second:.1f} img/s "
                 f"-> {self.output}")
 
 
@@ -76,19 +81,26 @@ def predict_files(
     image_size: int | None = None,
     resize_mode: str | None = None,
     tta: str | None = None,
+    unknown: str = "auto",
+    neighbours: int = 0,
+    index: str | Path | None = None,
     progress: bool = True,
 ) -> PredictSummary:
     """Predict every image and write the rows to ``output``; unreadable images get an ``error`` row.
 
     The model and its class list are checked before any image is read. ``num_workers`` decoding processes
     (None: :func:`default_workers`). An ``.onnx`` model runs on the torch-free runtime (:mod:`twincar.runtime`:
-    numpy, PIL and onnxruntime; torch is never imported), decoding in this process.
+    numpy, PIL and onnxruntime; torch is never imported), decoding in this process. ``unknown``: ``auto`` (the
+    model's calibrated threshold, when it carries one), ``off`` or a threshold on its unknown score; a car below it
+    is "not one of the known classes". ``neighbours``: add the k nearest training images of each (from ``index``,
+    default ``index/`` beside the model: built by ``python -m twincar.index``; PyTorch models only).
     """
     from twincar.data.discovery import find_images
 
     if fmt not in ("csv", "json"):
         raise TwinCarError(f"--format must be csv or json, got {fmt!r}")
-    for flag, value, least in (("--topk", topk, 1), ("--batch-size", batch_size, 1), ("--workers", num_workers, 0)):
+    for flag, value, least in (("--topk", topk, 1), ("--neighbours", neighbours, 0), ("--batch-size", batch_size, 1),
+                               ("--workers", num_workers, 0)):
         if value is not None and value < least:
             raise TwinCarError(f"{flag} must be at least {least}, got {value}")
     output = check_writable(output, "--output")  # before the model loads: nothing computed is lost
@@ -97,8 +109,11 @@ def predict_files(
 
         if precision == "bf16":
             raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
+        if neighbours:
+            raise TwinCarError("--neighbours needs the PyTorch weights (.pth, .safetensors or .ckpt): the ONNX "
+                               "runtime computes no embeddings")
         runtime = OnnxPredictor.load(model, classes, device=device, image_size=image_size, resize_mode=resize_mode,
-                                     tta=tta)
+                                     tta=tta, unknown=unknown)
         files = find_images(images)
         log.info("predicting %d image(s) with %s (%d classes, onnxruntime, fp32)", len(files), model,
                  len(runtime.class_names))
@@ -107,9 +122,17 @@ def predict_files(
     else:
         from twincar.inference import Predictor, default_workers  # torch is imported here, not for --help
 
+        if neighbours:
+            from twincar.neighbours import NeighbourIndex
+
+            neighbour_index = NeighbourIndex.load(Path(index) if index else Path(model).expanduser().parent / "index")
         predictor = Predictor.load(
-            model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta
+            model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta,
+            unknown=unknown,
         )
+        if unknown == "auto" and predictor.unknown_threshold is None:
+            log.info("%s carries no unknown threshold (python -m twincar.calibrate fits one): every car is named",
+                     model)
         files = find_images(images)
         log.info("predicting %d image(s) with %s (%d classes, %s, %s)", len(files), model,
                  len(predictor.class_names), predictor.device,
@@ -126,8 +149,15 @@ def predict_files(
         if track is not None:
             stream = track(stream, total=len(files), description="predicting", transient=True)
     predictions = list(stream)
+    if neighbours:
+        readable = [p for p in predictions if p.ok]
+        found = neighbour_index.search(predictor.embed([p.source for p in readable], batch_size=batch_size),
+                                       neighbours) if readable else []
+        for p, near in zip(readable, found, strict=True):
+            p.neighbours = near
     seconds = time.perf_counter() - start
-    summary = PredictSummary(output, len(predictions), sum(not p.ok for p in predictions), seconds)
+    summary = PredictSummary(output, len(predictions), sum(not p.ok for p in predictions), seconds,
+                             sum(p.ok and not p.known for p in predictions))
     if summary.errors == summary.images and output.exists():
         log.error("no image could be read: %s is left as it was", output)
         return summary
@@ -160,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resize-mode", choices=("crop", "squash"),
                         help="crop: short side + center crop; squash: whole image to NxN (default: from the model)")
     parser.add_argument("--tta", choices=("flip",), help="test-time augmentation: average with the mirror image")
+    parser.add_argument("--unknown", default="auto", metavar="auto|off|VALUE",
+                        help="auto: mark cars below the model's calibrated unknown threshold as not one of its classes "
+                        "(python -m twincar.calibrate; training fits it); off: always name a class; VALUE: a threshold "
+                        "on the unknown score (max-logit by default)")
+    parser.add_argument("--neighbours", type=int, default=0, metavar="K",
+                        help="add the K nearest training images and their classes to each row (an index built by "
+                        "python -m twincar.index)")
+    parser.add_argument("--index", metavar="DIR", help="the neighbour index folder (default: index/ beside the model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -173,7 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = predict_files(
             args.images, args.model, classes=args.classes, output=output, fmt=args.format, topk=args.topk,
             batch_size=args.batch_size, num_workers=args.workers, device=args.device, precision=args.precision,
-            image_size=args.img_size, resize_mode=args.resize_mode, tta=args.tta, progress=not args.no_progress,
+            image_size=args.img_size, resize_mode=args.resize_mode, tta=args.tta, unknown=args.unknown,
+            neighbours=args.neighbours, index=args.index,
+            progress=not args.no_progress,
         )
     except TwinCarError as e:
         print(f"error: {e}", file=sys.stderr)

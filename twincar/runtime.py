@@ -53,33 +53,85 @@ class Prediction:
     source: str  # the file path, or "<PIL image>" / "<tensor>" for in-memory inputs
     name: str = ""  # the predicted class name, e.g. "BMW M3 Coupe 2012"
     label: int = -1  # its index in the class list
-    confidence: float = 0.0  # softmax probability of the predicted class
+    confidence: float = 0.0  # (calibrated) softmax probability of the predicted class
     make: str = ""
     model: str = ""
     year: int | None = None
     topk: list[tuple[str, float]] = field(default_factory=list)  # (name, probability), most likely first
     error: str | None = None
+    known: bool = True  # False: the unknown score is below the model's threshold, not one of its classes
+    unknown_score: float | None = None  # the score compared with the threshold (None: no threshold in use)
+    num_classes: int = 0  # how many classes the model knows (for the "not one of the N" answer)
+    neighbours: list[tuple[str, str, float]] = field(default_factory=list)  # nearest training (image, class, cosine)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
-    def to_row(self, topk: int | None = None) -> dict[str, object]:
+    @property
+    def answer(self) -> str:
+        """The class name, or, for an unknown car, that it is not one of the known classes."""
+        return self.name if self.known else unknown_answer(self.num_classes)
+
+    def to_row(self, topk: int | None = None, open_set: bool = False) -> dict[str, object]:
         """A flat row: the original TwinCars columns ``image, make, model, year, confidence``, then
-        ``class``, ``label``, ``top{i}_class``/``top{i}_prob`` for i = 1..topk, and ``error``."""
+        ``class``, ``label``, ``top{i}_class``/``top{i}_prob`` for i = 1..topk, with ``open_set`` ``known`` and
+        ``unknown_score``, and ``error``. An unknown car has empty make/model/year/label, ``class`` says it is
+        not one of the known classes, and the top-k columns keep its closest classes."""
         k = len(self.topk) if topk is None else topk
+        known = self.known or not self.ok
         row: dict[str, object] = {
-            "image": self.source, "make": self.make, "model": self.model,
-            "year": "" if self.year is None else self.year,
+            "image": self.source, "make": self.make if known else "", "model": self.model if known else "",
+            "year": "" if self.year is None or not known else self.year,
             "confidence": round(self.confidence, 6) if self.ok else "",
-            "class": self.name, "label": self.label if self.ok else "",
+            "class": self.answer if self.ok else "", "label": self.label if self.ok and known else "",
         }
         for i in range(k):
             name, prob = self.topk[i] if i < len(self.topk) else ("", "")
             row[f"top{i + 1}_class"] = name
             row[f"top{i + 1}_prob"] = round(prob, 6) if prob != "" else ""
+        for i, (image, name, sim) in enumerate(self.neighbours):
+            row[f"nn{i + 1}_image"], row[f"nn{i + 1}_class"], row[f"nn{i + 1}_similarity"] = image, name, round(sim, 6)
+        if open_set:
+            row["known"] = ("true" if self.known else "false") if self.ok else ""
+            row["unknown_score"] = "" if self.unknown_score is None else round(self.unknown_score, 6)
         row["error"] = self.error or ""
         return row
+
+
+def unknown_threshold(unknown: str | float | None, threshold: float | None) -> float | None:
+    """The unknown threshold ``--unknown`` asks for: ``auto`` -> the model's calibrated ``threshold`` (None when it
+    has none), ``off`` (or None) -> None, a number -> that number."""
+    if unknown is None or unknown == "off":
+        return None
+    if unknown == "auto":
+        return threshold
+    try:
+        value = float(unknown)
+    except (TypeError, ValueError) as e:
+        raise TwinCarError(
+            f"--unknown {unknown} is not auto, off or a number (a threshold on the unknown score)") from e
+    if not math.isfinite(value):
+        raise TwinCarError(f"--unknown {unknown} must be a finite number")
+    return value
+
+
+def unknown_scores(logits: np.ndarray, score: str = "max_logit", temperature: float = 1.0) -> np.ndarray:
+    """(N,) unknown scores of raw logits (N, K), as :func:`twincar.calibration.unknown_scores` defines them."""
+    z = logits.astype(np.float64)
+    if score == "max_logit":
+        return z.max(axis=1)
+    if score == "max_softmax":
+        return softmax(z / temperature).max(axis=1)
+    if score == "energy":
+        m = (z / temperature).max(axis=1, keepdims=True)
+        return temperature * (m[:, 0] + np.log(np.exp(z / temperature - m).sum(axis=1)))
+    raise RuntimeModelError(f"unknown score {score!r}: use max_logit, max_softmax or energy")
+
+
+def unknown_answer(num_classes: int) -> str:
+    """What TwinCar answers for a car that is none of its classes."""
+    return f"not one of the {num_classes} known classes" if num_classes else "not one of the known classes"
 
 
 # -- decode ------------------------------------------------------------------------------------------------
@@ -224,9 +276,14 @@ class OnnxPredictor:
 
     is_onnx = True  # the demo offers no Grad-CAM for it (that needs PyTorch weights)
 
-    def __init__(self, session, class_names: Sequence[str], spec: InputSpec, *, tta: str | None = None):
+    def __init__(self, session, class_names: Sequence[str], spec: InputSpec, *, tta: str | None = None,
+                 calibration: dict | None = None, unknown: str | float | None = "auto"):
         if tta not in (None, "none", "flip"):
             raise RuntimeModelError(f"--tta must be 'flip' or left out, got {tta!r}")
+        calibration = calibration or {}  # the model card's: temperature, unknown score and threshold
+        self.temperature = float(calibration.get("temperature") or 1.0)
+        self.score = str(calibration.get("score") or "max_logit")
+        self.unknown_threshold = unknown_threshold(unknown, calibration.get("threshold"))
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.class_names = list(class_names)
@@ -237,7 +294,7 @@ class OnnxPredictor:
     @classmethod
     def load(cls, path: str | Path, classes: str | Path | Sequence[str] | None = None, *, device: str = "auto",
              image_size: int | None = None, resize_mode: str | None = None, tta: str | None = None,
-             threads: int | None = None) -> OnnxPredictor:
+             unknown: str | float | None = "auto", threads: int | None = None) -> OnnxPredictor:
         """An ``.onnx`` export and its ``model_card.json`` (class names, preprocessing); ``classes`` for a model
         that carries none. ``device="cuda"`` uses onnxruntime's CUDA provider when it has one."""
         path = Path(path).expanduser()
@@ -269,36 +326,50 @@ class OnnxPredictor:
         if isinstance(side, int) and side != spec.image_size:
             raise RuntimeModelError(f"{path} takes {side}x{side} inputs, not {spec.image_size}: leave --img-size out "
                                     "for this ONNX model")
-        return cls(session, names, spec, tta=tta)
+        return cls(session, names, spec, tta=tta, calibration=card.get("calibration"), unknown=unknown)
 
     def prepare(self, image: str | Path | Image.Image) -> np.ndarray:
         """Decode, resize and crop one input: an (S, S, 3) ``uint8`` array."""
         return resize_and_crop(decode_rgb(image, self.spec.decode_min_side), self.spec)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits (N, K) float32 of an (N, S, S, 3) ``uint8`` batch; with ``tta="flip"`` the log of the
-        probabilities averaged over the image and its mirror image."""
+        """Calibrated logits (N, K) float32 of an (N, S, S, 3) ``uint8`` batch (divided by the model's temperature);
+        with ``tta="flip"`` the log of the calibrated probabilities averaged over the image and its mirror image."""
+        return self.outputs(batch)[1]
+
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(raw, calibrated)`` logits of one run, as :meth:`twincar.inference.Predictor.outputs` gives them."""
         x = normalise(batch, self.spec)
         if self.tta == "flip":
             x = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
         (out,) = self.session.run(None, {self.input_name: x})
         out = out.astype(np.float32)
-        if self.tta == "flip":
-            plain, flipped = np.split(softmax(out), 2)
-            out = np.log((plain + flipped) / 2)
-        return out
+        return self._flip_average(out, 1.0), self._flip_average(out, self.temperature)
 
-    def results(self, logits: np.ndarray, sources: Sequence[str], topk: int = 5) -> list[Prediction]:
-        """:class:`Prediction` objects (top-k names and probabilities, make/model/year) from logits."""
+    def _flip_average(self, out: np.ndarray, temperature: float) -> np.ndarray:
+        out = out / temperature if temperature != 1.0 else out
+        if self.tta != "flip":
+            return out
+        plain, flipped = np.split(softmax(out.astype(np.float64)), 2)
+        return np.log((plain + flipped) / 2).astype(np.float32)
+
+    def results(self, logits: np.ndarray, sources: Sequence[str], topk: int = 5,
+                scores: np.ndarray | None = None) -> list[Prediction]:
+        """:class:`Prediction` objects (top-k names and probabilities, make/model/year) from calibrated logits;
+        with the images' unknown ``scores`` and a threshold in use, ``known`` and ``unknown_score`` too."""
         probs = softmax(logits.astype(np.float64)).astype(np.float32)
         k = min(topk, probs.shape[1])
+        threshold = self.unknown_threshold if scores is not None else None
+        score_list = scores.tolist() if threshold is not None else [None] * len(sources)
         out = []
-        for src, p in zip(sources, probs, strict=True):
+        for src, p, score in zip(sources, probs, score_list, strict=True):
             idx = np.argsort(-p, kind="stable")[:k]
             car = self.parsed[int(idx[0])]
             out.append(Prediction(source=src, name=car.full, label=int(idx[0]), confidence=float(p[idx[0]]),
                                   make=car.make, model=car.model, year=car.year,
-                                  topk=[(self.class_names[int(i)], float(p[i])) for i in idx]))
+                                  topk=[(self.class_names[int(i)], float(p[i])) for i in idx],
+                                  known=score is None or score >= threshold, unknown_score=score,
+                                  num_classes=len(self.class_names)))
         return out
 
     def iter_predict(self, images: Sequence[str | Path | Image.Image], *, batch_size: int = 32,
@@ -312,9 +383,13 @@ class OnnxPredictor:
                     prepared[i] = self.prepare(image)
                 except RuntimeImageError as e:
                     errors[i] = str(e)
-            done = dict(zip(prepared, self.results(self.logits(np.stack(list(prepared.values()))),
-                                                   [_source(chunk[i]) for i in prepared], topk),
-                            strict=True)) if prepared else {}
+            done = {}
+            if prepared:
+                raw, calibrated = self.outputs(np.stack(list(prepared.values())))
+                scores = unknown_scores(raw, self.score, self.temperature) if self.unknown_threshold is not None \
+                    else None
+                done = dict(zip(prepared, self.results(calibrated, [_source(chunk[i]) for i in prepared], topk,
+                                                       scores), strict=True))
             for i, image in enumerate(chunk):
                 if i in errors:
                     log.warning("skipping unreadable image: %s", errors[i])

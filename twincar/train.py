@@ -28,6 +28,7 @@ from twincar.training.run import (
     build_datamodule,
     build_model,
     build_trainer,
+    calibrate_best,
     evaluate_best,
     fit_model,
     log_hyperparameters,
@@ -74,7 +75,8 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         write_curves(out_dir)
     metrics, best = evaluate_best(fit.trainer, model, datamodule, bool(cfg.get("test")))
     if fit.trainer.is_global_zero:
-        write_artefacts(cfg, fit.trainer, model, datamodule, metrics, best, out_dir)
+        calibration = calibrate_best(model, datamodule, metrics, best) if cfg.get("calibrate", True) else None
+        write_artefacts(cfg, fit.trainer, model, datamodule, metrics, best, out_dir, calibration)
         logdir = tensorboard_logdir(fit.trainer, cfg.paths.log_dir)  # the sweep's folder, outputs/ or the run's
         log.info("\n%s", summary(metrics, datamodule.num_classes, out_dir, logdir))
     return metrics

@@ -62,8 +62,9 @@ def _short(name: str, width: int = 28) -> str:
     return name[:cut] + "\n" + name[cut:].strip()
 
 
-def reliability_diagram(bins: torch.Tensor, path: str | Path) -> Path:
-    """Accuracy vs confidence per bin (from :func:`twincar.metrics.calibration_bins`), ECE in the title."""
+def reliability_diagram(bins: torch.Tensor, path: str | Path, raw_bins: torch.Tensor | None = None) -> Path:
+    """Accuracy vs confidence per bin (from :func:`twincar.metrics.calibration_bins`), ECE in the title; with
+    ``raw_bins`` (the same images before temperature scaling) their accuracy vs confidence too, as a line."""
     count, conf, correct = (b.cpu().numpy() for b in bins)
     n_bins = len(count)
     edges = np.linspace(0, 1, n_bins + 1)
@@ -77,7 +78,14 @@ def reliability_diagram(bins: torch.Tensor, path: str | Path) -> Path:
     ax.bar(centers[filled], (mean_conf - acc)[filled], bottom=acc[filled], width=1 / n_bins, color="tab:red",
            alpha=0.3, edgecolor="tab:red", hatch="//", label="gap to confidence")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-    ax.set(title=f"Reliability (ECE {ece:.3f}, {n_bins} bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    title = f"Reliability (ECE {ece:.3f}, {n_bins} bins)"
+    if raw_bins is not None:
+        r_count, r_conf, r_correct = (b.cpu().numpy() for b in raw_bins)
+        r_filled = r_count > 0
+        ax.plot(r_conf[r_filled] / r_count[r_filled], r_correct[r_filled] / r_count[r_filled], "o-",
+                color="tab:orange", label="before temperature scaling")
+        title = f"Reliability: ECE {ece:.3f} calibrated, {float(expected_calibration_error(raw_bins.cpu())):.3f} raw"
+    ax.set(title=title, ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left")
     hist.bar(centers, count / max(count.sum(), 1), width=1 / n_bins, color="grey", edgecolor="black")
     hist.set(xlabel="confidence (top-1 probability)", ylabel="share of images")
@@ -245,5 +253,24 @@ def metric_bars(labels: Sequence[str], values: Sequence[float], metric: str, tot
         ax.text(v, y, f" {v:.4f}", va="center", fontsize=8)
     ax.set(xlabel=metric, title=f"{metric} per run ({len(values)} of {total} runs)")
     ax.margins(x=0.15)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def score_histogram(known: torch.Tensor, unknown: torch.Tensor, path: str | Path, *, threshold: float | None = None,
+                    score: str = "max_logit", auroc: float | None = None) -> Path:
+    """Histograms of the unknown score of known-class and unknown images (shared bins), with the threshold."""
+    k, u = known.float().numpy(), unknown.float().numpy()
+    both = np.concatenate([k, u])
+    edges = np.linspace(float(both.min()), float(both.max()) + 1e-6, 41)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(k, bins=edges, alpha=0.6, color="tab:blue", label=f"known classes ({len(k)})", density=True)
+    ax.hist(u, bins=edges, alpha=0.6, color="tab:red", label=f"unknown ({len(u)})", density=True)
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+    title = f"Unknown score ({score}): higher = more like a known class"
+    ax.set(title=title + (f", AUROC {auroc:.3f}" if auroc is not None else ""), xlabel=score, ylabel="density")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

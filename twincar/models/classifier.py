@@ -68,6 +68,8 @@ class CarClassifier(L.LightningModule):
             (timm's layer-wise lr decay, None = off) and extra optimizer kwargs (e.g. ``momentum``).
         scheduler: ``name`` (``cosine``, ``step`` or ``none``) and its options.
         preprocess: the input the model expects (:class:`twincar.data.transforms.Preprocess` as a dict).
+        calibration: the temperature and unknown threshold fitted after training (:mod:`twincar.calibration`, as a
+            dict); carried in checkpoints for inference, unused by training.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class CarClassifier(L.LightningModule):
         optimizer: Mapping | None = None,
         scheduler: Mapping | None = None,
         preprocess: Mapping | None = None,
+        calibration: Mapping | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)

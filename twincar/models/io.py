@@ -258,9 +258,10 @@ def build_model_card(
     metrics: dict | None = None,
     config: dict | None = None,
     source: str | None = None,
+    calibration: dict | None = None,
 ) -> dict:
     """What a consumer of exported weights needs (class names, preprocessing, architecture) and what the run was
-    (metrics such as ``test/acc``, config group choices and overrides)."""
+    (metrics such as ``test/acc``, config group choices and overrides), and its ``calibration`` when fitted."""
     from twincar import __version__
 
     return {
@@ -276,6 +277,7 @@ def build_model_card(
         "config": config or {},
         "source": source,
         "twincar_version": __version__,
+        **({CALIBRATION: dict(calibration)} if calibration else {}),
     }
 
 
@@ -499,6 +501,7 @@ class LoadedModel:
     architecture: str
     source: Path
     card: dict = field(default_factory=dict)  # the model card or checkpoint hparams it came with
+    calibration: dict | None = None  # temperature and unknown threshold (twincar.calibration), when fitted
 
 
 class OnnxModule(nn.Module):
@@ -608,7 +611,8 @@ def load_model(
         carried = card.get("class_names")
         names = _check_names(given, list(carried) if carried else None, model.num_outputs, path)
         pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
-        return LoadedModel(model, names, preprocess or pre, card.get("architecture", "onnx"), path, card)
+        return LoadedModel(model, names, preprocess or pre, card.get("architecture", "onnx"), path, card,
+                           read_calibration(path, card))
     if path.suffix == ".ckpt":
         ckpt = safe_torch_load(path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -625,7 +629,53 @@ def load_model(
         carried = card.get("class_names")
         pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
     names = _check_names(given, list(carried) if carried else None, _head_outputs(state, path), path)
-    return LoadedModel(build_model(arch, len(names), state, path), names, preprocess or pre, arch, path, card)
+    return LoadedModel(build_model(arch, len(names), state, path), names, preprocess or pre, arch, path, card,
+                       read_calibration(path, card))
+
+
+CALIBRATION = "calibration"  # the key of the calibration in checkpoint hyper-parameters and model cards
+
+
+def calibration_sidecar(path: str | Path) -> Path:
+    """Where the calibration of a model file without a model card lives: ``NAME.calibration.json`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.calibration.json")
+
+
+def read_calibration(path: str | Path, card: dict | None = None) -> dict | None:
+    """The calibration a model file carries: in its checkpoint hyper-parameters or model card (``card``), else in
+    its sidecar file (:func:`calibration_sidecar`); None when it was never calibrated."""
+    if card and isinstance(card.get(CALIBRATION), dict):
+        return dict(card[CALIBRATION])
+    sidecar = calibration_sidecar(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        value = json.loads(sidecar.read_text("utf-8"))
+    except ValueError as e:
+        raise WeightsError(f"{sidecar} is not valid JSON: {e}; delete it or calibrate the model again") from e
+    if not isinstance(value, dict):
+        raise WeightsError(f"{sidecar} must hold a JSON object (temperature, score, threshold)")
+    return value
+
+
+def write_calibration(path: str | Path, calibration: dict) -> Path:
+    """Store ``calibration`` with the model file at ``path``, atomically, where :func:`read_calibration` finds it:
+    a ``.ckpt``'s hyper-parameters (the file is rewritten), the ``model_card.json`` beside exported weights, or
+    else a sidecar ``NAME.calibration.json`` (the original TwinCars ``.pth``: the weights file is never touched).
+    Returns the file written."""
+    path = Path(path).expanduser()
+    if path.suffix == ".ckpt":
+        ckpt = safe_torch_load(path)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise WeightsError(f"{path} is not a Lightning checkpoint (no state_dict)")
+        ckpt.setdefault("hyper_parameters", {})[CALIBRATION] = dict(calibration)
+        return save_torch(ckpt, path)
+    card = read_model_card(path)
+    if card:
+        card[CALIBRATION] = dict(calibration)
+        return write_model_card(path.parent, card)
+    return write_json(calibration_sidecar(path), dict(calibration))
 
 
 def build_model(arch: str, num_classes: int, state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from twincar.calibration import Calibration, auroc, calibrate, ece_nll, fpr_at_tpr
 from twincar.data.classes import class_names_difference, write_classes_txt
 from twincar.errors import TwinCarError
 from twincar.files import write_json, write_text
@@ -25,6 +27,7 @@ from twincar.models.io import (
     checkpoint_class_names,
     export_state_dict,
     min_input_size,
+    write_calibration,
     write_model_card,
 )
 from twincar.runs import hydra_run_config
@@ -134,6 +137,14 @@ def summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir:
         if "acc_make" in m:
             lines.append(f"Fine-grained ({stage}): make {m['acc_make']:.3f}, family (make + model) "
                          f"{m['acc_family']:.3f}, year in family {m['acc_year_in_family']:.3f}")
+        if "ece_raw" in m:
+            lines.append(f"Calibrated ({stage}): ECE {m['ece']:.3f} (raw {m['ece_raw']:.3f}), NLL {m['nll']:.3f} "
+                         f"(raw {m['nll_raw']:.3f}), temperature {metrics['val/temperature']:.3f}")
+    if "ood/auroc" in metrics:
+        lines.append(f"Open set ({metrics['ood/images']:.0f} images of classes never trained on): AUROC "
+                     f"{metrics['ood/auroc']:.3f}, FPR95 {metrics['ood/fpr95']:.3f}; at the threshold "
+                     f"{metrics['ood/known_accepted']:.1%} of known images accepted, "
+                     f"{metrics['ood/unknown_rejected']:.1%} of unknown ones rejected")
     lines.append(f"Run directory: {out_dir}")
     if log_dir is not None:
         lines.append(f"TensorBoard:   tensorboard --logdir {Path(log_dir).resolve()}")
@@ -256,6 +267,60 @@ def evaluate_best(trainer: L.Trainer, model: CarClassifier, datamodule, test: bo
     return {k: float(v) for k, v in sorted(metrics.items())}, best
 
 
+def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], best: str,
+                   tpr: float = 0.95) -> Calibration:
+    """Fit the temperature (NLL) and the unknown threshold (``tpr`` of the known images) on the validation logits of
+    the weights :func:`evaluate_best` left in ``model`` (the best checkpoint's), computed as predict and eval compute
+    them (:func:`~twincar.inference.collect_logits`); store them in the best checkpoint's hyper-parameters.
+
+    ``metrics`` gains ``val/temperature``, and for val (and test, when it was tested) ``ece``/``nll`` become the
+    calibrated values, the trainer's raw ones moving to ``ece_raw``/``nll_raw`` (as eval reports them). On the
+    embedded dataset with ``data.synthetic.unknown_classes``, also the ``ood/*`` open-set metrics (:func:`open_set`)
+    of its unknown classes against the test (else val) images."""
+    from twincar.inference import Predictor, collect_logits
+
+    predictor = Predictor(model.model, model.class_names, datamodule.preprocess, device=model.device,
+                          channels_last=False, precision="fp32")
+    batch = int(datamodule.hparams.get("eval_batch_size") or datamodule.hparams.get("batch_size") or 64)
+
+    def logits_of(dataset):
+        return collect_logits(predictor, dataset.samples, bbox_margin=getattr(dataset, "bbox_margin", None),
+                              batch_size=batch, progress=False)
+
+    val = logits_of(datamodule.val_set)
+    calibration = calibrate(val.logits, val.labels, tpr=tpr, fitted_on=f"val ({len(val.labels)} images)")
+    metrics["val/temperature"] = calibration.temperature
+    stages = {"val": val}
+    if "test/acc" in metrics and getattr(datamodule, "test_set", None) is not None:
+        stages["test"] = logits_of(datamodule.test_set)
+    for stage, out in stages.items():
+        metrics[f"{stage}/ece_raw"], metrics[f"{stage}/nll_raw"] = ece_nll(out.logits, out.labels)
+        metrics[f"{stage}/ece"], metrics[f"{stage}/nll"] = ece_nll(out.logits, out.labels, calibration.temperature)
+    spec = getattr(datamodule, "spec", None)
+    if spec is not None and spec.unknown_classes:  # the embedded set's open-set split: classes never trained on
+        from twincar.data.synthetic import generate_unknown
+
+        unknown = collect_logits(predictor, generate_unknown(datamodule.root, spec), batch_size=batch, progress=False)
+        metrics.update(open_set(calibration, stages.get("test", val).logits, unknown.logits))
+    model.hparams["calibration"] = calibration.to_dict()
+    if best:
+        write_calibration(best, calibration.to_dict())
+    log.info("temperature %.3f fitted on %d validation images: ECE %.3f -> %.3f; unknown threshold %.3f (%s)",
+             calibration.temperature, calibration.images, calibration.ece_raw, calibration.ece,
+             calibration.threshold, calibration.score)
+    return calibration
+
+
+def open_set(calibration: Calibration, known_logits: torch.Tensor, unknown_logits: torch.Tensor) -> dict[str, float]:
+    """``ood/*``: AUROC and FPR95 of the calibration's unknown score between known-class and unknown images, and the
+    shares of each its threshold gets right."""
+    known, unknown = calibration.scores(known_logits), calibration.scores(unknown_logits)
+    return {"ood/auroc": auroc(known, unknown), "ood/fpr95": fpr_at_tpr(known, unknown, calibration.target_tpr),
+            "ood/known_accepted": float((known >= calibration.threshold).double().mean()),
+            "ood/unknown_rejected": float((unknown < calibration.threshold).double().mean()),
+            "ood/images": float(len(unknown))}
+
+
 def write_curves(out_dir: Path) -> None:
     """The loss/accuracy curves from the CSV log (before validate/test add their own rows)."""
     metrics_csv = out_dir / "csv" / "metrics.csv"
@@ -266,9 +331,9 @@ def write_curves(out_dir: Path) -> None:
 
 
 def write_artefacts(cfg: DictConfig, trainer: L.Trainer, model: CarClassifier, datamodule, metrics: dict,
-                    best: str, out_dir: Path) -> None:
+                    best: str, out_dir: Path, calibration: Calibration | None = None) -> None:
     """``split.json``, ``metrics.json`` and, with ``export``, ``model.pth`` + ``classes.txt`` + ``model_card.json``
-    (so ``Predictor.load(RUN/model.pth)`` needs nothing else)."""
+    (so ``Predictor.load(RUN/model.pth)`` needs nothing else, its ``calibration`` included)."""
     write_json(out_dir / "split.json", datamodule.split)
     write_json(out_dir / "metrics.json", {**metrics, "best_checkpoint": best, "epochs": trainer.current_epoch})
     if cfg.get("export"):
@@ -276,5 +341,5 @@ def write_artefacts(cfg: DictConfig, trainer: L.Trainer, model: CarClassifier, d
         write_classes_txt(model.class_names, out_dir / "classes.txt")
         write_model_card(out_dir, build_model_card(
             model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),
-            source="model.pth"))
+            source="model.pth", calibration=calibration.to_dict() if calibration else None))
     log_artefacts(trainer.loggers, best, out_dir)  # MLflow, W&B: the best checkpoint and the model card

@@ -46,7 +46,7 @@ GENERATOR_VERSION = "1"
 MARKER_FILE = ".twincar_synthetic.json"
 JPEG_QUALITY = 90
 # Second word of each image's seed; the third is the 1-based file number (0 = label order).
-SPLIT_IDS: dict[str, int] = {"train": 1, "test": 2}
+SPLIT_IDS: dict[str, int] = {"train": 1, "test": 2, "unknown": 3}
 
 _MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, Created by: twincar.data.synthetic"
 
@@ -84,6 +84,10 @@ class SyntheticSpec:
             colour-cast spread, sensor noise, and the size of the year detail (100% at 0, 75%
             at 1). 0 is clean and centred; the default 0.5 is moderate.
         seed: base random seed (>= 0); each image uses ``[seed, split_id, file_number]``.
+        unknown_classes: how many more classes to render as an open-set split (:func:`generate_unknown`):
+            ``test_per_class`` images each of classes never in the dataset (near out-of-distribution: other
+            models and years of the same makes, from the same renderer). 0: none. Not part of the dataset's
+            fingerprint: the known dataset is the same whatever this is.
     """
 
     num_classes: int = 14
@@ -93,6 +97,7 @@ class SyntheticSpec:
     height: int = 96
     difficulty: float = 0.5
     seed: int = 0
+    unknown_classes: int = 0
 
     def __post_init__(self) -> None:
         limits = {
@@ -102,6 +107,7 @@ class SyntheticSpec:
             "width": (32, 4096),
             "height": (32, 4096),
             "seed": (0, 2**63 - 1),
+            "unknown_classes": (0, len(stanford_cars_class_names()) - 1),
         }
         for name, (lo, hi) in limits.items():
             value = _integer(getattr(self, name), f"SyntheticSpec.{name}")
@@ -115,10 +121,19 @@ class SyntheticSpec:
         if not 0.0 <= difficulty <= 1.0:  # also rejects NaN
             raise ValueError(f"SyntheticSpec.difficulty must be in [0, 1], got {self.difficulty!r}")
         object.__setattr__(self, "difficulty", difficulty)
+        if self.num_classes + self.unknown_classes > len(stanford_cars_class_names()):
+            raise ValueError(f"SyntheticSpec.num_classes + unknown_classes must be at most "
+                             f"{len(stanford_cars_class_names())}, got {self.num_classes} + {self.unknown_classes}")
+
+    def dataset_fields(self) -> dict:
+        """The fields that make the (known) dataset: every one but ``unknown_classes``."""
+        fields = asdict(self)
+        fields.pop("unknown_classes")
+        return fields
 
     def fingerprint(self) -> str:
-        """A short stable hash of every field and ``GENERATOR_VERSION``, e.g. to name a cache dir."""
-        text = json.dumps({"generator_version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        """A short stable hash of every dataset field and ``GENERATOR_VERSION``, e.g. to name a cache dir."""
+        text = json.dumps({"generator_version": GENERATOR_VERSION, **self.dataset_fields()}, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
@@ -200,7 +215,7 @@ def _fix_mat_header(path: Path) -> None:
 
 def _marker(spec: SyntheticSpec, names: list[str]) -> dict:
     return {"generator": "twincar.data.synthetic", "generator_version": GENERATOR_VERSION,
-            "fingerprint": spec.fingerprint(), "spec": asdict(spec), "class_names": names}
+            "fingerprint": spec.fingerprint(), "spec": spec.dataset_fields(), "class_names": names}
 
 
 def is_complete(root: str | Path, spec: SyntheticSpec) -> bool:
@@ -211,7 +226,7 @@ def is_complete(root: str | Path, spec: SyntheticSpec) -> bool:
         return False
     if not isinstance(marker, dict):
         return False
-    return marker.get("fingerprint") == spec.fingerprint() and marker.get("spec") == asdict(spec)
+    return marker.get("fingerprint") == spec.fingerprint() and marker.get("spec") == spec.dataset_fields()
 
 
 def _write(root: Path, spec: SyntheticSpec) -> None:
@@ -273,6 +288,55 @@ def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+# --------------------------------------------------------------------------------------------
+# The open-set split: classes never in the dataset
+
+
+def unknown_class_names(spec: SyntheticSpec) -> list[str]:
+    """The ``unknown_classes`` names :func:`select_classes` would add next (other models of the same makes first),
+    none of which is in the dataset."""
+    known = set(select_classes(spec.num_classes))
+    return [n for n in select_classes(spec.num_classes + spec.unknown_classes) if n not in known]
+
+
+def unknown_root(root: str | Path) -> Path:
+    """Where :func:`generate_unknown` writes the open-set images of the dataset at ``root``: a sibling folder."""
+    root = Path(root).expanduser().absolute()
+    return root.with_name(f"{root.name}.unknown")
+
+
+def generate_unknown(root: str | Path, spec: SyntheticSpec) -> list[Sample]:
+    """Render ``test_per_class`` images of each of the spec's unknown classes (:func:`unknown_class_names`) into
+    ``unknown_root(root)/<N>/`` (atomically, cached like :func:`generate`) and return them as samples whose label
+    is -1 (none of the dataset's classes), in file order."""
+    if spec.unknown_classes < 1:
+        raise ValueError("SyntheticSpec.unknown_classes is 0: there are no unknown classes to render")
+    names = unknown_class_names(spec)
+    folder = unknown_root(root) / str(spec.unknown_classes)
+    marker = {"fingerprint": spec.fingerprint(), "unknown_classes": names, "per_class": spec.test_per_class}
+    files = [f"{i + 1:05d}.jpg" for i in range(len(names) * spec.test_per_class)]
+    try:
+        complete = json.loads((folder / MARKER_FILE).read_text("utf-8")) == marker
+    except (OSError, ValueError):
+        complete = False
+    if not complete:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            os.chmod(tmp, 0o755)
+            for number, fname in enumerate(files, start=1):
+                img, _ = render_sample(spec, "unknown", number, names[(number - 1) % len(names)])
+                img.save(tmp / fname, "JPEG", quality=JPEG_QUALITY)
+            write_text(tmp / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)  # an older set of this count (another spec): ours replaces it
+            os.rename(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return [Sample(path=folder / f, label=-1) for f in files]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""Calibrated confidence and the "unknown car" answer: small pure functions over logits and scores.
+
+- :func:`fit_temperature`: temperature scaling (Guo et al., 2017), one scalar ``T`` fitted on a held-out split by
+  minimising the negative log-likelihood of ``softmax(logits / T)`` (LBFGS on ``log T``, so ``T > 0``).
+- :func:`unknown_scores`: how much an image looks like one of the known classes, higher = more known:
+  ``max_logit`` (default; Vaze et al., ICLR 2022), ``max_softmax`` (of the calibrated probabilities) or
+  ``energy`` (``T * logsumexp(logits / T)``, the negative free energy of Liu et al., 2020).
+- :func:`fit_threshold`: the score above which an image is "known", chosen so that a target share (true-positive
+  rate) of known images passes, on the split it is fitted on.
+- :func:`auroc`, :func:`fpr_at_tpr`: how well a score separates known from unknown images.
+- :class:`Calibration`: the temperature and threshold a model carries (checkpoint hyper-parameters, model card or a
+  sidecar file beside the weights: :func:`twincar.models.io.write_calibration`), and :func:`calibrate`, which fits
+  both from a split's logits.
+
+With flip TTA the "logits" are those :meth:`twincar.inference.Predictor.logits` returns (the log of the averaged
+probabilities), so the scores and the threshold are those of the TTA model; fit them with the TTA you predict with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from twincar.errors import TwinCarError
+from twincar.metrics import calibration_bins, expected_calibration_error
+
+SCORES = ("max_logit", "max_softmax", "energy")  # the unknown scores, higher = more like a known class
+DEFAULT_SCORE = "max_logit"
+DEFAULT_TPR = 0.95  # share of known images the threshold keeps, on the split it is fitted on
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100) -> float:
+    """The temperature ``T`` that minimises the mean NLL of ``softmax(logits / T)`` against ``labels``.
+
+    One scalar, fitted by LBFGS on ``log T`` (so it stays positive) from ``T = 1``; clamped to [0.01, 100].
+    ``T > 1`` softens an over-confident model, ``T < 1`` sharpens an under-confident one; the argmax never changes.
+    """
+    if len(logits) == 0:
+        raise TwinCarError("no images to fit the temperature on: the split is empty")
+    z, y = logits.detach().float().cpu(), labels.detach().long().cpu()
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, tolerance_change=1e-7,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    return min(max(t, 0.01), 100.0) if math.isfinite(t) else 1.0
+
+
+def unknown_scores(logits: torch.Tensor, score: str = DEFAULT_SCORE, temperature: float = 1.0) -> torch.Tensor:
+    """(N,) scores of logits (N, K), higher = more like one of the known classes (see the module docstring)."""
+    z = logits.float()
+    if score == "max_logit":
+        return z.max(dim=1).values
+    if score == "max_softmax":
+        return (z / temperature).softmax(dim=1).max(dim=1).values
+    if score == "energy":
+        return temperature * torch.logsumexp(z / temperature, dim=1)
+    raise TwinCarError(f"unknown score {score!r}: use one of {', '.join(SCORES)}")
+
+
+THRESHOLD_MARGIN = 1e-4  # relative: the threshold sits this far below the last kept score (float noise of a rerun)
+
+
+def fit_threshold(known_scores: torch.Tensor, tpr: float = DEFAULT_TPR) -> float:
+    """A threshold ``t`` such that ``ceil(tpr * n) / n`` of ``known_scores`` are ``>= t`` (an image is known when its
+    score is at or above ``t``) when the scores are distinct: just below the lowest score that must pass (by
+    ``THRESHOLD_MARGIN``, never below the midpoint to the next lower score), so that recomputing the same images'
+    scores on other hardware keeps them."""
+    if not 0 < tpr <= 1:
+        raise TwinCarError(f"the target true-positive rate must be in (0, 1], got {tpr}")
+    s = known_scores.detach().double().flatten().sort().values
+    if len(s) == 0:
+        raise TwinCarError("no known images to choose the unknown threshold on: the split is empty")
+    below = min(math.floor(round((1 - tpr) * len(s), 9)), len(s) - 1)  # images allowed below the threshold
+    t = float(s[below])
+    margin = t - THRESHOLD_MARGIN * max(1.0, abs(t))
+    return max(margin, (t + float(s[below - 1])) / 2) if below > 0 else margin
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``x``, ties sharing their average rank (as scipy's rankdata)."""
+    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    return ((ends - counts.double() + 1 + ends) / 2)[inverse]
+
+
+def auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:
+    """Area under the ROC curve of telling known (positive) from unknown images by score: the probability that a
+    known image scores higher than an unknown one, ties counting half (Mann-Whitney U / (n_known * n_unknown))."""
+    known, unknown = known.detach().double().flatten(), unknown.detach().double().flatten()
+    if len(known) == 0 or len(unknown) == 0:
+        return float("nan")
+    ranks = _average_ranks(torch.cat([known, unknown]))
+    u = ranks[: len(known)].sum() - len(known) * (len(known) + 1) / 2
+    return float(u / (len(known) * len(unknown)))
+
+
+def fpr_at_tpr(known: torch.Tensor, unknown: torch.Tensor, tpr: float = DEFAULT_TPR) -> float:
+    """Share of unknown images accepted as known at the threshold that keeps ``tpr`` of the known ones (FPR95)."""
+    if len(unknown) == 0:
+        return float("nan")
+    return float((unknown.double() >= fit_threshold(known, tpr)).double().mean())
+
+
+def ece_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[float, float]:
+    """(expected calibration error, mean NLL) of ``softmax(logits / temperature)``, ECE as the metrics compute it."""
+    z = logits.float() / temperature
+    ece = float(expected_calibration_error(calibration_bins(z, labels)))
+    return ece, float(F.cross_entropy(z, labels.long()))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a model carries besides its weights so that its confidence means something and it can say "unknown"."""
+
+    temperature: float = 1.0  # divide the logits by this before the softmax
+    score: str = DEFAULT_SCORE  # the unknown score (one of SCORES)
+    threshold: float | None = None  # an image whose score is below this is not one of the known classes
+    target_tpr: float = DEFAULT_TPR  # share of the fitting split's images the threshold keeps
+    fitted_on: str = ""  # which images: "val" (the training run's validation split), or a description
+    images: int = 0  # how many
+    ece_raw: float | None = None  # ECE on those images before temperature scaling
+    ece: float | None = None  # and after
+    nll_raw: float | None = None  # mean NLL before
+    nll: float | None = None  # and after
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise TwinCarError(f"calibration temperature must be a positive number, got {self.temperature!r}")
+        if self.score not in SCORES:
+            raise TwinCarError(f"calibration score {self.score!r} is not one of {', '.join(SCORES)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Calibration | None:
+        """A calibration from its dict (unknown keys ignored, for files written by later versions); None for None."""
+        if not d:
+            return None
+        if not isinstance(d, dict):
+            raise TwinCarError(f"a calibration must be a mapping (temperature, score, threshold), got {d!r}")
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The unknown scores of raw logits (N, K), with this temperature."""
+        return unknown_scores(logits, self.score, self.temperature)
+
+
+def calibrate(logits: torch.Tensor, labels: torch.Tensor, *, score: str = DEFAULT_SCORE, tpr: float = DEFAULT_TPR,
+              fitted_on: str = "val") -> Calibration:
+    """Fit the temperature (by NLL) and the unknown threshold (at ``tpr`` of these known images) on raw logits."""
+    t = fit_temperature(logits, labels)
+    scores = unknown_scores(logits, score, t)
+    ece_raw, nll_raw = ece_nll(logits, labels)
+    ece, nll = ece_nll(logits, labels, t)
+    return Calibration(temperature=t, score=score, threshold=fit_threshold(scores, tpr), target_tpr=tpr,
+                       fitted_on=fitted_on, images=len(labels), ece_raw=ece_raw, ece=ece, nll_raw=nll_raw, nll=nll)

@@ -1,0 +1,56 @@
+"""Build the nearest-training-cars index: ``python -m twincar.index ckpt=PATH [classes=...] [data overrides]``.
+
+Embeds the training split (:meth:`twincar.inference.Predictor.embeddings`, L2-normalised pre-logit features) of the
+data the model was trained with and writes :class:`twincar.neighbours.NeighbourIndex` to ``index/`` beside the model
+(or ``out=DIR``), where ``twincar-predict --neighbours K`` and ``python -m twincar.eval index=DIR`` find it. Search is
+exact (cosine similarity, in torch). ``build(cfg)`` is the pure function; ``main`` the thin Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, open_dict
+
+from twincar.errors import TwinCarError
+from twincar.inference import EvalError, Predictor, data_config, eval_samples
+from twincar.neighbours import build_index
+from twincar.runs import resolve_launch_paths
+
+log = logging.getLogger(__name__)
+
+
+def build(cfg: DictConfig) -> Path:
+    """Embed ``cfg.data.split`` (train by default) and write the index; returns its folder."""
+    resolve_launch_paths(cfg)
+    split = str(cfg.data.get("split") or "train")
+    if split not in ("train", "val", "test"):
+        raise EvalError(f"data.split={split} is not a split: use data.split=train, val or test")
+    predictor = Predictor.load(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"))
+    with open_dict(cfg):
+        cfg.data.split = "test"  # data_config checks eval's splits; the split is chosen below
+    data, _ = data_config(cfg)
+    samples, margin, _ = eval_samples(data, split, predictor.class_names)
+    batch_size = int(data.get("eval_batch_size") or data.get("batch_size") or 64)
+    index = build_index(predictor, samples, batch_size=batch_size, bbox_margin=margin)
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.ckpt).expanduser().parent / "index"
+    index.save(out)
+    log.info("indexed %d %s images (%d-d embeddings) into %s", len(index.paths), split, index.embeddings.shape[1], out)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="index")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: a user error is printed as one sentence, exit code 1."""
+    try:
+        build(cfg)
+    except TwinCarError as e:
+        log.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
