@@ -180,7 +180,8 @@ def test_predict_on_a_training_run_with_and_without_classes(trained_run, data_di
         rows = read_csv(out)
         names = (trained_run / "classes.txt").read_text().splitlines()
         assert len(rows) == 6 and all(r["class"] in names and not r["error"] for r in rows)
-    ckpt = Predictor.load(trained_run / "checkpoints" / "last.ckpt", device="cpu").predict(images[0])
+    best = json.loads((trained_run / "metrics.json").read_text())["best_checkpoint"]  # model.pth's weights,
+    ckpt = Predictor.load(best, device="cpu").predict(images[0])  # calibrated like it at the end of training
     pth = Predictor.load(trained_run / "model.pth", device="cpu").predict(images[0])
     assert (ckpt.name, ckpt.confidence) == (pth.name, pytest.approx(pth.confidence, abs=1e-5))
     assert Predictor.load(trained_run / "model.pth").preprocess.image_size == 64  # from the model card

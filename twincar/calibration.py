@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from twincar.errors import TwinCarError
-from twincar.metrics import calibration_bins, expected_calibration_error
 
 SCORES = ("max_logit", "max_softmax", "energy")  # the unknown scores, higher = more like a known class
 DEFAULT_SCORE = "max_logit"
@@ -115,6 +114,8 @@ def fpr_at_tpr(known: torch.Tensor, unknown: torch.Tensor, tpr: float = DEFAULT_
 def ece_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[float, float]:
     """(expected calibration error, mean NLL) of ``softmax(logits / temperature)``, ECE as the metrics compute it."""
     z = logits.float() / temperature
+    from twincar.metrics import calibration_bins, expected_calibration_error  # torchmetrics: not for predict
+
     ece = float(expected_calibration_error(calibration_bins(z, labels)))
     return ece, float(F.cross_entropy(z, labels.long()))
 
