@@ -327,10 +327,9 @@ class Predictor:
         """
         return self.outputs(batch)[1]
 
-    @torch.inference_mode()
-    def outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(raw, calibrated)`` logits (N, K) of one forward pass: ``raw`` at temperature 1 (what the unknown
-        score and ``ece_raw`` use), ``calibrated`` as :meth:`logits` returns them."""
+    def _run(self, batch: torch.Tensor, network) -> torch.Tensor:
+        """``network`` on a ``uint8`` batch as the model takes it: normalised on the device, with its mirror
+        images after it under flip TTA, channels-last, under the autocast of ``precision``; float32."""
         x = self.batch_transform(batch.to(self.device, non_blocking=True))
         if self.tta == "flip":
             x = torch.cat([x, x.flip(3)])
@@ -338,8 +337,13 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            out = self.model(x).float()
-        out = out.cpu()
+            return network(x).float()
+
+    @torch.inference_mode()
+    def outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(raw, calibrated)`` logits (N, K) of one forward pass: ``raw`` at temperature 1 (what the unknown
+        score and ``ece_raw`` use), ``calibrated`` as :meth:`logits` returns them."""
+        out = self._run(batch, self.model).cpu()
         return flip_average(out, 1.0, self.tta), flip_average(out, self.temperature, self.tta)
 
     @torch.inference_mode()
@@ -349,14 +353,7 @@ class Predictor:
         normalised mean of the image's and its mirror image's."""
         if self.is_onnx or not hasattr(self.model, "forward_head"):
             raise TwinCarError("embeddings need a PyTorch timm model (.ckpt, .pth or .safetensors), not ONNX")
-        x = self.batch_transform(batch.to(self.device, non_blocking=True))
-        if self.tta == "flip":
-            x = torch.cat([x, x.flip(3)])
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True).float()
+        feats = self._run(batch, lambda x: self.model.forward_head(self.model.forward_features(x), pre_logits=True))
         feats = feats.flatten(1)
         if self.tta == "flip":
             feats = torch.nn.functional.normalize(feats, dim=1)
