@@ -38,7 +38,7 @@ from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_rgb, load_sample, sample_header
 from twincar.data.transforms import Preprocess
 from twincar.errors import TwinCarError
-from twincar.files import write_text
+from twincar.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def build_cache(
             os.fsync(out.fileno())  # on disk before the folder is renamed into place
         index = {"version": CACHE_VERSION, "format": fmt, "short_side": short_side, "bytes": offset,
                  "entries": entries, "errors": errors}
-        write_text(tmp / INDEX, json.dumps(index))
+        write_json(tmp / INDEX, index)
         directory.parent.mkdir(parents=True, exist_ok=True)
         try:
             tmp.rename(directory)

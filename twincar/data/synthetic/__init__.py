@@ -37,7 +37,7 @@ from PIL import Image
 from twincar.data.classes import parse_car_name, stanford_cars_class_names
 from twincar.data.formats import TEST_LABELS_FILE, Sample, write_annotations, write_meta
 from twincar.data.synthetic.render import render_car
-from twincar.files import write_text
+from twincar.files import write_json
 
 # Bump whenever the images or files written for a given spec change: it is part of
 # SyntheticSpec.fingerprint(), so caches keyed on the fingerprint are invalidated.
@@ -252,7 +252,7 @@ def _write(root: Path, spec: SyntheticSpec) -> None:
     write_annotations(mats[3], samples["test"], with_class=True)
     for path in mats:
         _fix_mat_header(path)
-    write_text(root / MARKER_FILE, json.dumps(_marker(spec, names), indent=2) + "\n")  # last: marks it complete
+    write_json(root / MARKER_FILE, _marker(spec, names))  # last: marks it complete
 
 
 def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
@@ -329,7 +329,7 @@ def generate_unknown(root: str | Path, spec: SyntheticSpec) -> list[Sample]:
             for number, fname in enumerate(files, start=1):
                 img, _ = render_sample(spec, "unknown", number, names[(number - 1) % len(names)])
                 img.save(tmp / fname, "JPEG", quality=JPEG_QUALITY)
-            write_text(tmp / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
+            write_json(tmp / MARKER_FILE, marker)
             if folder.exists():
                 shutil.rmtree(folder)  # an older set of this count (another spec): ours replaces it
             os.rename(tmp, folder)
