@@ -21,6 +21,13 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
   weights, which runs on the torch-free runtime (numpy, PIL, onnxruntime; torch is never imported).
   ``cpu_predict_int8``: the same for ``twincar.predict`` on an int8 ONNX export of those
   weights (``twincar.export quantize=int8``, calibrated on other images: ``--calibration DIR`` or generated).
+* ``predict_scaling``: whole ``twincar.predict`` processes over the same JPEGs: one process (the plain loop) vs
+  ``--devices 2 --accelerator cpu`` (Lightning ``Trainer.predict``, two gloo processes, sharded output); also one
+  process through the sharded path (``--resume``). Start-up is measured on one image and reported apart. On a
+  2-core machine two processes share the same cores, so the ratio is bound near 1: it measures the overhead.
+* ``gpu_predict`` (CUDA only): inference img/s per GPU of a ResNet-50 at batch 256, bf16 autocast,
+  channels_last: the model alone on in-memory uint8 tensors (the ceiling), the Predictor from JPEG files
+  (decoded in DataLoader workers), and from JPEG files decoded on the GPU (``data.pipeline=gpu_decode``).
 * ``train_step``: CPU training img/s of the network alone: fp32 vs bf16-mixed + channels_last.
 * ``gpu_train`` (CUDA only): end-to-end training img/s from JPEG files through TwinCar's datamodule and
   model (bf16-mixed, channels_last, optionally compiled) at 224 and 448, next to the model alone on
@@ -73,7 +80,8 @@ from twincar.data.transforms import (  # noqa: E402
     train_decode_min_side,
 )
 
-MEASURES = ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "cpu_predict", "train_step", "gpu_train")
+MEASURES = ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "cpu_predict", "predict_scaling",
+            "train_step", "gpu_train", "gpu_predict")
 PREDICT_IMAGES = 512  # cpu_predict's generated set: enough that per-image work, not start-up, sets the ratio
 # The seed augmentation (conf/augmentation/seed.yaml), for both pipelines.
 SEED_AUG = Augmentation(scale=(0.35, 1.0), ratio=(0.75, 1.3333), hflip=0.5, rotation=10.0,
@@ -397,6 +405,96 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
     return out
 
 
+def predict_scaling(paths: Sequence[Path], work: Path, model: Path | None, classes: Path | None,
+                    quick: bool) -> dict:
+    """``twincar.predict`` on 1 process (plain loop) vs 2 CPU processes (``--devices 2``), whole processes, on the
+    same JPEGs; per-image rates leave out start-up (each command is also run on two images: one per process)."""
+    weights, arch = _predict_weights(work, model, classes, quick)
+    folders = {"all": work / "scaling_all", "one": work / "scaling_one"}
+    for name, subset in (("all", paths), ("one", paths[:2])):
+        if not folders[name].is_dir():
+            folders[name].mkdir()
+            for p in subset:
+                shutil.copy(p, folders[name] / p.name)
+    variants = {"one_process": [], "two_processes": ["--devices", "2", "--accelerator", "cpu"]}
+    if not quick:
+        variants["one_process_sharded"] = ["--resume", "--accelerator", "cpu"]
+    threads = min(2, os.cpu_count() or 1)
+    wall = {}
+    for name, flags in variants.items():
+        for size, images in folders.items():
+            out = work / f"scaling_{name}_{size}.csv"
+            cmd = [sys.executable, "-m", "twincar.predict", "--images", str(images), "--model", str(weights),
+                   "--output", str(out), "--no-progress", *flags]
+            wall[name, size] = _run_measured(cmd, work / f"scaling_{name}.log", threads)["wall_s"]
+    n = len(paths)
+
+    def per_image(name: str) -> float:  # img/s after start-up
+        return (n - 2) / max(1e-9, wall[name, "all"] - wall[name, "one"])
+
+    same = _read_predictions(work / "scaling_one_process_all.csv") == _read_predictions(
+        work / "scaling_two_processes_all.csv")
+    return result(per_image("one_process"), per_image("two_processes"), images=n, model=arch, threads=threads,
+                  one_process_sharded_img_s=None if quick else round(per_image("one_process_sharded"), 2),
+                  **{f"{k}_startup_s": round(wall[k, "one"], 2) for k in variants},
+                  **{f"{k}_wall_s": round(wall[k, "all"], 2) for k in variants},
+                  same_predictions=same, note="2 processes share this machine's cores: the ratio is the overhead")
+
+
+def gpu_predict(paths: Sequence[Path], work: Path, quick: bool, device: torch.device | None = None) -> dict:
+    """Inference img/s per GPU, ResNet-50 at batch 256, bf16, channels_last: model alone on in-memory uint8 tensors
+    (the ceiling: ``reference``) vs the Predictor from JPEG files (``twincar``, DataLoader workers decoding) and
+    from JPEG files decoded on the GPU (``data.pipeline=gpu_decode``)."""
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else None)
+    if device is None:
+        return {"reference_img_s": None, "twincar_img_s": None, "ratio": None, "skipped": "no CUDA device"}
+    from twincar.data.datamodule import CarsDataModule
+    from twincar.data.synthetic import select_classes
+    from twincar.inference import Predictor
+    from twincar.models.io import create_model
+
+    torch.backends.cudnn.benchmark = True
+    arch, size, batch, steps = ("resnet10t", 32, 4, 2) if quick else ("resnet50", 224, 256, 30)
+    workers = 0 if quick else min(16, os.cpu_count() or 1)
+    names = select_classes(196)
+    predictor = Predictor(create_model(arch, len(names)), names, Preprocess(image_size=size), device=device,
+                          precision="bf16")
+    synthetic = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    model_only = _loop([None], lambda _: len(predictor.outputs(synthetic)[0]), 3, steps, device)
+    repeat = max(1, batch * (steps + 3) // len(paths) + 1)
+    files = [str(p) for p in paths] * repeat
+    loader = (b for b in predictor.prepared_batches(files, batch_size=batch, num_workers=workers))
+    from_files = _loop(loader, lambda b: len(predictor.outputs(b[1])[0]), 3, steps, device)
+    root = _devkit_of(paths, work / "predict_devkit")
+    dm = CarsDataModule(root=str(root), image_size=size, batch_size=batch, eval_batch_size=batch, num_workers=workers,
+                        val_fraction=0.05, split_dir=None, pipeline="gpu_decode")
+    import twincar.data.device as device_paths
+
+    check_cuda = device_paths.check_cuda
+    if device.type != "cuda":  # measured on whatever device the batch is on (the CPU in the tests)
+        device_paths.check_cuda = lambda option: None
+    try:
+        dm.prepare_data()
+        dm.setup("fit")
+        every = dm.train_set.samples + dm.val_set.samples  # read as eval images (no augmentation) by the val set
+        dm.val_set.samples = every * max(1, batch * (steps + 3) // len(every) + 1)
+        dm.eval_batch_transform.to(device)
+
+        def decoded_on_device(b) -> int:
+            x, _ = dm.on_after_batch_transfer((b[0], b[1].to(device)), 0)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+                return len(predictor.model(x.contiguous(memory_format=torch.channels_last)))
+
+        gpu_decode = _loop(dm.val_dataloader(), decoded_on_device, 3, steps, device)
+    finally:
+        device_paths.check_cuda = check_cuda
+    return result(model_only, from_files, model=arch, image_size=size, batch_size=batch, workers=workers,
+                  precision="bf16", channels_last=True, gpu_decode_img_s=round(gpu_decode, 2),
+                  gpu_decode_ratio=round(gpu_decode / model_only, 3),
+                  note="reference = the model alone on in-memory tensors (the ceiling)",
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+
+
 # -- 5: CPU training step ----------------------------------------------------------------------------------
 def cpu_bf16_native() -> bool:
     """True when this CPU has bf16 instructions (AVX512-BF16 or AMX): bf16 autocast then pays off."""
@@ -665,7 +763,7 @@ def run(args: argparse.Namespace) -> dict:
         predict_paths = paths[:args.predict_images] if args.predict_images else paths
     else:  # cpu_predict wants more images (start-up is a fixed cost): the pipelines take the first 64
         count = 6 if args.quick else 64
-        if "cpu_predict" in only and not args.quick:
+        if {"cpu_predict", "predict_scaling"} & set(only) and not args.quick:
             count = max(count, args.predict_images or PREDICT_IMAGES)
         generated = make_images(work / "images", count, quick=args.quick)
         paths, predict_paths = generated[:6 if args.quick else 64], generated
@@ -704,6 +802,10 @@ def run(args: argparse.Namespace) -> dict:
             out.update(cpu_predict(predict_paths, work, args.model, args.classes, args.quick,
                                    args.predict_args.split(), repeats=1 if args.quick else args.predict_repeats,
                                    calibration=calibration))
+        elif name == "predict_scaling":
+            out[name] = predict_scaling(predict_paths, work, args.model, args.classes, args.quick)
+        elif name == "gpu_predict":
+            out[name] = gpu_predict(paths, work, args.quick)
         elif name == "train_step":
             out[name] = train_step(args.quick)
         elif name == "gpu_train":

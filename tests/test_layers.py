@@ -11,7 +11,8 @@ ENTRY_POINTS = {"twincar.train", "twincar.eval", "twincar.predict", "twincar.exp
                 "twincar.demo", "twincar.compare", "twincar.report", "twincar.ablation",
                 "twincar.calibrate", "twincar.index"}
 ORCHESTRATION = ENTRY_POINTS | {"twincar.inference", "twincar.cam", "twincar.viz", "twincar.runs",
-                                "twincar.training", "twincar.calibration", "twincar.neighbours"}
+                                "twincar.training", "twincar.calibration", "twincar.neighbours", "twincar.parallel",
+                                "twincar.shards"}
 # twincar.metrics sits between data and models: the classifier logs with it, and it reads only class names
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from twincar.inference import (  # noqa: F401 (EvalError, SPLITS: part of this m
 )
 from twincar.metrics import calibration_bins, classification_metrics
 from twincar.runs import resolve_launch_paths
+from twincar.training.distributed import hydra_job_relaunch, log_file_on_rank_zero_only
 from twincar.viz import confused_pairs_figure, reliability_diagram, score_histogram, top_losses_figure
 
 log = logging.getLogger(__name__)
@@ -229,21 +231,35 @@ def ood_images(cfg: DictConfig, data: dict) -> list:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate ``cfg.ckpt`` on ``cfg.data.split``; write ``reports/`` under ``cfg.paths.output_dir``."""
     resolve_launch_paths(cfg)
+    log_file_on_rank_zero_only()
     if str(cfg.tta) not in TTA_MODES:
         raise EvalError(f"tta={cfg.tta} is not supported: use tta=none or tta=flip")
     check_writable_dir(Path(cfg.paths.output_dir) / "reports", "paths.output_dir")  # before the model loads
-    predictor = Predictor.load(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"),
-                               tta=str(cfg.get("tta", "none")))
+    processes = eval_processes(cfg)
+    device = cfg.get("device", "auto") if processes is None else "cpu"  # Lightning gives each process its device
+    predictor = Predictor.load(cfg.ckpt, cfg.get("classes"), device=device, tta=str(cfg.get("tta", "none")))
     data, split = data_config(cfg)
     out_dir = Path(cfg.paths.output_dir) / "reports"
     if "skipped_file" in data:  # on_corrupt=skip names what it leaves out here, not in the training run
         data["skipped_file"] = str(out_dir / "skipped.txt")
     samples, margin, left_out = eval_samples(data, split, predictor.class_names)
     batch_size = int(data.get("eval_batch_size") or data.get("batch_size") or 64)
-    log.info("evaluating %s on %d %s images (%s, tta=%s)", cfg.ckpt, len(samples), split, predictor.device, cfg.tta)
-    out = collect_logits(predictor, samples, bbox_margin=margin, batch_size=batch_size,
-                         num_workers=min(int(data.get("num_workers") or 0), default_workers(predictor.device)),
-                         progress=bool(cfg.get("progress", True)))
+    workers = int(data.get("num_workers") or 0)
+    progress = bool(cfg.get("progress", True))
+    if processes is None:
+        log.info("evaluating %s on %d %s images (%s, tta=%s)", cfg.ckpt, len(samples), split, predictor.device,
+                 cfg.tta)
+        out = collect_logits(predictor, samples, bbox_margin=margin, batch_size=batch_size,
+                             num_workers=min(workers, default_workers(predictor.device)), progress=progress)
+    else:
+        from twincar import parallel
+
+        log.info("evaluating %s on %d %s images (%d processes: %d node(s) x %d %s, tta=%s)", cfg.ckpt, len(samples),
+                 split, processes.world_size, processes.num_nodes, processes.devices, processes.accelerator, cfg.tta)
+        out = parallel.collect_logits(predictor, samples, processes, bbox_margin=margin, batch_size=batch_size,
+                                      num_workers=workers if processes.accelerator == "gpu" else 0, progress=progress)
+        if out is None:  # not rank 0: rank 0 writes the reports
+            return {}
     extra = {"checkpoint": str(cfg.ckpt), "split": split, "tta": str(cfg.tta), "images": len(out.samples),
              "skipped": left_out + [p for p, _ in out.skipped], "classes": len(predictor.class_names)}
     metrics = write_reports(out, predictor, out_dir, split=split, extra=extra,
@@ -260,6 +276,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         write_json(out_dir / "metrics.json", {**metrics, **extra, "ood": str(cfg.ood)})
     log.info("\n%s", summary(metrics, split, out_dir))
     return metrics
+
+
+def eval_processes(cfg: DictConfig):
+    """The :class:`~twincar.parallel.Processes` of ``trainer.devices`` x ``trainer.num_nodes`` when there are more
+    than one (or torchrun started this process), else None: the one-process loop."""
+    trainer = cfg.get("trainer") or {}
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if devices == 1 and nodes == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    from twincar.parallel import resolve_processes
+
+    if cfg.get("device", "auto") != "auto":
+        raise EvalError(f"device={cfg.device} names the device of a one-process run: with trainer.devices, choose "
+                        "trainer.accelerator=cpu|gpu")
+    return resolve_processes(devices, nodes, str(trainer.get("accelerator", "auto")))
 
 
 def summary(metrics: dict[str, float], split: str, out_dir: Path) -> str:
@@ -289,7 +320,8 @@ def summary(metrics: dict[str, float], split: str, out_dir: Path) -> str:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: a user error is printed as one sentence, exit code 1."""
     try:
-        evaluate(cfg)
+        with hydra_job_relaunch("twincar.eval"):  # more processes start as single runs of this job (trainer.devices)
+            evaluate(cfg)
     except TwinCarError as e:
         log.error("%s", e)
         sys.exit(1)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -137,7 +137,8 @@ def prepare_image(image: ImageInput, transform: nn.Module, min_side: int | None 
 
 
 class _Inputs(Dataset):
-    """Item ``i``: ``(prepared image, i)``, or ``(None, message)`` when input ``i`` cannot be read (in a worker)."""
+    """Item ``i``: ``(prepared image, i)``, or ``(None, (i, message))`` when input ``i`` cannot be read (in a
+    worker)."""
 
     def __init__(self, items: Sequence[ImageInput], transform: nn.Module, min_side: int | None):
         self.items = items
@@ -151,11 +152,12 @@ class _Inputs(Dataset):
         try:
             return prepare_image(self.items[index], self.transform, self.min_side), index
         except (ImageReadError, ValueError, TypeError) as e:
-            return None, str(e)
+            return None, (index, str(e))
 
 
 class _Numbered(Dataset):
-    """A :class:`~twincar.data.datamodule.CarsDataset` whose items carry their index instead of their label."""
+    """A :class:`~twincar.data.datamodule.CarsDataset` whose items carry their index instead of their label:
+    ``(image, i)``, or ``(None, (i, message))``."""
 
     def __init__(self, dataset: CarsDataset):
         self.dataset = dataset
@@ -165,26 +167,42 @@ class _Numbered(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int | str]:
         image, label_or_error = self.dataset[index]
-        return (image, index) if image is not None else (None, label_or_error)
+        return (image, index) if image is not None else (None, (index, label_or_error))
+
+
+Batch = tuple[list[int], torch.Tensor | None, dict[int, str]]  # (readable indices, their images, {index: message})
+
+
+@dataclass
+class BatchOutputs:
+    """What one forward pass gives for a batch of numbered inputs (:meth:`Predictor.batch_outputs`)."""
+
+    indices: list[int]  # the readable inputs, in the batch's order
+    raw: torch.Tensor | None  # (N, K) float32 logits at temperature 1 (flip TTA included); None: nothing readable
+    calibrated: torch.Tensor | None  # (N, K) the same divided by the model's temperature (Predictor.logits)
+    errors: dict[int, str]  # {index: message} of the unreadable inputs
+    embeddings: torch.Tensor | None = None  # (N, D) L2-normalised pre-logit features, when asked for
+
+
+def split_batch(collated: tuple) -> Batch:
+    """A batch of numbered items as :func:`~twincar.data.datasets.collate_readable` puts them together (``images,
+    indices[, [(index, message), ...]]``): ``(indices of the readable items, their uint8 batch or None, {index:
+    message} of the unreadable ones)``. Any sampler's batches, in any order (Lightning's distributed one too)."""
+    images, indices, *failed = collated
+    ok = indices.tolist()
+    return ok, (images if ok else None), dict(failed[0]) if failed else {}
 
 
 def iter_batches(
     dataset: Dataset, *, batch_size: int, num_workers: int = 0, pin_memory: bool = False
-) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
-    """Batches of a dataset whose items are ``(image, index)`` or ``(None, message)``, in order: ``(indices of
-    the readable items, their uint8 batch or None, {index: message} of the unreadable ones)``. Unreadable
-    items are dropped by the one collate of the data layer (:func:`~twincar.data.datamodule.collate_readable`),
-    never replaced; their indices are the batch's others."""
+) -> Iterator[Batch]:
+    """Batches of a dataset whose items are ``(image, index)`` or ``(None, (index, message))``, in order (see
+    :func:`split_batch`). Unreadable items are dropped by the one collate of the data layer
+    (:func:`~twincar.data.datasets.collate_readable`), never replaced."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_readable, pin_memory=pin_memory)
-    start = 0
-    for images, indices, *failed in loader:
-        ok = indices.tolist()
-        messages = list(failed[0]) if failed else []
-        end = start + len(ok) + len(messages)
-        bad = [i for i in range(start, end) if i not in set(ok)]
-        start = end
-        yield ok, (images if ok else None), dict(zip(bad, messages, strict=True))
+    for collated in loader:
+        yield split_batch(collated)
 
 
 class Predictor:
@@ -227,6 +245,7 @@ class Predictor:
         self.tta = None if tta == "none" else tta
         self.is_onnx = isinstance(model, OnnxModule)
         self.channels_last = channels_last and not self.is_onnx  # onnxruntime takes NCHW: no copy there and back
+        self.precision = precision
         self.autocast_dtype = resolve_precision(precision, self.device)
         if self.is_onnx:
             if precision == "bf16":
@@ -311,6 +330,17 @@ class Predictor:
         other.unknown_threshold = unknown_threshold(unknown, other.calibration.threshold if other.calibration else None)
         return other
 
+    def to(self, device: str | torch.device) -> Predictor:
+        """Move the network and the batch transform to ``device`` (in place: a process of a multi-process run
+        takes its own GPU); ``precision="auto"`` is resolved again for it. Returns this predictor."""
+        if self.is_onnx:
+            raise TwinCarError("an ONNX model runs in one process on the device it was loaded for")
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.batch_transform.to(self.device)
+        self.autocast_dtype = resolve_precision(self.precision, self.device)
+        return self
+
     def prepare(self, image: ImageInput) -> torch.Tensor:
         """Per-image work (decode, resize, crop): a ``uint8`` (3, S, S) tensor. Safe in DataLoader workers.
 
@@ -394,33 +424,58 @@ class Predictor:
 
     def prepared_batches(
         self, images: Sequence[ImageInput], *, batch_size: int = 32, num_workers: int = 0
-    ) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+    ) -> Iterator[Batch]:
         """:meth:`prepare` every input, in ``num_workers`` DataLoader processes (0: here), in batches:
         ``(indices of the readable inputs, their uint8 batch or None, {index: message} of the others)``."""
-        return iter_batches(_Inputs(images, self.image_transform, self.preprocess.decode_min_side),
-                            batch_size=batch_size, num_workers=num_workers, pin_memory=self.device.type == "cuda")
+        return iter_batches(self.inputs(images), batch_size=batch_size, num_workers=num_workers,
+                            pin_memory=self.device.type == "cuda")
+
+    def inputs(self, images: Sequence[ImageInput]) -> Dataset:
+        """The inputs as numbered items, each :meth:`prepare`\ d in ``__getitem__`` (a DataLoader worker):
+        ``(uint8 image, i)``, or ``(None, (i, message))`` when input ``i`` cannot be read."""
+        return _Inputs(images, self.image_transform, self.preprocess.decode_min_side)
+
+    def batch_outputs(self, batch: Batch, *, embeddings: bool = False) -> BatchOutputs:
+        """One forward pass over a batch of :meth:`prepared_batches` (or of a distributed sampler's share): the raw
+        and calibrated logits (and with ``embeddings`` the L2-normalised pre-logit features) of its readable images."""
+        indices, images, errors = batch
+        if not indices:
+            return BatchOutputs(indices, None, None, errors)
+        raw, calibrated = self.outputs(images)
+        return BatchOutputs(indices, raw, calibrated, errors, self.embeddings(images) if embeddings else None)
+
+    def batch_predictions(self, out: BatchOutputs, images: Sequence[ImageInput], topk: int = 5,
+                          neighbours: Callable[[torch.Tensor], list] | None = None) -> list[Prediction]:
+        """The :class:`Prediction` of every input of one batch, readable or not, in index order; ``images[i]`` is
+        input ``i`` (it names the results). An unreadable one has ``error`` set (and is named in a warning).
+        ``neighbours``: embeddings -> each one's nearest training images (``partial(NeighbourIndex.search, k=3)``;
+        the batch outputs must carry embeddings)."""
+        done = {}
+        if out.indices:
+            scores = self.unknown_scores(out.raw) if self.unknown_threshold is not None else None
+            sources = [source_name(images[i]) for i in out.indices]
+            done = dict(zip(out.indices, self.results(out.calibrated, sources, topk, scores), strict=True))
+            if neighbours is not None:
+                for i, near in zip(out.indices, neighbours(out.embeddings), strict=True):
+                    done[i].neighbours = near
+        for i, message in out.errors.items():
+            log.warning("skipping unreadable image: %s", message)
+            done[i] = Prediction(source=source_name(images[i]), error=message)
+        return [done[i] for i in sorted(done)]
 
     def iter_predict(
-        self, images: Sequence[ImageInput], *, batch_size: int = 32, topk: int = 5, num_workers: int = 0
+        self, images: Sequence[ImageInput], *, batch_size: int = 32, topk: int = 5, num_workers: int = 0,
+        neighbours: Callable[[torch.Tensor], list] | None = None,
     ) -> Iterator[Prediction]:
         """Yield one :class:`Prediction` per input, in input order, batch by batch.
 
         Decoding and resizing run in ``num_workers`` DataLoader processes (0: in this process). An unreadable
         file yields a Prediction with ``error`` set (and a warning); the rest of its batch goes on.
+        ``neighbours``: as :meth:`batch_predictions` takes it (the embeddings come from the same decoded batch).
         """
-        for indices, batch, errors in self.prepared_batches(images, batch_size=batch_size, num_workers=num_workers):
-            done = {}
-            if indices:
-                raw, calibrated = self.outputs(batch)
-                scores = self.unknown_scores(raw) if self.unknown_threshold is not None else None
-                done = dict(zip(indices, self.results(calibrated, [source_name(images[i]) for i in indices], topk,
-                                                      scores), strict=True))
-            for i in sorted([*indices, *errors]):
-                if i in errors:
-                    log.warning("skipping unreadable image: %s", errors[i])
-                    yield Prediction(source=source_name(images[i]), error=errors[i])
-                else:
-                    yield done[i]
+        for batch in self.prepared_batches(images, batch_size=batch_size, num_workers=num_workers):
+            out = self.batch_outputs(batch, embeddings=neighbours is not None)
+            yield from self.batch_predictions(out, images, topk, neighbours)
 
     def predict(
         self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 32, topk: int = 5, num_workers: int = 0
@@ -474,16 +529,21 @@ class EvalOutputs:
             self.calibrated = self.logits
 
 
+def labelled_dataset(predictor: Predictor, samples: Sequence[Sample], bbox_margin: float | None = None) -> Dataset:
+    """Labelled ``samples`` as numbered items (``(image, i)`` or ``(None, (i, message))``), each decoded as the
+    predictor decodes a file (a large JPEG at reduced size), cropped to the car box when ``bbox_margin`` is set, and
+    put through its own image transform."""
+    reader = partial(load_sample, min_side=predictor.preprocess.decode_min_side)
+    return _Numbered(CarsDataset(list(samples), predictor.image_transform, bbox_margin, reader))
+
+
 def labelled_batches(
     predictor: Predictor, samples: Sequence[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
     num_workers: int = 0,
-) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
-    """:func:`iter_batches` of labelled ``samples`` as the predictor decodes a file (a large JPEG at reduced size),
-    cropped to the car box when ``bbox_margin`` is set, through its own image transform."""
-    reader = partial(load_sample, min_side=predictor.preprocess.decode_min_side)
-    dataset = _Numbered(CarsDataset(list(samples), predictor.image_transform, bbox_margin, reader))
-    return iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=predictor.device.type == "cuda")
+) -> Iterator[Batch]:
+    """:func:`iter_batches` of :func:`labelled_dataset`."""
+    return iter_batches(labelled_dataset(predictor, samples, bbox_margin), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=predictor.device.type == "cuda")
 
 
 def collect_logits(
@@ -493,29 +553,37 @@ def collect_logits(
     """Run ``predictor`` over labelled ``samples`` in batches. Each image is decoded as :meth:`Predictor.prepare`
     decodes a file (a large JPEG at reduced size), cropped to its car box when ``bbox_margin`` is set (as the
     training run's val/test sets are), and put through the predictor's own transform and :meth:`Predictor.logits`.
-    An unreadable image is named in the log and in ``skipped``, and left out."""
+    An unreadable image is named in the log and in ``skipped``, and left out. (On many processes:
+    :func:`twincar.parallel.collect_logits`.)"""
     from tqdm.auto import tqdm
 
     samples = list(samples)
-    logits, calibrated, kept, skipped = [], [], [], []
+    outputs = []
     with tqdm(total=len(samples), desc="eval", unit="img", disable=not progress) as bar:
-        for indices, images, errors in labelled_batches(predictor, samples, bbox_margin=bbox_margin,
-                                                        batch_size=batch_size, num_workers=num_workers):
-            for i, message in errors.items():
-                log.warning("skipping unreadable image: %s", message)
-                skipped.append((sample_label(samples[i]), message))
-            if images is not None:
-                raw, cal = predictor.outputs(images)
-                logits.append(raw)
-                calibrated.append(cal)
-                kept.extend(indices)
-            bar.update(len(indices) + len(errors))
-    if not kept:
+        for batch in labelled_batches(predictor, samples, bbox_margin=bbox_margin, batch_size=batch_size,
+                                      num_workers=num_workers):
+            outputs.append(predictor.batch_outputs(batch))
+            bar.update(len(batch[0]) + len(batch[2]))
+    return eval_outputs(samples, outputs)
+
+
+def eval_outputs(samples: Sequence[Sample], outputs: Iterable[BatchOutputs]) -> EvalOutputs:
+    """The :class:`EvalOutputs` of labelled ``samples`` from the batch outputs over them (in any order, from any
+    number of processes), in sample order; an unreadable image is named in the log and in ``skipped``."""
+    outputs = list(outputs)
+    errors = dict(sorted((i, m) for o in outputs for i, m in o.errors.items()))
+    for message in errors.values():
+        log.warning("skipping unreadable image: %s", message)
+    skipped = [(sample_label(samples[i]), message) for i, message in errors.items()]
+    done = [o for o in outputs if o.indices]
+    if not done:
         first = skipped[0][1] if skipped else "-"
         raise TwinCarError(f"none of the {len(samples)} images could be read (first: {first})")
-    kept_samples = [samples[i] for i in kept]
-    return EvalOutputs(torch.cat(logits), torch.tensor([s.label for s in kept_samples]), kept_samples, skipped,
-                       torch.cat(calibrated))
+    indices = torch.tensor([i for o in done for i in o.indices])
+    order = indices.argsort()
+    kept = [samples[i] for i in indices[order].tolist()]
+    return EvalOutputs(torch.cat([o.raw for o in done])[order], torch.tensor([s.label for s in kept]), kept, skipped,
+                       torch.cat([o.calibrated for o in done])[order])
 
 
 # -- the labelled images of a split: eval, calibrate ------------------------------------------------------

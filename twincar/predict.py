@@ -2,8 +2,13 @@
 
 Also installed as ``twincar-predict``. Writes one row per image (the original TwinCars columns ``image,
 make, model, year, confidence``, then ``class, label, top{i}_class, top{i}_prob``, ``known, unknown_score`` when the
-model carries an unknown threshold (``--unknown``), and ``error``) to a CSV or JSON file. ``predict_files`` is the
-pure function; ``main`` is the thin argparse entry point.
+model carries an unknown threshold (``--unknown``), and ``error``) to a CSV, JSON or Parquet file. ``predict_files``
+is the pure function; ``main`` is the thin argparse entry point.
+
+With ``--devices N [--num-nodes M]`` (or under ``torchrun`` / ``srun``) the images are shared among the processes by
+Lightning's ``Trainer.predict`` (:mod:`twincar.parallel`); each process writes its predictions in shards and rank 0
+merges them in input order (:mod:`twincar.shards`). ``--resume`` finishes a killed job: only the images without a
+row in its shards are predicted.
 """
 
 from __future__ import annotations
@@ -12,19 +17,23 @@ import argparse
 import csv
 import io
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from twincar.errors import TwinCarError
-from twincar.files import check_writable, dumps, write_text
+from twincar.files import atomic_path, check_writable, dumps, write_text
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = "reports/predictions_custom_images.csv"  # the original project's output file
 PROGRESS_MIN_IMAGES = 16  # show a progress bar from this many images on
+FORMATS = ("csv", "json", "parquet")
+DEFAULT_SHARD_SIZE = 10_000  # images per shard and process (twincar.shards.DEFAULT_SHARD_SIZE; no lightning import)
 
 
 def format_predictions(predictions: Sequence, fmt: str, topk: int) -> str:
@@ -46,6 +55,22 @@ def format_predictions(predictions: Sequence, fmt: str, topk: int) -> str:
     return buf.getvalue()
 
 
+def write_predictions(output: Path, predictions: Sequence, fmt: str, topk: int) -> Path:
+    """Write the rows atomically: CSV or JSON (:func:`format_predictions`), or Parquet with the CSV's columns
+    (an empty cell is null, ``known`` a boolean)."""
+    if fmt != "parquet":
+        return write_text(output, format_predictions(predictions, fmt, topk))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    open_set = any(p.unknown_score is not None for p in predictions)
+    rows = [{k: None if v == "" else v == "true" if k == "known" else v for k, v in p.to_row(topk, open_set).items()}
+            for p in predictions]
+    with atomic_path(output) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    return output
+
+
 @dataclass
 class PredictSummary:
     """What a predict run did."""
@@ -55,14 +80,18 @@ class PredictSummary:
     errors: int
     seconds: float
     unknown: int = 0  # images that are not one of the model's classes (below its unknown threshold)
+    resumed: int = 0  # images whose rows came from the shards of the run that --resume finished
 
     @property
     def images_per_second(self) -> float:
-        return (self.images - self.errors) / self.seconds if self.seconds > 0 else 0.0
+        """Images predicted by this run (not read back from shards) per second."""
+        done = self.images - self.errors - self.resumed
+        return done / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
         unknown = f", {self.unknown} not one of the known classes" if self.unknown else ""
-        return (f"{self.images} images, {self.errors} errors{unknown}, {self.images_per_second:.1f} img/s "
+        resumed = f", {self.resumed} read back from the shards of the earlier run" if self.resumed else ""
+        return (f"{self.images} images, {self.errors} errors{unknown}{resumed}, {self.images_per_second:.1f} img/s "
                 f"-> {self.output}")
 
 
@@ -85,7 +114,12 @@ def predict_files(
     neighbours: int = 0,
     index: str | Path | None = None,
     progress: bool = True,
-) -> PredictSummary:
+    devices: int | None = None,
+    num_nodes: int | None = None,
+    accelerator: str = "auto",
+    resume: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> PredictSummary | None:
     """Predict every image and write the rows to ``output``; unreadable images get an ``error`` row.
 
     The model and its class list are checked before any image is read. ``num_workers`` decoding processes
@@ -94,75 +128,127 @@ def predict_files(
     model's calibrated threshold, when it carries one), ``off`` or a threshold on its unknown score; a car below it
     is "not one of the known classes". ``neighbours``: add the k nearest training images of each (from ``index``,
     default ``index/`` beside the model: built by ``python -m twincar.index``; PyTorch models only).
+
+    ``devices`` processes per node on ``num_nodes`` nodes (``accelerator`` cpu or gpu; left out under torchrun:
+    its own), or ``resume``: Lightning's ``Trainer.predict`` with shards of ``shard_size`` images per process
+    (:mod:`twincar.shards`); ``resume`` predicts only the images the shards beside ``output`` lack. Returns the
+    summary on global rank 0, None on the other ranks.
     """
     from twincar.data.discovery import find_images
 
-    if fmt not in ("csv", "json"):
-        raise TwinCarError(f"--format must be csv or json, got {fmt!r}")
+    if fmt not in FORMATS:
+        raise TwinCarError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     for flag, value, least in (("--topk", topk, 1), ("--neighbours", neighbours, 0), ("--batch-size", batch_size, 1),
-                               ("--workers", num_workers, 0)):
+                               ("--workers", num_workers, 0), ("--shard-size", shard_size, 1)):
         if value is not None and value < least:
             raise TwinCarError(f"{flag} must be at least {least}, got {value}")
     output = check_writable(output, "--output")  # before the model loads: nothing computed is lost
+    scale_out = resume or (devices or 1) > 1 or (num_nodes or 1) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if str(model).endswith(".onnx"):
-        from twincar.runtime import OnnxPredictor
-
-        if precision == "bf16":
-            raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
-        if neighbours:
-            raise TwinCarError("--neighbours needs the PyTorch weights (.pth, .safetensors or .ckpt): the ONNX "
-                               "runtime computes no embeddings")
-        runtime = OnnxPredictor.load(model, classes, device=device, image_size=image_size, resize_mode=resize_mode,
-                                     tta=tta, unknown=unknown)
-        files = find_images(images)
-        log.info("predicting %d image(s) with %s (%d classes, onnxruntime, fp32)", len(files), model,
-                 len(runtime.class_names))
+        if scale_out:
+            raise TwinCarError("--devices, --num-nodes and --resume run the PyTorch weights (.pth, .safetensors or "
+                               ".ckpt): an ONNX model predicts in one process")
         start = time.perf_counter()
-        stream = runtime.iter_predict(files, batch_size=batch_size, topk=topk)
-    else:
-        from twincar.inference import Predictor, default_workers  # torch is imported here, not for --help
+        predictions = _onnx_predictions(find_images(images), model, classes, topk=topk, batch_size=batch_size,
+                                        device=device, precision=precision, image_size=image_size,
+                                        resize_mode=resize_mode, tta=tta, unknown=unknown, neighbours=neighbours,
+                                        progress=progress)
+        return _write(output, predictions, fmt, topk, time.perf_counter() - start)
+    from twincar.inference import Predictor, default_workers  # torch is imported here, not for --help
 
-        if neighbours:
-            from twincar.neighbours import NeighbourIndex
+    processes = None
+    if scale_out:
+        from twincar.parallel import resolve_processes
 
-            neighbour_index = NeighbourIndex.load(Path(index) if index else Path(model).expanduser().parent / "index")
-        predictor = Predictor.load(
-            model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta,
-            unknown=unknown,
-        )
-        if unknown == "auto" and predictor.unknown_threshold is None:
-            log.info("%s carries no unknown threshold (python -m twincar.calibrate fits one): every car is named",
-                     model)
-        files = find_images(images)
+        if device != "auto":
+            raise TwinCarError(f"--device {device} names the device of a one-process run: with --devices, "
+                               "--num-nodes or --resume choose --accelerator cpu|gpu")
+        processes = resolve_processes(devices, num_nodes, accelerator)
+        device = "cpu"  # Lightning moves the network to each process's own device
+    search = None
+    if neighbours:
+        from twincar.neighbours import NeighbourIndex
+
+        neighbour_index = NeighbourIndex.load(Path(index) if index else Path(model).expanduser().parent / "index")
+        search = partial(neighbour_index.search, k=neighbours)
+    predictor = Predictor.load(
+        model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta,
+        unknown=unknown,
+    )
+    if unknown == "auto" and predictor.unknown_threshold is None:
+        log.info("%s carries no unknown threshold (python -m twincar.calibrate fits one): every car is named", model)
+    files = find_images(images)
+    start = time.perf_counter()
+    resumed = 0
+    if processes is None:
         log.info("predicting %d image(s) with %s (%d classes, %s, %s)", len(files), model,
                  len(predictor.class_names), predictor.device,
                  "bf16" if predictor.autocast_dtype is not None else "fp32")
-        start = time.perf_counter()
         workers = default_workers(predictor.device) if num_workers is None else num_workers
-        stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk,
+        stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk, neighbours=search,
                                         num_workers=min(workers, max(0, len(files) // batch_size)))
-    if progress and len(files) >= PROGRESS_MIN_IMAGES:
+        predictions = list(_with_progress(stream, len(files), progress))
+    else:
+        from twincar.shards import predict_sharded
+
+        options = {"model": str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists()
+                   else str(model), "topk": topk, "tta": predictor.tta, "image_size": predictor.preprocess.image_size,
+                   "resize_mode": predictor.preprocess.resize_mode, "unknown": predictor.unknown_threshold,
+                   "temperature": predictor.temperature, "neighbours": neighbours, "precision": precision}
+        if num_workers is None:
+            num_workers = 0 if processes.accelerator == "cpu" else min(8, (os.cpu_count() or 1) // processes.devices)
+        done = predict_sharded(predictor, files, output, processes, options=options, topk=topk,
+                               batch_size=batch_size, num_workers=num_workers, neighbours=search, resume=resume,
+                               shard_size=shard_size, progress=progress)
+        if done is None:  # another rank than 0: rank 0 writes the output
+            return None
+        predictions, resumed = done
+    summary = _write(output, predictions, fmt, topk, time.perf_counter() - start, resumed)
+    if processes is not None:
+        from twincar.shards import remove_shards, shard_dir
+
+        remove_shards(shard_dir(output))  # the job is complete: its shards are in the output
+    return summary
+
+
+def _write(output: Path, predictions: list, fmt: str, topk: int, seconds: float, resumed: int = 0) -> PredictSummary:
+    """Write the predictions (unless none could be read and ``output`` exists already); the run's summary."""
+    summary = PredictSummary(output, len(predictions), sum(not p.ok for p in predictions), seconds,
+                             sum(p.ok and not p.known for p in predictions), resumed)
+    if summary.errors == summary.images and output.exists():
+        log.error("no image could be read: %s is left as it was", output)
+    else:
+        write_predictions(output, predictions, fmt, topk)
+    return summary
+
+
+def _with_progress(stream, total: int, progress: bool):
+    """``stream`` with a progress bar (rich) from :data:`PROGRESS_MIN_IMAGES` images on."""
+    if progress and total >= PROGRESS_MIN_IMAGES:
         try:
             from rich.progress import track
         except ImportError:  # the torch-free install has no rich: no progress bar
-            track = None
-        if track is not None:
-            stream = track(stream, total=len(files), description="predicting", transient=True)
-    predictions = list(stream)
+            return stream
+        return track(stream, total=total, description="predicting", transient=True)
+    return stream
+
+
+def _onnx_predictions(files: list, model, classes, *, topk: int, batch_size: int, device: str, precision: str,
+                      image_size: int | None, resize_mode: str | None, tta: str | None, unknown: str, neighbours: int,
+                      progress: bool) -> list:
+    """The predictions of an ``.onnx`` model, on the torch-free runtime."""
+    from twincar.runtime import OnnxPredictor
+
+    if precision == "bf16":
+        raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
     if neighbours:
-        readable = [p for p in predictions if p.ok]
-        found = neighbour_index.search(predictor.embed([p.source for p in readable], batch_size=batch_size),
-                                       neighbours) if readable else []
-        for p, near in zip(readable, found, strict=True):
-            p.neighbours = near
-    seconds = time.perf_counter() - start
-    summary = PredictSummary(output, len(predictions), sum(not p.ok for p in predictions), seconds,
-                             sum(p.ok and not p.known for p in predictions))
-    if summary.errors == summary.images and output.exists():
-        log.error("no image could be read: %s is left as it was", output)
-        return summary
-    write_text(output, format_predictions(predictions, fmt, topk))
-    return summary
+        raise TwinCarError("--neighbours needs the PyTorch weights (.pth, .safetensors or .ckpt): the ONNX "
+                           "runtime computes no embeddings")
+    runtime = OnnxPredictor.load(model, classes, device=device, image_size=image_size, resize_mode=resize_mode,
+                                 tta=tta, unknown=unknown)
+    log.info("predicting %d image(s) with %s (%d classes, onnxruntime, fp32)", len(files), model,
+             len(runtime.class_names))
+    return list(_with_progress(runtime.iter_predict(files, batch_size=batch_size, topk=topk), len(files), progress))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classes.txt or classes.csv; needed when the model file carries no class names")
     parser.add_argument("--output", "-o", metavar="PATH",
                         help=f"output file (default {DEFAULT_OUTPUT}, .json with --format json)")
-    parser.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default csv)")
+    parser.add_argument("--format", choices=FORMATS, default="csv",
+                        help="output format (default csv; parquet for millions of rows)")
     parser.add_argument("--topk", type=int, default=5, help="top-k classes per image (default 5)")
     parser.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--workers", "-j", type=int,
@@ -199,25 +286,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "python -m twincar.index)")
     parser.add_argument("--index", metavar="DIR", help="the neighbour index folder (default: index/ beside the model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scale = parser.add_argument_group("many processes (Lightning Trainer.predict, sharded output)")
+    scale.add_argument("--devices", type=int, metavar="N",
+                       help="processes per node, one per GPU (default 1; under torchrun: its --nproc-per-node)")
+    scale.add_argument("--num-nodes", type=int, metavar="M", help="nodes (default 1; under torchrun: its --nnodes)")
+    scale.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto",
+                       help="what the processes run on (default auto: GPUs when there are any)")
+    scale.add_argument("--resume", action="store_true",
+                       help="finish a killed job: predict only the images that its shards (OUTPUT.shards/) lack")
+    scale.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+                       help=f"images per shard and process (default {DEFAULT_SHARD_SIZE}): what a kill can lose")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; a user error prints one sentence and exits 1, as does a run where every image failed."""
+    from twincar.training.lock import is_launching_process
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    output = args.output or (DEFAULT_OUTPUT if args.format == "csv" else str(Path(DEFAULT_OUTPUT).with_suffix(".json")))
+    level = logging.INFO if is_launching_process() else logging.WARNING  # rank 0 says what the job does
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+    output = args.output or str(Path(DEFAULT_OUTPUT).with_suffix(f".{args.format}"))
     try:
         summary = predict_files(
             args.images, args.model, classes=args.classes, output=output, fmt=args.format, topk=args.topk,
             batch_size=args.batch_size, num_workers=args.workers, device=args.device, precision=args.precision,
             image_size=args.img_size, resize_mode=args.resize_mode, tta=args.tta, unknown=args.unknown,
-            neighbours=args.neighbours, index=args.index,
-            progress=not args.no_progress,
+            neighbours=args.neighbours, index=args.index, progress=not args.no_progress, devices=args.devices,
+            num_nodes=args.num_nodes, accelerator=args.accelerator, resume=args.resume, shard_size=args.shard_size,
         )
     except TwinCarError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if summary is None:  # a rank other than 0 of a multi-process run: rank 0 reports
+        return 0
     print(summary)
     if summary.errors == summary.images:
         print(f"error: none of the {summary.images} image(s) could be read", file=sys.stderr)

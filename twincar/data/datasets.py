@@ -72,8 +72,9 @@ class DeviceRefDataset(CarsDataset):
 
 
 def collate_readable(batch: list[tuple], collate_images: Callable[[list], object] | None = None) -> tuple:
-    """``default_collate`` of the decoded items: ``(images, labels)``, plus a list of error messages as a third
-    element when some images of the batch could not be decoded (they are left out, never replaced).
+    """``default_collate`` of the decoded items: ``(images, labels)``, plus the list of what the unreadable items
+    carried instead of a label (their error message; ``(index, message)`` for numbered items, as inference reads
+    them) as a third element when some images of the batch could not be decoded (left out, never replaced).
     ``collate_images``: how the images are put together instead (the GPU paths: ``ImageRefs``)."""
     good = [item for item in batch if item[0] is not None]
     failed = [item[1] for item in batch if item[0] is None]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -110,8 +111,9 @@ LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SI
 
 
 @contextlib.contextmanager
-def hydra_job_relaunch(child_timeout_s: float = 600) -> Iterator[None]:
-    """Run one Hydra job (e.g. ``train(cfg)``) whose DDP ranks start with :func:`job_command`, then clean up.
+def hydra_job_relaunch(module: str = "twincar.train", child_timeout_s: float = 600) -> Iterator[None]:
+    """Run one Hydra job of ``python -m module`` (e.g. ``train(cfg)``) whose DDP ranks start with
+    :func:`job_command`, then clean up.
 
     Inside the block, Lightning's subprocess launcher builds the children's command with ours instead
     of ``_hydra_subprocess_cmd`` (the original ``sys.argv``, ``-m`` included). On the way out, the
@@ -122,7 +124,8 @@ def hydra_job_relaunch(child_timeout_s: float = 600) -> Iterator[None]:
     """
     saved_env = {k: os.environ.get(k) for k in LAUNCH_ENV}
     failed = False
-    with subprocess_launch(job_command) as launchers:  # job_command gives (command, cwd), as Lightning's own
+    command = functools.partial(job_command, module=module)  # (command, cwd), as Lightning's own
+    with subprocess_launch(command) as launchers:
         try:
             yield
         except BaseException:

@@ -1,0 +1,203 @@
+"""Predict and evaluate on many processes (issue 18): two gloo processes on the CPU against one process.
+
+Over 203 readable images plus 2 unreadable files: every image appears exactly once, in input order, with the
+one-process answer; a job killed after its first shard finishes with ``--resume``, reading that shard back; eval
+with ``trainer.devices=2`` writes the metrics of one process.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import TINY_NAMES, run_cli
+from tests.trained import compose, trained_run
+from twincar.errors import TwinCarError
+from twincar.predict import predict_files
+from twincar.runtime import Prediction
+from twincar.shards import JOB_FILE, file_key, read_shards, shard_dir, shard_files, to_record, write_shard
+
+TWO_CPU_PROCESSES = ["--devices", "2", "--accelerator", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir) -> Path:
+    return trained_run(tmp_path_factory, data_dir)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """A folder of 203 rendered cars of the trained run's six classes, a truncated JPEG and a text file."""
+    from twincar.data.discovery import find_images
+    from twincar.data.synthetic import SyntheticSpec, generate
+
+    root = generate(tmp_path_factory.mktemp("scale_data") / "cars",
+                    SyntheticSpec(num_classes=6, train_per_class=30, test_per_class=4, seed=7))
+    folder = tmp_path_factory.mktemp("scale_images")
+    for i, path in enumerate(find_images([str(root)])[:203]):
+        shutil.copy(path, folder / f"car{i:03d}{path.suffix}")
+    (folder / "car100b.jpg").write_bytes((folder / "car100.jpg").read_bytes()[:200])  # truncated
+    (folder / "car150b.png").write_text("not an image")
+    return folder
+
+
+def read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_predictions(rows: list[dict], reference: list[dict]) -> None:
+    """The same images in the same order, the same top-1 and probabilities within 1e-5, the same error rows."""
+    assert [r["image"] for r in rows] == [r["image"] for r in reference]
+    for r, ref in zip(rows, reference, strict=True):
+        assert bool(r["error"]) == bool(ref["error"]), r["image"]
+        if not ref["error"]:
+            assert r["class"] == ref["class"], r["image"]
+            for k in range(1, 6):
+                assert r[f"top{k}_class"] == ref[f"top{k}_class"]
+                assert abs(float(r[f"top{k}_prob"]) - float(ref[f"top{k}_prob"])) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_process(run, images, tmp_path_factory) -> list[dict]:
+    """The one-process predictions of the folder (the reference)."""
+    out = tmp_path_factory.mktemp("one") / "predictions.csv"
+    summary = predict_files([str(images)], run / "model.pth", output=out, progress=False)
+    assert summary.images == 205 and summary.errors == 2
+    return read_rows(out)
+
+
+@pytest.mark.slow  # two processes that import torch and Lightning on 2 shared cores
+def test_two_processes_predict_every_image_once_in_input_order_as_one_process(run, images, one_process, tmp_path):
+    out = tmp_path / "predictions.parquet"
+    proc = run_cli("twincar.predict", "--images", str(images), "--model", str(run / "model.pth"), "-o", str(out),
+                   "--format", "parquet", "--shard-size", "40", *TWO_CPU_PROCESSES, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "205 images, 2 errors" in proc.stdout
+    rows = read_rows(out)
+    assert len({r["image"] for r in rows}) == len(rows) == 205  # no image twice, no padding duplicate, none left out
+    errors = {Path(r["image"]).name: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {"car100b.jpg", "car150b.png"} and all("car1" in e for e in errors.values())
+    assert_same_predictions(rows, one_process)
+    assert not shard_dir(out).exists()  # a finished job's shards are merged into the output and removed
+
+
+HARNESS = '''"""python harness.py ARGS: twincar-predict, SIGKILLed (all its processes) once a first shard is written."""
+import os, signal, sys
+import twincar.shards as shards
+write = shards.write_shard
+def write_then_die(path, records):
+    write(path, records)
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+shards.write_shard = write_then_die
+from twincar.predict import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow  # three runs of two processes
+def test_a_job_killed_after_its_first_shard_resumes_and_reads_that_shard_back(run, images, one_process, tmp_path):
+    out = tmp_path / "predictions.csv"
+    args = ["--images", str(images), "--model", str(run / "model.pth"), "-o", str(out), "--shard-size", "40",
+            *TWO_CPU_PROCESSES]
+    (tmp_path / "harness.py").write_text(HARNESS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    killed = subprocess.run([sys.executable, "harness.py", *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600, start_new_session=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not out.exists()
+    finished = shard_files(shard_dir(out))
+    assert len(finished) == 1  # the kill came right after it: the other rank's shard, if any, is a temporary file
+    done = read_shards(shard_dir(out))
+    assert 40 <= len(done) < 205
+
+    again = run_cli("twincar.predict", *args, cwd=tmp_path)  # without --resume: refused, nothing lost
+    assert again.returncode == 1 and "pass --resume to finish it" in again.stderr
+    assert shard_files(shard_dir(out)) == finished
+
+    # mark one row of the finished shard: if the resumed job recomputed that image, the mark would be gone
+    marked_key, marked = next((k, p) for k, p in done.items() if p.ok)
+    marked.confidence = 0.123456
+    write_shard(finished[0], [to_record(p, k) for k, p in done.items()])
+    resumed = run_cli("twincar.predict", *args, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{len(done)} of 205 image(s) already predicted in 1 shard(s); predicting the other {205 - len(done)}" \
+        in resumed.stderr
+    assert f"{len(done)} read back from the shards of the earlier run" in resumed.stdout
+    rows = read_rows(out)
+    assert len({r["image"] for r in rows}) == len(rows) == 205
+    assert_same_predictions(rows, one_process)
+    by_key = {file_key(r["image"]): r for r in rows}
+    assert by_key[marked_key]["confidence"] == "0.123456"  # the shard's row, not a recomputed one
+    assert not shard_dir(out).exists()
+
+
+@pytest.mark.slow  # trains the session's model; eval in two processes
+def test_eval_on_two_processes_writes_the_metrics_of_one(run, tmp_path):
+    from twincar.eval import evaluate
+
+    best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
+    one = evaluate(compose("eval", [f"ckpt={best}", f"paths.output_dir={tmp_path / 'one'}", "progress=false"]))
+    proc = run_cli("twincar.eval", f"ckpt={best}", f"hydra.run.dir={tmp_path / 'two'}", "progress=false",
+                   "trainer.devices=2", "trainer.accelerator=cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "reports" / "metrics.json").read_text())
+    assert two["images"] == len(read_rows(tmp_path / "one" / "reports" / "predictions.csv"))
+    for name, value in one.items():
+        assert two[name] == pytest.approx(value, abs=1e-6), name
+    assert read_rows(tmp_path / "two" / "reports" / "predictions.csv") == \
+        read_rows(tmp_path / "one" / "reports" / "predictions.csv")
+    assert not list((tmp_path / "two").glob("*rank1*"))  # the second process wrote nothing of its own
+
+
+# -- one process, fast: the shards' bookkeeping ------------------------------------------------------------
+def test_resume_in_one_process_predicts_only_what_the_shards_lack(tiny_export, car_images, tmp_path):
+    out = tmp_path / "predictions.csv"
+    folder = shard_dir(out)
+    folder.mkdir()
+    kept = Prediction(source=str(car_images[0]), name=TINY_NAMES[2], label=2, confidence=0.5,
+                      topk=[(TINY_NAMES[2], 0.5)], num_classes=6)
+    write_shard(folder / "earlier-00000-000000.parquet", [to_record(kept, file_key(car_images[0]))])
+    summary = predict_files(car_images, tiny_export, output=out, resume=True, topk=1, progress=False)
+    assert (summary.images, summary.resumed) == (3, 1)
+    rows = read_rows(out)
+    assert [r["image"] for r in rows] == [str(p) for p in car_images]
+    assert (rows[0]["class"], rows[0]["confidence"]) == (TINY_NAMES[2], "0.5")  # read back, not predicted
+    plain = tmp_path / "plain.csv"
+    predict_files(car_images, tiny_export, output=plain, topk=1, progress=False)
+    assert rows[1:] == read_rows(plain)[1:]
+    assert not folder.exists()
+
+
+def test_resume_refuses_shards_predicted_with_other_options(tiny_export, car_images, tmp_path):
+    out = tmp_path / "predictions.csv"
+    folder = shard_dir(out)
+    folder.mkdir()
+    write_shard(folder / "earlier-00000-000000.parquet",
+                [to_record(Prediction(source=str(car_images[0]), error="x"), file_key(car_images[0]))])
+    (folder / JOB_FILE).write_text(json.dumps({"topk": 5, "tta": None}))
+    with pytest.raises(TwinCarError, match=r"other options \(topk: 5 then, 3 now\)"):
+        predict_files(car_images, tiny_export, output=out, resume=True, topk=3, progress=False)
+    with pytest.raises(TwinCarError, match="holds the shards of an unfinished run: pass --resume"):
+        predict_files(car_images, tiny_export, output=out, devices=2, accelerator="cpu", progress=False)
+    with pytest.raises(TwinCarError, match="an ONNX model predicts in one process"):
+        predict_files(car_images, tmp_path / "model.onnx", output=out, devices=2)
+
+
+def test_a_changed_image_is_predicted_again(tmp_path):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x")
+    before = file_key(image)
+    image.write_bytes(b"xy")
+    assert file_key(image) != before and file_key(image)[0] == str(image.resolve())

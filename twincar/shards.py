@@ -1,0 +1,242 @@
+"""Predict's shards: each process writes its predictions in Parquet files of ``--shard-size`` images, so that a job
+of a million images killed at any point keeps all but the shards in progress, and ``--resume`` predicts only the
+rest.
+
+The shards of ``OUTPUT`` live in ``OUTPUT.shards/`` as ``<run>-<rank>-<n>.parquet``, each written atomically (a
+kill leaves a temporary file, never a half shard that would be read back). A row is keyed by the image's resolved
+path, size and modification time: an image that changed since is predicted again. Once every image has its row,
+rank 0 merges the shards into the one output, in input order, and removes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from twincar.errors import TwinCarError
+from twincar.files import atomic_path, read_json_object, remove_stale_temp_files, write_json
+from twincar.inference import BatchOutputs, Predictor
+from twincar.runtime import Prediction
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 10_000  # images per shard and process: at 2,500 img/s per GPU a kill loses 4 s of work
+Key = tuple[str, int, int]  # (resolved path, size in bytes, mtime in ns)
+
+SCHEMA = pa.schema([
+    ("key_path", pa.string()), ("key_size", pa.int64()), ("key_mtime_ns", pa.int64()),
+    ("source", pa.string()), ("error", pa.string()), ("name", pa.string()), ("label", pa.int64()),
+    ("confidence", pa.float64()), ("make", pa.string()), ("model", pa.string()), ("year", pa.int64()),
+    ("known", pa.bool_()), ("unknown_score", pa.float64()), ("num_classes", pa.int64()),
+    ("topk_names", pa.list_(pa.string())), ("topk_probs", pa.list_(pa.float64())),
+    ("nn_images", pa.list_(pa.string())), ("nn_classes", pa.list_(pa.string())),
+    ("nn_similarity", pa.list_(pa.float64())),
+])
+
+
+def shard_dir(output: str | Path) -> Path:
+    """The folder of ``output``'s shards: ``OUTPUT.shards`` beside it."""
+    output = Path(output)
+    return output.with_name(output.name + ".shards")
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The finished shards in ``folder`` (temporary files of a killed writer are not among them)."""
+    return sorted(folder.glob("[!.]*.parquet")) if folder.is_dir() else []
+
+
+def file_key(path: str | Path) -> Key:
+    """What identifies an image across runs: resolved path, size and mtime (size and mtime -1: it cannot be read)."""
+    resolved = Path(path).expanduser().resolve()
+    try:
+        stat = resolved.stat()
+    except OSError:
+        return str(resolved), -1, -1
+    return str(resolved), stat.st_size, stat.st_mtime_ns
+
+
+def to_record(p: Prediction, key: Key) -> dict:
+    """One shard row: the prediction and its image's key."""
+    return {
+        "key_path": key[0], "key_size": key[1], "key_mtime_ns": key[2], "source": p.source, "error": p.error,
+        "name": p.name, "label": p.label, "confidence": p.confidence, "make": p.make, "model": p.model,
+        "year": p.year, "known": p.known, "unknown_score": p.unknown_score, "num_classes": p.num_classes,
+        "topk_names": [n for n, _ in p.topk], "topk_probs": [q for _, q in p.topk],
+        "nn_images": [n[0] for n in p.neighbours], "nn_classes": [n[1] for n in p.neighbours],
+        "nn_similarity": [n[2] for n in p.neighbours],
+    }
+
+
+def from_record(r: dict) -> Prediction:
+    """The :class:`Prediction` a shard row holds."""
+    return Prediction(
+        source=r["source"], name=r["name"], label=r["label"], confidence=r["confidence"], make=r["make"],
+        model=r["model"], year=r["year"], topk=list(zip(r["topk_names"], r["topk_probs"], strict=True)),
+        error=r["error"], known=r["known"], unknown_score=r["unknown_score"], num_classes=r["num_classes"],
+        neighbours=list(zip(r["nn_images"], r["nn_classes"], r["nn_similarity"], strict=True)),
+    )
+
+
+def write_shard(path: Path, records: Sequence[dict]) -> Path:
+    """Write one shard atomically (temporary file beside it, fsync, rename)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(list(records), schema=SCHEMA), tmp)
+    return path
+
+
+def read_shards(folder: Path) -> dict[Key, Prediction]:
+    """Every prediction in ``folder``'s shards, by image key; a shard that cannot be read is named in a warning and
+    left out (its images are predicted again)."""
+    done: dict[Key, Prediction] = {}
+    for path in shard_files(folder):
+        try:
+            rows = pq.read_table(path, schema=SCHEMA).to_pylist()
+        except (OSError, pa.ArrowException) as e:
+            log.warning("shard %s cannot be read (%s): its images are predicted again", path, e)
+            continue
+        for r in rows:
+            done[(r["key_path"], r["key_size"], r["key_mtime_ns"])] = from_record(r)
+    return done
+
+
+def merge(done: dict[Key, Prediction], keys: Sequence[Key]) -> list[Prediction]:
+    """The prediction of every image, in input order (``keys``: the images' keys); each image appears once."""
+    missing = [k[0] for k in keys if k not in done]
+    if missing:
+        raise TwinCarError(f"{len(missing)} image(s) have no prediction in the shards (first: {missing[0]}): "
+                           "run again with --resume")
+    return [done[k] for k in keys]
+
+
+class ShardWriter(BasePredictionWriter):
+    """Writes each process's predictions into shards of ``shard_size`` images (Lightning's prediction writer).
+
+    Args:
+        folder: the shards' folder (:func:`shard_dir`).
+        images: the inputs of this run (item ``i`` of the dataset is ``images[i]``) and ``keys`` their keys.
+        predictor: turns a batch's outputs into predictions (:meth:`Predictor.batch_predictions`), with ``topk``
+            classes and ``neighbours`` (as that method takes them).
+        options: what the predictions depend on (model, top-k, TTA...), kept in ``job.json`` for ``--resume``.
+    """
+
+    def __init__(self, folder: Path, images: Sequence[str], keys: Sequence[Key], predictor: Predictor, *,
+                 topk: int = 5, shard_size: int = DEFAULT_SHARD_SIZE, neighbours: Callable | None = None,
+                 options: dict | None = None):
+        super().__init__("batch")
+        self.folder, self.images, self.keys = folder, images, keys
+        self.predictor, self.topk, self.neighbours, self.shard_size = predictor, topk, neighbours, shard_size
+        self.options = options or {}  # written to job.json: what --resume must match
+        self.pending: list[dict] = []
+        self.written = 0  # images this process wrote into shards
+        self.run_id, self.rank, self.count = "", 0, 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.folder)  # a killed writer's half shard
+            write_json(self.folder / JOB_FILE, self.options)
+        self.run_id = trainer.strategy.broadcast(uuid.uuid4().hex[:8])  # one name for the run's shards
+        self.rank = trainer.global_rank
+        trainer.strategy.barrier("twincar-shards-ready")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: BatchOutputs, batch_indices, batch, batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        indices = sorted([*prediction.indices, *prediction.errors])
+        predictions = self.predictor.batch_predictions(prediction, self.images, self.topk, self.neighbours)
+        self.pending += [to_record(p, self.keys[i]) for i, p in zip(indices, predictions, strict=True)]
+        if len(self.pending) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending rows as this process's next shard."""
+        if self.pending:
+            write_shard(self.folder / f"{self.run_id}-{self.rank:05d}-{self.count:06d}.parquet", self.pending)
+            self.written += len(self.pending)
+            self.count += 1
+            self.pending = []
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flush()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.barrier("twincar-shards-written")  # rank 0 merges once every process has written
+
+
+def remove_shards(folder: Path) -> None:
+    """Remove a merged job's shards and their folder."""
+    for path in [*shard_files(folder), folder / JOB_FILE]:
+        path.unlink(missing_ok=True)
+    remove_stale_temp_files(folder)
+    if folder.is_dir() and not any(folder.iterdir()):
+        os.rmdir(folder)
+
+
+JOB_FILE = "job.json"  # the options the shards were predicted with: --resume refuses others
+
+
+def check_job(folder: Path, options: dict, resume: bool) -> None:
+    """Before a run into ``folder``: an unfinished job's shards are continued only with ``--resume`` and its options."""
+    if not shard_files(folder):
+        return
+    if not resume:
+        raise TwinCarError(f"{folder} holds the shards of an unfinished run: pass --resume to finish it, or remove "
+                           "the folder to start again")
+    job = folder / JOB_FILE
+    earlier = read_json_object(job, "shard job file") if job.is_file() else {}
+    changed = sorted(k for k in options if k in earlier and earlier[k] != options[k])
+    if changed:
+        raise TwinCarError(f"{folder} was predicted with other options ("
+                           + ", ".join(f"{k}: {earlier[k]!r} then, {options[k]!r} now" for k in changed)
+                           + "): resume with the same ones, or remove the folder to start again")
+
+
+def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, processes, *, options: dict,
+                    topk: int, batch_size: int, num_workers: int = 0, neighbours: Callable | None = None,
+                    resume: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
+                    progress: bool = True) -> tuple[list[Prediction], int] | None:
+    """Predict ``files`` on ``processes`` (:func:`twincar.parallel.run_inference`) into the shards beside ``output``;
+    with ``resume``, only those the shards lack. On global rank 0: every file's prediction in input order and how
+    many came from earlier shards; None on the other ranks."""
+    from twincar.parallel import run_inference
+    from twincar.training.lock import is_launching_process
+
+    folder = shard_dir(output)
+    check_job(folder, options, resume)
+    keys = [file_key(f) for f in files]
+    done = read_shards(folder) if resume else {}
+    todo = [i for i, k in enumerate(keys) if k not in done]
+    resumed = len(keys) - len(todo)
+    if resume:
+        log.info("resuming %s: %d of %d image(s) already predicted in %d shard(s); predicting the other %d", folder,
+                 resumed, len(keys), len(shard_files(folder)), len(todo))
+    if 0 < len(todo) < processes.world_size:  # Lightning's sampler gives each process one image at least
+        log.info("%d image(s) left for %d processes: rank 0 predicts them alone", len(todo), processes.world_size)
+        if not is_launching_process():
+            return None
+        images = [files[i] for i in todo]
+        done.update({keys[i]: p for i, p in zip(todo, predictor.iter_predict(images, batch_size=batch_size, topk=topk,
+                                                                              neighbours=neighbours), strict=True)})
+    elif todo:
+        log.info("predicting %d image(s) on %d process(es) (%d node(s) x %d %s), shards of %d in %s", len(todo),
+                 processes.world_size, processes.num_nodes, processes.devices, processes.accelerator, shard_size,
+                 folder)
+        images = [files[i] for i in todo]
+        writer = ShardWriter(folder, images, [keys[i] for i in todo], predictor, topk=topk, shard_size=shard_size,
+                             neighbours=neighbours, options=options)
+        trainer = run_inference(predictor, predictor.inputs(images), processes, [writer], batch_size=batch_size,
+                                num_workers=num_workers, embeddings=neighbours is not None, progress=progress)
+        if not trainer.is_global_zero:
+            return None
+        done = read_shards(folder)
+    elif not is_launching_process():  # nothing left to predict: rank 0 alone merges
+        return None
+    return merge(done, keys), resumed
