@@ -45,16 +45,19 @@ class Processes:
 
 def resolve_processes(devices: int | None = None, num_nodes: int | None = None,
                       accelerator: str = "auto") -> Processes:
-    """The processes a run asks for; a value left out is taken from ``torchrun``'s environment when it started
-    this process (``LOCAL_WORLD_SIZE`` per node, ``WORLD_SIZE`` in all), else 1."""
+    """The processes a run asks for (a value left out: 1). Under ``torchrun`` they are the ones it started
+    (``LOCAL_WORLD_SIZE`` per node, ``WORLD_SIZE`` in all), and a number given here must agree (1 is the default)."""
     accelerator = "gpu" if accelerator == "cuda" else accelerator
     if accelerator not in ACCELERATORS:
         raise TwinCarError(f"--accelerator must be auto, cpu or gpu, got {accelerator!r}")
-    local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
-    if devices is None:
-        devices = int(local) if local and os.environ.get("TORCHELASTIC_RUN_ID") else 1
-    if num_nodes is None:
-        num_nodes = max(1, int(world) // devices) if world and os.environ.get("TORCHELASTIC_RUN_ID") else 1
+    if "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+        for flag, value, started in (("devices", devices, local), ("num-nodes", num_nodes, world // local)):
+            if value not in (None, 1, started):
+                raise TwinCarError(f"--{flag} {value}: torchrun started {started}; leave it out under torchrun")
+        devices, num_nodes = local, world // local
+    devices = 1 if devices is None else devices
+    num_nodes = 1 if num_nodes is None else num_nodes
     for flag, value in (("--devices", devices), ("--num-nodes", num_nodes)):
         if not isinstance(value, int) or value < 1:
             raise TwinCarError(f"{flag} must be a whole number of at least 1, got {value!r}")
@@ -79,6 +82,9 @@ class InferenceModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.predictor.to(self.device)  # precision auto is resolved for this device
+        processes_here = self.trainer.num_devices
+        if self.device.type == "cpu" and processes_here > 1:  # the node's cores are shared, not each one's
+            torch.set_num_threads(max(1, torch.get_num_threads() // processes_here))
 
     def predict_step(self, batch: tuple, batch_idx: int) -> BatchOutputs:
         return self.predictor.batch_outputs(split_batch(batch), embeddings=self.embeddings)
