@@ -273,6 +273,38 @@ def test_neighbours_equal_a_brute_force_search_and_the_index_round_trips(tmp_pat
     assert knn_metrics(index, keys, labels)["test/knn_acc"] == 1.0
 
 
+def test_faiss_and_torch_search_give_the_same_neighbours(tmp_path):
+    pytest.importorskip("faiss", reason="faiss is not installed (the faiss extra: pip install 'twincar[faiss]')")
+    from twincar.neighbours import NeighbourIndex, knn_metrics, top_k_similar
+
+    g = torch.Generator().manual_seed(1)
+    keys = torch.nn.functional.normalize(torch.randn(2000, 32, generator=g), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=1)
+    for q, exclude_self in ((queries, False), (keys, True)):
+        (ts, ti), (fs, fi) = (top_k_similar(q, keys, 5, exclude_self=exclude_self, backend=b)
+                              for b in ("torch", "faiss"))
+        assert torch.equal(ti, fi) and torch.allclose(ts, fs, atol=1e-5)
+    labels = torch.arange(2000) % 7
+    indexes = [NeighbourIndex(keys, labels, [f"{i}.jpg" for i in range(2000)], list("ABCDEFG"), b) for b in
+               ("torch", "faiss")]
+    by_torch, by_faiss = (index.search(queries, 3) for index in indexes)  # faiss: from its index, built once
+    assert [[(p, c) for p, c, _ in row] for row in by_torch] == [[(p, c) for p, c, _ in row] for row in by_faiss]
+    assert [s for row in by_torch for *_, s in row] == pytest.approx([s for row in by_faiss for *_, s in row], abs=1e-5)
+    assert knn_metrics(indexes[0], queries, labels[:300]) == knn_metrics(indexes[1], queries, labels[:300])
+    assert NeighbourIndex.load(indexes[1].save(tmp_path / "index")).backend == "faiss"
+
+
+def test_the_search_backend_falls_back_to_torch_and_a_missing_faiss_is_one_sentence(monkeypatch):
+    from twincar import neighbours
+
+    monkeypatch.setattr(neighbours, "faiss_installed", lambda: False)
+    assert neighbours.resolve_backend("auto") == "torch"
+    with pytest.raises(TwinCarError, match=r"backend=faiss needs faiss: pip install 'twincar\[faiss\]'"):
+        neighbours.resolve_backend("faiss")
+    with pytest.raises(TwinCarError, match="backend=annoy is not a search backend"):
+        neighbours.resolve_backend("annoy")
+
+
 def test_embed_gives_normalised_pre_logit_features(tiny_export, car_images):
     from twincar.inference import Predictor
 
