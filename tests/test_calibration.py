@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -316,6 +317,30 @@ def test_embed_gives_normalised_pre_logit_features(tiny_export, car_images):
         features = p.model.forward_head(p.model.forward_features(x), pre_logits=True)
         assert torch.allclose(p.model.get_classifier()(features), p.model(x), atol=1e-4)  # the head's input
     assert torch.allclose(e[0], torch.nn.functional.normalize(features, dim=1)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("tta", [None, "flip"])
+def test_one_forward_pass_gives_the_logits_and_the_embeddings_of_two(tiny_export, car_images, tta):
+    from twincar.inference import Predictor
+    from twincar.neighbours import NeighbourIndex
+
+    p = Predictor.load(tiny_export, device="cpu", precision="fp32", tta=tta)
+    batch = torch.stack([p.prepare(c) for c in car_images])
+    raw, calibrated, embeddings = p.outputs_with_embeddings(batch)
+    for one, two in zip((raw, calibrated, embeddings), (*p.outputs(batch), p.embeddings(batch)), strict=True):
+        assert torch.allclose(one, two, atol=1e-5)
+    # predict's neighbours come from that pass: the same as searching the embeddings of a second one
+    index = NeighbourIndex(p.embed(car_images), torch.tensor([0, 1, 2]), [str(c) for c in car_images],
+                           p.class_names, "torch")
+    calls = []
+    forward_features = p.model.forward_features
+    p.model.forward_features = lambda x: calls.append(len(x)) or forward_features(x)
+    found = [r.neighbours for r in p.iter_predict(car_images, neighbours=partial(index.search, k=2))]
+    assert calls == [3 * (2 if tta else 1)]  # one batch, one pass through the backbone
+    del p.model.forward_features
+    expected = index.search(p.embed(car_images), 2)
+    assert [[n[:2] for n in row] for row in found] == [[n[:2] for n in row] for row in expected]
+    assert found[0][0][0] == str(car_images[0]) and found[0][0][2] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.slow  # uses the shared trained model
