@@ -28,6 +28,12 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
 * ``gpu_predict`` (CUDA only): inference img/s per GPU of a ResNet-50 at batch 256, bf16 autocast,
   channels_last: the model alone on in-memory uint8 tensors (the ceiling), the Predictor from JPEG files
   (decoded in DataLoader workers), and from JPEG files decoded on the GPU (``data.pipeline=gpu_decode``).
+* ``open_set_cost``: in one process, a ResNet-18 at 224 (``Predictor`` defaults, this machine's cores), JPEG files to
+  predictions: plain predict (the reference) vs predict with the unknown score and threshold (``unknown``), with the
+  3 nearest images of an 8,144-image index (Stanford Cars' training set; ``neighbours``: one forward pass for the
+  logits and the embeddings) and the same by a second forward pass (``neighbours_two_pass``, the earlier way); each
+  as img/s, ratio to plain and ms per image over plain; the unknown answer alone (score and threshold on one batch's
+  logits), and the search alone, torch vs faiss (when installed).
 * ``train_step``: CPU training img/s of the network alone: fp32 vs bf16-mixed + channels_last.
 * ``gpu_train`` (CUDA only): end-to-end training img/s from JPEG files through TwinCar's datamodule and
   model (bf16-mixed, channels_last, optionally compiled) at 224 and 448, next to the model alone on
@@ -81,7 +87,8 @@ from twincar.data.transforms import (  # noqa: E402
 )
 
 MEASURES = ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "cpu_predict", "predict_scaling",
-            "train_step", "gpu_train", "gpu_predict")
+            "open_set_cost", "train_step", "gpu_train", "gpu_predict")
+INDEX_IMAGES = 8144  # open_set_cost's index: as many images as Stanford Cars' training split
 PREDICT_IMAGES = 512  # cpu_predict's generated set: enough that per-image work, not start-up, sets the ratio
 # The seed augmentation (conf/augmentation/seed.yaml), for both pipelines.
 SEED_AUG = Augmentation(scale=(0.35, 1.0), ratio=(0.75, 1.3333), hflip=0.5, rotation=10.0,
@@ -500,6 +507,63 @@ def gpu_predict(paths: Sequence[Path], work: Path, quick: bool, device: torch.de
 
 
 # -- 5: CPU training step ----------------------------------------------------------------------------------
+# -- 5: the unknown score and the neighbours against plain predict ------------------------------------------------
+def open_set_cost(paths: Sequence[Path], quick: bool, rounds: int, batch: int = 32) -> dict:
+    """img/s of plain predict and of predict with the unknown answer and with neighbours (one or two forward passes),
+    interleaved in one process; the neighbour search alone, torch vs faiss."""
+    import timm
+
+    from twincar.data.synthetic import select_classes
+    from twincar.inference import Predictor
+    from twincar.neighbours import NeighbourIndex, faiss_installed
+
+    size, arch = (32, "resnet10t") if quick else (224, "resnet18")
+    names = select_classes(14)
+    torch.manual_seed(0)
+    plain = Predictor(timm.create_model(arch, num_classes=len(names)), names, Preprocess(image_size=size),
+                      device="cpu", unknown="off")
+    unknown = plain.with_calibration({"temperature": 1.5, "threshold": 0.0})
+    dim = plain.model.num_features
+    count = 256 if quick else INDEX_IMAGES
+    keys = torch.nn.functional.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    index = NeighbourIndex(keys, torch.arange(count) % len(names), [f"{i:05d}.jpg" for i in range(count)], names,
+                           "torch")
+    images = list(paths)
+
+    def predict(p: Predictor, **kw) -> int:
+        return sum(r.ok for r in p.iter_predict(images, batch_size=batch, **kw))
+
+    def two_pass() -> int:  # the predictions, then the embeddings of a second pass
+        done = predict(unknown)
+        index.search(unknown.embed(images, batch_size=batch), 3)
+        return done
+
+    speed = interleaved({"plain": lambda: predict(plain), "unknown": lambda: predict(unknown),
+                         "neighbours": lambda: predict(unknown, neighbours=partial(index.search, k=3)),
+                         "neighbours_two_pass": two_pass}, rounds)
+    # the unknown answer alone, on one batch's logits: the score and the threshold (in noise end to end)
+    raw, calibrated = unknown.outputs(torch.stack([unknown.prepare(p) for p in images[:batch]]))
+    sources = [str(p) for p in images[:batch]]
+    answer = interleaved({
+        "plain": lambda: len(plain.results(calibrated, sources)),
+        "unknown": lambda: len(unknown.results(calibrated, sources, scores=unknown.unknown_scores(raw))),
+    }, 10 * rounds)
+    queries = torch.nn.functional.normalize(torch.randn(batch, dim, generator=torch.Generator().manual_seed(1)), dim=1)
+    backends = ["torch", "faiss"] if faiss_installed() else ["torch"]
+    searchers = {b: NeighbourIndex(keys, index.labels, index.paths, names, b) for b in backends}
+    search = interleaved({b: lambda i=i: len(i.top_k(queries, 3)[0]) for b, i in searchers.items()}, 3 * rounds)
+    extra = {}
+    for name in ("unknown", "neighbours", "neighbours_two_pass"):
+        extra[f"{name}_img_s"] = round(speed[name], 2)
+        extra[f"{name}_ratio"] = round(speed[name] / speed["plain"], 3)
+        extra[f"{name}_extra_ms_per_image"] = round(1000 / speed[name] - 1000 / speed["plain"], 2)
+    return result(speed["plain"], speed["neighbours"], arch=arch, image_size=size, images=len(images),
+                  index_images=count, embedding_dim=dim, **extra,
+                  **{f"search_{b}_ms_per_query": round(1000 / v, 4) for b, v in search.items()},
+                  unknown_answer_ms_per_image=round(1000 / answer["unknown"] - 1000 / answer["plain"], 4),
+                  faiss=faiss_installed())
+
+
 def cpu_bf16_native() -> bool:
     """True when this CPU has bf16 instructions (AVX512-BF16 or AMX): bf16 autocast then pays off."""
     try:
@@ -811,6 +875,8 @@ def run(args: argparse.Namespace) -> dict:
                                         repeats=1 if args.quick else args.predict_repeats)
         elif name == "gpu_predict":
             out[name] = gpu_predict(paths, work, args.quick)
+        elif name == "open_set_cost":
+            out[name] = open_set_cost(paths, args.quick, rounds)
         elif name == "train_step":
             out[name] = train_step(args.quick)
         elif name == "gpu_train":

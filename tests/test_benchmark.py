@@ -43,6 +43,17 @@ def test_quick_benchmark_of_the_input_pipelines_trains_nothing(tmp_path, capsys)
         assert r["ratio"] == pytest.approx(r["twincar_img_s"] / r["reference_img_s"], rel=0.02) and name in printed
 
 
+def test_open_set_cost_measures_the_unknown_answer_and_the_neighbours_against_plain_predict(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    BENCH["main"](["--quick", "--json", str(out), "--only", "open_set_cost"])
+    r = json.loads(out.read_text())["measures"]["open_set_cost"]
+    assert "open_set_cost" in capsys.readouterr().out and r["images"] == 6 and r["index_images"] == 256
+    assert r["reference_img_s"] > 0 and r["twincar_img_s"] == r["neighbours_img_s"]
+    for name in ("unknown", "neighbours", "neighbours_two_pass"):
+        assert r[f"{name}_ratio"] == pytest.approx(r[f"{name}_img_s"] / r["reference_img_s"], rel=0.02)
+    assert r["search_torch_ms_per_query"] > 0 and ("search_faiss_ms_per_query" in r) == r["faiss"]
+
+
 @pytest.mark.slow  # train_step and gpu_train are training measures: optimizer steps on a network
 def test_quick_benchmark_writes_every_measure_and_field(tmp_path, capsys):
     out = tmp_path / "bench.json"

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,38 @@ def test_neighbours_equal_a_brute_force_search_and_the_index_round_trips(tmp_pat
     assert knn_metrics(index, keys, labels)["test/knn_acc"] == 1.0
 
 
+def test_faiss_and_torch_search_give_the_same_neighbours(tmp_path):
+    pytest.importorskip("faiss", reason="faiss is not installed (the faiss extra: pip install 'twincar[faiss]')")
+    from twincar.neighbours import NeighbourIndex, knn_metrics, top_k_similar
+
+    g = torch.Generator().manual_seed(1)
+    keys = torch.nn.functional.normalize(torch.randn(2000, 32, generator=g), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=1)
+    for q, exclude_self in ((queries, False), (keys, True)):
+        (ts, ti), (fs, fi) = (top_k_similar(q, keys, 5, exclude_self=exclude_self, backend=b)
+                              for b in ("torch", "faiss"))
+        assert torch.equal(ti, fi) and torch.allclose(ts, fs, atol=1e-5)
+    labels = torch.arange(2000) % 7
+    indexes = [NeighbourIndex(keys, labels, [f"{i}.jpg" for i in range(2000)], list("ABCDEFG"), b) for b in
+               ("torch", "faiss")]
+    by_torch, by_faiss = (index.search(queries, 3) for index in indexes)  # faiss: from its index, built once
+    assert [[(p, c) for p, c, _ in row] for row in by_torch] == [[(p, c) for p, c, _ in row] for row in by_faiss]
+    assert [s for row in by_torch for *_, s in row] == pytest.approx([s for row in by_faiss for *_, s in row], abs=1e-5)
+    assert knn_metrics(indexes[0], queries, labels[:300]) == knn_metrics(indexes[1], queries, labels[:300])
+    assert NeighbourIndex.load(indexes[1].save(tmp_path / "index")).backend == "faiss"
+
+
+def test_the_search_backend_falls_back_to_torch_and_a_missing_faiss_is_one_sentence(monkeypatch):
+    from twincar import neighbours
+
+    monkeypatch.setattr(neighbours, "faiss_installed", lambda: False)
+    assert neighbours.resolve_backend("auto") == "torch"
+    with pytest.raises(TwinCarError, match=r"backend=faiss needs faiss: pip install 'twincar\[faiss\]'"):
+        neighbours.resolve_backend("faiss")
+    with pytest.raises(TwinCarError, match="backend=annoy is not a search backend"):
+        neighbours.resolve_backend("annoy")
+
+
 def test_embed_gives_normalised_pre_logit_features(tiny_export, car_images):
     from twincar.inference import Predictor
 
@@ -284,6 +317,30 @@ def test_embed_gives_normalised_pre_logit_features(tiny_export, car_images):
         features = p.model.forward_head(p.model.forward_features(x), pre_logits=True)
         assert torch.allclose(p.model.get_classifier()(features), p.model(x), atol=1e-4)  # the head's input
     assert torch.allclose(e[0], torch.nn.functional.normalize(features, dim=1)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("tta", [None, "flip"])
+def test_one_forward_pass_gives_the_logits_and_the_embeddings_of_two(tiny_export, car_images, tta):
+    from twincar.inference import Predictor
+    from twincar.neighbours import NeighbourIndex
+
+    p = Predictor.load(tiny_export, device="cpu", precision="fp32", tta=tta)
+    batch = torch.stack([p.prepare(c) for c in car_images])
+    raw, calibrated, embeddings = p.outputs_with_embeddings(batch)
+    for one, two in zip((raw, calibrated, embeddings), (*p.outputs(batch), p.embeddings(batch)), strict=True):
+        assert torch.allclose(one, two, atol=1e-5)
+    # predict's neighbours come from that pass: the same as searching the embeddings of a second one
+    index = NeighbourIndex(p.embed(car_images), torch.tensor([0, 1, 2]), [str(c) for c in car_images],
+                           p.class_names, "torch")
+    calls = []
+    forward_features = p.model.forward_features
+    p.model.forward_features = lambda x: calls.append(len(x)) or forward_features(x)
+    found = [r.neighbours for r in p.iter_predict(car_images, neighbours=partial(index.search, k=2))]
+    assert calls == [3 * (2 if tta else 1)]  # one batch, one pass through the backbone
+    del p.model.forward_features
+    expected = index.search(p.embed(car_images), 2)
+    assert [[n[:2] for n in row] for row in found] == [[n[:2] for n in row] for row in expected]
+    assert found[0][0][0] == str(car_images[0]) and found[0][0][2] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.slow  # uses the shared trained model

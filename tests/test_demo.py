@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import torch
 
 from tests.conftest import REPO, TINY_NAMES
 from twincar import Predictor
@@ -37,6 +38,57 @@ def server(tiny_export, car_images):
     launch(app, host="127.0.0.1", port=port, max_upload_mb=1, block=False)
     yield f"http://127.0.0.1:{port}/", predictor
     app.close()
+
+
+@pytest.fixture(scope="module")
+def open_set_server(tiny_export, car_images, tmp_path_factory):
+    """The demo over a copy of the tiny model whose calibrated threshold lies between its scores of the photos (the
+    lowest-scoring one is not one of its cars), with a neighbour index of the photos in index/ beside it."""
+    from twincar.calibration import unknown_scores
+    from twincar.demo import build_app, find_index, launch
+    from twincar.models.io import write_calibration
+    from twincar.neighbours import NeighbourIndex
+
+    folder = tmp_path_factory.mktemp("open_set_model")
+    for name in ("model.pth", "model_card.json", "classes.txt"):
+        shutil.copy(tiny_export.with_name(name), folder / name)
+    plain = Predictor.load(tiny_export, device="cpu")
+    scores = unknown_scores(torch.cat([plain.outputs(plain.prepare(p)[None])[0] for p in car_images]))
+    write_calibration(folder / "model.pth", {"temperature": 1.0, "threshold": float(scores.median())})
+    NeighbourIndex(plain.embed(car_images), torch.tensor([0, 1, 2]), [str(p) for p in car_images],
+                   plain.class_names, "torch").save(folder / "index")
+    predictor = Predictor.load(folder / "model.pth", device="cpu")
+    index = find_index(folder / "model.pth")  # found beside the model, as the demo's command line finds it
+    app = build_app(predictor, index=index)
+    port = free_port()
+    launch(app, host="127.0.0.1", port=port, block=False)
+    yield f"http://127.0.0.1:{port}/", predictor, index, car_images[int(scores.argmin())]
+    app.close()
+
+
+def test_the_gallery_shows_the_nearest_training_cars_with_their_class_and_similarity(open_set_server, car_images,
+                                                                                      tmp_path):
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from twincar.demo import find_index, thumbnail
+
+    url, predictor, index, unknown = open_set_server
+    client = Client(url, verbose=False)
+    for image in car_images[:2]:
+        *_, gallery, message = client.predict(handle_file(str(image)), False, api_name="/predict")
+        expected = index.search(predictor.embed(image), 3)[0]
+        assert [g["caption"] for g in gallery] == [f"{name} ({sim:.2f})" for _, name, sim in expected]
+        assert expected[0][0] == str(image) and gallery[0]["caption"].endswith("(1.00)")  # itself, first
+        with Image.open(gallery[0]["image"]) as thumb, Image.open(image) as original:
+            assert thumb.size == original.size  # small photos are shown as they are (never enlarged)
+        assert message.startswith("### Not one of") == (image == unknown)
+    *_, gallery, message = client.predict(handle_file(str(car_images[0])), True, api_name="/predict")  # Grad-CAM on
+    assert len(gallery) == 3
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (600, 400), "red").save(big)
+    assert thumbnail(str(big)).shape == (128, 192, 3) and thumbnail(str(tmp_path / "gone.jpg")) is None
+    assert find_index(big) is None  # no index/ beside it: no gallery
 
 
 def test_client_prediction_equals_the_predictor(server, car_images, tmp_path, capfd):
@@ -149,3 +201,18 @@ def test_browser_upload_shows_make_model_year_offline(server, browser, car_image
     shot = tmp_path / "demo.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_browser_says_not_one_of_the_cars_it_knows_for_an_image_below_the_threshold(open_set_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, predictor, _, unknown = open_set_server
+    assert not predictor.predict(unknown).known  # the fixture's threshold puts this photo below it
+    browser.get(url)
+    wait = WebDriverWait(browser, 90)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#photo input[type=file]")).send_keys(str(unknown))
+    wait.until(lambda d: "Not one of" in d.find_element(By.ID, "message").text)
+    assert "Not one of the 6 cars I know" in browser.find_element(By.TAG_NAME, "body").text
+    assert wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#neighbours img")) == 3)

@@ -1,5 +1,5 @@
 """Evaluate a trained model: ``python -m twincar.eval ckpt=PATH [data.split=test|val] [data.root=PATH] [tta=flip]
-[ood=FOLDER|synthetic]``.
+[ood=auto|none|holdout|synthetic|FOLDER]``.
 
 The model comes in through :class:`~twincar.inference.Predictor` (class names and preprocessing from the file),
 the images from :class:`~twincar.data.datamodule.CarsDataModule` built from the training run's data config
@@ -181,8 +181,12 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
 
 
 # -- open set: images of no known class --------------------------------------------------------------
-def unknown_images(predictor: Predictor, images: list, *, batch_size: int = 64) -> torch.Tensor:
-    """Raw logits (N, K) of images of no known class (paths or samples' paths), unreadable ones left out."""
+def unknown_images(predictor: Predictor, images: list, *, batch_size: int = 64,
+                   bbox_margin: float | None = None) -> torch.Tensor:
+    """Raw logits (N, K) of images of no known class (paths, or samples read as the test images are: cropped to
+    their car box with ``bbox_margin``), unreadable ones left out."""
+    if images and isinstance(images[0], Sample):
+        return collect_logits(predictor, images, bbox_margin=bbox_margin, batch_size=batch_size, progress=False).logits
     raw = [predictor.outputs(batch)[0] for _, batch, _ in predictor.prepared_batches(images, batch_size=batch_size)
            if batch is not None]
     if not raw:
@@ -209,11 +213,32 @@ def open_set_metrics(predictor: Predictor, known_raw: torch.Tensor, unknown_raw:
     return metrics
 
 
+def ood_option(cfg: DictConfig, data: dict) -> str | None:
+    """What ``ood=`` asks for; ``auto`` (the default) is ``holdout`` when the data holds classes out
+    (``data.open_set.holdout``), else nothing; ``none`` (or null) is nothing."""
+    ood = str(cfg.get("ood") or "none")
+    if ood == "auto":
+        ood = "holdout" if (data.get("open_set") or {}).get("holdout") is not None else "none"
+    return None if ood == "none" else ood
+
+
 def ood_images(cfg: DictConfig, data: dict) -> list:
-    """The out-of-distribution images ``ood=`` names: a folder (or files, globs) of images of no known class,
-    or ``synthetic``: the unknown classes of the embedded dataset (``data.synthetic.unknown_classes``)."""
-    ood = cfg.get("ood")
-    if str(ood) == "synthetic":
+    """The out-of-distribution images ``ood=`` names: a folder (or files, globs) of images of no known class;
+    ``holdout``: the test images of the classes ``data.open_set.holdout`` holds out (samples); or ``synthetic``: the
+    unknown classes of the embedded dataset (``data.synthetic.unknown_classes``)."""
+    ood = ood_option(cfg, data)
+    if ood == "holdout":
+        import hydra
+
+        if (data.get("open_set") or {}).get("holdout") is None:
+            raise EvalError("ood=holdout needs a model trained with held-out classes: pass the "
+                            "data.open_set.holdout=N|FILE it was trained with")
+        datamodule = hydra.utils.instantiate(data, _convert_="all")
+        if not datamodule.open_set_samples:
+            raise EvalError(f"ood=holdout: the data at {datamodule.root} has no labelled test image of the "
+                            f"{len(datamodule.held_out_names)} held-out classes")
+        return datamodule.open_set_samples
+    if ood == "synthetic":
         from twincar.data.synthetic import SyntheticSpec, generate_unknown
 
         if not data.get("synthetic") or not data["synthetic"].get("unknown_classes"):
@@ -270,10 +295,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         queries = build_index(predictor, out.samples, batch_size=batch_size, bbox_margin=margin)
         metrics.update(knn_metrics(NeighbourIndex.load(cfg.index), queries.embeddings, queries.labels, f"{split}/"))
         write_json(out_dir / "metrics.json", {**metrics, **extra})
-    if cfg.get("ood"):
-        unknown = unknown_images(predictor, ood_images(cfg, data), batch_size=batch_size)
+    if ood_option(cfg, data):
+        unknown = unknown_images(predictor, ood_images(cfg, data), batch_size=batch_size, bbox_margin=margin)
         metrics.update(open_set_metrics(predictor, out.logits, unknown, out_dir))
-        write_json(out_dir / "metrics.json", {**metrics, **extra, "ood": str(cfg.ood)})
+        write_json(out_dir / "metrics.json", {**metrics, **extra, "ood": ood_option(cfg, data)})
     log.info("\n%s", summary(metrics, split, out_dir))
     return metrics
 

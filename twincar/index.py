@@ -2,8 +2,9 @@
 
 Embeds the training split (:meth:`twincar.inference.Predictor.embeddings`, L2-normalised pre-logit features) of the
 data the model was trained with and writes :class:`twincar.neighbours.NeighbourIndex` to ``index/`` beside the model
-(or ``out=DIR``), where ``twincar-predict --neighbours K`` and ``python -m twincar.eval index=DIR`` find it. Search is
-exact (cosine similarity, in torch). ``build(cfg)`` is the pure function; ``main`` the thin Hydra entry point.
+(or ``out=DIR``), where ``twincar-predict --neighbours K``, the demo and ``python -m twincar.eval index=DIR`` find it.
+Search is exact (cosine similarity): ``backend=auto`` (faiss when installed, else torch), ``torch`` or ``faiss``
+(``pip install 'twincar[faiss]'``). ``build(cfg)`` is the pure function; ``main`` the thin Hydra entry point.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, open_dict
 
 from twincar.errors import TwinCarError
 from twincar.inference import EvalError, Predictor, data_config, eval_samples
-from twincar.neighbours import build_index
+from twincar.neighbours import build_index, resolve_backend
 from twincar.runs import resolve_launch_paths
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,12 @@ def build(cfg: DictConfig) -> Path:
     data, _ = data_config(cfg)
     samples, margin, _ = eval_samples(data, split, predictor.class_names)
     batch_size = int(data.get("eval_batch_size") or data.get("batch_size") or 64)
-    index = build_index(predictor, samples, batch_size=batch_size, bbox_margin=margin)
+    index = build_index(predictor, samples, batch_size=batch_size, bbox_margin=margin,
+                        backend=str(cfg.get("backend") or "auto"))
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.ckpt).expanduser().parent / "index"
     index.save(out)
-    log.info("indexed %d %s images (%d-d embeddings) into %s", len(index.paths), split, index.embeddings.shape[1], out)
+    log.info("indexed %d %s images (%d-d embeddings) into %s (searched with %s)", len(index.paths), split,
+             index.embeddings.shape[1], out, resolve_backend(index.backend))
     return out
 
 

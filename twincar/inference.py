@@ -381,13 +381,34 @@ class Predictor:
         """L2-normalised pre-logit features (N, D), float32 on the CPU, of a ``uint8`` batch of prepared images:
         timm's ``forward_head(forward_features(x), pre_logits=True)`` (after global pooling); with flip TTA the
         normalised mean of the image's and its mirror image's."""
+        self._check_embeddings()
+        feats = self._run(batch, lambda x: self.model.forward_head(self.model.forward_features(x), pre_logits=True))
+        return self._normalised(feats.flatten(1))
+
+    @torch.inference_mode()
+    def outputs_with_embeddings(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(raw, calibrated, embeddings)``: :meth:`outputs` and :meth:`embeddings` of ONE forward pass (the
+        backbone's ``forward_features`` once; the head and the pre-logit features both from them)."""
+        self._check_embeddings()
+
+        def network(x: torch.Tensor) -> torch.Tensor:
+            features = self.model.forward_features(x)
+            pre_logits = self.model.forward_head(features, pre_logits=True).flatten(1)
+            return torch.cat([self.model.forward_head(features), pre_logits], dim=1)
+
+        out = self._run(batch, network).cpu()
+        logits, feats = out[:, :len(self.class_names)], out[:, len(self.class_names):]
+        return (flip_average(logits, 1.0, self.tta), flip_average(logits, self.temperature, self.tta),
+                self._normalised(feats))
+
+    def _check_embeddings(self) -> None:
         if self.is_onnx or not hasattr(self.model, "forward_head"):
             raise TwinCarError("embeddings need a PyTorch timm model (.ckpt, .pth or .safetensors), not ONNX")
-        feats = self._run(batch, lambda x: self.model.forward_head(self.model.forward_features(x), pre_logits=True))
-        feats = feats.flatten(1)
+
+    def _normalised(self, feats: torch.Tensor) -> torch.Tensor:
+        """L2-normalised features on the CPU; with flip TTA, the normalised mean of each image's two views."""
         if self.tta == "flip":
-            feats = torch.nn.functional.normalize(feats, dim=1)
-            feats = sum(feats.chunk(2))
+            feats = sum(torch.nn.functional.normalize(feats, dim=1).chunk(2))
         return torch.nn.functional.normalize(feats, dim=1).cpu()
 
     def embed(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 32,
@@ -437,12 +458,16 @@ class Predictor:
 
     def batch_outputs(self, batch: Batch, *, embeddings: bool = False) -> BatchOutputs:
         """One forward pass over a batch of :meth:`prepared_batches` (or of a distributed sampler's share): the raw
-        and calibrated logits (and with ``embeddings`` the L2-normalised pre-logit features) of its readable images."""
+        and calibrated logits (and with ``embeddings`` the L2-normalised pre-logit features, from the same pass:
+        :meth:`outputs_with_embeddings`) of its readable images."""
         indices, images, errors = batch
         if not indices:
             return BatchOutputs(indices, None, None, errors)
+        if embeddings:
+            raw, calibrated, features = self.outputs_with_embeddings(images)
+            return BatchOutputs(indices, raw, calibrated, errors, features)
         raw, calibrated = self.outputs(images)
-        return BatchOutputs(indices, raw, calibrated, errors, self.embeddings(images) if embeddings else None)
+        return BatchOutputs(indices, raw, calibrated, errors)
 
     def batch_predictions(self, out: BatchOutputs, images: Sequence[ImageInput], topk: int = 5,
                           neighbours: Callable[[torch.Tensor], list] | None = None) -> list[Prediction]:

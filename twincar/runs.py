@@ -130,8 +130,8 @@ def run_record(model_path: str | Path) -> tuple[dict, dict]:
 
 # Options that name a file or folder. A relative value on the command line or in a config is taken from the
 # directory the command was launched in, whatever ``hydra.job.chdir`` is.
-PATH_OPTIONS = ("paths.root_dir", "data.root", "data.split_dir", "data.cache_dir", "model.weights", "ckpt_path",
-                "ckpt", "classes", "run_config", "out", "calibration")
+PATH_OPTIONS = ("paths.root_dir", "data.root", "data.split_dir", "data.cache_dir", "data.open_set.holdout",
+                "model.weights", "ckpt_path", "ckpt", "classes", "run_config", "out", "calibration")
 
 
 def resolve_launch_paths(cfg) -> None:

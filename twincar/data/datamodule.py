@@ -21,6 +21,7 @@ from twincar.data.datasets import CarsDataset, DeviceRefDataset, collate_readabl
 from twincar.data.device import DeviceCache, DeviceImages, ImageRefs, cache_ref, read_encoded
 from twincar.data.formats import FORMATS, UNLABELED, CarsData, DatasetFormatError, Sample, load_dataset
 from twincar.data.images import load_sample, sample_label
+from twincar.data.open_set import OpenSetSplit, check_open_set, holdout_labels, split_open_set
 from twincar.data.pipeline import READS_CACHE, resolve_pipeline
 from twincar.data.sampling import eval_sampler, per_device_batch_size
 from twincar.data.synthetic import SyntheticSpec, generate
@@ -98,6 +99,10 @@ class CarsDataModule(L.LightningDataModule):
     ``pipeline`` is how images reach the model (:mod:`twincar.data.pipeline`): ``files``, ``cache`` (a
     pre-resized copy), ``gpu_decode`` or ``gpu_cache`` (:mod:`twincar.data.device`: per-image work on the
     training device). ``cache``, ``decode_device`` and ``cache_on_device`` are its older spellings.
+
+    ``open_set={"holdout": N | FILE, "seed": S}`` (:mod:`twincar.data.open_set`) holds classes out: the module then
+    has only the known classes (``class_names``, labels 0..K-1), and ``open_set_samples`` are the held-out classes'
+    test images (``held_out_names`` their classes), the unknown images of an open-set evaluation.
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class CarsDataModule(L.LightningDataModule):
         cache: bool | None = None,
         decode_device: str | None = None,
         cache_on_device: bool | None = None,
+        open_set: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -147,6 +153,8 @@ class CarsDataModule(L.LightningDataModule):
                                          cache_on_device=cache_on_device, cache_format=cache_format)
         self.spec = SyntheticSpec(**synthetic) if synthetic is not None else None
         self.root = Path(root) / self.spec.fingerprint() if self.spec else Path(root)
+        self.open_set = check_open_set(open_set)
+        self._open_set_split: OpenSetSplit | None = None  # with data.open_set.holdout: the held-out classes
         self.split: dict | None = None  # the train/val file names in use, saved next to the run
         self._data: CarsData | None = None
         self.skipped: list[str] = []  # images left out under on_corrupt=skip, as named to the user
@@ -178,9 +186,27 @@ class CarsDataModule(L.LightningDataModule):
     def data(self) -> CarsData:
         """The copy at ``root`` as read by its layout's reader (read once)."""
         if self._data is None:
-            self._data = load_dataset(self.root, self.hparams.format)
-            log.info("%s: %s layout", self._data.root, self._data.format)
+            data = load_dataset(self.root, self.hparams.format)
+            log.info("%s: %s layout", data.root, data.format)
+            if self.open_set["holdout"] is not None:
+                held = holdout_labels(self.open_set["holdout"], data.class_names, self.open_set["seed"])
+                split = self._open_set_split = split_open_set(data, held)
+                data = split.known
+                log.info("open set (data.open_set.holdout=%s): %d known classes, %d held out (%d test images): %s",
+                         self.open_set["holdout"], len(data.class_names), len(held), len(split.unknown),
+                         ", ".join(split.held_out))
+            self._data = data
         return self._data
+
+    @property
+    def held_out_names(self) -> list[str]:
+        """The classes ``data.open_set.holdout`` holds out (none without it)."""
+        return self._open_set_split.held_out if self.data is not None and self._open_set_split else []
+
+    @property
+    def open_set_samples(self) -> list[Sample]:
+        """The held-out classes' test images (label = index in :attr:`held_out_names`): the unknown images."""
+        return self._open_set_split.unknown if self.data is not None and self._open_set_split else []
 
     @property
     def class_names(self) -> list[str]:
@@ -210,6 +236,8 @@ class CarsDataModule(L.LightningDataModule):
             split = {**split, "train": [s.name for s in train], "val": [s.name for s in val],
                      "skipped": sorted(sample_label(s) for s in bad)}
             CarsData(data.format, data.root, data.class_names, train, []).validate()  # still every class
+        if self.held_out_names:
+            split = {**split, "held_out": self.held_out_names}
         self.split = split
         margin = hp.bbox_margin if hp.crop_to_bbox else None
         train_tf, eval_tf = TrainImageTransform(self.preprocess, self.aug), EvalImageTransform(self.preprocess)

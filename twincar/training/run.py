@@ -275,8 +275,9 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
 
     ``metrics`` gains ``val/temperature``, and for val (and test, when it was tested) ``ece``/``nll`` become the
     calibrated values, the trainer's raw ones moving to ``ece_raw``/``nll_raw`` (as eval reports them). On the
-    embedded dataset with ``data.synthetic.unknown_classes``, also the ``ood/*`` open-set metrics (:func:`open_set`)
-    of its unknown classes against the test (else val) images."""
+    held-out classes of ``data.open_set.holdout`` (their test images) or, on the embedded dataset with
+    ``data.synthetic.unknown_classes``, its unknown classes, also the ``ood/*`` open-set metrics (:func:`open_set`)
+    of those images against the test (else val) images."""
     from twincar.inference import Predictor, collect_logits
 
     predictor = Predictor(model.model, model.class_names, datamodule.preprocess, device=model.device,
@@ -297,11 +298,15 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
         metrics[f"{stage}/ece_raw"], metrics[f"{stage}/nll_raw"] = ece_nll(out.logits, out.labels)
         metrics[f"{stage}/ece"], metrics[f"{stage}/nll"] = ece_nll(out.logits, out.labels, calibration.temperature)
     spec = getattr(datamodule, "spec", None)
-    if spec is not None and spec.unknown_classes:  # the embedded set's open-set split: classes never trained on
+    unknown = list(getattr(datamodule, "open_set_samples", []))  # data.open_set.holdout: the held-out classes
+    if not unknown and spec is not None and spec.unknown_classes:  # the embedded set's classes never in it
         from twincar.data.synthetic import generate_unknown
 
-        unknown = collect_logits(predictor, generate_unknown(datamodule.root, spec), batch_size=batch, progress=False)
-        metrics.update(open_set(calibration, stages.get("test", val).logits, unknown.logits))
+        unknown = generate_unknown(datamodule.root, spec)
+    if unknown:
+        margin = getattr(datamodule.val_set, "bbox_margin", None)  # cropped as the val and test images are
+        logits = collect_logits(predictor, unknown, bbox_margin=margin, batch_size=batch, progress=False).logits
+        metrics.update(open_set(calibration, stages.get("test", val).logits, logits))
     model.hparams["calibration"] = calibration.to_dict()
     if best:
         write_calibration(best, calibration.to_dict())
