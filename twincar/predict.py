@@ -189,17 +189,14 @@ def predict_files(
                                         num_workers=min(workers, max(0, len(files) // batch_size)))
         predictions = list(_with_progress(stream, len(files), progress))
     else:
-        from twincar.shards import predict_sharded
+        from twincar.parallel import default_workers as workers_per_process
+        from twincar.shards import job_options, predict_sharded
 
-        options = {"model": str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists()
-                   else str(model), "topk": topk, "tta": predictor.tta, "image_size": predictor.preprocess.image_size,
-                   "resize_mode": predictor.preprocess.resize_mode, "unknown": predictor.unknown_threshold,
-                   "temperature": predictor.temperature, "neighbours": neighbours, "precision": precision}
-        if num_workers is None:
-            num_workers = 0 if processes.accelerator == "cpu" else min(8, (os.cpu_count() or 1) // processes.devices)
+        options = job_options(model, predictor, topk=topk, neighbours=neighbours, precision=precision)
         done = predict_sharded(predictor, files, output, processes, options=options, topk=topk,
-                               batch_size=batch_size, num_workers=num_workers, neighbours=search, resume=resume,
-                               shard_size=shard_size, progress=progress)
+                               batch_size=batch_size, neighbours=search, resume=resume, shard_size=shard_size,
+                               num_workers=workers_per_process(processes) if num_workers is None else num_workers,
+                               progress=progress)
         if done is None:  # another rank than 0: rank 0 writes the output
             return None
         predictions, resumed = done

@@ -183,6 +183,15 @@ def remove_shards(folder: Path) -> None:
 JOB_FILE = "job.json"  # the options the shards were predicted with: --resume refuses others
 
 
+def job_options(model: str | Path, predictor: Predictor, *, topk: int, neighbours: int, precision: str) -> dict:
+    """What a job's predictions depend on (``job.json``): the model file and every option that changes a row."""
+    path = Path(model).expanduser()
+    return {"model": str(path.resolve()) if path.exists() else str(model), "topk": topk, "tta": predictor.tta,
+            "image_size": predictor.preprocess.image_size, "resize_mode": predictor.preprocess.resize_mode,
+            "unknown": predictor.unknown_threshold, "temperature": predictor.temperature, "neighbours": neighbours,
+            "precision": precision}
+
+
 def check_job(folder: Path, options: dict, resume: bool) -> None:
     """Before a run into ``folder``: an unfinished job's shards are continued only with ``--resume`` and its options."""
     if not shard_files(folder):
