@@ -295,10 +295,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         queries = build_index(predictor, out.samples, batch_size=batch_size, bbox_margin=margin)
         metrics.update(knn_metrics(NeighbourIndex.load(cfg.index), queries.embeddings, queries.labels, f"{split}/"))
         write_json(out_dir / "metrics.json", {**metrics, **extra})
-    if ood_option(cfg, data):
+    ood = ood_option(cfg, data)
+    if ood:
         unknown = unknown_images(predictor, ood_images(cfg, data), batch_size=batch_size, bbox_margin=margin)
         metrics.update(open_set_metrics(predictor, out.logits, unknown, out_dir))
-        write_json(out_dir / "metrics.json", {**metrics, **extra, "ood": ood_option(cfg, data)})
+        write_json(out_dir / "metrics.json", {**metrics, **extra, "ood": ood})
     log.info("\n%s", summary(metrics, split, out_dir))
     return metrics
 

@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from twincar.data.datasets import collate_readable
 from twincar.errors import TwinCarError
 from twincar.inference import BatchOutputs, EvalOutputs, Predictor, eval_outputs, labelled_dataset, split_batch
+from twincar.inference import collect_logits as one_process_logits
+from twincar.training.lock import is_launching_process
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +159,10 @@ def collect_logits(predictor: Predictor, samples: Sequence, processes: Processes
                    batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> EvalOutputs | None:
     """:func:`twincar.inference.collect_logits` on ``processes``: the same :class:`EvalOutputs` (sample order) on
     global rank 0, None on the other ranks."""
-    from twincar import inference
-    from twincar.training.lock import is_launching_process
-
     samples = list(samples)
     if len(samples) < processes.world_size:  # Lightning's sampler gives each process one image at least
         log.info("%d image(s) for %d processes: rank 0 evaluates them alone", len(samples), processes.world_size)
-        return inference.collect_logits(predictor, samples, bbox_margin=bbox_margin, batch_size=batch_size,
+        return one_process_logits(predictor, samples, bbox_margin=bbox_margin, batch_size=batch_size,
                                         progress=progress) if is_launching_process() else None
     gather = GatherOutputs()
     run_inference(predictor, labelled_dataset(predictor, samples, bbox_margin), processes, [gather],

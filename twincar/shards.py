@@ -28,7 +28,6 @@ from twincar.runtime import Prediction
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_SIZE = 10_000  # images per shard and process: at 2,500 img/s per GPU a kill loses 4 s of work
 Key = tuple[str, int, int]  # (resolved path, size in bytes, mtime in ns)
 
 SCHEMA = pa.schema([
@@ -128,7 +127,7 @@ class ShardWriter(BasePredictionWriter):
     """
 
     def __init__(self, folder: Path, images: Sequence[str], keys: Sequence[Key], predictor: Predictor, *,
-                 topk: int = 5, shard_size: int = DEFAULT_SHARD_SIZE, neighbours: Callable | None = None,
+                 shard_size: int, topk: int = 5, neighbours: Callable | None = None,
                  options: dict | None = None):
         super().__init__("batch")
         self.folder, self.images, self.keys = folder, images, keys
@@ -210,7 +209,7 @@ def check_job(folder: Path, options: dict, resume: bool) -> None:
 
 def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, processes, *, options: dict,
                     topk: int, batch_size: int, num_workers: int = 0, neighbours: Callable | None = None,
-                    resume: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
+                    shard_size: int, resume: bool = False,
                     progress: bool = True) -> tuple[list[Prediction], int] | None:
     """Predict ``files`` on ``processes`` (:func:`twincar.parallel.run_inference`) into the shards beside ``output``;
     with ``resume``, only those the shards lack. On global rank 0: every file's prediction in input order and how
