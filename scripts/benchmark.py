@@ -153,8 +153,9 @@ def interleaved(fns: dict[str, Callable[[], int]], rounds: int) -> dict[str, flo
 
 
 def result(reference: float, twincar: float, **extra) -> dict:
-    return {"reference_img_s": round(reference, 2), "twincar_img_s": round(twincar, 2),
-            "ratio": round(twincar / reference, 2), **extra}
+    """The two rates as printed (0.01 img/s) and their ratio, computed from those printed figures."""
+    reference, twincar = round(reference, 2), round(twincar, 2)
+    return {"reference_img_s": reference, "twincar_img_s": twincar, "ratio": round(twincar / reference, 2), **extra}
 
 
 # -- the original TwinCars pipelines (torchvision v1, PIL, per image) ---------------------------------------
@@ -440,8 +441,10 @@ def predict_scaling(paths: Sequence[Path], work: Path, model: Path | None, class
                 wall[name, size] = min(took, wall.get((name, size), took))
     n = len(paths)
 
-    def per_image(name: str) -> float:  # img/s after start-up
-        return (n - 2) / max(1e-9, wall[name, "all"] - wall.get((name, "one"), 0.0))
+    def per_image(name: str) -> float:  # img/s after start-up (with it, when it was not measured: quick)
+        if (name, "one") not in wall:
+            return n / wall[name, "all"]
+        return (n - 2) / max(1e-9, wall[name, "all"] - wall[name, "one"])
 
     same = _read_predictions(work / "scaling_one_process_all.csv") == _read_predictions(
         work / "scaling_two_processes_all.csv")

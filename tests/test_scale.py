@@ -118,22 +118,24 @@ def test_a_job_killed_after_its_first_shard_resumes_and_reads_that_shard_back(ru
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not out.exists()
     finished = shard_files(shard_dir(out))
-    assert len(finished) == 1  # the kill came right after it: the other rank's shard, if any, is a temporary file
+    assert 1 <= len(finished) <= 2  # the kill came right after the first: at most the other rank's first as well
     done = read_shards(shard_dir(out))
-    assert 40 <= len(done) < 205
+    assert 40 * len(finished) <= len(done) < 205  # every finished shard reads back whole
 
     again = run_cli("twincar.predict", *args, cwd=tmp_path)  # without --resume: refused, nothing lost
     assert again.returncode == 1 and "pass --resume to finish it" in again.stderr
     assert shard_files(shard_dir(out)) == finished
 
     # mark one row of the finished shard: if the resumed job recomputed that image, the mark would be gone
-    marked_key, marked = next((k, p) for k, p in done.items() if p.ok)
-    marked.confidence = 0.123456
-    write_shard(finished[0], [to_record(p, k) for k, p in done.items()])
+    rows = pq.read_table(finished[0]).to_pylist()
+    marked = next(r for r in rows if r["error"] is None)
+    marked["confidence"] = 0.123456
+    marked_key = (marked["key_path"], marked["key_size"], marked["key_mtime_ns"])
+    write_shard(finished[0], rows)
     resumed = run_cli("twincar.predict", *args, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"{len(done)} of 205 image(s) already predicted in 1 shard(s); predicting the other {205 - len(done)}" \
-        in resumed.stderr
+    assert (f"{len(done)} of 205 image(s) already predicted in {len(finished)} shard(s); predicting the other "
+            f"{205 - len(done)}") in resumed.stderr
     assert f"{len(done)} read back from the shards of the earlier run" in resumed.stdout
     rows = read_rows(out)
     assert len({r["image"] for r in rows}) == len(rows) == 205
