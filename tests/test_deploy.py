@@ -189,15 +189,13 @@ def test_model_card_is_a_contract_in_strict_json(tmp_path):
 
 
 def test_runtime_follows_the_torch_paths_rules(tiny_export, car_images, tmp_path):
-    """The torch-free runtime's own decode-scale rule, resize and crop equal the torch path's (one grey level)."""
-    from twincar.data import images
+    """The torch-free runtime's decode (a large JPEG reduced by the same rule), resize and crop equal the torch
+    path's (one grey level)."""
     from twincar.inference import Prediction
-    from twincar.runtime import InputSpec, decode_rgb, reduced_decode_scale, resize_and_crop
+    from twincar.runtime import InputSpec, decode_rgb, resize_and_crop
     from twincar.runtime import Prediction as RuntimePrediction
 
     assert Prediction is RuntimePrediction
-    for w, h, side in ((4000, 3000, 256), (1023, 2049, 256), (640, 480, 73), (100, 100, 73), (512, 512, 256)):
-        assert reduced_decode_scale(w, h, side) == images.reduced_decode_scale(w, h, side)
     rng = np.random.default_rng(1)
     big = tmp_path / "big.jpg"
     Image.fromarray(rng.integers(0, 255, (1200, 1700, 3), dtype=np.uint8)).resize((3400, 2400)).save(big, quality=90)

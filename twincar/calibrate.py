@@ -14,14 +14,13 @@ It writes ``calibration.json`` and ``reliability.png`` (before and after) into i
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from twincar.calibration import SCORES, Calibration, calibrate
-from twincar.errors import TwinCarError
+from twincar.errors import exit_on_user_error
 from twincar.files import check_writable_dir, write_json
 from twincar.inference import EvalError, Predictor, collect_logits, data_config, default_workers, eval_samples
 from twincar.metrics import calibration_bins
@@ -71,11 +70,8 @@ def calibrate_model(cfg: DictConfig) -> Calibration:
 @hydra.main(version_base="1.3", config_path="conf", config_name="calibrate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: a user error is printed as one sentence, exit code 1."""
-    try:
+    with exit_on_user_error(log):
         calibrate_model(cfg)
-    except TwinCarError as e:
-        log.error("%s", e)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -29,7 +28,7 @@ from twincar.calibration import auroc, ece_nll, fpr_at_tpr
 from twincar.data.classes import parse_car_name
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, find_images, load_sample, sample_label
-from twincar.errors import TwinCarError
+from twincar.errors import exit_on_user_error
 from twincar.files import check_writable_dir, write_csv, write_json
 from twincar.inference import (  # noqa: F401 (EvalError, SPLITS: part of this module's interface)
     SPLITS,
@@ -345,12 +344,9 @@ def summary(metrics: dict[str, float], split: str, out_dir: Path) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: a user error is printed as one sentence, exit code 1."""
-    try:
-        with hydra_job_relaunch("twincar.eval"):  # more processes start as single runs of this job (trainer.devices)
-            evaluate(cfg)
-    except TwinCarError as e:
-        log.error("%s", e)
-        sys.exit(1)
+    # more processes start as single runs of this job (trainer.devices)
+    with exit_on_user_error(log), hydra_job_relaunch("twincar.eval"):
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

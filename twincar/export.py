@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from twincar.data.images import NoImagesError, find_images
-from twincar.errors import TwinCarError
+from twincar.errors import TwinCarError, exit_on_user_error
 from twincar.files import atomic_path, check_writable_dir, write_json, write_text
 from twincar.models.io import (
     HUB_CONFIG,
@@ -268,15 +268,12 @@ def main(cfg: DictConfig) -> None:
         log.error("pass ckpt=PATH to a TwinCar .ckpt (e.g. outputs/runs/RUN/checkpoints/last.ckpt)")
         sys.exit(1)
     resolve_launch_paths(cfg)
-    try:
+    with exit_on_user_error(log):
         calibration = OmegaConf.to_container(cfg.calibration) if OmegaConf.is_list(cfg.calibration) \
             else cfg.calibration
         export_model(cfg.ckpt, cfg.format, cfg.out, quantize=cfg.quantize, calibration=calibration,
                      calibration_images=cfg.calibration_images, classes=cfg.get("classes"),
                      license=cfg.get("license") or "other", push_to_hub=cfg.get("push_to_hub"))
-    except TwinCarError as e:
-        log.error("%s", e)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

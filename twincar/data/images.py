@@ -24,6 +24,7 @@ from torchvision.io import ImageReadMode, decode_image
 from twincar.data.discovery import IMAGE_EXTENSIONS, NoImagesError, find_images  # noqa: F401 (their old home)
 from twincar.data.formats.common import Sample
 from twincar.errors import TwinCarError
+from twincar.runtime import reduced_decode_scale  # one rule for both decoders (the runtime's imports no torch)
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +195,6 @@ def oriented_box(bbox: tuple[int, int, int, int], header: ImageHeader) -> tuple[
     }
     (ax, ay), (bx, by) = (moves[header.orientation](x, y) for x, y in ((x1, y1), (x2, y2)))
     return min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)
-
-
-def reduced_decode_scale(width: int, height: int, min_side: int) -> int:
-    """The largest JPEG DCT scale-down (1, 2, 4 or 8) that keeps the short side >= ``min_side``."""
-    scale = 1
-    while scale < 8 and min(width, height) // (scale * 2) >= min_side:
-        scale *= 2
-    return scale
 
 
 def sample_label(sample: Sample) -> str:
