@@ -25,6 +25,11 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
   ``--devices 2 --accelerator cpu`` (Lightning ``Trainer.predict``, two gloo processes, sharded output); also one
   process through the sharded path (``--resume``). Start-up is measured on one image and reported apart. On a
   2-core machine two processes share the same cores, so the ratio is bound near 1: it measures the overhead.
+* ``shard_merge``: rank 0's end of a many-process predict job, 100,000 rows in shards of 5,000 written by 4
+  processes, into one CSV: every row read into memory, then written (the reference) vs the streamed merge
+  (``twincar.shards.merged``: a shard is read when its first row is due) into the row-by-row writer
+  (``twincar.prediction_files``); rows/s of each (in the img/s columns) and the peak Python memory of each
+  (``tracemalloc``), which for the stream stays near a shard per process instead of growing with the job.
 * ``gpu_predict`` (CUDA only): inference img/s per GPU of a ResNet-50 at batch 256, bf16 autocast,
   channels_last: the model alone on in-memory uint8 tensors (the ceiling), the Predictor from JPEG files
   (decoded in DataLoader workers), and from JPEG files decoded on the GPU (``data.pipeline=gpu_decode``).
@@ -87,7 +92,8 @@ from twincar.data.transforms import (  # noqa: E402
 )
 
 MEASURES = ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "cpu_predict", "predict_scaling",
-            "open_set_cost", "train_step", "gpu_train", "gpu_predict")
+            "shard_merge", "open_set_cost", "train_step", "gpu_train", "gpu_predict")
+MERGE_ROWS = 100_000  # shard_merge: rows of a many-process predict job (quick: 2,000)
 INDEX_IMAGES = 8144  # open_set_cost's index: as many images as Stanford Cars' training split
 PREDICT_IMAGES = 512  # cpu_predict's generated set: enough that per-image work, not start-up, sets the ratio
 # The seed augmentation (conf/augmentation/seed.yaml), for both pipelines.
@@ -453,6 +459,54 @@ def predict_scaling(paths: Sequence[Path], work: Path, model: Path | None, class
                   **{f"{k}_startup_s": round(wall[k, "one"], 2) for k in variants if (k, "one") in wall},
                   **{f"{k}_wall_s": round(wall[k, "all"], 2) for k in variants},
                   same_predictions=same, note="2 processes share this machine's cores: the ratio is the overhead")
+
+
+def shard_merge(work: Path, quick: bool, rounds: int) -> dict:
+    """The merge of a many-process predict job's shards into its CSV: all rows in memory (the reference) vs the
+    stream; rows/s and peak traced memory of each (see the module docstring)."""
+    import tracemalloc
+
+    from twincar.prediction_files import write_predictions
+    from twincar.runtime import Prediction
+    from twincar.shards import merged, read_shard, shard_keys, shard_name, to_record, write_shard
+
+    rows, processes, per_shard, topk = (2_000, 4, 100, 5) if quick else (MERGE_ROWS, 4, 5_000, 5)
+    names = [f"Make{c % 49} Model{c} Sedan {1991 + c % 22}" for c in range(196)]
+    keys = [(f"/photos/{i // 1000:04d}/car{i:07d}.jpg", 100_000 + i, 1_700_000_000_000_000_000 + i)
+            for i in range(rows)]
+    folder = work / "merge" / "predictions.csv.shards"
+    if not folder.is_dir():
+        for rank in range(processes):  # Lightning's sampler: rank r predicts images r, r + P, ...
+            mine = list(range(rank, rows, processes))
+            for n in range(0, len(mine), per_shard):
+                records = []
+                for i in mine[n:n + per_shard]:
+                    top = [(names[(i + j) % 196], round(0.9 / (j + 1), 6)) for j in range(topk)]
+                    records.append(to_record(Prediction(source=keys[i][0], name=top[0][0], label=i % 196,
+                                                        confidence=top[0][1], make=f"Make{i % 49}",
+                                                        model=f"Model{i % 196}", year=1991 + i % 22, topk=top,
+                                                        num_classes=196), keys[i]))
+                write_shard(folder / shard_name("bench", rank, n // per_shard), records)
+
+    def all_in_memory() -> int:  # the merge before the stream: every shard's rows by key, then the file
+        done = {key: p for path in shard_keys(folder) for key, p in read_shard(path)}
+        return write_predictions(work / "merge" / "reference.csv", [done[k] for k in keys], "csv", topk=topk).images
+
+    def streamed() -> int:
+        return write_predictions(work / "merge" / "twincar.csv", merged(folder, keys), "csv", topk=topk).images
+
+    fns = {"reference": all_in_memory, "twincar": streamed}
+    rates = interleaved(fns, rounds)
+    peak_mb = {}
+    for name, fn in fns.items():
+        tracemalloc.start()
+        fn()
+        peak_mb[name] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+        tracemalloc.stop()
+    same = (work / "merge" / "reference.csv").read_bytes() == (work / "merge" / "twincar.csv").read_bytes()
+    return result(rates["reference"], rates["twincar"], rows=rows, processes=processes, shard_rows=per_shard,
+                  reference_peak_mb=peak_mb["reference"], twincar_peak_mb=peak_mb["twincar"], same_output=same,
+                  note="rows/s in the img/s columns")
 
 
 def gpu_predict(paths: Sequence[Path], work: Path, quick: bool, device: torch.device | None = None) -> dict:
@@ -876,6 +930,8 @@ def run(args: argparse.Namespace) -> dict:
         elif name == "predict_scaling":
             out[name] = predict_scaling(predict_paths, work, args.model, args.classes, args.quick,
                                         repeats=1 if args.quick else args.predict_repeats)
+        elif name == "shard_merge":
+            out[name] = shard_merge(work, args.quick, rounds)
         elif name == "gpu_predict":
             out[name] = gpu_predict(paths, work, args.quick)
         elif name == "open_set_cost":

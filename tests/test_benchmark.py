@@ -54,6 +54,16 @@ def test_open_set_cost_measures_the_unknown_answer_and_the_neighbours_against_pl
     assert r["search_torch_ms_per_query"] > 0 and ("search_faiss_ms_per_query" in r) == r["faiss"]
 
 
+def test_shard_merge_streams_the_same_csv_as_reading_every_row_first(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    BENCH["main"](["--quick", "--json", str(out), "--only", "shard_merge"])
+    r = json.loads(out.read_text())["measures"]["shard_merge"]
+    assert "shard_merge" in capsys.readouterr().out and (r["rows"], r["processes"], r["shard_rows"]) == (2000, 4, 100)
+    assert r["same_output"] is True  # byte for byte: the stream changes memory, not the file
+    assert r["ratio"] == pytest.approx(r["twincar_img_s"] / r["reference_img_s"], rel=0.02)
+    assert 0 < r["twincar_peak_mb"] < r["reference_peak_mb"]  # a few shards held, not the job
+
+
 @pytest.mark.slow  # train_step and gpu_train are training measures: optimizer steps on a network
 def test_quick_benchmark_writes_every_measure_and_field(tmp_path, capsys):
     out = tmp_path / "bench.json"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from twincar.calibration import (
     Calibration,
@@ -103,7 +104,7 @@ def calibrated_copy(tiny_export: Path, tmp_path: Path, calibration: dict) -> Pat
 def test_predict_marks_cars_below_the_threshold_unknown_and_keeps_their_closest_classes(tiny_export, car_images,
                                                                                       tmp_path):
     from twincar.inference import Predictor
-    from twincar.predict import format_predictions, predict_files
+    from twincar.predict import predict_files
 
     plain = Predictor.load(tiny_export, device="cpu", precision="fp32")
     raw = torch.cat([plain.outputs(plain.prepare(p)[None])[0] for p in car_images])
@@ -130,7 +131,10 @@ def test_predict_marks_cars_below_the_threshold_unknown_and_keeps_their_closest_
     assert sum(r["known"] == "true" and r["class"] == r["top1_class"] for r in rows) == 2
 
     off = p.with_calibration(p.calibration, unknown="off")
-    assert off.unknown_threshold is None and "known" not in format_predictions(off.predict(car_images), "csv", 1)
+    assert off.unknown_threshold is None and {r.unknown_score for r in off.predict(car_images)} == {None}
+    predict_files(car_images, model, output=out, device="cpu", precision="fp32", progress=False, unknown="off")
+    with out.open(newline="") as f:
+        assert "known" not in next(csv.reader(f))  # no threshold in use: no open-set columns
     assert {r.known for r in p.with_calibration(p.calibration, unknown="-1e9").predict(car_images)} == {True}
     assert p.with_calibration(p.calibration, unknown="1.5").unknown_threshold == 1.5
     with pytest.raises(TwinCarError, match="--unknown maybe is not auto, off or a number"):
@@ -357,6 +361,9 @@ def test_the_index_of_a_run_gives_predict_its_nearest_training_cars_and_eval_its
     index = NeighbourIndex.load(folder)
     split = json.loads((run / "split.json").read_text())
     assert len(index.paths) == len(split["train"])  # every training image
+    with Image.open(index.paths[0]) as image:  # with a thumbnail of each, longer side 128 (never enlarged)
+        assert max(index.thumbnail(index.paths[0]).shape[:2]) == min(128, max(image.size))
+    assert len(index.thumbnails) == len(index.paths) and all(index.thumbnails)
     test_images = sorted((Path(index.paths[0]).parent.parent / "cars_test").glob("*.jpg"))[:3]
     out = tmp_path / "preds.csv"
     predict_files(test_images, ckpt, output=out, device="cpu", precision="fp32", progress=False, neighbours=2,

@@ -19,12 +19,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import twincar.shards as shards
 from tests.conftest import TINY_NAMES, run_cli
 from tests.trained import compose, trained_run
 from twincar.errors import TwinCarError
 from twincar.predict import predict_files
 from twincar.runtime import Prediction
-from twincar.shards import JOB_FILE, file_key, read_shards, shard_dir, shard_files, to_record, write_shard
+from twincar.shards import JOB_FILE, file_key, merged, shard_dir, shard_files, shard_keys, to_record, write_shard
 
 TWO_CPU_PROCESSES = ["--devices", "2", "--accelerator", "cpu", "--no-progress"]
 
@@ -119,7 +120,7 @@ def test_a_job_killed_after_its_first_shard_resumes_and_reads_that_shard_back(ru
     assert not out.exists()
     finished = shard_files(shard_dir(out))
     assert 1 <= len(finished) <= 2  # the kill came right after the first: at most the other rank's first as well
-    done = read_shards(shard_dir(out))
+    done = {k for keys in shard_keys(shard_dir(out)).values() for k in keys}
     assert 40 * len(finished) <= len(done) < 205  # every finished shard reads back whole
 
     again = run_cli("twincar.predict", *args, cwd=tmp_path)  # without --resume: refused, nothing lost
@@ -203,3 +204,48 @@ def test_a_changed_image_is_predicted_again(tmp_path):
     before = file_key(image)
     image.write_bytes(b"xy")
     assert file_key(image) != before and file_key(image)[0] == str(image.resolve())
+
+
+def test_the_merge_streams_the_shards_in_input_order_holding_about_one_per_writer(tmp_path, monkeypatch):
+    """120 images: a killed run of 3 processes (shards of 5, interleaved as Lightning's sampler shares them) did 90,
+    its resumed run of 2 processes the rest. The merge gives input order, an image given twice twice, skips an
+    older shard's second copy and a shard of images no longer asked for, and never holds all rows at once."""
+    keys = [(f"/photos/car{i:03d}.jpg", 1000 + i, 7) for i in range(120)] + [("/photos/car003.jpg", 1003, 7)]
+
+    def record(i: int) -> dict:
+        return to_record(Prediction(source=f"car{i:03d}.jpg", name=TINY_NAMES[i % 6], label=i % 6, confidence=0.5,
+                                    topk=[(TINY_NAMES[i % 6], 0.5)], num_classes=6), keys[i])
+
+    folder = tmp_path / "out.csv.shards"
+    for run, todo, ranks in (("killed", range(90), 3), ("resumed", range(90, 120), 2)):
+        for rank in range(ranks):
+            mine = list(todo)[rank::ranks]
+            for n in range(0, len(mine), 5):
+                write_shard(folder / shards.shard_name(run, rank, n // 5), [record(i) for i in mine[n:n + 5]])
+    write_shard(folder / "aolder-00000-000000.parquet", [record(0)])  # a second copy of image 0
+    write_shard(folder / "stale-00000-000000.parquet",
+                [to_record(Prediction(source="gone.jpg", error="x"), ("/photos/gone.jpg", 1, 1))])
+
+    read: dict[Path, int] = {}  # the shards read so far and their rows
+    real = shards.read_shard
+
+    def read_shard(path: Path):
+        read[path] = len(rows := real(path))
+        return rows
+
+    monkeypatch.setattr(shards, "read_shard", read_shard)
+    merged_rows, held = [], 0
+    for p in merged(folder, keys):
+        merged_rows.append(p.source)
+        held = max(held, sum(read.values()) - len(merged_rows))  # rows read and not yet given out
+    assert merged_rows == [f"car{i:03d}.jpg" for i in range(120)] + ["car003.jpg"]
+    assert folder / "stale-00000-000000.parquet" not in read  # none of its images is asked for: never read
+    assert 0 < held <= 2 * 3 * 5  # about one shard per process of the killed run, not the 121 rows
+
+
+def test_the_merge_refuses_an_image_that_no_shard_holds_before_returning_any(tmp_path):
+    folder = tmp_path / "out.csv.shards"
+    keys = [("/photos/a.jpg", 1, 1), ("/photos/b.jpg", 2, 2)]
+    write_shard(folder / "run-00000-000000.parquet", [to_record(Prediction(source="a.jpg", error="x"), keys[0])])
+    with pytest.raises(TwinCarError, match=r"1 image\(s\) have no prediction in the shards \(first: /photos/b.jpg\)"):
+        merged(folder, keys)

@@ -14,8 +14,6 @@ row in its shards are predicted.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import os
 import sys
@@ -26,49 +24,14 @@ from functools import partial
 from pathlib import Path
 
 from twincar.errors import TwinCarError
-from twincar.files import atomic_path, check_writable, dumps, write_text
+from twincar.files import check_writable
+from twincar.prediction_files import FORMATS, write_predictions
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = "reports/predictions_custom_images.csv"  # the original project's output file
 PROGRESS_MIN_IMAGES = 16  # show a progress bar from this many images on
-FORMATS = ("csv", "json", "parquet")
 DEFAULT_SHARD_SIZE = 10_000  # images per shard and process: at 2,500 img/s per GPU a kill loses 4 s of work
-
-
-def format_predictions(predictions: Sequence, fmt: str, topk: int) -> str:
-    """The CSV (header + one row per image) or JSON (a list of objects with a ``topk`` list) text; with an unknown
-    threshold in use, each row says whether the car is ``known`` (one of the classes) and its ``unknown_score``."""
-    open_set = any(p.unknown_score is not None for p in predictions)
-    if fmt == "json":
-        objects = []
-        for p in predictions:
-            row = p.to_row(0, open_set)
-            row["topk"] = [{"class": n, "prob": round(q, 6)} for n, q in p.topk]
-            objects.append(row)
-        return dumps(objects) + "\n"
-    buf = io.StringIO()
-    rows = [p.to_row(topk, open_set) for p in predictions]
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def write_predictions(output: Path, predictions: Sequence, fmt: str, topk: int) -> Path:
-    """Write the rows atomically: CSV or JSON (:func:`format_predictions`), or Parquet with the CSV's columns
-    (an empty cell is null, ``known`` a boolean)."""
-    if fmt != "parquet":
-        return write_text(output, format_predictions(predictions, fmt, topk))
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    open_set = any(p.unknown_score is not None for p in predictions)
-    rows = [{k: None if v == "" else v == "true" if k == "known" else v for k, v in p.to_row(topk, open_set).items()}
-            for p in predictions]
-    with atomic_path(output) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    return output
 
 
 @dataclass
@@ -149,11 +112,11 @@ def predict_files(
             raise TwinCarError("--devices, --num-nodes and --resume run the PyTorch weights (.pth, .safetensors or "
                                ".ckpt): an ONNX model predicts in one process")
         start = time.perf_counter()
-        predictions = _onnx_predictions(find_images(images), model, classes, topk=topk, batch_size=batch_size,
-                                        device=device, precision=precision, image_size=image_size,
-                                        resize_mode=resize_mode, tta=tta, unknown=unknown, neighbours=neighbours,
-                                        progress=progress)
-        return _write(output, predictions, fmt, topk, time.perf_counter() - start)
+        runtime, predictions = _onnx_predictions(find_images(images), model, classes, topk=topk,
+                                                 batch_size=batch_size, device=device, precision=precision,
+                                                 image_size=image_size, resize_mode=resize_mode, tta=tta,
+                                                 unknown=unknown, neighbours=neighbours, progress=progress)
+        return _write(output, predictions, fmt, topk, start, open_set=runtime.unknown_threshold is not None)
     from twincar.inference import Predictor, default_workers  # torch is imported here, not for --help
 
     processes = None
@@ -187,7 +150,7 @@ def predict_files(
         workers = default_workers(predictor.device) if num_workers is None else num_workers
         stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk, neighbours=search,
                                         num_workers=min(workers, max(0, len(files) // batch_size)))
-        predictions = list(_with_progress(stream, len(files), progress))
+        predictions = _with_progress(stream, len(files), progress)
     else:
         from twincar.parallel import default_workers as workers_per_process
         from twincar.shards import job_options, predict_sharded
@@ -200,7 +163,8 @@ def predict_files(
         if done is None:  # another rank than 0: rank 0 writes the output
             return None
         predictions, resumed = done
-    summary = _write(output, predictions, fmt, topk, time.perf_counter() - start, resumed)
+    summary = _write(output, predictions, fmt, topk, start, resumed, neighbours=neighbours,
+                     open_set=predictor.unknown_threshold is not None)
     if processes is not None:
         from twincar.shards import remove_shards, shard_dir
 
@@ -208,15 +172,15 @@ def predict_files(
     return summary
 
 
-def _write(output: Path, predictions: list, fmt: str, topk: int, seconds: float, resumed: int = 0) -> PredictSummary:
-    """Write the predictions (unless none could be read and ``output`` exists already); the run's summary."""
-    summary = PredictSummary(output, len(predictions), sum(not p.ok for p in predictions), seconds,
-                             sum(p.ok and not p.known for p in predictions), resumed)
-    if summary.errors == summary.images and output.exists():
+def _write(output: Path, predictions, fmt: str, topk: int, start: float, resumed: int = 0, *, neighbours: int = 0,
+           open_set: bool = False) -> PredictSummary:
+    """Write the predictions as they come (unless none could be read and ``output`` exists already); the run's
+    summary, timed from ``start`` (``time.perf_counter``)."""
+    written = write_predictions(output, predictions, fmt, topk=topk, neighbours=neighbours, open_set=open_set)
+    if not written.saved:
         log.error("no image could be read: %s is left as it was", output)
-    else:
-        write_predictions(output, predictions, fmt, topk)
-    return summary
+    return PredictSummary(output, written.images, written.errors, time.perf_counter() - start, written.unknown,
+                          resumed)
 
 
 def _with_progress(stream, total: int, progress: bool):
@@ -232,8 +196,8 @@ def _with_progress(stream, total: int, progress: bool):
 
 def _onnx_predictions(files: list, model, classes, *, topk: int, batch_size: int, device: str, precision: str,
                       image_size: int | None, resize_mode: str | None, tta: str | None, unknown: str, neighbours: int,
-                      progress: bool) -> list:
-    """The predictions of an ``.onnx`` model, on the torch-free runtime."""
+                      progress: bool) -> tuple:
+    """The torch-free runtime of an ``.onnx`` model (loaded and checked now) and its predictions, as they come."""
     from twincar.runtime import OnnxPredictor
 
     if precision == "bf16":
@@ -245,7 +209,7 @@ def _onnx_predictions(files: list, model, classes, *, topk: int, batch_size: int
                                  tta=tta, unknown=unknown)
     log.info("predicting %d image(s) with %s (%d classes, onnxruntime, fp32)", len(files), model,
              len(runtime.class_names))
-    return list(_with_progress(runtime.iter_predict(files, batch_size=batch_size, topk=topk), len(files), progress))
+    return runtime, _with_progress(runtime.iter_predict(files, batch_size=batch_size, topk=topk), len(files), progress)
 
 
 def build_parser() -> argparse.ArgumentParser:

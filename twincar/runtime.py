@@ -73,12 +73,16 @@ class Prediction:
         """The class name, or, for an unknown car, that it is not one of the known classes."""
         return self.name if self.known else unknown_answer(self.num_classes)
 
-    def to_row(self, topk: int | None = None, open_set: bool = False) -> dict[str, object]:
+    def to_row(self, topk: int | None = None, open_set: bool = False,
+               neighbours: int | None = None) -> dict[str, object]:
         """A flat row: the original TwinCars columns ``image, make, model, year, confidence``, then
-        ``class``, ``label``, ``top{i}_class``/``top{i}_prob`` for i = 1..topk, with ``open_set`` ``known`` and
-        ``unknown_score``, and ``error``. An unknown car has empty make/model/year/label, ``class`` says it is
-        not one of the known classes, and the top-k columns keep its closest classes."""
+        ``class``, ``label``, ``top{i}_class``/``top{i}_prob`` for i = 1..topk, ``nn{i}_image``/``_class``/
+        ``_similarity`` for i = 1..neighbours, with ``open_set`` ``known`` and ``unknown_score``, and ``error``
+        (None: as many top-k and neighbour columns as this prediction has; missing cells are empty). An unknown car
+        has empty make/model/year/label, ``class`` says it is not one of the known classes, and the top-k columns
+        keep its closest classes."""
         k = len(self.topk) if topk is None else topk
+        n = len(self.neighbours) if neighbours is None else neighbours
         known = self.known or not self.ok
         row: dict[str, object] = {
             "image": self.source, "make": self.make if known else "", "model": self.model if known else "",
@@ -90,8 +94,10 @@ class Prediction:
             name, prob = self.topk[i] if i < len(self.topk) else ("", "")
             row[f"top{i + 1}_class"] = name
             row[f"top{i + 1}_prob"] = round(prob, 6) if prob != "" else ""
-        for i, (image, name, sim) in enumerate(self.neighbours):
-            row[f"nn{i + 1}_image"], row[f"nn{i + 1}_class"], row[f"nn{i + 1}_similarity"] = image, name, round(sim, 6)
+        for i in range(n):
+            image, name, sim = self.neighbours[i] if i < len(self.neighbours) else ("", "", "")
+            row[f"nn{i + 1}_image"], row[f"nn{i + 1}_class"] = image, name
+            row[f"nn{i + 1}_similarity"] = round(sim, 6) if sim != "" else ""
         if open_set:
             row["known"] = ("true" if self.known else "false") if self.ok else ""
             row["unknown_score"] = "" if self.unknown_score is None else round(self.unknown_score, 6)
@@ -136,8 +142,8 @@ def unknown_answer(num_classes: int) -> str:
 
 # -- decode ------------------------------------------------------------------------------------------------
 def reduced_decode_scale(width: int, height: int, min_side: int) -> int:
-    """The largest JPEG DCT scale-down (1, 2, 4 or 8) that keeps the short side >= ``min_side`` (the rule of
-    :func:`twincar.data.images.reduced_decode_scale`)."""
+    """The largest JPEG DCT scale-down (1, 2, 4 or 8) that keeps the short side >= ``min_side`` (torch's decoder in
+    :mod:`twincar.data.images` and this runtime's use the same rule)."""
     scale = 1
     while scale < 8 and min(width, height) // (scale * 2) >= min_side:
         scale *= 2

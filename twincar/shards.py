@@ -10,10 +10,12 @@ rank 0 merges the shards into the one output, in input order, and removes them.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -91,28 +93,73 @@ def write_shard(path: Path, records: Sequence[dict]) -> Path:
     return path
 
 
-def read_shards(folder: Path) -> dict[Key, Prediction]:
-    """Every prediction in ``folder``'s shards, by image key; a shard that cannot be read is named in a warning and
-    left out (its images are predicted again)."""
-    done: dict[Key, Prediction] = {}
+KEY_COLUMNS = ["key_path", "key_size", "key_mtime_ns"]
+
+
+def _key(r: dict) -> Key:
+    return r["key_path"], r["key_size"], r["key_mtime_ns"]
+
+
+def shard_keys(folder: Path) -> dict[Path, list[Key]]:
+    """The image keys of each finished shard in ``folder``, in its row order (the key columns only are read); a
+    shard that cannot be read is named in a warning and left out (its images are predicted again)."""
+    keys: dict[Path, list[Key]] = {}
     for path in shard_files(folder):
         try:
-            rows = pq.read_table(path, schema=SCHEMA).to_pylist()
+            keys[path] = [_key(r) for r in pq.read_table(path, columns=KEY_COLUMNS).to_pylist()]
         except (OSError, pa.ArrowException) as e:
             log.warning("shard %s cannot be read (%s): its images are predicted again", path, e)
-            continue
-        for r in rows:
-            done[(r["key_path"], r["key_size"], r["key_mtime_ns"])] = from_record(r)
-    return done
+    return keys
 
 
-def merge(done: dict[Key, Prediction], keys: Sequence[Key]) -> list[Prediction]:
-    """The prediction of every image, in input order (``keys``: the images' keys); each image appears once."""
-    missing = [k[0] for k in keys if k not in done]
+def read_shard(path: Path) -> list[tuple[Key, Prediction]]:
+    """The rows of one shard: each image's key and prediction."""
+    try:
+        rows = pq.read_table(path, schema=SCHEMA).to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise TwinCarError(f"shard {path} cannot be read ({e}): run again with --resume") from e
+    return [(_key(r), from_record(r)) for r in rows]
+
+
+def merged(folder: Path, keys: Sequence[Key]) -> Iterator[Prediction]:
+    """The prediction of every image, in input order (``keys``: the images' keys), streamed from ``folder``'s
+    shards: each image appears once, and a shard is read only when the first of its images is due, so rank 0
+    holds about one shard per process that wrote them, not the job. An image that no shard holds is refused
+    before anything is returned."""
+    written = shard_keys(folder)
+    covered = {k for shard in written.values() for k in shard}
+    missing = [k[0] for k in keys if k not in covered]
     if missing:
         raise TwinCarError(f"{len(missing)} image(s) have no prediction in the shards (first: {missing[0]}): "
                            "run again with --resume")
-    return [done[k] for k in keys]
+    positions: dict[Key, list[int]] = {}  # an image given twice is answered twice
+    for i, k in enumerate(keys):
+        positions.setdefault(k, []).append(i)
+    return _in_input_order(written, positions)
+
+
+def _in_input_order(written: dict[Path, list[Key]], positions: dict[Key, list[int]]) -> Iterator[Prediction]:
+    """A heap of (input position, tie, item): an unread shard waits at its first image's position; when it comes up,
+    its rows join the heap at theirs. A row whose position was already answered (an older shard's copy) is skipped."""
+    tie = itertools.count()
+    heap: list[tuple[int, int, Path | Prediction]] = []
+    for path, shard in written.items():
+        first = min((i for k in shard for i in positions.get(k, ())), default=None)
+        if first is not None:  # a shard of images no longer asked for is never read
+            heapq.heappush(heap, (first, next(tie), path))
+    due = 0
+    while heap:
+        position, _, item = heapq.heappop(heap)
+        if isinstance(item, Path):
+            for key, prediction in read_shard(item):
+                for i in positions.get(key, ()):
+                    heapq.heappush(heap, (i, next(tie), prediction))
+        elif position == due:
+            due += 1
+            yield item
+        elif position > due:  # cannot happen unless a shard changed while it was merged
+            raise TwinCarError(f"image {due} of the input vanished from the shards while they were merged: run "
+                               "again with --resume")
 
 
 class ShardWriter(BasePredictionWriter):
@@ -140,10 +187,8 @@ class ShardWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(self.folder)  # a killed writer's half shard
-            write_json(self.folder / JOB_FILE, self.options)
-        self.run_id = trainer.strategy.broadcast(uuid.uuid4().hex[:8])  # one name for the run's shards
+            start_job(self.folder, self.options)
+        self.run_id = trainer.strategy.broadcast(new_run_id())  # one name for the run's shards
         self.rank = trainer.global_rank
         trainer.strategy.barrier("twincar-shards-ready")
 
@@ -158,7 +203,7 @@ class ShardWriter(BasePredictionWriter):
     def flush(self) -> None:
         """Write the pending rows as this process's next shard."""
         if self.pending:
-            write_shard(self.folder / f"{self.run_id}-{self.rank:05d}-{self.count:06d}.parquet", self.pending)
+            write_shard(self.folder / shard_name(self.run_id, self.rank, self.count), self.pending)
             self.written += len(self.pending)
             self.count += 1
             self.pending = []
@@ -168,6 +213,22 @@ class ShardWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier("twincar-shards-written")  # rank 0 merges once every process has written
+
+
+def new_run_id() -> str:
+    """The name a run's shards share (``<run>-<rank>-<n>.parquet``): an earlier run's are never overwritten."""
+    return uuid.uuid4().hex[:8]
+
+
+def shard_name(run_id: str, rank: int, count: int) -> str:
+    return f"{run_id}-{rank:05d}-{count:06d}.parquet"
+
+
+def start_job(folder: Path, options: dict) -> None:
+    """Make the shards' folder, drop a killed writer's temporary files and record the job's options."""
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(folder)  # a killed writer's half shard
+    write_json(folder / JOB_FILE, options)
 
 
 def remove_shards(folder: Path) -> None:
@@ -210,41 +271,42 @@ def check_job(folder: Path, options: dict, resume: bool) -> None:
 def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, processes, *, options: dict,
                     topk: int, batch_size: int, num_workers: int = 0, neighbours: Callable | None = None,
                     shard_size: int, resume: bool = False,
-                    progress: bool = True) -> tuple[list[Prediction], int] | None:
+                    progress: bool = True) -> tuple[Iterator[Prediction], int] | None:
     """Predict ``files`` on ``processes`` (:func:`twincar.parallel.run_inference`) into the shards beside ``output``;
-    with ``resume``, only those the shards lack. On global rank 0: every file's prediction in input order and how
-    many came from earlier shards; None on the other ranks."""
+    with ``resume``, only those the shards lack. On global rank 0: every file's prediction in input order, streamed
+    from the shards (:func:`merged`), and how many came from earlier shards; None on the other ranks."""
     from twincar.parallel import run_inference
     from twincar.training.lock import is_launching_process
 
     folder = shard_dir(output)
     check_job(folder, options, resume)
     keys = [file_key(f) for f in files]
-    done = read_shards(folder) if resume else {}
+    written = shard_keys(folder) if resume else {}
+    done = {k for shard in written.values() for k in shard}
     todo = [i for i, k in enumerate(keys) if k not in done]
     resumed = len(keys) - len(todo)
     if resume:
         log.info("resuming %s: %d of %d image(s) already predicted in %d shard(s); predicting the other %d", folder,
-                 resumed, len(keys), len(shard_files(folder)), len(todo))
+                 resumed, len(keys), len(written), len(todo))
+    images = [files[i] for i in todo]
     if 0 < len(todo) < processes.world_size:  # Lightning's sampler gives each process one image at least
         log.info("%d image(s) left for %d processes: rank 0 predicts them alone", len(todo), processes.world_size)
         if not is_launching_process():
             return None
-        images = [files[i] for i in todo]
-        done.update({keys[i]: p for i, p in zip(todo, predictor.iter_predict(images, batch_size=batch_size, topk=topk,
-                                                                              neighbours=neighbours), strict=True)})
+        start_job(folder, options)
+        predictions = predictor.iter_predict(images, batch_size=batch_size, topk=topk, neighbours=neighbours)
+        write_shard(folder / shard_name(new_run_id(), 0, 0),
+                    [to_record(p, keys[i]) for i, p in zip(todo, predictions, strict=True)])
     elif todo:
         log.info("predicting %d image(s) on %d process(es) (%d node(s) x %d %s), shards of %d in %s", len(todo),
                  processes.world_size, processes.num_nodes, processes.devices, processes.accelerator, shard_size,
                  folder)
-        images = [files[i] for i in todo]
         writer = ShardWriter(folder, images, [keys[i] for i in todo], predictor, topk=topk, shard_size=shard_size,
                              neighbours=neighbours, options=options)
         trainer = run_inference(predictor, predictor.inputs(images), processes, [writer], batch_size=batch_size,
                                 num_workers=num_workers, embeddings=neighbours is not None, progress=progress)
         if not trainer.is_global_zero:
             return None
-        done = read_shards(folder)
     elif not is_launching_process():  # nothing left to predict: rank 0 alone merges
         return None
-    return merge(done, keys), resumed
+    return merged(folder, keys), resumed
