@@ -3,8 +3,9 @@
 By default it serves ``model.onnx`` (with its ``model_card.json``) on the torch-free runtime
 (:mod:`twincar.runtime`: numpy, PIL, onnxruntime; ``requirements.txt`` has no torch). Grad-CAM needs PyTorch
 weights: with ``model.safetensors`` (or ``model.pth`` / ``model.ckpt``) here and ``requirements-gradcam.txt``
-installed, those are served instead, Grad-CAM offered. Optionally an ``examples/`` folder of photos, and the
-``twincar`` package (see README.md). Locally: ``python space/app.py``.
+installed, those are served instead, Grad-CAM offered, and with them an ``index/`` folder (``python -m twincar.index``,
+which keeps a thumbnail of each training image) shows the nearest training cars. Optionally an ``examples/`` folder
+of photos, and the ``twincar`` package (see README.md). Locally: ``python space/app.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from twincar.demo import build_app, example_images, launch  # noqa: E402
+from twincar.demo import build_app, example_images, find_index, launch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TORCH_FILES = ("model.safetensors", "model.pth", "model.ckpt")  # PyTorch weights: Grad-CAM possible
@@ -53,9 +54,11 @@ def load_predictor(folder: str | Path):
 
 
 def create_app(folder: str | Path = HERE):
-    """The demo app over the model file (and ``examples/``) in ``folder``."""
+    """The demo app over the model file (with ``index/`` and ``examples/``) in ``folder``."""
     folder = Path(folder)
-    return build_app(load_predictor(folder), examples=example_images(folder / "examples"), title="TwinCar")
+    predictor = load_predictor(folder)
+    index = None if predictor.is_onnx else find_index(folder / "model")  # index/ beside the model files
+    return build_app(predictor, examples=example_images(folder / "examples"), title="TwinCar", index=index)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,48 @@ def test_the_gallery_shows_the_nearest_training_cars_with_their_class_and_simila
     assert find_index(big) is None  # no index/ beside it: no gallery
 
 
+def indexed_copy(car_images, folder: Path, side: int):
+    """An index with thumbnails (longer side ``side``) of copies of the photos in ``folder``, whose files are then
+    removed, as on a machine that has the index but not the training images; the copies' paths."""
+    from twincar.data.formats.common import Sample
+    from twincar.neighbours import build_index
+
+    train = folder / "train"
+    train.mkdir(parents=True)
+    copies = [Path(shutil.copy(p, train / f"{i}{p.suffix}")) for i, p in enumerate(car_images)]
+    predictor = Predictor.load(folder / "model.pth", device="cpu")
+    build_index(predictor, [Sample(p, i) for i, p in enumerate(copies)], thumbnails=side).save(folder / "index")
+    shutil.rmtree(train)
+    return copies
+
+
+def test_an_index_keeps_thumbnails_so_the_gallery_needs_no_training_images(tiny_export, car_images, tmp_path,
+                                                                          caplog):
+    from PIL import Image
+
+    from twincar.demo import Answerer, find_index
+    from twincar.neighbours import INDEX_THUMBNAILS, NeighbourIndex
+
+    shutil.copy(tiny_export, tmp_path / "model.pth")
+    shutil.copy(tiny_export.with_name("model_card.json"), tmp_path / "model_card.json")
+    copies = indexed_copy(car_images, tmp_path, side=32)
+    index = find_index(tmp_path / "model.pth")
+    with Image.open(car_images[0]) as image:
+        w, h = image.size  # 90 x 60: the thumbnail's longer side is 32
+    assert index.thumbnail(str(copies[0])).shape == (round(h * 32 / w), 32, 3)
+    *_, gallery, message = Answerer(Predictor.load(tmp_path / "model.pth", device="cpu"), index=index)(
+        str(car_images[0]))
+    assert len(gallery) == 3 and gallery[0][1].endswith("(1.00)")  # the photo's own copy first, from the index
+    assert gallery[0][0].shape == index.thumbnail(str(copies[0])).shape
+
+    index.paths.reverse()  # thumbnails of other images than the index's are not shown under the wrong names
+    index.thumbnails = None
+    index.save(tmp_path / "other")
+    (tmp_path / "index" / INDEX_THUMBNAILS).replace(tmp_path / "other" / INDEX_THUMBNAILS)
+    assert NeighbourIndex.load(tmp_path / "other").thumbnails is None
+    assert "is of other images than its index" in caplog.text
+
+
 def test_client_prediction_equals_the_predictor(server, car_images, tmp_path, capfd):
     from gradio_client import Client, handle_file
 
@@ -145,9 +187,18 @@ def test_space_app_runs_from_the_model_file_in_its_folder(tiny_export, car_image
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     app = module.create_app(folder)
-    assert app.title == "TwinCar"
+    assert app.title == "TwinCar" and not galleries(app)
+    indexed_copy(car_images, folder, side=64)  # index/ beside the model: the nearest training cars are shown
+    assert galleries(module.create_app(folder)) == ["neighbours"]
     front = (REPO / "space" / "README.md").read_text().split("---")[1]
     assert "sdk: gradio" in front and "app_file: app.py" in front
+
+
+def galleries(app) -> list[str]:
+    """The ids of the app's galleries."""
+    import gradio as gr
+
+    return [b.elem_id for b in app.blocks.values() if isinstance(b, gr.Gallery)]
 
 
 def test_demo_cli_says_what_is_missing(tmp_path, capsys):

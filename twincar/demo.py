@@ -65,23 +65,27 @@ def find_index(model: str | Path, index: str | Path | None = None):
 def thumbnail(path: str, side: int = THUMBNAIL_SIDE):
     """An (H, W, 3) uint8 thumbnail of an image file, its longer side ``side``; None when it cannot be read."""
     import numpy as np
-    from PIL import Image
 
     from twincar.data.images import ImageReadError, load_rgb
+    from twincar.neighbours import thumbnail_image
 
     try:
-        image = Image.fromarray(load_rgb(path, min_side=side).permute(1, 2, 0).numpy())
+        return np.asarray(thumbnail_image(load_rgb(path, min_side=side), side))
     except ImageReadError:
         return None
-    image.thumbnail((side, side), Image.Resampling.BILINEAR)
-    return np.asarray(image)
 
 
-def neighbour_gallery(prediction) -> list[tuple]:
-    """``(thumbnail, "class (similarity)")`` of each of a prediction's nearest training cars whose image can be
-    read here (an index lists the image paths of the machine that built it)."""
-    shown = [(thumbnail(path), f"{name} ({similarity:.2f})") for path, name, similarity in prediction.neighbours]
-    return [(image, caption) for image, caption in shown if image is not None]
+def neighbour_gallery(prediction, index=None) -> list[tuple]:
+    """``(thumbnail, "class (similarity)")`` of each of a prediction's nearest training cars: the thumbnail the
+    ``index`` keeps, else the image file when it can be read here (an index lists the paths of the machine that
+    built it)."""
+    gallery = []
+    for path, name, similarity in prediction.neighbours:
+        image = index.thumbnail(path) if index is not None else None
+        image = thumbnail(path) if image is None else image
+        if image is not None:
+            gallery.append((image, f"{name} ({similarity:.2f})"))
+    return gallery
 
 
 def _enlarged(overlay):
@@ -124,7 +128,7 @@ class Answerer:
         answer, prediction = self._answer(path, show_cam)
         if self.index is None:
             return answer
-        gallery = neighbour_gallery(prediction) if prediction is not None and prediction.ok else None
+        gallery = neighbour_gallery(prediction, self.index) if prediction is not None and prediction.ok else None
         return (*answer[:-1], gallery, answer[-1])
 
     def _predict(self, path: str, show_cam: bool) -> tuple:

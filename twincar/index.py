@@ -4,19 +4,20 @@ Embeds the training split (:meth:`twincar.inference.Predictor.embeddings`, L2-no
 data the model was trained with and writes :class:`twincar.neighbours.NeighbourIndex` to ``index/`` beside the model
 (or ``out=DIR``), where ``twincar-predict --neighbours K``, the demo and ``python -m twincar.eval index=DIR`` find it.
 Search is exact (cosine similarity): ``backend=auto`` (faiss when installed, else torch), ``torch`` or ``faiss``
-(``pip install 'twincar[faiss]'``). ``build(cfg)`` is the pure function; ``main`` the thin Hydra entry point.
+(``pip install 'twincar[faiss]'``). ``thumbnails=128`` (the default) keeps a small JPEG of each image in the index,
+so the demo shows the nearest cars wherever the index goes (a Space); ``thumbnails=0`` keeps none. ``build(cfg)``
+is the pure function; ``main`` the thin Hydra entry point.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from twincar.errors import TwinCarError
+from twincar.errors import exit_on_user_error
 from twincar.inference import EvalError, Predictor, data_config, eval_samples
 from twincar.neighbours import build_index, resolve_backend
 from twincar.runs import resolve_launch_paths
@@ -37,7 +38,7 @@ def build(cfg: DictConfig) -> Path:
     samples, margin, _ = eval_samples(data, split, predictor.class_names)
     batch_size = int(data.get("eval_batch_size") or data.get("batch_size") or 64)
     index = build_index(predictor, samples, batch_size=batch_size, bbox_margin=margin,
-                        backend=str(cfg.get("backend") or "auto"))
+                        backend=str(cfg.get("backend") or "auto"), thumbnails=int(cfg.get("thumbnails") or 0))
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.ckpt).expanduser().parent / "index"
     index.save(out)
     log.info("indexed %d %s images (%d-d embeddings) into %s (searched with %s)", len(index.paths), split,
@@ -48,11 +49,8 @@ def build(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path="conf", config_name="index")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: a user error is printed as one sentence, exit code 1."""
-    try:
+    with exit_on_user_error(log):
         build(cfg)
-    except TwinCarError as e:
-        log.error("%s", e)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@ or, with the ``faiss`` extra (``pip install 'twincar[faiss]'``), by faiss's exac
 most similar for each query, :func:`knn_metrics` the embedding's own k-NN top-1 (queries against the index) and
 Recall@1 (each query against the other queries, leave-one-out, as metric-learning papers report on Cars196).
 An index is saved as ``index.safetensors`` (the embeddings and labels) and ``index.json`` (image paths, class names,
-the search backend: ``auto`` is faiss when it is installed, else torch).
+the search backend: ``auto`` is faiss when it is installed, else torch), with ``thumbnails.parquet`` (a small JPEG of
+each image) when it was built with thumbnails: the demo then shows the nearest cars on any machine, a Space
+included, without the training images.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +27,10 @@ import torch
 from twincar.errors import TwinCarError
 from twincar.files import atomic_path, write_json
 
-INDEX_TENSORS, INDEX_META = "index.safetensors", "index.json"
+log = logging.getLogger(__name__)
+
+INDEX_TENSORS, INDEX_META, INDEX_THUMBNAILS = "index.safetensors", "index.json", "thumbnails.parquet"
+THUMBNAIL_QUALITY = 85  # JPEG quality of the thumbnails an index keeps
 CHUNK = 4096  # queries per similarity matrix block: memory is CHUNK x index size floats
 BACKENDS = ("auto", "torch", "faiss")
 
@@ -99,7 +106,9 @@ class NeighbourIndex:
     paths: list[str]  # the N images
     class_names: list[str]  # what the labels name
     backend: str = "auto"  # how it is searched (BACKENDS)
+    thumbnails: list[bytes] | None = None  # a small JPEG of each image (None: the index keeps none)
     _faiss: object = field(default=None, init=False, repr=False, compare=False)  # the faiss index, built once
+    _rows: dict | None = field(default=None, init=False, repr=False, compare=False)  # path -> row, built once
 
     def top_k(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(similarities, indices) of the ``k`` nearest indexed images of each query (:func:`top_k_similar`)."""
@@ -115,8 +124,24 @@ class NeighbourIndex:
         return [[(self.paths[j], names[j], s) for s, j in zip(srow, irow, strict=True)]
                 for srow, irow in zip(sims.tolist(), idx.tolist(), strict=True)]
 
+    def thumbnail(self, path: str) -> np.ndarray | None:
+        """The (H, W, 3) uint8 thumbnail the index keeps of its image ``path`` (as :meth:`search` names it); None
+        when it keeps none."""
+        if not self.thumbnails:
+            return None
+        if self._rows is None:
+            self._rows = {p: i for i, p in enumerate(self.paths)}
+        row = self._rows.get(path)
+        if row is None or not self.thumbnails[row]:
+            return None
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.thumbnails[row])) as image:
+            return np.asarray(image.convert("RGB"))
+
     def save(self, folder: str | Path) -> Path:
-        """Write ``index.safetensors`` and ``index.json`` into ``folder`` (atomically); returns the folder."""
+        """Write ``index.safetensors``, ``index.json`` and, with thumbnails, ``thumbnails.parquet`` into ``folder``
+        (each atomically); returns the folder."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -124,8 +149,19 @@ class NeighbourIndex:
         with atomic_path(folder / INDEX_TENSORS) as tmp:
             save_file({"embeddings": self.embeddings.contiguous(), "labels": self.labels.long().contiguous()},
                       str(tmp))
+        if self.thumbnails:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.table({"path": pa.array(self.paths, pa.string()),
+                              "jpeg": pa.array(self.thumbnails, pa.binary())})
+            with atomic_path(folder / INDEX_THUMBNAILS) as tmp:
+                pq.write_table(table, tmp)
+        else:
+            (folder / INDEX_THUMBNAILS).unlink(missing_ok=True)  # an older index's, of other images
         write_json(folder / INDEX_META, {"paths": self.paths, "class_names": self.class_names, "backend": self.backend,
-                                         "images": len(self.paths), "dim": int(self.embeddings.shape[1])})
+                                         "images": len(self.paths), "dim": int(self.embeddings.shape[1]),
+                                         "thumbnails": bool(self.thumbnails)})
         return folder
 
     @classmethod
@@ -139,15 +175,58 @@ class NeighbourIndex:
                                "python -m twincar.index ckpt=MODEL")
         tensors = load_file(str(folder / INDEX_TENSORS))
         meta = json.loads((folder / INDEX_META).read_text("utf-8"))
-        return cls(tensors["embeddings"], tensors["labels"], list(meta["paths"]), list(meta["class_names"]),
-                   str(meta.get("backend", "auto")))
+        paths = list(meta["paths"])
+        return cls(tensors["embeddings"], tensors["labels"], paths, list(meta["class_names"]),
+                   str(meta.get("backend", "auto")), _load_thumbnails(folder / INDEX_THUMBNAILS, paths))
+
+
+def _load_thumbnails(path: Path, paths: list[str]) -> list[bytes] | None:
+    """An index's thumbnails (None when it has none); a file that does not match its images is named and ignored."""
+    if not path.is_file():
+        return None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["path", "jpeg"])
+    except (OSError, pa.ArrowException) as e:
+        log.warning("%s cannot be read (%s): the nearest cars are shown from their image files", path, e)
+        return None
+    if table.column("path").to_pylist() != paths:
+        log.warning("%s is of other images than its index: the nearest cars are shown from their image files", path)
+        return None
+    return table.column("jpeg").to_pylist()
+
+
+def thumbnail_image(rgb: torch.Tensor, side: int):
+    """A PIL image of a (3, H, W) uint8 image, its longer side at most ``side`` (never enlarged)."""
+    from PIL import Image
+
+    image = Image.fromarray(rgb.permute(1, 2, 0).numpy())
+    image.thumbnail((side, side), Image.Resampling.BILINEAR)
+    return image
+
+
+def thumbnail_jpeg(sample, side: int) -> bytes:
+    """The JPEG bytes of a sample's thumbnail (:func:`thumbnail_image`); empty when it cannot be read."""
+    from twincar.data.images import ImageReadError, load_sample
+
+    try:
+        image = thumbnail_image(load_sample(sample, min_side=side), side)
+    except ImageReadError:
+        return b""
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=THUMBNAIL_QUALITY)
+    return buf.getvalue()
 
 
 def build_index(predictor, samples: Sequence, *, batch_size: int = 64, bbox_margin: float | None = None,
-                backend: str = "auto") -> NeighbourIndex:
+                backend: str = "auto", thumbnails: int = 0) -> NeighbourIndex:
     """Embed labelled ``samples``, read as :func:`~twincar.inference.collect_logits` reads them (unreadable ones
-    left out), into an index searched with ``backend``."""
+    left out), into an index searched with ``backend``; ``thumbnails``: keep a JPEG of each image, its longer side
+    that many pixels (0: none). An image is named by its path, or ``file.parquet#row``."""
     resolve_backend(backend)  # faiss asked for but missing: said before anything is embedded
+    from twincar.data.images import sample_label
     from twincar.inference import labelled_batches
 
     samples = list(samples)
@@ -159,7 +238,8 @@ def build_index(predictor, samples: Sequence, *, batch_size: int = 64, bbox_marg
     if not kept:
         raise TwinCarError(f"none of the {len(samples)} images could be read to build the index")
     return NeighbourIndex(torch.cat(feats), torch.tensor([samples[i].label for i in kept]),
-                          [str(samples[i].path) for i in kept], list(predictor.class_names), backend)
+                          [sample_label(samples[i]) for i in kept], list(predictor.class_names), backend,
+                          [thumbnail_jpeg(samples[i], thumbnails) for i in kept] if thumbnails > 0 else None)
 
 
 def knn_metrics(index: NeighbourIndex, queries: torch.Tensor, labels: torch.Tensor, prefix: str = "test/"
