@@ -194,6 +194,13 @@ def test_resume_refuses_shards_predicted_with_other_options(tiny_export, car_ima
         predict_files(car_images, tiny_export, output=out, resume=True, topk=3, progress=False)
     with pytest.raises(TwinCarError, match="holds the shards of an unfinished run: pass --resume"):
         predict_files(car_images, tiny_export, output=out, devices=2, accelerator="cpu", progress=False)
+    model = tmp_path / "model.pth"  # the same file name, other weights: another model
+    shutil.copy(tiny_export, model)
+    shutil.copy(tiny_export.with_name("model_card.json"), tmp_path / "model_card.json")
+    (folder / JOB_FILE).write_text(json.dumps({"model": list(file_key(model))}))
+    os.utime(model, ns=(1, 1))
+    with pytest.raises(TwinCarError, match=r"other options \(model: \["):
+        predict_files(car_images, model, output=out, resume=True, progress=False)
     with pytest.raises(TwinCarError, match="an ONNX model predicts in one process"):
         predict_files(car_images, tmp_path / "model.onnx", output=out, devices=2)
 

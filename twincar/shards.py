@@ -244,9 +244,10 @@ JOB_FILE = "job.json"  # the options the shards were predicted with: --resume re
 
 
 def job_options(model: str | Path, predictor: Predictor, *, topk: int, neighbours: int, precision: str) -> dict:
-    """What a job's predictions depend on (``job.json``): the model file and every option that changes a row."""
+    """What a job's predictions depend on (``job.json``): the model file (its path, size and mtime: weights
+    retrained into the same file are another model) and every option that changes a row."""
     path = Path(model).expanduser()
-    return {"model": str(path.resolve()) if path.exists() else str(model), "topk": topk, "tta": predictor.tta,
+    return {"model": list(file_key(path)) if path.is_file() else str(model), "topk": topk, "tta": predictor.tta,
             "image_size": predictor.preprocess.image_size, "resize_mode": predictor.preprocess.resize_mode,
             "unknown": predictor.unknown_threshold, "temperature": predictor.temperature, "neighbours": neighbours,
             "precision": precision}
