@@ -21,6 +21,7 @@ from twincar.calibration import (
     fit_temperature,
     fit_threshold,
     fpr_at_tpr,
+    open_set_metrics,
     unknown_scores,
 )
 from twincar.errors import TwinCarError
@@ -65,6 +66,18 @@ def test_auroc_and_fpr95_equal_their_analytic_values():
     assert auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(5.5 / 6)
     assert auroc(grid + 2, grid) == 1.0 and auroc(grid, grid + 2) == 0.0
     assert fpr_at_tpr(grid + 2, grid) == 0.0
+
+
+def test_the_open_set_metrics_at_a_threshold_count_what_it_accepts_and_names():
+    known = torch.tensor([0.1, 0.5, 0.6, 0.9, 2.0])
+    unknown = torch.tensor([0.0, 0.2, 0.55, 3.0])
+    correct = torch.tensor([True, False, True, True, False])
+    m = open_set_metrics(known, unknown, threshold=0.5, known_correct=correct, tpr=0.8)
+    assert m["ood/known_accepted"] == 4 / 5 and m["ood/unknown_rejected"] == 2 / 4 and m["ood/images"] == 4
+    assert m["ood/acc_accepted"] == 2 / 4  # 0.5 wrong, 0.6 right, 0.9 right, 2.0 wrong
+    assert m["ood/auroc"] == auroc(known, unknown) and m["ood/fpr95"] == fpr_at_tpr(known, unknown, 0.8)
+    assert math.isnan(open_set_metrics(known, unknown, threshold=9.0, known_correct=correct)["ood/acc_accepted"])
+    assert set(open_set_metrics(known, unknown)) == {"ood/auroc", "ood/fpr95", "ood/images"}  # no threshold
 
 
 def test_the_scores_on_known_logits():
@@ -213,12 +226,14 @@ def test_eval_reports_raw_and_calibrated_and_the_open_set_of_the_unknown_synthet
     for name in ("ece", "ece_raw", "nll", "nll_raw", "temperature"):
         assert m[f"test/{name}"] == pytest.approx(logged[f"test/{name}" if name != "temperature" else
                                                          "val/temperature"], abs=1e-4), name
-    for name in ("auroc", "fpr95", "known_accepted", "unknown_rejected"):  # as training reported them
+    for name in ("auroc", "fpr95", "known_accepted", "unknown_rejected", "acc_accepted"):  # as training reported
         assert 0 <= m[f"ood/{name}"] <= 1 and m[f"ood/{name}"] == pytest.approx(logged[f"ood/{name}"], abs=1e-4)
     assert m["ood/images"] == 6 * 4  # data.synthetic.unknown_classes=6 classes x test_per_class
     with (tmp_path / "reports" / "predictions.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert sum(int(r["known"]) for r in rows) / len(rows) == pytest.approx(m["ood/known_accepted"])
+    named = [r for r in rows if r["known"] == "1"]  # the known test images the threshold still names
+    assert sum(r["correct"] == "1" for r in named) / len(named) == pytest.approx(m["ood/acc_accepted"])
     assert (tmp_path / "reports" / "ood_scores.png").stat().st_size > 0
 
 
@@ -378,3 +393,15 @@ def test_the_index_of_a_run_gives_predict_its_nearest_training_cars_and_eval_its
     m = evaluate(compose("eval", [f"ckpt={ckpt}", f"paths.output_dir={tmp_path / 'eval'}", "progress=false",
                                   f"index={folder}"]))
     assert 0 <= m["test/knn_acc"] <= 1 and 0 <= m["test/recall_at_1"] <= 1
+
+
+def test_the_far_ood_script_writes_the_same_images_of_no_car_for_a_seed(tmp_path):
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "far_ood_images.py"))
+    first = script["write_far_ood"](tmp_path / "a", count=7, size=48)
+    again = script["write_far_ood"](tmp_path / "b", count=7, size=48)
+    assert [p.name.split("_")[0] for p in first] == ["noise", "gradient", "shapes"] * 2 + ["noise"]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    with Image.open(first[1]) as image:
+        assert image.size == (48, 48) and image.mode == "RGB"

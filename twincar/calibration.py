@@ -7,7 +7,8 @@
   ``energy`` (``T * logsumexp(logits / T)``, the negative free energy of Liu et al., 2020).
 - :func:`fit_threshold`: the score above which an image is "known", chosen so that a target share (true-positive
   rate) of known images passes, on the split it is fitted on.
-- :func:`auroc`, :func:`fpr_at_tpr`: how well a score separates known from unknown images.
+- :func:`auroc`, :func:`fpr_at_tpr`: how well a score separates known from unknown images;
+  :func:`open_set_metrics`: the ``ood/*`` metrics training and eval report, those two and what a threshold does.
 - :class:`Calibration`: the temperature and threshold a model carries (checkpoint hyper-parameters, model card or a
   sidecar file beside the weights: :func:`twincar.models.io.write_calibration`), and :func:`calibrate`, which fits
   both from a split's logits.
@@ -109,6 +110,25 @@ def fpr_at_tpr(known: torch.Tensor, unknown: torch.Tensor, tpr: float = DEFAULT_
     if len(unknown) == 0:
         return float("nan")
     return float((unknown.double() >= fit_threshold(known, tpr)).double().mean())
+
+
+def open_set_metrics(known: torch.Tensor, unknown: torch.Tensor, *, threshold: float | None = None,
+                     known_correct: torch.Tensor | None = None, tpr: float = DEFAULT_TPR) -> dict[str, float]:
+    """The ``ood/*`` metrics of unknown scores of known-class images (``known``) and of images of no known class
+    (``unknown``): ``ood/auroc`` and ``ood/fpr95`` (no threshold needed), ``ood/images`` (the unknown ones), and with
+    the model's ``threshold``, ``ood/known_accepted`` and ``ood/unknown_rejected`` (the share of each it gets right)
+    and, given whether each known image's top-1 is right (``known_correct``), ``ood/acc_accepted``: the top-1
+    accuracy of the known images it still names (NaN when it names none)."""
+    metrics = {"ood/auroc": auroc(known, unknown), "ood/fpr95": fpr_at_tpr(known, unknown, tpr),
+               "ood/images": float(len(unknown))}
+    if threshold is not None:
+        accepted = known >= threshold
+        metrics["ood/known_accepted"] = float(accepted.double().mean())
+        metrics["ood/unknown_rejected"] = float((unknown < threshold).double().mean())
+        if known_correct is not None:
+            named = known_correct[accepted]
+            metrics["ood/acc_accepted"] = float(named.double().mean()) if len(named) else float("nan")
+    return metrics
 
 
 def ece_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[float, float]:

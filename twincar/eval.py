@@ -24,7 +24,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from twincar.calibration import auroc, ece_nll, fpr_at_tpr
+from twincar.calibration import ece_nll, open_set_metrics
 from twincar.data.classes import parse_car_name
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, find_images, load_sample, sample_label
@@ -193,21 +193,18 @@ def unknown_images(predictor: Predictor, images: list, *, batch_size: int = 64,
     return torch.cat(raw)
 
 
-def open_set_metrics(predictor: Predictor, known_raw: torch.Tensor, unknown_raw: torch.Tensor, out_dir: Path,
-                     tpr: float = 0.95) -> dict[str, float]:
-    """``ood/auroc``, ``ood/fpr95`` (threshold-free: the known images' 95% TPR point), and, at the model's own
-    threshold, ``ood/known_accepted`` and ``ood/unknown_rejected``; draws ``ood_scores.png``."""
-    known, unknown = predictor.unknown_scores(known_raw), predictor.unknown_scores(unknown_raw)
-    metrics = {"ood/auroc": auroc(known, unknown), "ood/fpr95": fpr_at_tpr(known, unknown, tpr),
-               "ood/images": len(unknown)}
+def open_set_report(predictor: Predictor, known: EvalOutputs, unknown_raw: torch.Tensor, out_dir: Path,
+                    tpr: float = 0.95) -> dict[str, float]:
+    """The ``ood/*`` metrics (:func:`~twincar.calibration.open_set_metrics`) of the known images (their outputs)
+    against the unknown images' raw logits, at the model's own threshold; draws ``ood_scores.png``."""
+    known_scores, unknown = predictor.unknown_scores(known.logits), predictor.unknown_scores(unknown_raw)
     threshold = predictor.unknown_threshold
-    if threshold is not None:
-        metrics["ood/known_accepted"] = float((known >= threshold).double().mean())
-        metrics["ood/unknown_rejected"] = float((unknown < threshold).double().mean())
-    else:
-        log.warning("the model carries no unknown threshold (python -m twincar.calibrate): ood/known_accepted and "
-                    "ood/unknown_rejected are not reported")
-    score_histogram(known, unknown, out_dir / "ood_scores.png", threshold=threshold, score=predictor.score,
+    if threshold is None:
+        log.warning("the model carries no unknown threshold (python -m twincar.calibrate): ood/known_accepted, "
+                    "ood/unknown_rejected and ood/acc_accepted are not reported")
+    metrics = open_set_metrics(known_scores, unknown, threshold=threshold, tpr=tpr,
+                               known_correct=known.logits.argmax(1) == known.labels)
+    score_histogram(known_scores, unknown, out_dir / "ood_scores.png", threshold=threshold, score=predictor.score,
                     auroc=metrics["ood/auroc"])
     return metrics
 
@@ -297,7 +294,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ood = ood_option(cfg, data)
     if ood:
         unknown = unknown_images(predictor, ood_images(cfg, data), batch_size=batch_size, bbox_margin=margin)
-        metrics.update(open_set_metrics(predictor, out.logits, unknown, out_dir))
+        metrics.update(open_set_report(predictor, out, unknown, out_dir))
         write_json(out_dir / "metrics.json", {**metrics, **extra, "ood": ood})
     log.info("\n%s", summary(metrics, split, out_dir))
     return metrics
@@ -335,8 +332,11 @@ def summary(metrics: dict[str, float], split: str, out_dir: Path) -> str:
         f"{f(m.get('ece_raw', float('nan')))}, NLL {f(m.get('nll_raw', float('nan')))}; "
         f"T = {m.get('temperature', 1.0):.3f})",
         *([f"  embedding: k-NN top-1 {f(m['knn_acc'])}, Recall@1 {f(m['recall_at_1'])}"] if "knn_acc" in m else []),
-        *([f"  open set ({metrics['ood/images']} unknown images): AUROC {f(metrics['ood/auroc'])}, FPR95 "
+        *([f"  open set ({metrics['ood/images']:.0f} unknown images): AUROC {f(metrics['ood/auroc'])}, FPR95 "
            f"{f(metrics['ood/fpr95'])}"] if "ood/auroc" in metrics else []),
+        *([f"  at the unknown threshold: known accepted {f(metrics['ood/known_accepted'])}, unknown rejected "
+           f"{f(metrics['ood/unknown_rejected'])}, top-1 of the known cars still named "
+           f"{f(metrics['ood/acc_accepted'])}"] if "ood/acc_accepted" in metrics else []),
         f"Reports: {out_dir}",
     ])
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from twincar.calibration import Calibration, auroc, calibrate, ece_nll, fpr_at_tpr
+from twincar.calibration import Calibration, calibrate, ece_nll, open_set_metrics
 from twincar.data.classes import class_names_difference, write_classes_txt
 from twincar.errors import TwinCarError
 from twincar.files import write_json, write_text
@@ -144,7 +143,8 @@ def summary(metrics: dict[str, float], num_classes: int, out_dir: Path, log_dir:
         lines.append(f"Open set ({metrics['ood/images']:.0f} images of classes never trained on): AUROC "
                      f"{metrics['ood/auroc']:.3f}, FPR95 {metrics['ood/fpr95']:.3f}; at the threshold "
                      f"{metrics['ood/known_accepted']:.1%} of known images accepted, "
-                     f"{metrics['ood/unknown_rejected']:.1%} of unknown ones rejected")
+                     f"{metrics['ood/unknown_rejected']:.1%} of unknown ones rejected, top-1 of the known cars "
+                     f"still named {metrics['ood/acc_accepted']:.3f}")
     lines.append(f"Run directory: {out_dir}")
     if log_dir is not None:
         lines.append(f"TensorBoard:   tensorboard --logdir {Path(log_dir).resolve()}")
@@ -276,8 +276,8 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
     ``metrics`` gains ``val/temperature``, and for val (and test, when it was tested) ``ece``/``nll`` become the
     calibrated values, the trainer's raw ones moving to ``ece_raw``/``nll_raw`` (as eval reports them). On the
     held-out classes of ``data.open_set.holdout`` (their test images) or, on the embedded dataset with
-    ``data.synthetic.unknown_classes``, its unknown classes, also the ``ood/*`` open-set metrics (:func:`open_set`)
-    of those images against the test (else val) images."""
+    ``data.synthetic.unknown_classes``, its unknown classes, also the ``ood/*`` open-set metrics of those images
+    against the test (else val) images (:func:`~twincar.calibration.open_set_metrics`)."""
     from twincar.inference import Predictor, collect_logits
 
     predictor = Predictor(model.model, model.class_names, datamodule.preprocess, device=model.device,
@@ -306,7 +306,10 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
     if unknown:
         margin = getattr(datamodule.val_set, "bbox_margin", None)  # cropped as the val and test images are
         logits = collect_logits(predictor, unknown, bbox_margin=margin, batch_size=batch, progress=False).logits
-        metrics.update(open_set(calibration, stages.get("test", val).logits, logits))
+        known = stages.get("test", val)
+        metrics.update(open_set_metrics(calibration.scores(known.logits), calibration.scores(logits),
+                                        threshold=calibration.threshold, tpr=calibration.target_tpr,
+                                        known_correct=known.logits.argmax(1) == known.labels))
     model.hparams["calibration"] = calibration.to_dict()
     if best:
         write_calibration(best, calibration.to_dict())
@@ -314,16 +317,6 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
              calibration.temperature, calibration.images, calibration.ece_raw, calibration.ece,
              calibration.threshold, calibration.score)
     return calibration
-
-
-def open_set(calibration: Calibration, known_logits: torch.Tensor, unknown_logits: torch.Tensor) -> dict[str, float]:
-    """``ood/*``: AUROC and FPR95 of the calibration's unknown score between known-class and unknown images, and the
-    shares of each its threshold gets right."""
-    known, unknown = calibration.scores(known_logits), calibration.scores(unknown_logits)
-    return {"ood/auroc": auroc(known, unknown), "ood/fpr95": fpr_at_tpr(known, unknown, calibration.target_tpr),
-            "ood/known_accepted": float((known >= calibration.threshold).double().mean()),
-            "ood/unknown_rejected": float((unknown < calibration.threshold).double().mean()),
-            "ood/images": float(len(unknown))}
 
 
 def write_curves(out_dir: Path) -> None:
