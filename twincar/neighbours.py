@@ -36,7 +36,9 @@ BACKENDS = ("auto", "torch", "faiss")
 
 
 def faiss_installed() -> bool:
-    """Whether faiss (the ``faiss`` extra: faiss-cpu) can be imported."""
+    """Whether faiss (the ``faiss`` extra: faiss-cpu) can be imported (its loader's INFO lines about the CPU builds it
+    tried, ``ModuleNotFoundError`` among them, are kept out of the user's log)."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss  # noqa: F401
     except ImportError:
