@@ -210,9 +210,12 @@ def test_the_demo_says_not_one_of_the_cars_it_knows_and_shows_the_closest(tiny_e
     from twincar.inference import Predictor
 
     model = calibrated_copy(tiny_export, tmp_path, {"temperature": 1.0, "threshold": 1e9})  # nothing is known
-    make, _, _, confidence, top5, _, message = Answerer(Predictor.load(model, device="cpu"))(str(car_images[0]))
+    answer = Answerer(Predictor.load(model, device="cpu"))
+    make, _, _, confidence, top5, _, message = answer(str(car_images[0]))
     assert message.startswith("### Not one of the 6 cars I know") and make == "" and confidence == ""
     assert len(top5) == 5 and list(top5)[0] in message  # the closest classes, named and as bars
+    make, *_, overlay, message = answer(str(car_images[0]), show_cam=True)  # Grad-CAM on: the same answer
+    assert message.startswith("### Not one of the 6 cars I know") and make == "" and overlay is not None
 
 
 @pytest.mark.slow  # uses the shared trained model
@@ -291,6 +294,24 @@ def test_neighbours_equal_a_brute_force_search_and_the_index_round_trips(tmp_pat
     assert first == (f"img{idx[0, 0]}.jpg", index.class_names[int(labels[idx[0, 0]])], pytest.approx(sims[0, 0]))
     # a query equal to an indexed image finds it (k-NN top-1 of the index on itself is 1)
     assert knn_metrics(index, keys, labels)["test/knn_acc"] == 1.0
+
+
+def test_an_index_of_another_model_is_one_sentence_not_wrong_neighbours(tmp_path):
+    from twincar.neighbours import INDEX_META, NeighbourIndex
+
+    keys = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    folder = NeighbourIndex(keys, torch.arange(6) % 2, [f"{i}.jpg" for i in range(6)], ["A 2012", "B 2012"]).save(
+        tmp_path / "index")
+    assert NeighbourIndex.load(folder, ["a  2012", "B 2012"]).paths[0] == "0.jpg"  # the one class-name rule
+    with pytest.raises(TwinCarError, match=r"was built for other classes than the model's \(label 1 is 'B 2012' "
+                                           r"against 'C 2012'\): rebuild it with python -m twincar.index"):
+        NeighbourIndex.load(folder, ["A 2012", "C 2012"])
+    with pytest.raises(TwinCarError, match="the model's embeddings are 4-d but the neighbour index holds 8-d ones"):
+        NeighbourIndex.load(folder).search(torch.ones(1, 4))
+    meta = json.loads((folder / INDEX_META).read_text())
+    (folder / INDEX_META).write_text(json.dumps({**meta, "paths": meta["paths"][:5]}))  # a build killed half-way
+    with pytest.raises(TwinCarError, match=f"{INDEX_META} names 5 images but index.safetensors holds 6"):
+        NeighbourIndex.load(folder)
 
 
 def test_faiss_and_torch_search_give_the_same_neighbours(tmp_path):

@@ -54,13 +54,17 @@ def test_eval_predict_predictor_and_demo_give_the_same_answer(tmp_path_factory, 
         assert list(topk.values()) == pytest.approx([q for _, q in answer.topk], abs=1e-5)
 
 
-def test_flip_tta_averages_probabilities_not_logits(tiny_export, car_images):
+def test_flip_tta_averages_logits_so_the_temperature_never_changes_the_top1(tiny_export, car_images):
     import torch
 
+    from twincar.calibration import Calibration
     from twincar.inference import Predictor
 
     plain = Predictor.load(tiny_export, device="cpu", precision="fp32")
     flip = Predictor.load(tiny_export, device="cpu", precision="fp32", tta="flip")
     batch = torch.stack([plain.prepare(p) for p in car_images])
-    expected = (plain.logits(batch).softmax(1) + plain.logits(batch.flip(-1)).softmax(1)) / 2
-    assert torch.allclose(flip.logits(batch).softmax(1), expected, atol=1e-6)
+    expected = (plain.logits(batch) + plain.logits(batch.flip(-1))) / 2
+    assert torch.allclose(flip.logits(batch), expected, atol=1e-5)
+    hot = flip.with_calibration(Calibration(temperature=0.25), unknown="off")  # T divides the averaged logits
+    raw, calibrated = hot.outputs(batch)
+    assert torch.allclose(calibrated, expected / 0.25, atol=1e-4) and torch.equal(raw.argmax(1), calibrated.argmax(1))

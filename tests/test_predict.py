@@ -136,7 +136,7 @@ def test_flip_tta_averages_the_image_and_its_mirror(tiny_export, car_images):
     plain = Predictor.load(tiny_export, device="cpu")
     tta = Predictor.load(tiny_export, device="cpu", tta="flip")
     prepared = plain.prepare(car_images[0])
-    probs = torch.cat([plain.logits(prepared[None]), plain.logits(prepared.flip(-1)[None])]).softmax(1).mean(0)
+    probs = torch.cat([plain.logits(prepared[None]), plain.logits(prepared.flip(-1)[None])]).mean(0).softmax(0)
     avg = dict(zip(TINY_NAMES, probs.tolist(), strict=True))
     got = tta.predict(car_images[0], topk=6)
     assert got.name == max(avg, key=avg.get)

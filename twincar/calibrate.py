@@ -53,7 +53,7 @@ def calibrate_model(cfg: DictConfig) -> Calibration:
                          num_workers=min(int(data.get("num_workers") or 0), default_workers(predictor.device)),
                          progress=bool(cfg.get("progress", True)))
     calibration = calibrate(out.logits, out.labels, score=str(cfg.score), tpr=float(cfg.tpr),
-                            fitted_on=f"{split} ({len(out.labels)} images of {data.get('root')})")
+                            fitted_on=f"{split} ({len(out.labels)} images of {data.get('root')})", tta=predictor.tta)
     stored = None if cfg.get("dry_run") else write_calibration(cfg.ckpt, calibration.to_dict())
     write_json(out_dir / "calibration.json", {**calibration.to_dict(), "checkpoint": str(cfg.ckpt),
                                               "stored_in": str(stored) if stored else None, "tta": str(cfg.tta)})

@@ -13,8 +13,9 @@
   sidecar file beside the weights: :func:`twincar.models.io.write_calibration`), and :func:`calibrate`, which fits
   both from a split's logits.
 
-With flip TTA the "logits" are those :meth:`twincar.inference.Predictor.logits` returns (the log of the averaged
-probabilities), so the scores and the threshold are those of the TTA model; fit them with the TTA you predict with.
+The logits are raw (temperature 1: :meth:`twincar.inference.Predictor.outputs`' first); with flip TTA, the average
+of the image's and its mirror image's, so the temperature applies to them as to one view's. A calibration records
+the TTA it was fitted with (``tta``): the threshold is used with another, with a warning (the scores shift a little).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class Calibration:
     ece: float | None = None  # and after
     nll_raw: float | None = None  # mean NLL before
     nll: float | None = None  # and after
+    tta: str | None = None  # the test-time augmentation of the logits it was fitted on ("flip"; None: none)
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -180,11 +182,13 @@ class Calibration:
 
 
 def calibrate(logits: torch.Tensor, labels: torch.Tensor, *, score: str = DEFAULT_SCORE, tpr: float = DEFAULT_TPR,
-              fitted_on: str = "val") -> Calibration:
-    """Fit the temperature (by NLL) and the unknown threshold (at ``tpr`` of these known images) on raw logits."""
+              fitted_on: str = "val", tta: str | None = None) -> Calibration:
+    """Fit the temperature (by NLL) and the unknown threshold (at ``tpr`` of these known images) on raw logits
+    (computed with the flip ``tta`` named)."""
     t = fit_temperature(logits, labels)
     scores = unknown_scores(logits, score, t)
     ece_raw, nll_raw = ece_nll(logits, labels)
     ece, nll = ece_nll(logits, labels, t)
     return Calibration(temperature=t, score=score, threshold=fit_threshold(scores, tpr), target_tpr=tpr,
-                       fitted_on=fitted_on, images=len(labels), ece_raw=ece_raw, ece=ece, nll_raw=nll_raw, nll=nll)
+                       fitted_on=fitted_on, images=len(labels), ece_raw=ece_raw, ece=ece, nll_raw=nll_raw, nll=nll,
+                       tta=tta)

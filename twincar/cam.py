@@ -271,8 +271,9 @@ class Explainer:
         if not ok:
             return [errors[i] for i in range(len(items))]
         batch = torch.stack([prepared[i] for i in ok])
-        logits = p.logits(batch)  # the predictor's own forward: predictions equal Predictor.predict
-        preds = p.results(logits, [source_name(items[i]) for i in ok])
+        raw, logits = p.outputs(batch)  # the predictor's own forward: predictions equal Predictor.predict
+        scores = p.unknown_scores(raw) if p.unknown_threshold is not None else None  # "not one of" as predict says
+        preds = p.results(logits, [source_name(items[i]) for i in ok], scores=scores)
         idx = [self.resolve_target(targets[i], pr.label, labels[i]) for i, pr in zip(ok, preds, strict=True)]
         x = p.batch_transform(batch.to(p.device)).requires_grad_(True)  # input grads: works with frozen weights
         if p.channels_last:

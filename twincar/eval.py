@@ -186,8 +186,12 @@ def unknown_images(predictor: Predictor, images: list, *, batch_size: int = 64,
     their car box with ``bbox_margin``), unreadable ones left out."""
     if images and isinstance(images[0], Sample):
         return collect_logits(predictor, images, bbox_margin=bbox_margin, batch_size=batch_size, progress=False).logits
-    raw = [predictor.outputs(batch)[0] for _, batch, _ in predictor.prepared_batches(images, batch_size=batch_size)
-           if batch is not None]
+    raw = []
+    for _, batch, errors in predictor.prepared_batches(images, batch_size=batch_size):
+        for message in errors.values():
+            log.warning("skipping unreadable out-of-distribution image: %s", message)
+        if batch is not None:
+            raw.append(predictor.outputs(batch)[0])
     if not raw:
         raise EvalError(f"none of the {len(images)} out-of-distribution image(s) could be read")
     return torch.cat(raw)
@@ -259,6 +263,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     processes = eval_processes(cfg)
     device = cfg.get("device", "auto") if processes is None else "cpu"  # Lightning gives each process its device
     predictor = Predictor.load(cfg.ckpt, cfg.get("classes"), device=device, tta=str(cfg.get("tta", "none")))
+    index = None
+    if cfg.get("index"):  # checked before any image is read
+        from twincar.neighbours import NeighbourIndex
+
+        index = NeighbourIndex.load(cfg.index, predictor.class_names)
     data, split = data_config(cfg)
     out_dir = Path(cfg.paths.output_dir) / "reports"
     if "skipped_file" in data:  # on_corrupt=skip names what it leaves out here, not in the training run
@@ -285,11 +294,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
              "skipped": left_out + [p for p, _ in out.skipped], "classes": len(predictor.class_names)}
     metrics = write_reports(out, predictor, out_dir, split=split, extra=extra,
                             top_losses=int(cfg.top_losses), top_pairs=int(cfg.confused_pairs))
-    if cfg.get("index"):  # the embedding's own k-NN top-1 (against the training images) and Recall@1
-        from twincar.neighbours import NeighbourIndex, build_index, knn_metrics
+    if index is not None:  # the embedding's own k-NN top-1 (against the training images) and Recall@1
+        from twincar.neighbours import build_index, knn_metrics
 
         queries = build_index(predictor, out.samples, batch_size=batch_size, bbox_margin=margin)
-        metrics.update(knn_metrics(NeighbourIndex.load(cfg.index), queries.embeddings, queries.labels, f"{split}/"))
+        metrics.update(knn_metrics(index, queries.embeddings, queries.labels, f"{split}/"))
         write_json(out_dir / "metrics.json", {**metrics, **extra})
     ood = ood_option(cfg, data)
     if ood:

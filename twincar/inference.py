@@ -17,14 +17,14 @@ or ``python -m twincar.calibrate``) is predicted with ``softmax(logits / T)``, s
 probability; with an unknown threshold too, an image whose unknown score is below it has ``known=False`` (not one of
 the model's classes) and keeps its closest classes in ``topk``.
 
-Flip TTA (``tta="flip"``), the one definition: the (calibrated) softmax probabilities of the image and of its mirror
-image are averaged; :meth:`Predictor.logits` returns the log of that average, so its softmax is the average.
+Flip TTA (``tta="flip"``), the one definition: the logits of the image and of its mirror image are averaged, then
+divided by the temperature. Averaging logits (not probabilities) keeps calibration exact: the temperature divides the
+averaged logits as it divides one view's, so it never changes the top-1, and the unknown score keeps its scale.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -216,7 +216,7 @@ class Predictor:
         channels_last: run convolutions in channels-last memory format (faster on CPU and GPU).
         precision: ``fp32`` (exact), ``bf16`` (autocast) or ``auto`` (bf16 where the hardware has it natively,
             see :func:`resolve_precision`). An ONNX model always runs in fp32.
-        tta: ``"flip"`` averages the probabilities of the image and its mirror image (see the module's
+        tta: ``"flip"`` averages the logits of the image and its mirror image (see the module's
             docstring); None (or ``"none"``) for one pass.
         calibration: the model's :class:`~twincar.calibration.Calibration` (or its dict): its temperature divides
             the logits; None: raw softmax, no unknown answer.
@@ -259,7 +259,7 @@ class Predictor:
         self.parsed = [parse_car_name(n) for n in self.class_names]
         self.calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
         self.temperature = self.calibration.temperature if self.calibration else 1.0
-        self.unknown_threshold = unknown_threshold(unknown, self.calibration.threshold if self.calibration else None)
+        self.unknown_threshold = unknown_threshold(unknown, self.calibration and self.calibration.to_dict(), self.tta)
 
     @property
     def score(self) -> str:
@@ -327,7 +327,8 @@ class Predictor:
         other.__dict__.update(self.__dict__)
         other.calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
         other.temperature = other.calibration.temperature if other.calibration else 1.0
-        other.unknown_threshold = unknown_threshold(unknown, other.calibration.threshold if other.calibration else None)
+        other.unknown_threshold = unknown_threshold(unknown, other.calibration and other.calibration.to_dict(),
+                                                    other.tta)
         return other
 
     def to(self, device: str | torch.device) -> Predictor:
@@ -352,8 +353,7 @@ class Predictor:
         the network's divided by the temperature (1 when the model carries none), so their softmax is the
         calibrated probability.
 
-        With ``tta="flip"`` these are the log of the calibrated probabilities averaged over the image and its mirror
-        image (so their softmax is that average).
+        With ``tta="flip"`` the logits of the image and its mirror image are averaged first (:func:`flip_average`).
         """
         return self.outputs(batch)[1]
 
@@ -516,13 +516,12 @@ class Predictor:
 
 
 def flip_average(out: torch.Tensor, temperature: float, tta: str | None) -> torch.Tensor:
-    """The network's outputs (N, K), or (2N, K) with flip TTA (images, then mirror images), divided by
-    ``temperature``; with flip TTA, the log of the two views' averaged probabilities."""
-    out = out / temperature if temperature != 1.0 else out
-    if tta != "flip":
-        return out
-    plain, flipped = out.log_softmax(1).chunk(2)
-    return torch.logaddexp(plain, flipped) - math.log(2)
+    """The network's outputs (N, K), or (2N, K) with flip TTA (images, then mirror images: averaged), divided by
+    ``temperature``."""
+    if tta == "flip":
+        plain, flipped = out.chunk(2)
+        out = (plain + flipped) / 2
+    return out / temperature if temperature != 1.0 else out
 
 
 def _run_model_config(path: Path) -> tuple[str | None, Preprocess | None]:

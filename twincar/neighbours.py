@@ -114,6 +114,10 @@ class NeighbourIndex:
 
     def top_k(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(similarities, indices) of the ``k`` nearest indexed images of each query (:func:`top_k_similar`)."""
+        if queries.shape[1] != self.embeddings.shape[1]:
+            raise TwinCarError(f"the model's embeddings are {queries.shape[1]}-d but the neighbour index holds "
+                               f"{self.embeddings.shape[1]}-d ones: it was built with another model (rebuild it with "
+                               "python -m twincar.index ckpt=MODEL)")
         if resolve_backend(self.backend) == "faiss" and self._faiss is None:
             self._faiss = flat_ip_index(self.embeddings)
         return top_k_similar(queries, self.embeddings, k, backend=self.backend, faiss_index=self._faiss)
@@ -167,17 +171,27 @@ class NeighbourIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> NeighbourIndex:
-        """An index written by :meth:`save` (safetensors: nothing unpickled)."""
+    def load(cls, folder: str | Path, class_names: Sequence[str] | None = None) -> NeighbourIndex:
+        """An index written by :meth:`save` (safetensors: nothing unpickled); given the model's ``class_names``, an
+        index built for other classes (another model, another holdout) is refused in one sentence, as is one whose
+        files disagree (a build killed between them)."""
         from safetensors.torch import load_file
 
+        from twincar.data.classes import class_names_difference
+
         folder = Path(folder)
+        rebuild = f"rebuild it with python -m twincar.index ckpt=MODEL out={folder}"
         if not (folder / INDEX_TENSORS).is_file() or not (folder / INDEX_META).is_file():
             raise TwinCarError(f"{folder} holds no neighbour index ({INDEX_TENSORS} + {INDEX_META}): build one with "
                                "python -m twincar.index ckpt=MODEL")
         tensors = load_file(str(folder / INDEX_TENSORS))
         meta = json.loads((folder / INDEX_META).read_text("utf-8"))
         paths = list(meta["paths"])
+        if not len(paths) == len(tensors["embeddings"]) == len(tensors["labels"]):
+            raise TwinCarError(f"{folder}: {INDEX_META} names {len(paths)} images but {INDEX_TENSORS} holds "
+                               f"{len(tensors['embeddings'])}: {rebuild}")
+        if class_names is not None and (diff := class_names_difference(list(meta["class_names"]), list(class_names))):
+            raise TwinCarError(f"{folder} was built for other classes than the model's ({diff}): {rebuild}")
         return cls(tensors["embeddings"], tensors["labels"], paths, list(meta["class_names"]),
                    str(meta.get("backend", "auto")), _load_thumbnails(folder / INDEX_THUMBNAILS, paths))
 

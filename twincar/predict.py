@@ -128,16 +128,17 @@ def predict_files(
                                "--num-nodes or --resume choose --accelerator cpu|gpu")
         processes = resolve_processes(devices, num_nodes, accelerator)
         device = "cpu"  # Lightning moves the network to each process's own device
-    search = None
-    if neighbours:
-        from twincar.neighbours import NeighbourIndex
-
-        neighbour_index = NeighbourIndex.load(Path(index) if index else Path(model).expanduser().parent / "index")
-        search = partial(neighbour_index.search, k=neighbours)
     predictor = Predictor.load(
         model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta,
         unknown=unknown,
     )
+    search = None
+    if neighbours:
+        from twincar.neighbours import NeighbourIndex
+
+        neighbour_index = NeighbourIndex.load(Path(index) if index else Path(model).expanduser().parent / "index",
+                                              predictor.class_names)
+        search = partial(neighbour_index.search, k=neighbours)
     if unknown == "auto" and predictor.unknown_threshold is None:
         log.info("%s carries no unknown threshold (python -m twincar.calibrate fits one): every car is named", model)
     files = find_images(images)

@@ -105,12 +105,19 @@ class Prediction:
         return row
 
 
-def unknown_threshold(unknown: str | float | None, threshold: float | None) -> float | None:
-    """The unknown threshold ``--unknown`` asks for: ``auto`` -> the model's calibrated ``threshold`` (None when it
-    has none), ``off`` (or None) -> None, a number -> that number."""
+def unknown_threshold(unknown: str | float | None, calibration: dict | None, tta: str | None = None) -> float | None:
+    """The unknown threshold ``--unknown`` asks for: ``auto`` -> the threshold of the model's ``calibration`` (None
+    when it has none), ``off`` (or None) -> None, a number -> that number. A threshold fitted with another flip TTA
+    than ``tta`` is used with a warning: averaging the views shifts the scores a little."""
     if unknown is None or unknown == "off":
         return None
     if unknown == "auto":
+        threshold = (calibration or {}).get("threshold")
+        fitted = (calibration or {}).get("tta") or None
+        if threshold is not None and fitted != (tta or None):
+            log.warning("the unknown threshold was fitted with tta=%s and is used with tta=%s: the scores shift a "
+                        "little (python -m twincar.calibrate tta=%s refits it)", fitted or "none", tta or "none",
+                        tta or "none")
         return threshold
     try:
         value = float(unknown)
@@ -289,12 +296,12 @@ class OnnxPredictor:
         calibration = calibration or {}  # the model card's: temperature, unknown score and threshold
         self.temperature = float(calibration.get("temperature") or 1.0)
         self.score = str(calibration.get("score") or "max_logit")
-        self.unknown_threshold = unknown_threshold(unknown, calibration.get("threshold"))
+        self.tta = None if tta == "none" else tta
+        self.unknown_threshold = unknown_threshold(unknown, calibration, self.tta)
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.class_names = list(class_names)
         self.spec = spec
-        self.tta = None if tta == "none" else tta
         self.parsed = [parse_car_name(n) for n in self.class_names]
 
     @classmethod
@@ -340,7 +347,7 @@ class OnnxPredictor:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated logits (N, K) float32 of an (N, S, S, 3) ``uint8`` batch (divided by the model's temperature);
-        with ``tta="flip"`` the log of the calibrated probabilities averaged over the image and its mirror image."""
+        with ``tta="flip"`` the image's and its mirror image's logits are averaged first."""
         return self.outputs(batch)[1]
 
     def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -353,11 +360,11 @@ class OnnxPredictor:
         return self._flip_average(out, 1.0), self._flip_average(out, self.temperature)
 
     def _flip_average(self, out: np.ndarray, temperature: float) -> np.ndarray:
-        out = out / temperature if temperature != 1.0 else out
-        if self.tta != "flip":
-            return out
-        plain, flipped = np.split(softmax(out.astype(np.float64)), 2)
-        return np.log((plain + flipped) / 2).astype(np.float32)
+        """:func:`twincar.inference.flip_average` in numpy."""
+        if self.tta == "flip":
+            plain, flipped = np.split(out, 2)
+            out = (plain + flipped) / 2
+        return out / temperature if temperature != 1.0 else out
 
     def results(self, logits: np.ndarray, sources: Sequence[str], topk: int = 5,
                 scores: np.ndarray | None = None) -> list[Prediction]:
