@@ -169,13 +169,14 @@ def test_resume_in_one_process_predicts_only_what_the_shards_lack(tiny_export, c
     out = tmp_path / "predictions.csv"
     folder = shard_dir(out)
     folder.mkdir()
-    kept = Prediction(source=str(car_images[0]), name=TINY_NAMES[2], label=2, confidence=0.5,
+    kept = Prediction(source="../another/spelling.jpg", name=TINY_NAMES[2], label=2, confidence=0.5,
                       topk=[(TINY_NAMES[2], 0.5)], num_classes=6)
     write_shard(folder / "earlier-00000-000000.parquet", [to_record(kept, file_key(car_images[0]))])
+    (folder / JOB_FILE).write_text(json.dumps({"topk": 1}))  # what the earlier run wrote (the options it records)
     summary = predict_files(car_images, tiny_export, output=out, resume=True, topk=1, progress=False)
     assert (summary.images, summary.resumed) == (3, 1)
     rows = read_rows(out)
-    assert [r["image"] for r in rows] == [str(p) for p in car_images]
+    assert [r["image"] for r in rows] == [str(p) for p in car_images]  # named as this run names them
     assert (rows[0]["class"], rows[0]["confidence"]) == (TINY_NAMES[2], "0.5")  # read back, not predicted
     plain = tmp_path / "plain.csv"
     predict_files(car_images, tiny_export, output=plain, topk=1, progress=False)
@@ -200,6 +201,12 @@ def test_resume_refuses_shards_predicted_with_other_options(tiny_export, car_ima
     (folder / JOB_FILE).write_text(json.dumps({"model": list(file_key(model))}))
     os.utime(model, ns=(1, 1))
     with pytest.raises(TwinCarError, match=r"other options \(model: \["):
+        predict_files(car_images, model, output=out, resume=True, progress=False)
+    (folder / JOB_FILE).write_text(json.dumps({"classes": "0123456789abcdef"}))  # the same file, other class names
+    with pytest.raises(TwinCarError, match=r"other options \(classes: '0123456789abcdef' then, '[0-9a-f]{16}' now"):
+        predict_files(car_images, model, output=out, resume=True, progress=False)
+    (folder / JOB_FILE).unlink()  # shards that do not say what they were predicted with are not mixed in
+    with pytest.raises(TwinCarError, match="holds shards but no job.json saying what they were predicted with"):
         predict_files(car_images, model, output=out, resume=True, progress=False)
     with pytest.raises(TwinCarError, match="an ONNX model predicts in one process"):
         predict_files(car_images, tmp_path / "model.onnx", output=out, devices=2)
@@ -256,3 +263,70 @@ def test_the_merge_refuses_an_image_that_no_shard_holds_before_returning_any(tmp
     write_shard(folder / "run-00000-000000.parquet", [to_record(Prediction(source="a.jpg", error="x"), keys[0])])
     with pytest.raises(TwinCarError, match=r"1 image\(s\) have no prediction in the shards \(first: /photos/b.jpg\)"):
         merged(folder, keys)
+
+
+def test_processes_started_by_srun_or_torchrun_are_taken_and_a_disagreeing_flag_is_one_sentence(monkeypatch):
+    from twincar.parallel import resolve_processes
+    from twincar.training.lock import launched_processes
+
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS",
+                 "SLURM_STEP_NUM_NODES", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_processes() is None
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")  # srun: 2 nodes x 8 tasks
+    monkeypatch.setenv("SLURM_STEP_NUM_NODES", "2")
+    assert launched_processes() == ("srun", 8, 2)
+    assert resolve_processes(None, None, "cpu") == resolve_processes(8, 2, "cpu")
+    assert (resolve_processes(None, None, "cpu").world_size, resolve_processes(None, None, "cpu").num_nodes) == (16, 2)
+    with pytest.raises(TwinCarError, match=r"--devices 4: srun started 8 \(per node: 8, nodes: 2\)"):
+        resolve_processes(4, None, "cpu")
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # salloc's shell: Lightning leaves it alone, and so does this
+    assert launched_processes() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert launched_processes() == ("torchrun", 4, 2)
+    with pytest.raises(TwinCarError, match="--num-nodes 3: torchrun started 2"):
+        resolve_processes(None, 3, "cpu")
+
+
+def test_a_second_job_into_the_same_output_stops_before_touching_the_first_ones_shards(tiny_export, car_images,
+                                                                                      tmp_path):
+    from twincar.shards import job_lock
+
+    out = tmp_path / "predictions.csv"
+    with job_lock(shard_dir(out)):  # a job running (this process: alive)
+        write_shard(shard_dir(out) / "first-00000-000000.parquet",
+                    [to_record(Prediction(source="a.jpg", error="x"), file_key(car_images[0]))])
+        with pytest.raises(TwinCarError, match=rf"another predict job \(PID {os.getpid()} on .*\) is writing into "
+                                               r".*predictions.csv.shards: wait for it to end or predict into another "
+                                               r"--output"):
+            predict_files(car_images, tiny_export, output=out, resume=True, progress=False)
+        assert shard_files(shard_dir(out)) == [shard_dir(out) / "first-00000-000000.parquet"]  # untouched
+        (shard_dir(out) / "first-00000-000000.parquet").unlink()  # the first job ends (merged, cleaned up)
+    summary = predict_files(car_images, tiny_export, output=out, progress=False, devices=1, resume=True)
+    assert summary.images == 3 and not shard_dir(out).exists()  # the lock and the folder go with the job
+
+
+def test_processes_that_list_other_images_or_cannot_see_the_folder_all_stop_in_one_sentence(tmp_path, monkeypatch):
+    import torch
+
+    from twincar.shards import ShardWriter, start_job
+
+    folder = tmp_path / "out.csv.shards"
+    start_job(folder, {})
+    writer = ShardWriter(folder, ["a.jpg"], [("/p/a.jpg", 1, 2)], predictor=None, shard_size=10)
+
+    def gather(others):  # what the other process reports, as all_gather_object fills it in
+        def fake(seen, mine):
+            seen[:] = [mine, others(mine)]
+        return fake
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather(lambda mine: mine))
+    writer._check_same_inputs(2)  # the same images, the folder seen: go on
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather(lambda mine: ("another list", True)))
+    with pytest.raises(TwinCarError, match="the 2 processes found different images to predict"):
+        writer._check_same_inputs(2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather(lambda mine: (mine[0], False)))
+    with pytest.raises(TwinCarError, match="is not visible to every process: put --output on a filesystem every node"):
+        writer._check_same_inputs(2)

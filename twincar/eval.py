@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import hydra
@@ -311,10 +310,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 def eval_processes(cfg: DictConfig):
     """The :class:`~twincar.parallel.Processes` of ``trainer.devices`` x ``trainer.num_nodes`` when there are more
-    than one (or torchrun started this process), else None: the one-process loop."""
+    than one (or torchrun or srun started this process as one of several), else None: the one-process loop."""
+    from twincar.training.lock import launched_processes
+
     trainer = cfg.get("trainer") or {}
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
-    if devices == 1 and nodes == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+    if devices == 1 and nodes == 1 and launched_processes() is None:
         return None
     from twincar.parallel import resolve_processes
 

@@ -25,7 +25,7 @@ from twincar.data.datasets import collate_readable
 from twincar.errors import TwinCarError
 from twincar.inference import BatchOutputs, EvalOutputs, Predictor, eval_outputs, labelled_dataset, split_batch
 from twincar.inference import collect_logits as one_process_logits
-from twincar.training.lock import is_launching_process
+from twincar.training.lock import is_launching_process, launched_processes
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +47,20 @@ class Processes:
 
 def resolve_processes(devices: int | None = None, num_nodes: int | None = None,
                       accelerator: str = "auto") -> Processes:
-    """The processes a run asks for (a value left out: 1). Under ``torchrun`` they are the ones it started
-    (``LOCAL_WORLD_SIZE`` per node, ``WORLD_SIZE`` in all), and a number given here must agree (1 is the default)."""
+    """The processes a run asks for (a value left out: 1). Under ``torchrun`` or ``srun`` they are the ones it
+    started (:func:`~twincar.training.lock.launched_processes`), and a number given here must agree (1 is the
+    default)."""
     accelerator = "gpu" if accelerator == "cuda" else accelerator
     if accelerator not in ACCELERATORS:
         raise TwinCarError(f"--accelerator must be auto, cpu or gpu, got {accelerator!r}")
-    if "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
-        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
-        for flag, value, started in (("devices", devices, local), ("num-nodes", num_nodes, world // local)):
+    launched = launched_processes()
+    if launched is not None:
+        launcher, local, nodes = launched
+        for flag, value, started in (("devices", devices, local), ("num-nodes", num_nodes, nodes)):
             if value not in (None, 1, started):
-                raise TwinCarError(f"--{flag} {value}: torchrun started {started}; leave it out under torchrun")
-        devices, num_nodes = local, world // local
+                raise TwinCarError(f"--{flag} {value}: {launcher} started {started} (per node: {local}, nodes: "
+                                   f"{nodes}); leave it out or give that number")
+        devices, num_nodes = local, nodes
     devices = 1 if devices is None else devices
     num_nodes = 1 if num_nodes is None else num_nodes
     for flag, value in (("--devices", devices), ("--num-nodes", num_nodes)):
@@ -106,6 +109,7 @@ def run_inference(predictor: Predictor, dataset: Dataset, processes: Processes, 
     would otherwise wait for the other ranks at ``compute``)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_readable, pin_memory=processes.accelerator == "gpu")
+    threads = torch.get_num_threads()  # InferenceModule shares a CPU node's cores among its processes
     with warnings.catch_warnings(), quiet_lightning():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # inside lightning 2.6 on torch 2.1x
         trainer = L.Trainer(
@@ -118,6 +122,8 @@ def run_inference(predictor: Predictor, dataset: Dataset, processes: Processes, 
                         return_predictions=False)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # what follows (merge, metrics) is rank 0's alone: no collectives
+    torch.set_num_threads(threads)
+    predictor.to(trainer.strategy.root_device)  # Lightning's teardown left the network on the CPU
     return trainer
 
 

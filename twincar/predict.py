@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -47,9 +46,8 @@ class PredictSummary:
 
     @property
     def images_per_second(self) -> float:
-        """Images predicted by this run (not read back from shards) per second."""
-        done = self.images - self.errors - self.resumed
-        return done / self.seconds if self.seconds > 0 else 0.0
+        """Images this run went through (unreadable ones included; not those read back from shards) per second."""
+        return (self.images - self.resumed) / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
         unknown = f", {self.unknown} not one of the known classes" if self.unknown else ""
@@ -106,7 +104,9 @@ def predict_files(
         if value is not None and value < least:
             raise TwinCarError(f"{flag} must be at least {least}, got {value}")
     output = check_writable(output, "--output")  # before the model loads: nothing computed is lost
-    scale_out = resume or (devices or 1) > 1 or (num_nodes or 1) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    from twincar.training.lock import launched_processes  # no torch: the ONNX path stays torch-free
+
+    scale_out = resume or (devices or 1) > 1 or (num_nodes or 1) > 1 or launched_processes() is not None
     if str(model).endswith(".onnx"):
         if scale_out:
             raise TwinCarError("--devices, --num-nodes and --resume run the PyTorch weights (.pth, .safetensors or "
@@ -132,18 +132,17 @@ def predict_files(
         model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta,
         unknown=unknown,
     )
-    search = None
+    search, neighbour_folder = None, None
     if neighbours:
         from twincar.neighbours import NeighbourIndex
 
-        neighbour_index = NeighbourIndex.load(Path(index) if index else Path(model).expanduser().parent / "index",
-                                              predictor.class_names)
+        neighbour_folder = Path(index) if index else Path(model).expanduser().parent / "index"
+        neighbour_index = NeighbourIndex.load(neighbour_folder, predictor.class_names)
         search = partial(neighbour_index.search, k=neighbours)
     if unknown == "auto" and predictor.unknown_threshold is None:
         log.info("%s carries no unknown threshold (python -m twincar.calibrate fits one): every car is named", model)
     files = find_images(images)
     start = time.perf_counter()
-    resumed = 0
     if processes is None:
         log.info("predicting %d image(s) with %s (%d classes, %s, %s)", len(files), model,
                  len(predictor.class_names), predictor.device,
@@ -151,12 +150,14 @@ def predict_files(
         workers = default_workers(predictor.device) if num_workers is None else num_workers
         stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk, neighbours=search,
                                         num_workers=min(workers, max(0, len(files) // batch_size)))
-        predictions = _with_progress(stream, len(files), progress)
-    else:
-        from twincar.parallel import default_workers as workers_per_process
-        from twincar.shards import job_options, predict_sharded
+        return _write(output, _with_progress(stream, len(files), progress), fmt, topk, start,
+                      neighbours=neighbours, open_set=predictor.unknown_threshold is not None)
+    from twincar.parallel import default_workers as workers_per_process
+    from twincar.shards import job_lock, job_options, predict_sharded, remove_shards, shard_dir
 
-        options = job_options(model, predictor, topk=topk, neighbours=neighbours, precision=precision)
+    options = job_options(model, predictor, topk=topk, neighbours=neighbours, precision=precision,
+                          accelerator=processes.accelerator, index=neighbour_folder)
+    with job_lock(shard_dir(output)):  # one job at a time writes these shards and this output
         done = predict_sharded(predictor, files, output, processes, options=options, topk=topk,
                                batch_size=batch_size, neighbours=search, resume=resume, shard_size=shard_size,
                                num_workers=workers_per_process(processes) if num_workers is None else num_workers,
@@ -164,11 +165,8 @@ def predict_files(
         if done is None:  # another rank than 0: rank 0 writes the output
             return None
         predictions, resumed = done
-    summary = _write(output, predictions, fmt, topk, start, resumed, neighbours=neighbours,
-                     open_set=predictor.unknown_threshold is not None)
-    if processes is not None:
-        from twincar.shards import remove_shards, shard_dir
-
+        summary = _write(output, predictions, fmt, topk, start, resumed, neighbours=neighbours,
+                         open_set=predictor.unknown_threshold is not None)
         remove_shards(shard_dir(output))  # the job is complete: its shards are in the output
     return summary
 
@@ -215,7 +213,8 @@ def _onnx_predictions(files: list, model, classes, *, topk: int, batch_size: int
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="twincar-predict", description="Predict make, model and year of car photos into a CSV or JSON file."
+        prog="twincar-predict",
+        description="Predict make, model and year of car photos into a CSV, JSON or Parquet file.",
     )
     parser.add_argument("--images", nargs="+", required=True, metavar="PATH",
                         help="image files, folders (searched recursively) or glob patterns")

@@ -10,6 +10,8 @@ rank 0 merges the shards into the one output, in input order, and removes them.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import heapq
 import itertools
 import logging
@@ -21,12 +23,15 @@ from pathlib import Path
 import lightning as L
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from twincar.errors import TwinCarError
 from twincar.files import atomic_path, read_json_object, remove_stale_temp_files, write_json
-from twincar.inference import BatchOutputs, Predictor
+from twincar.inference import BatchOutputs, Predictor, source_name
+from twincar.neighbours import INDEX_TENSORS
 from twincar.runtime import Prediction
+from twincar.training.lock import is_launching_process, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -181,16 +186,30 @@ class ShardWriter(BasePredictionWriter):
         self.predictor, self.topk, self.neighbours, self.shard_size = predictor, topk, neighbours, shard_size
         self.options = options or {}  # written to job.json: what --resume must match
         self.pending: list[dict] = []
-        self.written = 0  # images this process wrote into shards
         self.run_id, self.rank, self.count = "", 0, 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero:
             start_job(self.folder, self.options)
-        self.run_id = trainer.strategy.broadcast(new_run_id())  # one name for the run's shards
+        self.run_id = trainer.strategy.broadcast(new_run_id())  # one name for the run's shards, after start_job
         self.rank = trainer.global_rank
-        trainer.strategy.barrier("twincar-shards-ready")
+        if trainer.world_size > 1:
+            self._check_same_inputs(trainer.world_size)
+
+    def _check_same_inputs(self, world_size: int) -> None:
+        """Every process listed its images itself: each must have the same list (else the sampler's shares overlap
+        or miss images), and see the job's folder (a filesystem every node shares). Every process gets the same
+        answer, so all stop together."""
+        digest = hashlib.sha256("\n".join(f"{k[0]}\t{k[1]}\t{k[2]}" for k in self.keys).encode()).hexdigest()
+        seen = [None] * world_size
+        torch.distributed.all_gather_object(seen, (digest, (self.folder / JOB_FILE).is_file()))
+        if any(d != seen[0][0] for d, _ in seen):
+            raise TwinCarError(f"the {world_size} processes found different images to predict (files added, removed "
+                               "or changed while they started): run again with --resume once the images are stable")
+        if not all(visible for _, visible in seen):
+            raise TwinCarError(f"{self.folder} is not visible to every process: put --output on a filesystem every "
+                               "node shares")
 
     def write_on_batch_end(self, trainer, pl_module, prediction: BatchOutputs, batch_indices, batch, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
@@ -204,7 +223,6 @@ class ShardWriter(BasePredictionWriter):
         """Write the pending rows as this process's next shard."""
         if self.pending:
             write_shard(self.folder / shard_name(self.run_id, self.rank, self.count), self.pending)
-            self.written += len(self.pending)
             self.count += 1
             self.pending = []
 
@@ -213,6 +231,14 @@ class ShardWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier("twincar-shards-written")  # rank 0 merges once every process has written
+
+
+def _named(files: Sequence[str], predictions: Iterator[Prediction]) -> Iterator[Prediction]:
+    """Each prediction named as this run names its input (a resumed row was written with the killed run's spelling
+    of the same file)."""
+    for f, p in zip(files, predictions, strict=True):
+        p.source = source_name(f)
+        yield p
 
 
 def new_run_id() -> str:
@@ -232,25 +258,42 @@ def start_job(folder: Path, options: dict) -> None:
 
 
 def remove_shards(folder: Path) -> None:
-    """Remove a merged job's shards and their folder."""
+    """Remove a merged job's shards (the folder goes when :func:`job_lock` releases it)."""
     for path in [*shard_files(folder), folder / JOB_FILE]:
         path.unlink(missing_ok=True)
     remove_stale_temp_files(folder)
-    if folder.is_dir() and not any(folder.iterdir()):
+
+
+@contextlib.contextmanager
+def job_lock(folder: Path) -> Iterator[None]:
+    """Hold the lock of a job's shards folder inside the block (the launching process; the others run under it),
+    so a second job into the same output stops in one sentence instead of removing the first one's shards; the
+    folder is removed at the end when nothing is left in it."""
+    launching = is_launching_process()
+    if launching:
+        folder.mkdir(parents=True, exist_ok=True)
+    with run_lock(folder, ("predict job", "predict into another --output")):
+        yield
+    if launching and folder.is_dir() and not any(folder.iterdir()):
         os.rmdir(folder)
 
 
 JOB_FILE = "job.json"  # the options the shards were predicted with: --resume refuses others
 
 
-def job_options(model: str | Path, predictor: Predictor, *, topk: int, neighbours: int, precision: str) -> dict:
+def job_options(model: str | Path, predictor: Predictor, *, topk: int, neighbours: int, precision: str,
+                accelerator: str, index: str | Path | None = None) -> dict:
     """What a job's predictions depend on (``job.json``): the model file (its path, size and mtime: weights
-    retrained into the same file are another model) and every option that changes a row."""
+    retrained into the same file are another model), its class names, the neighbour index's file, and every option
+    that changes a row (``precision`` ``auto`` with the ``accelerator``, which resolves it)."""
     path = Path(model).expanduser()
-    return {"model": list(file_key(path)) if path.is_file() else str(model), "topk": topk, "tta": predictor.tta,
-            "image_size": predictor.preprocess.image_size, "resize_mode": predictor.preprocess.resize_mode,
-            "unknown": predictor.unknown_threshold, "temperature": predictor.temperature, "neighbours": neighbours,
-            "precision": precision}
+    names = hashlib.sha256("\n".join(predictor.class_names).encode()).hexdigest()[:16]
+    return {"model": list(file_key(path)) if path.is_file() else str(model), "classes": names, "topk": topk,
+            "tta": predictor.tta, "image_size": predictor.preprocess.image_size,
+            "resize_mode": predictor.preprocess.resize_mode, "unknown": predictor.unknown_threshold,
+            "temperature": predictor.temperature, "neighbours": neighbours,
+            "index": list(file_key(Path(index) / INDEX_TENSORS)) if neighbours and index else None,
+            "precision": precision, "accelerator": accelerator}
 
 
 def check_job(folder: Path, options: dict, resume: bool) -> None:
@@ -261,7 +304,10 @@ def check_job(folder: Path, options: dict, resume: bool) -> None:
         raise TwinCarError(f"{folder} holds the shards of an unfinished run: pass --resume to finish it, or remove "
                            "the folder to start again")
     job = folder / JOB_FILE
-    earlier = read_json_object(job, "shard job file") if job.is_file() else {}
+    if not job.is_file():
+        raise TwinCarError(f"{folder} holds shards but no {JOB_FILE} saying what they were predicted with: remove the "
+                           "folder to start again")
+    earlier = read_json_object(job, "shard job file")
     changed = sorted(k for k in options if k in earlier and earlier[k] != options[k])
     if changed:
         raise TwinCarError(f"{folder} was predicted with other options ("
@@ -277,7 +323,6 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
     with ``resume``, only those the shards lack. On global rank 0: every file's prediction in input order, streamed
     from the shards (:func:`merged`), and how many came from earlier shards; None on the other ranks."""
     from twincar.parallel import run_inference
-    from twincar.training.lock import is_launching_process
 
     folder = shard_dir(output)
     check_job(folder, options, resume)
@@ -310,4 +355,4 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
             return None
     elif not is_launching_process():  # nothing left to predict: rank 0 alone merges
         return None
-    return merged(folder, keys), resumed
+    return _named(files, merged(folder, keys)), resumed

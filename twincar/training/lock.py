@@ -36,6 +36,22 @@ def is_launching_process() -> bool:
     return all(os.environ.get(name, "0") in ("", "0") for name in RANK_VARIABLES)
 
 
+def launched_processes() -> tuple[str, int, int] | None:
+    """``(launcher, processes per node, nodes)`` when a launcher started this process as one of several: torchrun
+    (``LOCAL_WORLD_SIZE``, ``WORLD_SIZE``) or SLURM's ``srun`` (the step's ``SLURM_STEP_NUM_TASKS`` over
+    ``SLURM_STEP_NUM_NODES``; not in a job named ``bash`` or ``interactive``, which Lightning's SLURM environment
+    leaves alone too); None when it runs alone."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env and "LOCAL_WORLD_SIZE" in env:
+        local = int(env["LOCAL_WORLD_SIZE"])
+        return "torchrun", local, int(env["WORLD_SIZE"]) // local
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or 1)
+    if tasks > 1 and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        nodes = int(env.get("SLURM_STEP_NUM_NODES") or 1)
+        return "srun", tasks // nodes, nodes
+    return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -73,10 +89,14 @@ def _create(path: Path) -> dict:
     return owner
 
 
-def acquire(run_dir: Path) -> dict:
+TRAINING = ("training run", "train into another hydra.run.dir")  # what holds a lock, and what to do instead
+
+
+def acquire(run_dir: Path, holder: tuple[str, str] = TRAINING) -> dict:
     """Take ``run_dir``'s lock, taking over a stale one (same host, PID gone, or unreadable); returns its content.
 
-    Raises :class:`RunLockError` naming the other run when it is alive (or on another host)."""
+    Raises :class:`RunLockError` naming the other run when it is alive (or on another host); ``holder``: what kind
+    of run holds such a lock and what a second one does instead, for that message."""
     path = run_dir / LOCK
     for _ in range(3):  # another process may take over or release the lock between two steps
         try:
@@ -90,9 +110,9 @@ def acquire(run_dir: Path) -> dict:
         host = socket.gethostname()
         if owner is not None and (owner.get("host") != host or _alive(int(owner.get("pid", -1)))):
             raise RunLockError(
-                f"another training run (PID {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}) "
-                f"is writing into {run_dir}: wait for it to end or train into another hydra.run.dir (if it is no "
-                f"longer running, delete {path})"
+                f"another {holder[0]} (PID {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}) "
+                f"is writing into {run_dir}: wait for it to end or {holder[1]} (if it is no longer running, delete "
+                f"{path})"
             )
         log.warning("taking over the lock %s of a run that is no longer running (%s)", path,
                     f"PID {owner.get('pid')} on {owner.get('host')}" if owner else "unreadable lock file")
@@ -111,13 +131,14 @@ def release(run_dir: Path, owner: dict) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[bool]:
-    """Hold ``run_dir``'s lock inside the block (launching process only; yields whether this process holds it)."""
+def run_lock(run_dir: str | Path, holder: tuple[str, str] = TRAINING) -> Iterator[bool]:
+    """Hold ``run_dir``'s lock inside the block (launching process only; yields whether this process holds it);
+    ``holder`` as :func:`acquire` takes it."""
     run_dir = Path(run_dir)
     if not is_launching_process():
         yield False
         return
-    owner = acquire(run_dir)
+    owner = acquire(run_dir, holder)
     try:
         yield True
     finally:
