@@ -279,14 +279,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         log.info("evaluating %s on %d %s images (%s, tta=%s)", cfg.ckpt, len(samples), split, predictor.device,
                  cfg.tta)
         out = collect_logits(predictor, samples, bbox_margin=margin, batch_size=batch_size,
-                             num_workers=min(workers, default_workers(predictor.device)), progress=progress)
+                             num_workers=min(workers, default_workers(predictor.device)), progress=progress,
+                             embeddings=index is not None)
     else:
         from twincar import parallel
 
         log.info("evaluating %s on %d %s images (%d processes: %d node(s) x %d %s, tta=%s)", cfg.ckpt, len(samples),
                  split, processes.world_size, processes.num_nodes, processes.devices, processes.accelerator, cfg.tta)
         out = parallel.collect_logits(predictor, samples, processes, bbox_margin=margin, batch_size=batch_size,
-                                      num_workers=workers if processes.accelerator == "gpu" else 0, progress=progress)
+                                      num_workers=workers if processes.accelerator == "gpu" else 0, progress=progress,
+                                      embeddings=index is not None)
         if out is None:  # not rank 0: rank 0 writes the reports
             return {}
     extra = {"checkpoint": str(cfg.ckpt), "split": split, "tta": str(cfg.tta), "images": len(out.samples),
@@ -294,10 +296,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = write_reports(out, predictor, out_dir, split=split, extra=extra,
                             top_losses=int(cfg.top_losses), top_pairs=int(cfg.confused_pairs))
     if index is not None:  # the embedding's own k-NN top-1 (against the training images) and Recall@1
-        from twincar.neighbours import build_index, knn_metrics
+        from twincar.neighbours import knn_metrics
 
-        queries = build_index(predictor, out.samples, batch_size=batch_size, bbox_margin=margin)
-        metrics.update(knn_metrics(index, queries.embeddings, queries.labels, f"{split}/"))
+        metrics.update(knn_metrics(index, out.embeddings, out.labels, f"{split}/"))
         write_json(out_dir / "metrics.json", {**metrics, **extra})
     ood = ood_option(cfg, data)
     if ood:

@@ -547,6 +547,7 @@ class EvalOutputs:
     samples: list[Sample]  # the N readable samples
     skipped: list[tuple[str, str]]  # (image, why) of unreadable images
     calibrated: torch.Tensor | None = None  # (N, K): Predictor.logits (the predictor's temperature); None = logits
+    embeddings: torch.Tensor | None = None  # (N, D) L2-normalised pre-logit features, when they were asked for
 
     def __post_init__(self):
         if self.calibrated is None:
@@ -572,12 +573,13 @@ def labelled_batches(
 
 def collect_logits(
     predictor: Predictor, samples: Sequence[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
-    num_workers: int = 0, progress: bool = True,
+    num_workers: int = 0, progress: bool = True, embeddings: bool = False,
 ) -> EvalOutputs:
     """Run ``predictor`` over labelled ``samples`` in batches. Each image is decoded as :meth:`Predictor.prepare`
     decodes a file (a large JPEG at reduced size), cropped to its car box when ``bbox_margin`` is set (as the
     training run's val/test sets are), and put through the predictor's own transform and :meth:`Predictor.logits`.
-    An unreadable image is named in the log and in ``skipped``, and left out. (On many processes:
+    An unreadable image is named in the log and in ``skipped``, and left out. With ``embeddings``, the images'
+    embeddings too, from the same forward pass (:meth:`Predictor.outputs_with_embeddings`). (On many processes:
     :func:`twincar.parallel.collect_logits`.)"""
     from tqdm.auto import tqdm
 
@@ -586,7 +588,7 @@ def collect_logits(
     with tqdm(total=len(samples), desc="eval", unit="img", disable=not progress) as bar:
         for batch in labelled_batches(predictor, samples, bbox_margin=bbox_margin, batch_size=batch_size,
                                       num_workers=num_workers):
-            outputs.append(predictor.batch_outputs(batch))
+            outputs.append(predictor.batch_outputs(batch, embeddings=embeddings))
             bar.update(len(batch[0]) + len(batch[2]))
     return eval_outputs(samples, outputs)
 
@@ -606,8 +608,9 @@ def eval_outputs(samples: Sequence[Sample], outputs: Iterable[BatchOutputs]) -> 
     indices = torch.tensor([i for o in done for i in o.indices])
     order = indices.argsort()
     kept = [samples[i] for i in indices[order].tolist()]
+    features = torch.cat([o.embeddings for o in done])[order] if done[0].embeddings is not None else None
     return EvalOutputs(torch.cat([o.raw for o in done])[order], torch.tensor([s.label for s in kept]), kept, skipped,
-                       torch.cat([o.calibrated for o in done])[order])
+                       torch.cat([o.calibrated for o in done])[order], features)
 
 
 # -- the labelled images of a split: eval, calibrate ------------------------------------------------------

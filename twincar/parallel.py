@@ -162,15 +162,16 @@ class GatherOutputs(L.Callback):
 
 
 def collect_logits(predictor: Predictor, samples: Sequence, processes: Processes, *, bbox_margin: float | None = None,
-                   batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> EvalOutputs | None:
+                   batch_size: int = 64, num_workers: int = 0, progress: bool = True,
+                   embeddings: bool = False) -> EvalOutputs | None:
     """:func:`twincar.inference.collect_logits` on ``processes``: the same :class:`EvalOutputs` (sample order) on
     global rank 0, None on the other ranks."""
     samples = list(samples)
     if len(samples) < processes.world_size:  # Lightning's sampler gives each process one image at least
         log.info("%d image(s) for %d processes: rank 0 evaluates them alone", len(samples), processes.world_size)
         return one_process_logits(predictor, samples, bbox_margin=bbox_margin, batch_size=batch_size,
-                                        progress=progress) if is_launching_process() else None
+                                  progress=progress, embeddings=embeddings) if is_launching_process() else None
     gather = GatherOutputs()
     run_inference(predictor, labelled_dataset(predictor, samples, bbox_margin), processes, [gather],
-                  batch_size=batch_size, num_workers=num_workers, progress=progress)
+                  batch_size=batch_size, num_workers=num_workers, embeddings=embeddings, progress=progress)
     return None if gather.outputs is None else eval_outputs(samples, gather.outputs)
