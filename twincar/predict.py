@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, metavar="N", help="network input side (default: from the model)")
     parser.add_argument("--resize-mode", choices=("crop", "squash"),
                         help="crop: short side + center crop; squash: whole image to NxN (default: from the model)")
-    parser.add_argument("--tta", choices=("flip",), help="test-time augmentation: average the logits with the mirror image's")
+    parser.add_argument("--tta", choices=("flip",),
+                        help="test-time augmentation: average the logits with the mirror image's")
     parser.add_argument("--unknown", default="auto", metavar="auto|off|VALUE",
                         help="auto: mark cars below the model's calibrated unknown threshold as not one of its classes "
                         "(python -m twincar.calibrate; training fits it); off: always name a class; VALUE: a threshold "
