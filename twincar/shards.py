@@ -122,15 +122,16 @@ def read_shard(path: Path) -> list[tuple[Key, Prediction]]:
     try:
         rows = pq.read_table(path, schema=SCHEMA).to_pylist()
     except (OSError, pa.ArrowException) as e:
-        raise TwinCarError(f"shard {path} cannot be read ({e}): run again with --resume") from e
+        raise TwinCarError(f"shard {path} cannot be read ({e}): remove it and run again with --resume (its images "
+                           "are predicted again)") from e
     return [(_key(r), from_record(r)) for r in rows]
 
 
 def merged(folder: Path, keys: Sequence[Key]) -> Iterator[Prediction]:
     """The prediction of every image, in input order (``keys``: the images' keys), streamed from ``folder``'s
     shards: each image appears once, and a shard is read only when the first of its images is due, so rank 0
-    holds about one shard per process that wrote them, not the job. An image that no shard holds is refused
-    before anything is returned."""
+    holds the rows of about one shard per process that wrote them, not the job's (each image's key and position it
+    holds for the whole job). An image that no shard holds is refused before anything is returned."""
     written = shard_keys(folder)
     covered = {k for shard in written.values() for k in shard}
     missing = [k[0] for k in keys if k not in covered]
