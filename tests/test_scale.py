@@ -330,3 +330,33 @@ def test_processes_that_list_other_images_or_cannot_see_the_folder_all_stop_in_o
     monkeypatch.setattr(torch.distributed, "all_gather_object", gather(lambda mine: (mine[0], False)))
     with pytest.raises(TwinCarError, match="is not visible to every process: put --output on a filesystem every node"):
         writer._check_same_inputs(2)
+
+
+def test_sigterm_keeps_the_rows_predicted_so_far_and_resume_finishes_the_rest(tiny_export, car_images, tmp_path,
+                                                                            monkeypatch):
+    """Lightning's predict loop only notes a SIGTERM and runs on until SIGKILL: the writer stops at the end of the
+    batch, and the rows of every finished batch (no shard of 1,000 was full yet) become a shard."""
+    from twincar.inference import Predictor
+
+    images = [shutil.copy(car_images[i % 3], tmp_path / f"car{i:02d}.jpg") for i in range(12)]
+    out = tmp_path / "predictions.csv"
+    real, calls = Predictor.batch_outputs, []
+
+    def batch_outputs(self, batch, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # during the third batch of 2, as a scheduler would
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batch, **kwargs)
+
+    monkeypatch.setattr(Predictor, "batch_outputs", batch_outputs)
+    with pytest.raises(TwinCarError, match=r"stopped by SIGTERM: the images predicted so far are kept in .*"
+                                           r"predictions.csv.shards; run the same command with --resume"):
+        predict_files(images, tiny_export, output=out, resume=True, batch_size=2, shard_size=1000, progress=False)
+    assert not out.exists() and len(shard_keys(shard_dir(out))) == 1  # the 3 batches' rows, as one shard
+    assert sum(len(k) for k in shard_keys(shard_dir(out)).values()) == 6
+    monkeypatch.setattr(Predictor, "batch_outputs", real)
+    summary = predict_files(images, tiny_export, output=out, resume=True, batch_size=2, progress=False)
+    assert (summary.images, summary.resumed) == (12, 6) and not shard_dir(out).exists()
+    plain = tmp_path / "plain.csv"
+    predict_files(images, tiny_export, output=plain, batch_size=2, progress=False)
+    assert read_rows(out) == read_rows(plain)

@@ -219,6 +219,14 @@ class ShardWriter(BasePredictionWriter):
         self.pending += [to_record(p, self.keys[i]) for i, p in zip(indices, predictions, strict=True)]
         if len(self.pending) >= self.shard_size:
             self.flush()
+        if trainer.received_sigterm:  # Lightning's predict loop would run on until SIGKILL: stop here
+            raise TwinCarError(f"stopped by SIGTERM: the images predicted so far are kept in {self.folder}; run the "
+                               "same command with --resume to predict the rest")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Ctrl-C, SIGTERM or an error: the rows computed so far are complete predictions, so they become a shard
+        (``--resume`` reads them back) instead of being lost."""
+        self.flush()
 
     def flush(self) -> None:
         """Write the pending rows as this process's next shard."""
