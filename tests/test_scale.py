@@ -171,10 +171,12 @@ def test_resume_in_one_process_predicts_only_what_the_shards_lack(tiny_export, c
     folder.mkdir()
     kept = Prediction(source="../another/spelling.jpg", name=TINY_NAMES[2], label=2, confidence=0.5,
                       topk=[(TINY_NAMES[2], 0.5)], num_classes=6)
-    write_shard(folder / "earlier-00000-000000.parquet", [to_record(kept, file_key(car_images[0]))])
+    failed = Prediction(source=str(car_images[1]), error="cannot read image: Input/output error")  # it passed since
+    write_shard(folder / "earlier-00000-000000.parquet",
+                [to_record(kept, file_key(car_images[0])), to_record(failed, file_key(car_images[1]))])
     (folder / JOB_FILE).write_text(json.dumps({"topk": 1}))  # what the earlier run wrote (the options it records)
     summary = predict_files(car_images, tiny_export, output=out, resume=True, topk=1, progress=False)
-    assert (summary.images, summary.resumed) == (3, 1)
+    assert (summary.images, summary.resumed, summary.errors) == (3, 1, 0)  # the error row is tried again
     rows = read_rows(out)
     assert [r["image"] for r in rows] == [str(p) for p in car_images]  # named as this run names them
     assert (rows[0]["class"], rows[0]["confidence"]) == (TINY_NAMES[2], "0.5")  # read back, not predicted

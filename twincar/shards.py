@@ -105,15 +105,19 @@ def _key(r: dict) -> Key:
     return r["key_path"], r["key_size"], r["key_mtime_ns"]
 
 
-def shard_keys(folder: Path) -> dict[Path, list[Key]]:
-    """The image keys of each finished shard in ``folder``, in its row order (the key columns only are read); a
-    shard that cannot be read is named in a warning and left out (its images are predicted again)."""
+def shard_keys(folder: Path, *, predicted_only: bool = False) -> dict[Path, list[Key]]:
+    """The image keys of each finished shard in ``folder``, in its row order (the key columns only are read); with
+    ``predicted_only``, those of the rows that are not an unreadable image's error (``--resume`` tries those
+    again: the error may have passed). A shard that cannot be read is named in a warning and left out (its images
+    are predicted again)."""
     keys: dict[Path, list[Key]] = {}
     for path in shard_files(folder):
         try:
-            keys[path] = [_key(r) for r in pq.read_table(path, columns=KEY_COLUMNS).to_pylist()]
+            rows = pq.read_table(path, columns=[*KEY_COLUMNS, "error"]).to_pylist()
         except (OSError, pa.ArrowException) as e:
             log.warning("shard %s cannot be read (%s): its images are predicted again", path, e)
+            continue
+        keys[path] = [_key(r) for r in rows if not (predicted_only and r["error"] is not None)]
     return keys
 
 
@@ -146,7 +150,9 @@ def merged(folder: Path, keys: Sequence[Key]) -> Iterator[Prediction]:
 
 def _in_input_order(written: dict[Path, list[Key]], positions: dict[Key, list[int]]) -> Iterator[Prediction]:
     """A heap of (input position, tie, item): an unread shard waits at its first image's position; when it comes up,
-    its rows join the heap at theirs. A row whose position was already answered (an older shard's copy) is skipped."""
+    its rows join the heap at theirs. Shards go in first, so when a row comes up every copy of its image is in the
+    heap: a predicted copy wins over an error row (an image that could not be read once and could on --resume), and
+    the others are skipped."""
     tie = itertools.count()
     heap: list[tuple[int, int, Path | Prediction]] = []
     for path, shard in written.items():
@@ -161,6 +167,8 @@ def _in_input_order(written: dict[Path, list[Key]], positions: dict[Key, list[in
                 for i in positions.get(key, ()):
                     heapq.heappush(heap, (i, next(tie), prediction))
         elif position == due:
+            while not item.ok and heap and heap[0][0] == due and not isinstance(heap[0][2], Path):
+                item = heapq.heappop(heap)[2]  # another copy of this image: an error row gives way
             due += 1
             yield item
         elif position > due:  # cannot happen unless a shard changed while it was merged
@@ -336,8 +344,8 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
     folder = shard_dir(output)
     check_job(folder, options, resume)
     keys = [file_key(f) for f in files]
-    written = shard_keys(folder) if resume else {}
-    done = {k for shard in written.values() for k in shard}
+    written = shard_keys(folder, predicted_only=True) if resume else {}
+    done = {k for shard in written.values() for k in shard}  # an image's error row: it is tried again
     todo = [i for i, k in enumerate(keys) if k not in done]
     resumed = len(keys) - len(todo)
     if resume:
