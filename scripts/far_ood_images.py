@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from twincar.files import atomic_path
+
 KINDS = ("noise", "gradient", "shapes")
 
 
@@ -47,7 +49,8 @@ def write_far_ood(out: str | Path, count: int = 60, size: int = 128, seed: int =
     for i in range(count):
         kind = KINDS[i % len(KINDS)]
         path = out / f"{kind}_{i:04d}.jpg"
-        far_ood_image(kind, rng, size).save(path, quality=90)
+        with atomic_path(path) as tmp:  # temp file beside it, fsync, rename
+            far_ood_image(kind, rng, size).save(tmp, "JPEG", quality=90)
         paths.append(path)
     return paths
 
