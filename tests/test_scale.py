@@ -120,8 +120,10 @@ def test_a_job_killed_after_its_first_shard_resumes_and_reads_that_shard_back(ru
     assert not out.exists()
     finished = shard_files(shard_dir(out))
     assert 1 <= len(finished) <= 2  # the kill came right after the first: at most the other rank's first as well
-    done = {k for keys in shard_keys(shard_dir(out)).values() for k in keys}
-    assert 40 * len(finished) <= len(done) < 205  # every finished shard reads back whole
+    written = {k for keys in shard_keys(shard_dir(out)).values() for k in keys}
+    assert 40 * len(finished) <= len(written) < 205  # every finished shard reads back whole
+    # an unreadable image's error row is tried again on --resume (the error may have passed): not done
+    done = {k for keys in shard_keys(shard_dir(out), predicted_only=True).values() for k in keys}
 
     again = run_cli("twincar.predict", *args, cwd=tmp_path)  # without --resume: refused, nothing lost
     assert again.returncode == 1 and "pass --resume to finish it" in again.stderr
