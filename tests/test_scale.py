@@ -364,3 +364,22 @@ def test_sigterm_keeps_the_rows_predicted_so_far_and_resume_finishes_the_rest(ti
     plain = tmp_path / "plain.csv"
     predict_files(images, tiny_export, output=plain, batch_size=2, progress=False)
     assert read_rows(out) == read_rows(plain)
+
+
+def test_rank_0_waits_for_the_shards_another_node_wrote_and_names_one_that_never_appears(tmp_path):
+    """On NFS a file another node wrote may be listed only after the cache expires: rank 0 waits for the shards every
+    process says it wrote before merging, and names a missing one rather than calling its images unpredicted."""
+    import threading
+
+    from twincar.shards import wait_for_shards
+
+    folder = tmp_path / "out.csv.shards"
+    folder.mkdir()
+    write_shard(folder / "run-00000-000000.parquet", [])
+    late = threading.Timer(0.3, write_shard, [folder / "run-00001-000000.parquet", []])
+    late.start()
+    wait_for_shards(folder, ["run-00000-000000.parquet", "run-00001-000000.parquet"], timeout=30, poll=0.05)
+    late.join()
+    with pytest.raises(TwinCarError, match=r"1 shard\(s\) another process wrote are not visible in .*out.csv.shards "
+                                           r"after 0 s \(first: run-00001-000001.parquet\): .* --resume"):
+        wait_for_shards(folder, ["run-00000-000000.parquet", "run-00001-000001.parquet"], timeout=0.2, poll=0.05)

@@ -16,6 +16,7 @@ import heapq
 import itertools
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -57,6 +58,23 @@ def shard_dir(output: str | Path) -> Path:
 def shard_files(folder: Path) -> list[Path]:
     """The finished shards in ``folder`` (temporary files of a killed writer are not among them)."""
     return sorted(folder.glob("[!.]*.parquet")) if folder.is_dir() else []
+
+
+SHARD_VISIBLE_TIMEOUT_S = 120.0  # how long rank 0 waits for another node's shards to appear (NFS caches listings)
+
+
+def wait_for_shards(folder: Path, names: Sequence[str], *, timeout: float = SHARD_VISIBLE_TIMEOUT_S,
+                    poll: float = 1.0) -> None:
+    """Return once every shard in ``names`` (those the job's processes wrote) is listed in ``folder``. A shared
+    filesystem may show one node's new files to another only after its cache expires (NFS: up to a minute); a shard
+    still missing after ``timeout`` seconds is named in the error, and ``--resume`` finishes the job."""
+    deadline = time.monotonic() + timeout
+    while missing := sorted(set(names) - {p.name for p in shard_files(folder)}):
+        if time.monotonic() >= deadline:
+            raise TwinCarError(f"{len(missing)} shard(s) another process wrote are not visible in {folder} after "
+                               f"{timeout:.0f} s (first: {missing[0]}): once they are, run the same command with "
+                               "--resume to merge them")
+        time.sleep(poll)
 
 
 def file_key(path: str | Path) -> Key:
@@ -195,6 +213,7 @@ class ShardWriter(BasePredictionWriter):
         self.predictor, self.topk, self.neighbours, self.shard_size = predictor, topk, neighbours, shard_size
         self.options = options or {}  # written to job.json: what --resume must match
         self.pending: list[dict] = []
+        self.written: list[str] = []  # the names of this process's shards
         self.run_id, self.rank, self.count = "", 0, 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -239,7 +258,8 @@ class ShardWriter(BasePredictionWriter):
     def flush(self) -> None:
         """Write the pending rows as this process's next shard."""
         if self.pending:
-            write_shard(self.folder / shard_name(self.run_id, self.rank, self.count), self.pending)
+            path = write_shard(self.folder / shard_name(self.run_id, self.rank, self.count), self.pending)
+            self.written.append(path.name)
             self.count += 1
             self.pending = []
 
@@ -247,7 +267,13 @@ class ShardWriter(BasePredictionWriter):
         self.flush()
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.strategy.barrier("twincar-shards-written")  # rank 0 merges once every process has written
+        """Rank 0 merges once every process has written its shards and rank 0 sees them all."""
+        if trainer.world_size == 1:
+            return
+        written = [None] * trainer.world_size  # all_gather_object also waits for every process
+        torch.distributed.all_gather_object(written, self.written)
+        if trainer.is_global_zero:
+            wait_for_shards(self.folder, [name for names in written for name in names])
 
 
 def _named(files: Sequence[str], predictions: Iterator[Prediction]) -> Iterator[Prediction]:
