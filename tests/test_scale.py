@@ -383,3 +383,41 @@ def test_rank_0_waits_for_the_shards_another_node_wrote_and_names_one_that_never
     with pytest.raises(TwinCarError, match=r"1 shard\(s\) another process wrote are not visible in .*out.csv.shards "
                                            r"after 0 s \(first: run-00001-000001.parquet\): .* --resume"):
         wait_for_shards(folder, ["run-00000-000000.parquet", "run-00001-000001.parquet"], timeout=0.2, poll=0.05)
+
+
+def test_slurms_signal_before_the_time_limit_requeues_the_job_and_keeps_the_rows_predicted(tiny_export, car_images,
+                                                                                          tmp_path, monkeypatch):
+    """``sbatch --requeue --signal=USR1@180``: rank 0 runs ``scontrol requeue JOB``, SLURM answers with SIGTERM (here
+    the stand-in scontrol sends it), the rows so far become a shard, and the requeued job's --resume ends the work."""
+    from twincar.inference import Predictor
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol-calls.txt"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nkill -TERM $PPID\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+
+    images = [shutil.copy(car_images[i % 3], tmp_path / f"car{i:02d}.jpg") for i in range(12)]
+    out = tmp_path / "predictions.csv"
+    real, batches = Predictor.batch_outputs, []
+
+    def batch_outputs(self, batch, **kwargs):
+        batches.append(1)
+        if len(batches) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM, 180 s before the time limit
+        return real(self, batch, **kwargs)
+
+    monkeypatch.setattr(Predictor, "batch_outputs", batch_outputs)
+    with pytest.raises(TwinCarError, match="stopped by SIGTERM: the images predicted so far are kept"):
+        predict_files(images, tiny_export, output=out, resume=True, batch_size=2, shard_size=1000, progress=False)
+    assert calls.read_text() == "requeue 4242\n"
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handler goes with the run
+    assert sum(len(k) for k in shard_keys(shard_dir(out)).values()) == 4  # the 2 batches of 2 before the stop
+
+    monkeypatch.setattr(Predictor, "batch_outputs", real)  # the requeued job
+    summary = predict_files(images, tiny_export, output=out, resume=True, batch_size=2, progress=False)
+    assert (summary.images, summary.resumed) == (12, 4) and not shard_dir(out).exists()

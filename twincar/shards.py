@@ -365,7 +365,7 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
     """Predict ``files`` on ``processes`` (:func:`twincar.parallel.run_inference`) into the shards beside ``output``;
     with ``resume``, only those the shards lack. On global rank 0: every file's prediction in input order, streamed
     from the shards (:func:`merged`), and how many came from earlier shards; None on the other ranks."""
-    from twincar.parallel import run_inference
+    from twincar.parallel import requeue_on_time_limit, run_inference
 
     folder = shard_dir(output)
     check_job(folder, options, resume)
@@ -392,8 +392,9 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
                  folder)
         writer = ShardWriter(folder, images, [keys[i] for i in todo], predictor, topk=topk, shard_size=shard_size,
                              neighbours=neighbours, options=options)
-        trainer = run_inference(predictor, predictor.inputs(images), processes, [writer], batch_size=batch_size,
-                                num_workers=num_workers, embeddings=neighbours is not None, progress=progress)
+        with requeue_on_time_limit():
+            trainer = run_inference(predictor, predictor.inputs(images), processes, [writer], batch_size=batch_size,
+                                    num_workers=num_workers, embeddings=neighbours is not None, progress=progress)
         if not trainer.is_global_zero:
             return None
     elif not is_launching_process():  # nothing left to predict: rank 0 alone merges

@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +52,25 @@ def launched_processes() -> tuple[str, int, int] | None:
         nodes = int(env.get("SLURM_STEP_NUM_NODES") or 1)
         return "srun", tasks // nodes, nodes
     return None
+
+
+def slurm_job_id() -> str | None:
+    """The SLURM job this process runs in (``ARRAYID_TASKID`` for an array's task); None outside SLURM."""
+    env = os.environ
+    job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+           if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID") else env.get("SLURM_JOB_ID"))
+    return job if job and re.fullmatch(r"[0-9_]+", job) else None
+
+
+def requeue_slurm_job(job: str) -> str:
+    """Put SLURM job ``job`` back in the queue (``scontrol requeue``; SLURM then stops its processes with SIGTERM).
+    Returns "" when done, else why not (logged as a warning by the caller)."""
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    log.info("scontrol requeue %s: exit code %d", job, done.returncode)
+    return (done.stderr.strip() or f"exit status {done.returncode}") if done.returncode else ""
 
 
 def _alive(pid: int) -> bool:

@@ -17,10 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import re
 import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +31,7 @@ from twincar.errors import TwinCarError
 from twincar.files import write_csv
 from twincar.models.io import safe_torch_load
 from twincar.training.checkpoints import checkpoint_problem, newest_readable
+from twincar.training.lock import requeue_slurm_job, slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +199,10 @@ class Preemption(L.Callback):
             self.on_fit_end(None, None)
             previous(signum, None)
             return
-        job = os.environ.get("SLURM_JOB_ID")
-        if self.requeue and job and re.fullmatch(r"[0-9_]+", job):
-            array = os.environ.get("SLURM_ARRAY_JOB_ID")
-            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
-            result = subprocess.run(["scontrol", "requeue", job], check=False)
-            log.info("scontrol requeue %s: exit code %d", job, result.returncode)
+        job = slurm_job_id()
+        if self.requeue and job and (failed := requeue_slurm_job(job)):
+            log.warning("scontrol requeue %s failed (%s): submit the run again to continue from %s", job, failed,
+                        self.last)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):  # raised by Lightning at a batch boundary, on every rank
