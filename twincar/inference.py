@@ -257,6 +257,10 @@ class Predictor:
         self.image_transform = EvalImageTransform(preprocess)  # per image: resize + crop, uint8
         self.batch_transform = BatchTransform(preprocess).to(self.device)  # per batch: float + normalise
         self.parsed = [parse_car_name(n) for n in self.class_names]
+        self._set_calibration(calibration, unknown)
+
+    def _set_calibration(self, calibration: Calibration | dict | None, unknown: str | float | None) -> None:
+        """The temperature and the unknown threshold (``unknown`` as ``--unknown`` takes it) of ``calibration``."""
         self.calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
         self.temperature = self.calibration.temperature if self.calibration else 1.0
         self.unknown_threshold = unknown_threshold(unknown, self.calibration and self.calibration.to_dict(), self.tta)
@@ -325,10 +329,7 @@ class Predictor:
         """This predictor (same network, no copy) with another calibration: ``calibration`` None is raw softmax."""
         other = object.__new__(Predictor)
         other.__dict__.update(self.__dict__)
-        other.calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
-        other.temperature = other.calibration.temperature if other.calibration else 1.0
-        other.unknown_threshold = unknown_threshold(unknown, other.calibration and other.calibration.to_dict(),
-                                                    other.tta)
+        other._set_calibration(calibration, unknown)
         return other
 
     def to(self, device: str | torch.device) -> Predictor:
