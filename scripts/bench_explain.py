@@ -17,10 +17,10 @@ import time
 import timm
 import torch
 
-from twincar.cam import METHODS, Explainer
 from twincar.data.classes import stanford_cars_class_names
 from twincar.data.transforms import Preprocess
-from twincar.inference import Predictor
+from twincar.gradcam.explainer import METHODS, Explainer
+from twincar.inference.predictor import Predictor
 
 
 def seconds(fn, repeats: int) -> float:

@@ -27,8 +27,8 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
   2-core machine two processes share the same cores, so the ratio is bound near 1: it measures the overhead.
 * ``shard_merge``: rank 0's end of a many-process predict job, 100,000 rows in shards of 5,000 written by 4
   processes, into one CSV: every row read into memory, then written (the reference) vs the streamed merge
-  (``twincar.shards.merged``: a shard is read when its first row is due) into the row-by-row writer
-  (``twincar.prediction_files``); rows/s of each (in the img/s columns) and the peak Python memory of each
+  (``twincar.inference.shards.merged``: a shard is read when its first row is due) into the row-by-row writer
+  (``twincar.inference.writers``); rows/s of each (in the img/s columns) and the peak Python memory of each
   (``tracemalloc``), which for the stream stays near a shard per process instead of growing with the job.
 * ``gpu_predict`` (CUDA only): inference img/s per GPU of a ResNet-50 at batch 256, bf16 autocast,
   channels_last: the model alone on in-memory uint8 tensors (the ceiling), the Predictor from JPEG files
@@ -366,7 +366,7 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
     from twincar.export import export_model
 
     start = time.perf_counter()
-    fp32 = export_model(weights, "onnx", work / "onnx")  # the torch-free runtime's model (twincar.runtime)
+    fp32 = export_model(weights, "onnx", work / "onnx")  # the torch-free runtime's model (twincar.inference.runtime)
     onnx_export_s = time.perf_counter() - start
     commands["onnx"] = twincar_cmd(fp32)
     export_s = None
@@ -466,9 +466,9 @@ def shard_merge(work: Path, quick: bool, rounds: int) -> dict:
     stream; rows/s and peak traced memory of each (see the module docstring)."""
     import tracemalloc
 
-    from twincar.prediction_files import write_predictions
-    from twincar.runtime import Prediction
-    from twincar.shards import merged, read_shard, shard_keys, shard_name, to_record, write_shard
+    from twincar.inference.runtime import Prediction
+    from twincar.inference.shards import merged, read_shard, shard_keys, shard_name, to_record, write_shard
+    from twincar.inference.writers import write_predictions
 
     rows, processes, per_shard, topk = (2_000, 4, 100, 5) if quick else (MERGE_ROWS, 4, 5_000, 5)
     names = [f"Make{c % 49} Model{c} Sedan {1991 + c % 22}" for c in range(196)]
@@ -518,7 +518,7 @@ def gpu_predict(paths: Sequence[Path], work: Path, quick: bool, device: torch.de
         return {"reference_img_s": None, "twincar_img_s": None, "ratio": None, "skipped": "no CUDA device"}
     from twincar.data.datamodule import CarsDataModule
     from twincar.data.synthetic import select_classes
-    from twincar.inference import Predictor
+    from twincar.inference.predictor import Predictor
     from twincar.models.io import create_model
 
     torch.backends.cudnn.benchmark = True
@@ -571,8 +571,8 @@ def open_set_cost(paths: Sequence[Path], quick: bool, rounds: int, batch: int = 
     import timm
 
     from twincar.data.synthetic import select_classes
-    from twincar.inference import Predictor
-    from twincar.neighbours import NeighbourIndex, faiss_installed
+    from twincar.evaluation.neighbours import NeighbourIndex, faiss_installed
+    from twincar.inference.predictor import Predictor
 
     size, arch = (32, "resnet10t") if quick else (224, "resnet18")
     names = select_classes(14)

@@ -32,7 +32,7 @@ from twincar.data.images import (
     load_rgb,
     read_header,
 )
-from twincar.inference import collect_logits
+from twincar.evaluation.loop import collect_logits
 from twincar.models.io import WeightsError
 
 
@@ -209,8 +209,8 @@ def test_one_bad_image_never_ends_a_predict_run(tiny_export, mixed_images):
 
 
 def test_one_bad_image_never_ends_an_explain_run(tiny_export, mixed_images, tmp_path):
-    from twincar.cam import Explainer
     from twincar.explain import explain_files
+    from twincar.gradcam.explainer import Explainer
 
     images, bad = mixed_images
     p = Predictor.load(tiny_export, device="cpu")
@@ -403,13 +403,13 @@ def test_predict_on_cuda_without_a_gpu_says_so(tiny_export, car_images, tmp_path
 # -- predict: the output file --------------------------------------------------------------------------------
 def test_an_output_that_is_a_folder_or_under_a_file_is_refused_before_the_model_loads(
         tiny_export, car_images, tmp_path, capsys, monkeypatch):
-    import twincar.inference
+    import twincar.inference.predictor
     from twincar.predict import main
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(twincar.inference.Predictor, "load", no_load)
+    monkeypatch.setattr(twincar.inference.predictor.Predictor, "load", no_load)
     (tmp_path / "a_file").write_text("x")
     base = ["--images", str(car_images[0]), "--model", str(tiny_export)]
     assert main([*base, "-o", str(tmp_path)]) == 1
@@ -521,7 +521,7 @@ def test_an_image_size_below_what_the_model_takes_stops_training(small_root, tmp
 
     from twincar.data.datamodule import CarsDataModule
     from twincar.errors import TwinCarError
-    from twincar.training.run import build_model
+    from twincar.training.steps import build_model
 
     cfg = OmegaConf.create({"model": {"name": "resnet18"}, "optimizer": {"name": "adam", "lr": 1e-3},
                             "scheduler": {"name": "none"}})

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from twincar.calibration import (
+from twincar.errors import TwinCarError
+from twincar.evaluation.calibration import (
     Calibration,
     auroc,
     calibrate,
@@ -24,7 +25,6 @@ from twincar.calibration import (
     open_set_metrics,
     unknown_scores,
 )
-from twincar.errors import TwinCarError
 
 
 def calibrated_set(n: int = 8000, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +116,7 @@ def calibrated_copy(tiny_export: Path, tmp_path: Path, calibration: dict) -> Pat
 
 def test_predict_marks_cars_below_the_threshold_unknown_and_keeps_their_closest_classes(tiny_export, car_images,
                                                                                       tmp_path):
-    from twincar.inference import Predictor
+    from twincar.inference.predictor import Predictor
     from twincar.predict import predict_files
 
     plain = Predictor.load(tiny_export, device="cpu", precision="fp32")
@@ -157,7 +157,7 @@ def test_predict_marks_cars_below_the_threshold_unknown_and_keeps_their_closest_
 def test_the_original_projects_pth_is_calibrated_through_a_sidecar_beside_it(tmp_path):
     import timm
 
-    from twincar.inference import Predictor
+    from twincar.inference.predictor import Predictor
     from twincar.models.io import calibration_sidecar, export_state_dict, write_calibration
 
     torch.manual_seed(0)
@@ -181,7 +181,8 @@ def run(tmp_path_factory, data_dir) -> Path:
 
 @pytest.mark.slow  # trains the shared small model once per session
 def test_training_fits_a_temperature_that_lowers_the_ece_of_the_held_out_test_split(run, tmp_path):
-    from twincar.inference import Predictor, collect_logits
+    from twincar.evaluation.loop import collect_logits
+    from twincar.inference.predictor import Predictor
 
     metrics = json.loads((run / "metrics.json").read_text())
     card = json.loads((run / "model_card.json").read_text())
@@ -195,7 +196,7 @@ def test_training_fits_a_temperature_that_lowers_the_ece_of_the_held_out_test_sp
     split = json.loads((run / "split.json").read_text())
     assert stored["images"] == len(split["val"])
     from tests.trained import compose
-    from twincar.inference import data_config, eval_samples
+    from twincar.evaluation.loop import data_config, eval_samples
 
     cfg = compose("eval", [f"ckpt={ckpt}", f"paths.output_dir={tmp_path}", "data.split=val"])
     data, _ = data_config(cfg)
@@ -207,7 +208,7 @@ def test_training_fits_a_temperature_that_lowers_the_ece_of_the_held_out_test_sp
 
 def test_the_demo_says_not_one_of_the_cars_it_knows_and_shows_the_closest(tiny_export, car_images, tmp_path):
     from twincar.demo import Answerer
-    from twincar.inference import Predictor
+    from twincar.inference.predictor import Predictor
 
     model = calibrated_copy(tiny_export, tmp_path, {"temperature": 1.0, "threshold": 1e9})  # nothing is known
     answer = Answerer(Predictor.load(model, device="cpu"))
@@ -274,7 +275,7 @@ def test_the_synthetic_unknown_classes_are_never_in_the_dataset_and_leave_it_unc
 
 # -- embeddings and the nearest training cars --------------------------------------------------------------------
 def test_neighbours_equal_a_brute_force_search_and_the_index_round_trips(tmp_path):
-    from twincar.neighbours import CHUNK, NeighbourIndex, knn_metrics, top_k_similar
+    from twincar.evaluation.neighbours import CHUNK, NeighbourIndex, knn_metrics, top_k_similar
 
     g = torch.Generator().manual_seed(0)
     keys = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
@@ -297,7 +298,7 @@ def test_neighbours_equal_a_brute_force_search_and_the_index_round_trips(tmp_pat
 
 
 def test_an_index_of_another_model_is_one_sentence_not_wrong_neighbours(tmp_path):
-    from twincar.neighbours import INDEX_META, NeighbourIndex
+    from twincar.evaluation.neighbours import INDEX_META, NeighbourIndex
 
     keys = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
     folder = NeighbourIndex(keys, torch.arange(6) % 2, [f"{i}.jpg" for i in range(6)], ["A 2012", "B 2012"]).save(
@@ -316,7 +317,7 @@ def test_an_index_of_another_model_is_one_sentence_not_wrong_neighbours(tmp_path
 
 def test_faiss_and_torch_search_give_the_same_neighbours(tmp_path):
     pytest.importorskip("faiss", reason="faiss is not installed (the faiss extra: pip install 'twincar[faiss]')")
-    from twincar.neighbours import NeighbourIndex, knn_metrics, top_k_similar
+    from twincar.evaluation.neighbours import NeighbourIndex, knn_metrics, top_k_similar
 
     g = torch.Generator().manual_seed(1)
     keys = torch.nn.functional.normalize(torch.randn(2000, 32, generator=g), dim=1)
@@ -336,7 +337,7 @@ def test_faiss_and_torch_search_give_the_same_neighbours(tmp_path):
 
 
 def test_the_search_backend_falls_back_to_torch_and_a_missing_faiss_is_one_sentence(monkeypatch):
-    from twincar import neighbours
+    from twincar.evaluation import neighbours
 
     monkeypatch.setattr(neighbours, "faiss_installed", lambda: False)
     assert neighbours.resolve_backend("auto") == "torch"
@@ -347,7 +348,7 @@ def test_the_search_backend_falls_back_to_torch_and_a_missing_faiss_is_one_sente
 
 
 def test_embed_gives_normalised_pre_logit_features(tiny_export, car_images):
-    from twincar.inference import Predictor
+    from twincar.inference.predictor import Predictor
 
     p = Predictor.load(tiny_export, device="cpu", precision="fp32")
     e = p.embed(car_images)
@@ -361,8 +362,8 @@ def test_embed_gives_normalised_pre_logit_features(tiny_export, car_images):
 
 @pytest.mark.parametrize("tta", [None, "flip"])
 def test_one_forward_pass_gives_the_logits_and_the_embeddings_of_two(tiny_export, car_images, tta):
-    from twincar.inference import Predictor
-    from twincar.neighbours import NeighbourIndex
+    from twincar.evaluation.neighbours import NeighbourIndex
+    from twincar.inference.predictor import Predictor
 
     p = Predictor.load(tiny_export, device="cpu", precision="fp32", tta=tta)
     batch = torch.stack([p.prepare(c) for c in car_images])
@@ -387,9 +388,9 @@ def test_one_forward_pass_gives_the_logits_and_the_embeddings_of_two(tiny_export
 def test_the_index_of_a_run_gives_predict_its_nearest_training_cars_and_eval_its_knn_metrics(run, tmp_path):
     from tests.trained import compose
     from twincar.eval import evaluate
+    from twincar.evaluation.neighbours import NeighbourIndex
     from twincar.index import build
-    from twincar.inference import Predictor
-    from twincar.neighbours import NeighbourIndex
+    from twincar.inference.predictor import Predictor
     from twincar.predict import predict_files
 
     ckpt = Path(json.loads((run / "metrics.json").read_text())["best_checkpoint"])

@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from twincar.viz import plot_curves, read_epoch_history
+from twincar.evaluation.figures import plot_curves, read_epoch_history
 
 # As Lightning's CSVLogger writes it: train and val rows of one epoch are separate lines.
 CSV = """epoch,step,train/acc,train/loss,val/acc,val/loss

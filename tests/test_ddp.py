@@ -117,8 +117,8 @@ def test_ddp_sweep_gives_one_directory_per_job_and_counts_each_val_image_once(tm
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["multiruns"]  # no stray runs/ folder
 
     from twincar.data.datamodule import CarsDataModule
-    from twincar.inference import Predictor
-    from twincar.metrics import classification_metrics
+    from twincar.inference.predictor import Predictor
+    from twincar.models.metrics import classification_metrics
 
     for job, optimizer in zip(jobs, ["adam", "sgd"], strict=True):
         assert f"optimizer={optimizer}" in (job / ".hydra" / "overrides.yaml").read_text()

@@ -44,10 +44,10 @@ def server(tiny_export, car_images):
 def open_set_server(tiny_export, car_images, tmp_path_factory):
     """The demo over a copy of the tiny model whose calibrated threshold lies between its scores of the photos (the
     lowest-scoring one is not one of its cars), with a neighbour index of the photos in index/ beside it."""
-    from twincar.calibration import unknown_scores
     from twincar.demo import build_app, find_index, launch
+    from twincar.evaluation.calibration import unknown_scores
+    from twincar.evaluation.neighbours import NeighbourIndex
     from twincar.models.io import write_calibration
-    from twincar.neighbours import NeighbourIndex
 
     folder = tmp_path_factory.mktemp("open_set_model")
     for name in ("model.pth", "model_card.json", "classes.txt"):
@@ -95,7 +95,7 @@ def indexed_copy(car_images, folder: Path, side: int):
     """An index with thumbnails (longer side ``side``) of copies of the photos in ``folder``, whose files are then
     removed, as on a machine that has the index but not the training images; the copies' paths."""
     from twincar.data.formats.common import Sample
-    from twincar.neighbours import build_index
+    from twincar.evaluation.neighbours import build_index
 
     train = folder / "train"
     train.mkdir(parents=True)
@@ -111,7 +111,7 @@ def test_an_index_keeps_thumbnails_so_the_gallery_needs_no_training_images(tiny_
     from PIL import Image
 
     from twincar.demo import Answerer, find_index
-    from twincar.neighbours import INDEX_THUMBNAILS, NeighbourIndex
+    from twincar.evaluation.neighbours import INDEX_THUMBNAILS, NeighbourIndex
 
     shutil.copy(tiny_export, tmp_path / "model.pth")
     shutil.copy(tiny_export.with_name("model_card.json"), tmp_path / "model_card.json")

@@ -191,9 +191,8 @@ def test_model_card_is_a_contract_in_strict_json(tmp_path):
 def test_runtime_follows_the_torch_paths_rules(tiny_export, car_images, tmp_path):
     """The torch-free runtime's decode (a large JPEG reduced by the same rule), resize and crop equal the torch
     path's (one grey level)."""
-    from twincar.inference import Prediction
-    from twincar.runtime import InputSpec, decode_rgb, resize_and_crop
-    from twincar.runtime import Prediction as RuntimePrediction
+    from twincar.inference.runtime import InputSpec, Prediction, decode_rgb, resize_and_crop
+    from twincar.inference.runtime import Prediction as RuntimePrediction
 
     assert Prediction is RuntimePrediction
     rng = np.random.default_rng(1)

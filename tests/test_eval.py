@@ -108,7 +108,8 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(run, tmp_path)
 @SLOW
 def test_an_unreadable_image_is_skipped_and_named(run, tmp_path):
     from twincar.data.formats import Sample
-    from twincar.inference import Predictor, collect_logits
+    from twincar.evaluation.loop import collect_logits
+    from twincar.inference.predictor import Predictor
 
     p = Predictor.load(run / "checkpoints" / "last.ckpt", device="cpu")
     good = tmp_path / "good.jpg"
@@ -178,7 +179,7 @@ def test_reports_on_a_parquet_copy_name_rows_and_draw_them(tmp_path):
     from twincar import Predictor
     from twincar.data.transforms import Preprocess
     from twincar.eval import eval_samples, write_reports
-    from twincar.inference import collect_logits
+    from twincar.evaluation.loop import collect_logits
 
     root = build("parquet", tmp_path / "hf")
     data = {"_target_": "twincar.data.datamodule.CarsDataModule", "root": str(root), "format": "parquet",
@@ -196,7 +197,7 @@ def test_reports_on_a_parquet_copy_name_rows_and_draw_them(tmp_path):
     pairs = read_csv(tmp_path / "reports" / "confused_pairs.csv")
     assert pairs and all("#" in r["example_a"] for r in pairs)  # a random network confuses some (seeded)
     from twincar.eval import _image
-    from twincar.viz import _thumbnail
+    from twincar.evaluation.figures import _thumbnail
 
     thumb = _thumbnail(_image(samples[0]))  # figures draw a row from its parquet bytes, not a grey placeholder
     assert thumb.dtype == np.uint8 and thumb.shape[2] == 3 and len(np.unique(thumb)) > 10

@@ -11,8 +11,8 @@ from PIL import Image
 from torch import nn
 
 from twincar import Predictor
-from twincar.cam import Explainer, ExplainError
 from twincar.data.transforms import Preprocess
+from twincar.gradcam.explainer import Explainer, ExplainError
 
 SIZE = 32
 CLASSES = ["Redcar Sedan 2001", "Greencar Sedan 2002"]

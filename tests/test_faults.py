@@ -24,9 +24,9 @@ import torch
 
 from tests.conftest import SMALL_SPEC, run_cli
 from tests.test_resume import _epoch_rows
+from twincar.cluster import LOCK, RunLockError, run_lock
 from twincar.files import WriteError, atomic_path, temp_files
 from twincar.models.io import WeightsError, safe_torch_load, save_torch
-from twincar.training.lock import LOCK, RunLockError, run_lock
 from twincar.training.resume import ResumeError, find_resume_checkpoint
 
 SMALL_DATA = [f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()]

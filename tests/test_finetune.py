@@ -243,7 +243,7 @@ def test_lr_find_writes_its_plot_and_prints_a_suggestion_without_training(tmp_pa
 
 # -- the ablation table -----------------------------------------------------------------------------
 def test_hierarchy_accuracy_on_known_predictions():
-    from twincar.metrics import hierarchy_accuracy
+    from twincar.models.metrics import hierarchy_accuracy
 
     names = ["Audi S4 Sedan 2007", "Audi S4 Sedan 2012", "BMW M3 Coupe 2012"]
     logits = torch.tensor([
@@ -266,8 +266,8 @@ def test_ablation_tool_names_a_directory_without_runs(tmp_path, capsys):
 # -- debug presets ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_debug_overfit_drives_the_training_loss_near_zero(tmp_path, data_dir):
+    from twincar.evaluation.figures import read_epoch_history
     from twincar.train import train
-    from twincar.viz import read_epoch_history
 
     train(compose_train(tmp_path, data_dir, "debug=overfit", "trainer.overfit_batches=1", "trainer.max_epochs=20",
                         "trainer.detect_anomaly=false", "optimizer.lr=3e-3", "data.image_size=32", "test=false",

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from twincar.metrics import classification_metrics
+from twincar.models.metrics import classification_metrics
 
 # Four images, six classes. Rank of the true class among the logits: 1st, 2nd, 4th, 6th.
 LOGITS = torch.tensor([
@@ -112,7 +112,7 @@ def test_ece_and_nll_by_hand():
 def test_ece_agrees_with_torchmetrics_and_accumulates_over_batches():
     from torchmetrics.classification import MulticlassCalibrationError
 
-    from twincar.metrics import Calibration
+    from twincar.models.metrics import Calibration
 
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(200, 7, generator=g) * 2, torch.randint(0, 7, (200,), generator=g)
@@ -130,7 +130,7 @@ def test_ece_agrees_with_torchmetrics_and_accumulates_over_batches():
 def test_train_summary_prints_the_fine_grained_accuracies():
     from pathlib import Path
 
-    from twincar.training.run import summary
+    from twincar.training.steps import summary
 
     metrics = {"val/acc": 0.5, "val/acc_make": 0.9, "val/acc_family": 0.75, "val/acc_year_in_family": 0.625,
                "test/acc": 0.4, "test/acc_make": 0.8, "test/acc_family": 0.7, "test/acc_year_in_family": float("nan")}

@@ -21,7 +21,7 @@ def _rows(path) -> list[dict]:
 def test_eval_predict_predictor_and_demo_give_the_same_answer(tmp_path_factory, data_dir, tmp_path, tta):
     from twincar.demo import Answerer
     from twincar.eval import evaluate
-    from twincar.inference import Predictor
+    from twincar.inference.predictor import Predictor
     from twincar.predict import predict_files
 
     run = trained_run(tmp_path_factory, data_dir)
@@ -57,8 +57,8 @@ def test_eval_predict_predictor_and_demo_give_the_same_answer(tmp_path_factory, 
 def test_flip_tta_averages_logits_so_the_temperature_never_changes_the_top1(tiny_export, car_images):
     import torch
 
-    from twincar.calibration import Calibration
-    from twincar.inference import Predictor
+    from twincar.evaluation.calibration import Calibration
+    from twincar.inference.predictor import Predictor
 
     plain = Predictor.load(tiny_export, device="cpu", precision="fp32")
     flip = Predictor.load(tiny_export, device="cpu", precision="fp32", tta="flip")

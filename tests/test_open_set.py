@@ -106,7 +106,7 @@ def test_the_end_of_training_reports_the_held_out_classes_as_its_open_set(small_
     import timm
     import torch
 
-    from twincar.training.run import calibrate_best
+    from twincar.training.steps import calibrate_best
 
     dm = datamodule(small_root, tmp_path, holdout=2)
     torch.manual_seed(0)

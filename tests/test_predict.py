@@ -14,7 +14,7 @@ import torch
 from tests.conftest import TINY_NAMES, run_cli
 from twincar import Predictor
 from twincar.data.images import find_images
-from twincar.inference import resolve_precision
+from twincar.inference.engines import resolve_precision
 from twincar.models.io import WeightsError
 from twincar.predict import main
 
@@ -212,7 +212,7 @@ def test_a_large_jpeg_is_predicted_from_the_reduced_decode_that_eval_uses(tiny_e
 def test_cpu_inference_decodes_in_process_and_a_gpu_gets_workers(monkeypatch):
     import os
 
-    from twincar.inference import default_workers
+    from twincar.inference.engines import default_workers
 
     assert default_workers(torch.device("cpu")) == 0  # workers would stall the network's threads on the same cores
     for cores, workers in ((2, 2), (32, 8), (None, 1)):  # a GPU: one per core, at most 8, one if unknown
@@ -228,7 +228,7 @@ def test_predicting_imports_no_training_code(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from twincar.inference import Predictor; import twincar.predict, twincar.models.io; "
+    code = ("import sys; from twincar.inference.predictor import Predictor; import twincar.predict, twincar.models.io; "
             "print(sorted(m for m in ('kornia', 'timm', 'lightning', 'torchmetrics', 'hydra') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -9,10 +9,10 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-import twincar.prediction_files as prediction_files
+import twincar.inference.writers as prediction_files
 from tests.conftest import TINY_NAMES
-from twincar.prediction_files import columns, write_predictions
-from twincar.runtime import Prediction
+from twincar.inference.runtime import Prediction
+from twincar.inference.writers import columns, write_predictions
 
 
 def predictions() -> list[Prediction]:

@@ -19,13 +19,22 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import twincar.shards as shards
+import twincar.inference.shards as shards
 from tests.conftest import TINY_NAMES, run_cli
 from tests.trained import compose, trained_run
 from twincar.errors import TwinCarError
+from twincar.inference.runtime import Prediction
+from twincar.inference.shards import (
+    JOB_FILE,
+    file_key,
+    merged,
+    shard_dir,
+    shard_files,
+    shard_keys,
+    to_record,
+    write_shard,
+)
 from twincar.predict import predict_files
-from twincar.runtime import Prediction
-from twincar.shards import JOB_FILE, file_key, merged, shard_dir, shard_files, shard_keys, to_record, write_shard
 
 TWO_CPU_PROCESSES = ["--devices", "2", "--accelerator", "cpu", "--no-progress"]
 
@@ -96,7 +105,7 @@ def test_two_processes_predict_every_image_once_in_input_order_as_one_process(ru
 
 HARNESS = '''"""python harness.py ARGS: twincar-predict, SIGKILLed (all its processes) once a first shard is written."""
 import os, signal, sys
-import twincar.shards as shards
+import twincar.inference.shards as shards
 write = shards.write_shard
 def write_then_die(path, records):
     write(path, records)
@@ -270,8 +279,8 @@ def test_the_merge_refuses_an_image_that_no_shard_holds_before_returning_any(tmp
 
 
 def test_processes_started_by_srun_or_torchrun_are_taken_and_a_disagreeing_flag_is_one_sentence(monkeypatch):
-    from twincar.parallel import resolve_processes
-    from twincar.training.lock import launched_processes
+    from twincar.cluster import launched_processes
+    from twincar.inference.parallel import resolve_processes
 
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS",
                  "SLURM_STEP_NUM_NODES", "SLURM_JOB_NAME"):
@@ -296,7 +305,7 @@ def test_processes_started_by_srun_or_torchrun_are_taken_and_a_disagreeing_flag_
 
 def test_a_second_job_into_the_same_output_stops_before_touching_the_first_ones_shards(tiny_export, car_images,
                                                                                       tmp_path):
-    from twincar.shards import job_lock
+    from twincar.inference.shards import job_lock
 
     out = tmp_path / "predictions.csv"
     with job_lock(shard_dir(out)):  # a job running (this process: alive)
@@ -315,7 +324,7 @@ def test_a_second_job_into_the_same_output_stops_before_touching_the_first_ones_
 def test_processes_that_list_other_images_or_cannot_see_the_folder_all_stop_in_one_sentence(tmp_path, monkeypatch):
     import torch
 
-    from twincar.shards import ShardWriter, start_job
+    from twincar.inference.shards import ShardWriter, start_job
 
     folder = tmp_path / "out.csv.shards"
     start_job(folder, {})
@@ -340,7 +349,7 @@ def test_sigterm_keeps_the_rows_predicted_so_far_and_resume_finishes_the_rest(ti
                                                                             monkeypatch):
     """Lightning's predict loop only notes a SIGTERM and runs on until SIGKILL: the writer stops at the end of the
     batch, and the rows of every finished batch (no shard of 1,000 was full yet) become a shard."""
-    from twincar.inference import Predictor
+    from twincar.inference.predictor import Predictor
 
     images = [shutil.copy(car_images[i % 3], tmp_path / f"car{i:02d}.jpg") for i in range(12)]
     out = tmp_path / "predictions.csv"
@@ -371,7 +380,7 @@ def test_rank_0_waits_for_the_shards_another_node_wrote_and_names_one_that_never
     process says it wrote before merging, and names a missing one rather than calling its images unpredicted."""
     import threading
 
-    from twincar.shards import wait_for_shards
+    from twincar.inference.shards import wait_for_shards
 
     folder = tmp_path / "out.csv.shards"
     folder.mkdir()
@@ -389,7 +398,7 @@ def test_slurms_signal_before_the_time_limit_requeues_the_job_and_keeps_the_rows
                                                                                           tmp_path, monkeypatch):
     """``sbatch --requeue --signal=USR1@180``: rank 0 runs ``scontrol requeue JOB``, SLURM answers with SIGTERM (here
     the stand-in scontrol sends it), the rows so far become a shard, and the requeued job's --resume ends the work."""
-    from twincar.inference import Predictor
+    from twincar.inference.predictor import Predictor
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -24,7 +24,7 @@ def compose_train(*overrides: str):
 
 
 def test_adam_and_sgd_runs_log_the_same_hparams_columns():
-    from twincar.training.run import hyperparameters
+    from twincar.training.steps import hyperparameters
 
     adam = hyperparameters(compose_train("optimizer=adam", "scheduler=cosine"))
     sgd = hyperparameters(compose_train("optimizer=sgd", "scheduler=step"))

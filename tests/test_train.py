@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.conftest import SMALL_SPEC, run_cli
-from twincar.viz import read_epoch_history
+from twincar.evaluation.figures import read_epoch_history
 
 SMALL_DATA = [f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()]
 RUN_FILES = ["config.yaml", "metrics.json", "csv/metrics.csv", "split.json", "loss_curve.png", "accuracy_curve.png",

@@ -9,7 +9,7 @@ __all__ = ["Predictor", "Prediction", "__version__"]
 def __getattr__(name: str):
     """``from twincar import Predictor`` without importing torch for ``import twincar`` alone."""
     if name in ("Predictor", "Prediction"):
-        from twincar import inference
+        from twincar.inference import predictor
 
-        return getattr(inference, name)
+        return getattr(predictor, name)
     raise AttributeError(f"module 'twincar' has no attribute {name!r}")

@@ -23,10 +23,11 @@ from omegaconf import OmegaConf
 
 from twincar.data.transforms import Preprocess
 from twincar.errors import TwinCarError
+from twincar.evaluation.loop import collect_logits
 from twincar.files import write_json
-from twincar.inference import Predictor, collect_logits
-from twincar.metrics import hierarchy_accuracy
+from twincar.inference.predictor import Predictor
 from twincar.models.io import build_model, module_weights, safe_torch_load
+from twincar.models.metrics import hierarchy_accuracy
 from twincar.runs import Run, find_runs, label_runs
 
 

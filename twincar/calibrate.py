@@ -1,8 +1,9 @@
 """Calibrate a trained model: ``python -m twincar.calibrate ckpt=PATH [classes=...] [data.split=val] [data.root=PATH]``.
 
 Fits the temperature (one scalar, by NLL) and the "unknown car" threshold (the score that keeps ``tpr`` of the
-split's images) with :func:`twincar.calibration.calibrate` on the logits :class:`~twincar.inference.Predictor`
-computes (:func:`~twincar.inference.collect_logits`, as eval does), and stores them with the model file
+split's images) with :func:`twincar.evaluation.calibration.calibrate` on the logits
+:class:`~twincar.inference.predictor.Predictor`
+computes (:func:`~twincar.inference.predictor.collect_logits`, as eval does), and stores them with the model file
 (:func:`twincar.models.io.write_calibration`: a ``.ckpt``'s hyper-parameters, the ``model_card.json`` beside exported
 weights, or ``NAME.calibration.json`` beside a bare state dict such as the original TwinCars ``.pth``). Predict,
 eval and the demo then use them. Training does this itself at its end; this is for any other model file.
@@ -19,14 +20,16 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from twincar.calibration import SCORES, Calibration, calibrate
 from twincar.errors import exit_on_user_error
+from twincar.evaluation.calibration import SCORES, Calibration, calibrate
+from twincar.evaluation.figures import reliability_diagram
+from twincar.evaluation.loop import EvalError, collect_logits, data_config, eval_samples
 from twincar.files import check_writable_dir, write_json
-from twincar.inference import EvalError, Predictor, collect_logits, data_config, default_workers, eval_samples
-from twincar.metrics import calibration_bins
+from twincar.inference.engines import default_workers
+from twincar.inference.predictor import Predictor
 from twincar.models.io import write_calibration
+from twincar.models.metrics import calibration_bins
 from twincar.runs import resolve_launch_paths
-from twincar.viz import reliability_diagram
 
 log = logging.getLogger(__name__)
 

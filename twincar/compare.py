@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from twincar.errors import TwinCarError
+from twincar.evaluation.figures import metric_bars
 from twincar.files import write_csv
 from twincar.runs import Run, find_runs, label_runs
-from twincar.viz import metric_bars
 
 log = logging.getLogger(__name__)
 

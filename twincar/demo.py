@@ -2,10 +2,11 @@
 
 Upload, drop or paste a car photo (or pick an example) and see its make, model, year and (calibrated) confidence, or,
 for a car below the model's unknown threshold, "Not one of the N cars I know" with the closest classes; the top-5
-classes as bars, on request a Grad-CAM overlay (:mod:`twincar.cam`), and, when a neighbour index is beside the model
+classes as bars, on request a Grad-CAM overlay (:mod:`twincar.gradcam.explainer`), and, when a neighbour index is
+beside the model
 (``index/``, built by ``python -m twincar.index``), the nearest training cars as thumbnails with their class and
-similarity (:mod:`twincar.neighbours`, from the prediction's own forward pass). Everything goes through one
-:class:`~twincar.inference.Predictor`, so the answer equals ``twincar.predict`` on the same file. Runs offline
+similarity (:mod:`twincar.evaluation.neighbours`, from the prediction's own forward pass). Everything goes through one
+:class:`~twincar.inference.predictor.Predictor`, so the answer equals ``twincar.predict`` on the same file. Runs offline
 (no CDN assets, analytics off); uploads are limited in size; one prediction runs at a time (Gradio queue).
 ``build_app`` makes the app (tests and ``space/app.py`` call it); ``main`` is the thin argparse entry point.
 Gradio (the ``demo`` extra) is imported only here.
@@ -54,7 +55,7 @@ def example_images(folder: str | Path | None) -> list[str]:
 def find_index(model: str | Path, index: str | Path | None = None, class_names: list[str] | None = None):
     """The neighbour index ``index`` names, or the ``index/`` folder beside ``model`` when there is one; None when
     there is none. Given the model's ``class_names``, an index of other classes is refused."""
-    from twincar.neighbours import INDEX_META, NeighbourIndex
+    from twincar.evaluation.neighbours import INDEX_META, NeighbourIndex
 
     folder = Path(index) if index else Path(model).expanduser().parent / "index"
     if index is None and not (folder / INDEX_META).is_file():
@@ -67,7 +68,7 @@ def thumbnail(path: str, side: int = THUMBNAIL_SIDE):
     import numpy as np
 
     from twincar.data.images import ImageReadError, load_rgb
-    from twincar.neighbours import thumbnail_image
+    from twincar.evaluation.neighbours import thumbnail_image
 
     try:
         return np.asarray(thumbnail_image(load_rgb(path, min_side=side), side))
@@ -117,7 +118,7 @@ class Answerer:
     def explainer(self):
         """The Grad-CAM explainer, built on first use (PyTorch models only)."""
         if self._explainer is None:
-            from twincar.cam import Explainer
+            from twincar.gradcam.explainer import Explainer
 
             self._explainer = Explainer(self.predictor, method="gradcam", faithfulness=False)
         return self._explainer
@@ -257,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    from twincar.inference import Predictor
+    from twincar.inference.predictor import Predictor
 
     try:
         predictor = Predictor.load(args.model, args.classes, device=args.device)

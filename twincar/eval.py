@@ -1,15 +1,16 @@
 """Evaluate a trained model: ``python -m twincar.eval ckpt=PATH [data.split=test|val] [data.root=PATH] [tta=flip]
 [ood=auto|none|holdout|synthetic|FOLDER]``.
 
-The model comes in through :class:`~twincar.inference.Predictor` (class names and preprocessing from the file),
+The model comes in through :class:`~twincar.inference.predictor.Predictor` (class names and preprocessing from the
+file),
 the images from :class:`~twincar.data.datamodule.CarsDataModule` built from the training run's data config
-(the very val/test sets training used), and the numbers from :func:`twincar.metrics.classification_metrics`
+(the very val/test sets training used), and the numbers from :func:`twincar.models.metrics.classification_metrics`
 (the code training logs with), so ``eval`` on a checkpoint's split reproduces what training logged.
 
 It writes into its run directory ``reports/``: ``metrics.json``, ``per_class.csv``, ``confused_pairs.csv`` /
 ``.png``, ``top_losses.png``, ``reliability.png`` and ``predictions.csv``; with ``ood=`` (images of no known
 class) also ``ood_scores.png`` and the ``ood/*`` open-set metrics. Confidence is the model's calibrated probability
-(its temperature, :mod:`twincar.calibration`): ``{split}/ece`` after temperature scaling, ``{split}/ece_raw``
+(its temperature, :mod:`twincar.evaluation.calibration`): ``{split}/ece`` after temperature scaling, ``{split}/ece_raw``
 before. ``evaluate(cfg)`` is the pure function; ``main`` the thin Hydra entry point. It never trains.
 """
 
@@ -23,26 +24,19 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from twincar.calibration import ece_nll, open_set_metrics
 from twincar.data.classes import parse_car_name
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, find_images, load_sample, sample_label
 from twincar.errors import exit_on_user_error
+from twincar.evaluation.calibration import ece_nll, open_set_metrics
+from twincar.evaluation.figures import confused_pairs_figure, reliability_diagram, score_histogram, top_losses_figure
+from twincar.evaluation.loop import EvalError, EvalOutputs, collect_logits, data_config, eval_samples
 from twincar.files import check_writable_dir, write_csv, write_json
-from twincar.inference import (  # noqa: F401 (EvalError, SPLITS: part of this module's interface)
-    SPLITS,
-    EvalError,
-    EvalOutputs,
-    Predictor,
-    collect_logits,
-    data_config,
-    default_workers,
-    eval_samples,
-)
-from twincar.metrics import calibration_bins, classification_metrics
+from twincar.inference.engines import default_workers
+from twincar.inference.predictor import Predictor
+from twincar.models.metrics import calibration_bins, classification_metrics
 from twincar.runs import resolve_launch_paths
 from twincar.training.distributed import hydra_job_relaunch, log_file_on_rank_zero_only
-from twincar.viz import confused_pairs_figure, reliability_diagram, score_histogram, top_losses_figure
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +192,8 @@ def unknown_images(predictor: Predictor, images: list, *, batch_size: int = 64,
 
 def open_set_report(predictor: Predictor, known: EvalOutputs, unknown_raw: torch.Tensor, out_dir: Path,
                     tpr: float = 0.95) -> dict[str, float]:
-    """The ``ood/*`` metrics (:func:`~twincar.calibration.open_set_metrics`) of the known images (their outputs)
+    """The ``ood/*`` metrics (:func:`~twincar.evaluation.calibration.open_set_metrics`) of the known images (their
+    outputs)
     against the unknown images' raw logits, at the model's own threshold; draws ``ood_scores.png``."""
     known_scores, unknown = predictor.unknown_scores(known.logits), predictor.unknown_scores(unknown_raw)
     threshold = predictor.unknown_threshold
@@ -264,7 +259,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     predictor = Predictor.load(cfg.ckpt, cfg.get("classes"), device=device, tta=str(cfg.get("tta", "none")))
     index = None
     if cfg.get("index"):  # checked before any image is read
-        from twincar.neighbours import NeighbourIndex
+        from twincar.evaluation.neighbours import NeighbourIndex
 
         index = NeighbourIndex.load(cfg.index, predictor.class_names)
     data, split = data_config(cfg)
@@ -282,7 +277,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                              num_workers=min(workers, default_workers(predictor.device)), progress=progress,
                              embeddings=index is not None)
     else:
-        from twincar import parallel
+        from twincar.inference import parallel
 
         log.info("evaluating %s on %d %s images (%d processes: %d node(s) x %d %s, tta=%s)", cfg.ckpt, len(samples),
                  split, processes.world_size, processes.num_nodes, processes.devices, processes.accelerator, cfg.tta)
@@ -296,7 +291,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = write_reports(out, predictor, out_dir, split=split, extra=extra,
                             top_losses=int(cfg.top_losses), top_pairs=int(cfg.confused_pairs))
     if index is not None:  # the embedding's own k-NN top-1 (against the training images) and Recall@1
-        from twincar.neighbours import knn_metrics
+        from twincar.evaluation.neighbours import knn_metrics
 
         metrics.update(knn_metrics(index, out.embeddings, out.labels, f"{split}/"))
         write_json(out_dir / "metrics.json", {**metrics, **extra})
@@ -310,15 +305,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def eval_processes(cfg: DictConfig):
-    """The :class:`~twincar.parallel.Processes` of ``trainer.devices`` x ``trainer.num_nodes`` when there are more
+    """The :class:`~twincar.inference.parallel.Processes` of ``trainer.devices`` x ``trainer.num_nodes`` when there
+    are more
     than one (or torchrun or srun started this process as one of several), else None: the one-process loop."""
-    from twincar.training.lock import launched_processes
+    from twincar.cluster import launched_processes
 
     trainer = cfg.get("trainer") or {}
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     if devices == 1 and nodes == 1 and launched_processes() is None:
         return None
-    from twincar.parallel import resolve_processes
+    from twincar.inference.parallel import resolve_processes
 
     if cfg.get("device", "auto") != "auto":
         raise EvalError(f"device={cfg.device} names the device of a one-process run: with trainer.devices, choose "

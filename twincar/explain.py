@@ -2,7 +2,7 @@
 [--method M] [--target pred|true|CLASS_NAME] [--out DIR]``.
 
 Writes one overlay PNG per image, ``<method>_grid.png`` and ``explain.csv`` (prediction and faithfulness per
-image). The Grad-CAM work is :class:`twincar.cam.Explainer`'s; ``explain_files`` is the pure function.
+image). The Grad-CAM work is :class:`twincar.gradcam.explainer.Explainer`'s; ``explain_files`` is the pure function.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from twincar.cam import METHODS, Explainer, ExplainError, Explanation
 from twincar.data.classes import name_key
 from twincar.errors import TwinCarError
+from twincar.evaluation.figures import cam_figure, cam_grid
 from twincar.files import check_writable_dir, write_csv
-from twincar.viz import cam_figure, cam_grid
+from twincar.gradcam.explainer import METHODS, Explainer, ExplainError, Explanation
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from twincar.data.images import find_images
-        from twincar.inference import Predictor
+        from twincar.inference.predictor import Predictor
 
         check_writable_dir(args.out, "--out")  # before any work
         images = find_images(args.images)  # the predict CLI's rules: files, folders, globs

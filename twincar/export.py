@@ -111,7 +111,7 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from twincar.inference import Predictor
+    from twincar.inference.predictor import Predictor
 
     class Batches(CalibrationDataReader):
         def __init__(self):
@@ -216,7 +216,7 @@ def export_model(
             raise ExportError(f"{weights} differs from the PyTorch model by up to {diff:.2e}: the export is wrong")
     quantization = None
     if quantize:
-        from twincar.inference import Predictor
+        from twincar.inference.predictor import Predictor
         chosen, held_out = _calibration_split(calibration_set, calibration_images)
         fp32 = Predictor.load(weights, loaded.class_names, preprocess=loaded.preprocess, device="cpu",
                               precision="fp32")

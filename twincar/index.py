@@ -1,7 +1,9 @@
 """Build the nearest-training-cars index: ``python -m twincar.index ckpt=PATH [classes=...] [data overrides]``.
 
-Embeds the training split (:meth:`twincar.inference.Predictor.embeddings`, L2-normalised pre-logit features) of the
-data the model was trained with and writes :class:`twincar.neighbours.NeighbourIndex` to ``index/`` beside the model
+Embeds the training split (:meth:`twincar.inference.predictor.Predictor.embeddings`, L2-normalised pre-logit
+features) of the
+data the model was trained with and writes :class:`twincar.evaluation.neighbours.NeighbourIndex` to ``index/`` beside
+the model
 (or ``out=DIR``), where ``twincar-predict --neighbours K``, the demo and ``python -m twincar.eval index=DIR`` find it.
 Search is exact (cosine similarity): ``backend=auto`` (faiss when installed, else torch), ``torch`` or ``faiss``
 (``pip install 'twincar[faiss]'``). ``thumbnails=128`` (the default) keeps a small JPEG of each image in the index,
@@ -18,8 +20,9 @@ import hydra
 from omegaconf import DictConfig, open_dict
 
 from twincar.errors import exit_on_user_error
-from twincar.inference import EvalError, Predictor, data_config, eval_samples
-from twincar.neighbours import build_index, resolve_backend
+from twincar.evaluation.loop import EvalError, data_config, eval_samples
+from twincar.evaluation.neighbours import build_index, resolve_backend
+from twincar.inference.predictor import Predictor
 from twincar.runs import resolve_launch_paths
 
 log = logging.getLogger(__name__)

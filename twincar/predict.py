@@ -6,8 +6,10 @@ model carries an unknown threshold (``--unknown``), and ``error``) to a CSV, JSO
 is the pure function; ``main`` is the thin argparse entry point.
 
 With ``--devices N [--num-nodes M]`` (or under ``torchrun`` / ``srun``) the images are shared among the processes by
-Lightning's ``Trainer.predict`` (:mod:`twincar.parallel`); each process writes its predictions in shards and rank 0
-merges them in input order (:mod:`twincar.shards`). ``--resume`` finishes a killed job: only the images without a
+Lightning's ``Trainer.predict`` (:mod:`twincar.inference.parallel`); each process writes its predictions in shards
+and rank 0
+merges them in input order (:mod:`twincar.inference.shards`). ``--resume`` finishes a killed job: only the images
+without a
 row in its shards are predicted.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from twincar.errors import TwinCarError
 from twincar.files import check_writable
-from twincar.prediction_files import FORMATS, write_predictions
+from twincar.inference.writers import FORMATS, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,8 @@ def predict_files(
     """Predict every image and write the rows to ``output``; unreadable images get an ``error`` row.
 
     The model and its class list are checked before any image is read. ``num_workers`` decoding processes
-    (None: :func:`default_workers`). An ``.onnx`` model runs on the torch-free runtime (:mod:`twincar.runtime`:
+    (None: :func:`default_workers`). An ``.onnx`` model runs on the torch-free runtime
+    (:mod:`twincar.inference.runtime`:
     numpy, PIL and onnxruntime; torch is never imported), decoding in this process. ``unknown``: ``auto`` (the
     model's calibrated threshold, when it carries one), ``off`` or a threshold on its unknown score; a car below it
     is "not one of the known classes". ``neighbours``: add the k nearest training images of each (from ``index``,
@@ -92,7 +95,8 @@ def predict_files(
 
     ``devices`` processes per node on ``num_nodes`` nodes (``accelerator`` cpu or gpu; left out under torchrun:
     its own), or ``resume``: Lightning's ``Trainer.predict`` with shards of ``shard_size`` images per process
-    (:mod:`twincar.shards`); ``resume`` predicts only the images the shards beside ``output`` lack. Returns the
+    (:mod:`twincar.inference.shards`); ``resume`` predicts only the images the shards beside ``output`` lack. Returns
+    the
     summary on global rank 0, None on the other ranks.
     """
     from twincar.data.discovery import find_images
@@ -104,7 +108,7 @@ def predict_files(
         if value is not None and value < least:
             raise TwinCarError(f"{flag} must be at least {least}, got {value}")
     output = check_writable(output, "--output")  # before the model loads: nothing computed is lost
-    from twincar.training.lock import launched_processes  # no torch: the ONNX path stays torch-free
+    from twincar.cluster import launched_processes  # no torch: the ONNX path stays torch-free
 
     scale_out = resume or (devices or 1) > 1 or (num_nodes or 1) > 1 or launched_processes() is not None
     if str(model).endswith(".onnx"):
@@ -117,11 +121,12 @@ def predict_files(
                                                  image_size=image_size, resize_mode=resize_mode, tta=tta,
                                                  unknown=unknown, neighbours=neighbours, progress=progress)
         return _write(output, predictions, fmt, topk, start, open_set=runtime.unknown_threshold is not None)
-    from twincar.inference import Predictor, default_workers  # torch is imported here, not for --help
+    from twincar.inference.engines import default_workers
+    from twincar.inference.predictor import Predictor
 
     processes = None
     if scale_out:
-        from twincar.parallel import resolve_processes
+        from twincar.inference.parallel import resolve_processes
 
         if device != "auto":
             raise TwinCarError(f"--device {device} names the device of a one-process run: with --devices, "
@@ -134,7 +139,7 @@ def predict_files(
     )
     search, neighbour_folder = None, None
     if neighbours:
-        from twincar.neighbours import NeighbourIndex
+        from twincar.evaluation.neighbours import NeighbourIndex
 
         neighbour_folder = Path(index) if index else Path(model).expanduser().parent / "index"
         neighbour_index = NeighbourIndex.load(neighbour_folder, predictor.class_names)
@@ -152,8 +157,8 @@ def predict_files(
                                         num_workers=min(workers, max(0, len(files) // batch_size)))
         return _write(output, _with_progress(stream, len(files), progress), fmt, topk, start,
                       neighbours=neighbours, open_set=predictor.unknown_threshold is not None)
-    from twincar.parallel import default_workers as workers_per_process
-    from twincar.shards import job_lock, job_options, predict_sharded, remove_shards, shard_dir
+    from twincar.inference.parallel import default_workers as workers_per_process
+    from twincar.inference.shards import job_lock, job_options, predict_sharded, remove_shards, shard_dir
 
     options = job_options(model, predictor, topk=topk, neighbours=neighbours, precision=precision,
                           accelerator=processes.accelerator, index=neighbour_folder)
@@ -197,7 +202,7 @@ def _onnx_predictions(files: list, model, classes, *, topk: int, batch_size: int
                       image_size: int | None, resize_mode: str | None, tta: str | None, unknown: str, neighbours: int,
                       progress: bool) -> tuple:
     """The torch-free runtime of an ``.onnx`` model (loaded and checked now) and its predictions, as they come."""
-    from twincar.runtime import OnnxPredictor
+    from twincar.inference.runtime import OnnxPredictor
 
     if precision == "bf16":
         raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
@@ -263,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; a user error prints one sentence and exits 1, as does a run where every image failed."""
-    from twincar.training.lock import is_launching_process
+    from twincar.cluster import is_launching_process
 
     args = build_parser().parse_args(argv)
     level = logging.INFO if is_launching_process() else logging.WARNING  # rank 0 says what the job does

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from twincar.errors import TwinCarError
-from twincar.viz import plot_curves
+from twincar.evaluation.figures import plot_curves
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from twincar.cluster import run_lock
 from twincar.errors import TwinCarError
 from twincar.files import remove_stale_temp_files
 from twincar.models.finetune import run_lr_find
 from twincar.runs import resolve_launch_paths
 from twincar.training.distributed import hydra_job_relaunch, log_file_on_rank_zero_only
-from twincar.training.lock import run_lock
-from twincar.training.run import (
+from twincar.training.steps import (
     build_datamodule,
     build_model,
     build_trainer,
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, then validate (and test) the best checkpoint; write the run's artefacts; return the metrics.
 
-    The run directory is locked while it runs (one writer; see :mod:`twincar.training.lock`); what a killed
+    The run directory is locked while it runs (one writer; see :mod:`twincar.cluster`); what a killed
     run left half-written there (temporary files) is removed first."""
     resolve_launch_paths(cfg)
     log_file_on_rank_zero_only()

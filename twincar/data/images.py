@@ -24,7 +24,9 @@ from torchvision.io import ImageReadMode, decode_image
 from twincar.data.discovery import IMAGE_EXTENSIONS, NoImagesError, find_images  # noqa: F401 (their old home)
 from twincar.data.formats.common import Sample
 from twincar.errors import TwinCarError
-from twincar.runtime import reduced_decode_scale  # one rule for both decoders (the runtime's imports no torch)
+from twincar.inference.runtime import (
+    reduced_decode_scale,  # one rule for both decoders (the runtime's imports no torch)
+)
 
 log = logging.getLogger(__name__)
 

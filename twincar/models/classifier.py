@@ -13,9 +13,9 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torchmetrics import MaxMetric
 
-from twincar.metrics import classification_metrics
 from twincar.models.finetune import EMA, CompiledForward, FreezeBackbone, layer_decay_groups
 from twincar.models.io import create_model
+from twincar.models.metrics import classification_metrics
 
 
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict]:
@@ -68,7 +68,8 @@ class CarClassifier(L.LightningModule):
             (timm's layer-wise lr decay, None = off) and extra optimizer kwargs (e.g. ``momentum``).
         scheduler: ``name`` (``cosine``, ``step`` or ``none``) and its options.
         preprocess: the input the model expects (:class:`twincar.data.transforms.Preprocess` as a dict).
-        calibration: the temperature and unknown threshold fitted after training (:mod:`twincar.calibration`, as a
+        calibration: the temperature and unknown threshold fitted after training
+        (:mod:`twincar.evaluation.calibration`, as a
             dict); carried in checkpoints for inference, unused by training.
     """
 

@@ -501,7 +501,7 @@ class LoadedModel:
     architecture: str
     source: Path
     card: dict = field(default_factory=dict)  # the model card or checkpoint hparams it came with
-    calibration: dict | None = None  # temperature and unknown threshold (twincar.calibration), when fitted
+    calibration: dict | None = None  # temperature and unknown threshold (twincar.evaluation.calibration), when fitted
 
 
 class OnnxModule(nn.Module):

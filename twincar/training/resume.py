@@ -26,12 +26,12 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
+from twincar.cluster import requeue_slurm_job, slurm_job_id
 from twincar.compat.lightning import set_csv_columns
 from twincar.errors import TwinCarError
 from twincar.files import write_csv
 from twincar.models.io import safe_torch_load
 from twincar.training.checkpoints import checkpoint_problem, newest_readable
-from twincar.training.lock import requeue_slurm_job, slurm_job_id
 
 log = logging.getLogger(__name__)
 

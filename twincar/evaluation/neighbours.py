@@ -1,4 +1,4 @@
-"""The nearest training cars: an exact nearest-neighbour index over :meth:`twincar.inference.Predictor.embed`
+"""The nearest training cars: an exact nearest-neighbour index over :meth:`twincar.inference.predictor.Predictor.embed`
 features (cosine similarity of L2-normalised pre-logit features), searched exactly: in torch (chunked matrix products)
 or, with the ``faiss`` extra (``pip install 'twincar[faiss]'``), by faiss's exact inner-product index
 (``IndexFlatIP``), faster on large indexes and never holding a whole similarity matrix. Both give the same neighbours.
@@ -238,12 +238,13 @@ def thumbnail_jpeg(sample, side: int) -> bytes:
 
 def build_index(predictor, samples: Sequence, *, batch_size: int = 64, bbox_margin: float | None = None,
                 backend: str = "auto", thumbnails: int = 0) -> NeighbourIndex:
-    """Embed labelled ``samples``, read as :func:`~twincar.inference.collect_logits` reads them (unreadable ones
+    """Embed labelled ``samples``, read as :func:`~twincar.inference.predictor.collect_logits` reads them (unreadable
+    ones
     left out), into an index searched with ``backend``; ``thumbnails``: keep a JPEG of each image, its longer side
     that many pixels (0: none). An image is named by its path, or ``file.parquet#row``."""
     resolve_backend(backend)  # faiss asked for but missing: said before anything is embedded
     from twincar.data.images import sample_label
-    from twincar.inference import labelled_batches
+    from twincar.evaluation.loop import labelled_batches
 
     samples = list(samples)
     feats, kept = [], []

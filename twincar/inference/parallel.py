@@ -5,7 +5,7 @@ runs. Lightning starts the processes (or joins them, when ``torchrun`` or SLURM'
 each an unrepeated share of the inputs (its ``UnrepeatedDistributedSampler`` for predict: no image twice, no
 padding) and a device; each process runs the same :meth:`Predictor.batch_outputs` as a one-process run does, on the
 same decoding and transforms. What happens to the outputs is a callback's: the sharded, resumable writer of predict
-(:mod:`twincar.shards`), or :class:`GatherOutputs`, which brings eval's logits to rank 0.
+(:mod:`twincar.inference.shards`), or :class:`GatherOutputs`, which brings eval's logits to rank 0.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from twincar.cluster import is_launching_process, launched_processes, requeue_slurm_job, slurm_job_id
 from twincar.data.datasets import collate_readable
 from twincar.errors import TwinCarError
-from twincar.inference import BatchOutputs, EvalOutputs, Predictor, eval_outputs, labelled_dataset, split_batch
-from twincar.inference import collect_logits as one_process_logits
-from twincar.training.lock import is_launching_process, launched_processes, requeue_slurm_job, slurm_job_id
+from twincar.evaluation.loop import EvalOutputs, eval_outputs, labelled_dataset
+from twincar.evaluation.loop import collect_logits as one_process_logits
+from twincar.inference.batches import BatchOutputs, split_batch
+from twincar.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class Processes:
 def resolve_processes(devices: int | None = None, num_nodes: int | None = None,
                       accelerator: str = "auto") -> Processes:
     """The processes a run asks for (a value left out: 1). Under ``torchrun`` or ``srun`` they are the ones it
-    started (:func:`~twincar.training.lock.launched_processes`), and a number given here must agree (1 is the
+    started (:func:`~twincar.cluster.launched_processes`), and a number given here must agree (1 is the
     default)."""
     accelerator = "gpu" if accelerator == "cuda" else accelerator
     if accelerator not in ACCELERATORS:
@@ -84,7 +86,8 @@ REQUEUE_SIGNAL = signal.SIGUSR1  # what ``sbatch --signal=USR1@SECONDS`` sends b
 def requeue_on_time_limit() -> Iterator[None]:
     """In a SLURM job submitted with ``sbatch --requeue --signal=USR1@SECONDS``: on the SIGUSR1 that SLURM sends
     before the time limit, rank 0 puts the job back in the queue (``scontrol requeue``). SLURM then stops every
-    process with SIGTERM, which keeps the rows predicted so far (:class:`~twincar.shards.ShardWriter`), and the
+    process with SIGTERM, which keeps the rows predicted so far (:class:`~twincar.inference.shards.ShardWriter`), and
+    the
     requeued script's ``--resume`` predicts the rest. Every other process of the job (other ranks, data-loading
     workers) ignores the signal, which would otherwise kill it. Outside SLURM, off the main thread, or when a
     SIGUSR1 handler is already set, nothing changes; Lightning then does not install its own, which would also
@@ -113,7 +116,8 @@ def requeue_on_time_limit() -> Iterator[None]:
 
 
 def default_workers(processes: Processes) -> int:
-    """Decoding processes per inference process: none on the CPU (as :func:`twincar.inference.default_workers`),
+    """Decoding processes per inference process: none on the CPU (as
+    :func:`twincar.inference.predictor.default_workers`),
     else the node's cores shared among its processes, up to 8 each."""
     return 0 if processes.accelerator == "cpu" else max(1, min(8, (os.cpu_count() or 1) // processes.devices - 1))
 
@@ -201,7 +205,8 @@ class GatherOutputs(L.Callback):
 def collect_logits(predictor: Predictor, samples: Sequence, processes: Processes, *, bbox_margin: float | None = None,
                    batch_size: int = 64, num_workers: int = 0, progress: bool = True,
                    embeddings: bool = False) -> EvalOutputs | None:
-    """:func:`twincar.inference.collect_logits` on ``processes``: the same :class:`EvalOutputs` (sample order) on
+    """:func:`twincar.inference.predictor.collect_logits` on ``processes``: the same :class:`EvalOutputs` (sample
+    order) on
     global rank 0, None on the other ranks."""
     samples = list(samples)
     if len(samples) < processes.world_size:  # Lightning's sampler gives each process one image at least

@@ -16,9 +16,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from twincar.calibration import Calibration, calibrate, ece_nll, open_set_metrics
 from twincar.data.classes import class_names_difference, write_classes_txt
 from twincar.errors import TwinCarError
+from twincar.evaluation.calibration import Calibration, calibrate, ece_nll, open_set_metrics
+from twincar.evaluation.figures import plot_curves
 from twincar.files import write_json, write_text
 from twincar.models.classifier import CarClassifier
 from twincar.models.io import (
@@ -41,7 +42,6 @@ from twincar.training.resume import (
 )
 from twincar.training.search import pruning_callback
 from twincar.training.tracking import is_tracker, log_artefacts
-from twincar.viz import plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -271,14 +271,15 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
                    tpr: float = 0.95) -> Calibration:
     """Fit the temperature (NLL) and the unknown threshold (``tpr`` of the known images) on the validation logits of
     the weights :func:`evaluate_best` left in ``model`` (the best checkpoint's), computed as predict and eval compute
-    them (:func:`~twincar.inference.collect_logits`); store them in the best checkpoint's hyper-parameters.
+    them (:func:`~twincar.inference.predictor.collect_logits`); store them in the best checkpoint's hyper-parameters.
 
     ``metrics`` gains ``val/temperature``, and for val (and test, when it was tested) ``ece``/``nll`` become the
     calibrated values, the trainer's raw ones moving to ``ece_raw``/``nll_raw`` (as eval reports them). On the
     held-out classes of ``data.open_set.holdout`` (their test images) or, on the embedded dataset with
     ``data.synthetic.unknown_classes``, its unknown classes, also the ``ood/*`` open-set metrics of those images
-    against the test (else val) images (:func:`~twincar.calibration.open_set_metrics`)."""
-    from twincar.inference import Predictor, collect_logits
+    against the test (else val) images (:func:`~twincar.evaluation.calibration.open_set_metrics`)."""
+    from twincar.evaluation.loop import collect_logits
+    from twincar.inference.predictor import Predictor
 
     predictor = Predictor(model.model, model.class_names, datamodule.preprocess, device=model.device,
                           channels_last=False, precision="fp32")

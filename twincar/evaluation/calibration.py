@@ -13,7 +13,8 @@
   sidecar file beside the weights: :func:`twincar.models.io.write_calibration`), and :func:`calibrate`, which fits
   both from a split's logits.
 
-The logits are raw (temperature 1: :meth:`twincar.inference.Predictor.outputs`' first); with flip TTA, the average
+The logits are raw (temperature 1: :meth:`twincar.inference.predictor.Predictor.outputs`' first); with flip TTA, the
+average
 of the image's and its mirror image's, so the temperature applies to them as to one view's. A calibration records
 the TTA it was fitted with (``tta``): the threshold is used with another, with a warning (the scores shift a little).
 """
@@ -135,7 +136,7 @@ def open_set_metrics(known: torch.Tensor, unknown: torch.Tensor, *, threshold: f
 def ece_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[float, float]:
     """(expected calibration error, mean NLL) of ``softmax(logits / temperature)``, ECE as the metrics compute it."""
     z = logits.float() / temperature
-    from twincar.metrics import calibration_bins, expected_calibration_error  # torchmetrics: not for predict
+    from twincar.models.metrics import calibration_bins, expected_calibration_error  # torchmetrics: not for predict
 
     ece = float(expected_calibration_error(calibration_bins(z, labels)))
     return ece, float(F.cross_entropy(z, labels.long()))

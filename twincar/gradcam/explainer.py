@@ -1,7 +1,7 @@
-"""Grad-CAM on a :class:`~twincar.inference.Predictor`: what the model looks at, and whether it matters.
+"""Grad-CAM on a :class:`~twincar.inference.predictor.Predictor`: what the model looks at, and whether it matters.
 
 >>> from twincar import Predictor
->>> from twincar.cam import Explainer
+>>> from twincar.gradcam.explainer import Explainer
 >>> explainer = Explainer(Predictor.load("run/checkpoints/last.ckpt"), method="finercam")  # build once
 >>> e = explainer.explain("car.jpg")             # target="pred" | "true" (with labels=) | a class name | an index
 >>> e.prediction.name, e.cam.shape, e.overlay.shape, e.faithfulness
@@ -32,7 +32,9 @@ from twincar.compat.gradcam import attach_hooks, cam_hooks
 from twincar.data.classes import name_key
 from twincar.data.images import ImageReadError
 from twincar.errors import TwinCarError
-from twincar.inference import ImageInput, Prediction, Predictor, source_name
+from twincar.inference.batches import ImageInput, source_name
+from twincar.inference.predictor import Predictor
+from twincar.inference.runtime import Prediction
 
 log = logging.getLogger(__name__)
 

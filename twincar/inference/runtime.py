@@ -6,9 +6,9 @@ so start-up is a fraction of a second and the install is numpy, pillow and onnxr
 as the PyTorch path (:mod:`twincar.data.images` + :mod:`twincar.data.transforms`): PIL decode (a large JPEG at
 reduced size with ``draft``, EXIF orientation applied, RGB), short-side resize (bilinear, antialiased: PIL's),
 center crop, ``(pixel / 255 - mean) / std`` as float32 NCHW, logits out. Flip TTA is the same definition as
-:mod:`twincar.inference`'s. Nothing here imports a TwinCar module that imports torch.
+:mod:`twincar.inference.predictor`'s. Nothing here imports a TwinCar module that imports torch.
 
->>> from twincar.runtime import OnnxPredictor
+>>> from twincar.inference.runtime import OnnxPredictor
 >>> p = OnnxPredictor.load("exports/onnx/model.onnx")  # model_card.json beside it gives classes and preprocessing
 >>> p.predict("car.jpg").name
 """
@@ -130,7 +130,8 @@ def unknown_threshold(unknown: str | float | None, calibration: dict | None, tta
 
 
 def unknown_scores(logits: np.ndarray, score: str = "max_logit", temperature: float = 1.0) -> np.ndarray:
-    """(N,) unknown scores of raw logits (N, K), as :func:`twincar.calibration.unknown_scores` defines them."""
+    """(N,) unknown scores of raw logits (N, K), as :func:`twincar.evaluation.calibration.unknown_scores` defines
+    them."""
     z = logits.astype(np.float64)
     if score == "max_logit":
         return z.max(axis=1)
@@ -285,7 +286,7 @@ def read_card(weights: Path) -> dict:
 
 class OnnxPredictor:
     """An ONNX model with its class names and input spec: the torch-free counterpart of
-    :class:`twincar.inference.Predictor` (same answers, same :class:`Prediction` rows)."""
+    :class:`twincar.inference.predictor.Predictor` (same answers, same :class:`Prediction` rows)."""
 
     is_onnx = True  # the demo offers no Grad-CAM for it (that needs PyTorch weights)
 
@@ -351,7 +352,8 @@ class OnnxPredictor:
         return self.outputs(batch)[1]
 
     def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(raw, calibrated)`` logits of one run, as :meth:`twincar.inference.Predictor.outputs` gives them."""
+        """``(raw, calibrated)`` logits of one run, as :meth:`twincar.inference.predictor.Predictor.outputs` gives
+        them."""
         x = normalise(batch, self.spec)
         if self.tta == "flip":
             x = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
@@ -360,7 +362,7 @@ class OnnxPredictor:
         return self._flip_average(out, 1.0), self._flip_average(out, self.temperature)
 
     def _flip_average(self, out: np.ndarray, temperature: float) -> np.ndarray:
-        """:func:`twincar.inference.flip_average` in numpy."""
+        """:func:`twincar.inference.predictor.flip_average` in numpy."""
         if self.tta == "flip":
             plain, flipped = np.split(out, 2)
             out = (plain + flipped) / 2

@@ -27,12 +27,13 @@ import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from twincar.cluster import is_launching_process, run_lock
 from twincar.errors import TwinCarError
+from twincar.evaluation.neighbours import INDEX_TENSORS
 from twincar.files import atomic_path, read_json_object, remove_stale_temp_files, write_json
-from twincar.inference import BatchOutputs, Predictor, source_name
-from twincar.neighbours import INDEX_TENSORS
-from twincar.runtime import Prediction
-from twincar.training.lock import is_launching_process, run_lock
+from twincar.inference.batches import BatchOutputs, source_name
+from twincar.inference.predictor import Predictor
+from twincar.inference.runtime import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -362,10 +363,11 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
                     topk: int, batch_size: int, num_workers: int = 0, neighbours: Callable | None = None,
                     shard_size: int, resume: bool = False,
                     progress: bool = True) -> tuple[Iterator[Prediction], int] | None:
-    """Predict ``files`` on ``processes`` (:func:`twincar.parallel.run_inference`) into the shards beside ``output``;
+    """Predict ``files`` on ``processes`` (:func:`twincar.inference.parallel.run_inference`) into the shards beside
+    ``output``;
     with ``resume``, only those the shards lack. On global rank 0: every file's prediction in input order, streamed
     from the shards (:func:`merged`), and how many came from earlier shards; None on the other ranks."""
-    from twincar.parallel import requeue_on_time_limit, run_inference
+    from twincar.inference.parallel import requeue_on_time_limit, run_inference
 
     folder = shard_dir(output)
     check_job(folder, options, resume)

@@ -12,7 +12,8 @@ Loading goes through :func:`twincar.models.io.load_model` (safe: no unpickling) 
 :func:`collect_logits`, which calls the same :meth:`Predictor.prepare` decode and :meth:`Predictor.logits`, so
 a prediction here equals what evaluation computes for the same file, flip TTA included.
 
-Calibration (:mod:`twincar.calibration`): a model file that carries a temperature ``T`` (from the end of training
+Calibration (:mod:`twincar.evaluation.calibration`): a model file that carries a temperature ``T`` (from the end of
+training
 or ``python -m twincar.calibrate``) is predicted with ``softmax(logits / T)``, so ``confidence`` is the calibrated
 probability; with an unknown threshold too, an image whose unknown score is below it has ``known=False`` (not one of
 the model's classes) and keeps its closest classes in ``topk``.
@@ -25,184 +26,32 @@ averaged logits as it divides one view's, so it never changes the top-1, and the
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from twincar.calibration import Calibration
-from twincar.data.classes import class_names_difference, parse_car_name
-from twincar.data.datasets import CarsDataset, collate_readable
-from twincar.data.formats import Sample
-from twincar.data.images import ImageReadError, load_rgb, load_sample, pil_to_uint8, sample_label
+from twincar.data.classes import parse_car_name
 from twincar.data.transforms import BatchTransform, EvalImageTransform, Preprocess
 from twincar.errors import TwinCarError
+from twincar.evaluation.calibration import Calibration
+from twincar.inference.batches import Batch, BatchOutputs, ImageInput, _Inputs, iter_batches, prepare_image, source_name
+from twincar.inference.engines import TTA_MODES, resolve_device, resolve_precision
+from twincar.inference.runtime import Prediction, unknown_threshold  # shared with the torch-free runtime
 from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model, min_input_size, resolve_model_source
 from twincar.runs import find_run_config
-from twincar.runtime import Prediction, unknown_threshold  # shared with the torch-free runtime
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
+    pass
 
 log = logging.getLogger(__name__)
 
-ImageInput = str | Path | Image.Image | torch.Tensor
-PRECISIONS = ("auto", "fp32", "bf16")
-TTA_MODES = (None, "none", "flip")  # "none" and None are the same: one pass
 
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a device that does not exist here is one sentence."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise TwinCarError(f"--device {device} is not a device: use auto, cpu, cuda or cuda:N") from e
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise TwinCarError(f"--device {device}: no CUDA GPU is available here: use --device cpu (or auto)")
-        if resolved.index is not None and resolved.index >= count:
-            raise TwinCarError(f"--device {device}: there are only {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
-    elif resolved.type != "cpu":
-        raise TwinCarError(f"--device {device}: only cpu and cuda devices are supported")
-    return resolved
-
-
-def default_workers(device: torch.device) -> int:
-    """Decoding processes for inference on ``device``: none on the CPU, where the network already uses every
-    core (decoding is a few percent of the work there, and a busy core stalls every layer's threads: predict
-    ran 4x slower on 2 cores with 2 workers), else up to 8 (a GPU waits on decoding)."""
-    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision``: ``bf16`` -> bfloat16, ``fp32`` -> None (no autocast), ``auto`` ->
-    bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, or a CPU with AVX512-BF16 or
-    AMX), else None."""
-    if precision not in PRECISIONS:
-        raise TwinCarError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        from twincar.compat.torch import cpu_has_native_bf16
-
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    return None
-
-
-def to_uint8_rgb(image: ImageInput) -> torch.Tensor:
-    """A path, PIL image or tensor as a ``uint8`` (3, H, W) RGB tensor; unreadable files raise ImageReadError."""
-    if isinstance(image, (str, Path)):
-        return load_rgb(image)
-    if isinstance(image, Image.Image):
-        return pil_to_uint8(image)  # as a file of that mode decodes (16-bit scaled)
-    if isinstance(image, torch.Tensor):
-        t = image
-        if t.ndim == 2:
-            t = t.unsqueeze(0)
-        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-            raise ValueError(f"an image tensor must be (C, H, W) with C in 1, 3, 4; got shape {tuple(image.shape)}")
-        if t.dtype != torch.uint8:
-            raise ValueError(f"an image tensor must be uint8 (0..255); got {t.dtype}")
-        return t[:3] if t.shape[0] == 4 else t.expand(3, -1, -1) if t.shape[0] == 1 else t
-    raise TypeError(f"cannot predict on a {type(image).__name__}: pass a path, a PIL image or a uint8 tensor")
-
-
-def source_name(image: ImageInput) -> str:
-    """How an input is named in results: its path, or ``<PIL image>`` / ``<tensor>``."""
-    if isinstance(image, (str, Path)):
-        return str(image)
-    return "<PIL image>" if isinstance(image, Image.Image) else "<tensor>"
-
-
-def prepare_image(image: ImageInput, transform: nn.Module, min_side: int | None = None) -> torch.Tensor:
-    """Decode (a large JPEG file at reduced size, never below ``min_side``: ``load_rgb(min_side=)``) and
-    ``transform`` one input into a ``uint8`` (3, S, S) tensor."""
-    if isinstance(image, (str, Path)):
-        return transform(load_rgb(image, min_side=min_side))
-    return transform(to_uint8_rgb(image))
-
-
-class _Inputs(Dataset):
-    """Item ``i``: ``(prepared image, i)``, or ``(None, (i, message))`` when input ``i`` cannot be read (in a
-    worker)."""
-
-    def __init__(self, items: Sequence[ImageInput], transform: nn.Module, min_side: int | None):
-        self.items = items
-        self.transform = transform
-        self.min_side = min_side
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int | str]:
-        try:
-            return prepare_image(self.items[index], self.transform, self.min_side), index
-        except (ImageReadError, ValueError, TypeError) as e:
-            return None, (index, str(e))
-
-
-class _Numbered(Dataset):
-    """A :class:`~twincar.data.datamodule.CarsDataset` whose items carry their index instead of their label:
-    ``(image, i)``, or ``(None, (i, message))``."""
-
-    def __init__(self, dataset: CarsDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int | str]:
-        image, label_or_error = self.dataset[index]
-        return (image, index) if image is not None else (None, (index, label_or_error))
-
-
-Batch = tuple[list[int], torch.Tensor | None, dict[int, str]]  # (readable indices, their images, {index: message})
-
-
-@dataclass
-class BatchOutputs:
-    """What one forward pass gives for a batch of numbered inputs (:meth:`Predictor.batch_outputs`)."""
-
-    indices: list[int]  # the readable inputs, in the batch's order
-    raw: torch.Tensor | None  # (N, K) float32 logits at temperature 1 (flip TTA included); None: nothing readable
-    calibrated: torch.Tensor | None  # (N, K) the same divided by the model's temperature (Predictor.logits)
-    errors: dict[int, str]  # {index: message} of the unreadable inputs
-    embeddings: torch.Tensor | None = None  # (N, D) L2-normalised pre-logit features, when asked for
-
-
-def split_batch(collated: tuple) -> Batch:
-    """A batch of numbered items as :func:`~twincar.data.datasets.collate_readable` puts them together (``images,
-    indices[, [(index, message), ...]]``): ``(indices of the readable items, their uint8 batch or None, {index:
-    message} of the unreadable ones)``. Any sampler's batches, in any order (Lightning's distributed one too)."""
-    images, indices, *failed = collated
-    ok = indices.tolist()
-    return ok, (images if ok else None), dict(failed[0]) if failed else {}
-
-
-def iter_batches(
-    dataset: Dataset, *, batch_size: int, num_workers: int = 0, pin_memory: bool = False
-) -> Iterator[Batch]:
-    """Batches of a dataset whose items are ``(image, index)`` or ``(None, (index, message))``, in order (see
-    :func:`split_batch`). Unreadable items are dropped by the one collate of the data layer
-    (:func:`~twincar.data.datasets.collate_readable`), never replaced."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_readable, pin_memory=pin_memory)
-    for collated in loader:
-        yield split_batch(collated)
 
 
 class Predictor:
@@ -218,7 +67,8 @@ class Predictor:
             see :func:`resolve_precision`). An ONNX model always runs in fp32.
         tta: ``"flip"`` averages the logits of the image and its mirror image (see the module's
             docstring); None (or ``"none"``) for one pass.
-        calibration: the model's :class:`~twincar.calibration.Calibration` (or its dict): its temperature divides
+        calibration: the model's :class:`~twincar.evaluation.calibration.Calibration` (or its dict): its temperature
+        divides
             the logits; None: raw softmax, no unknown answer.
         unknown: ``"auto"`` (the calibration's threshold, when it has one), ``"off"`` (every image is one of the
             classes) or a number: the threshold on the calibration's score (max-logit by default).
@@ -267,7 +117,7 @@ class Predictor:
 
     @property
     def score(self) -> str:
-        """The unknown score in use (:data:`twincar.calibration.SCORES`)."""
+        """The unknown score in use (:data:`twincar.evaluation.calibration.SCORES`)."""
         return self.calibration.score if self.calibration else "max_logit"
 
     def unknown_scores(self, raw_logits: torch.Tensor) -> torch.Tensor:
@@ -538,127 +388,3 @@ def _run_model_config(path: Path) -> tuple[str | None, Preprocess | None]:
     return OmegaConf.select(run, "model.name"), preprocess
 
 
-# -- the one loop over labelled images: eval, the ablation ---------------------------------------------
-@dataclass
-class EvalOutputs:
-    """Logits of every readable image of a split, in sample order, and what could not be read."""
-
-    logits: torch.Tensor  # (N, K) float32: raw (temperature 1) Predictor.outputs, flip TTA included when it has it
-    labels: torch.Tensor  # (N,)
-    samples: list[Sample]  # the N readable samples
-    skipped: list[tuple[str, str]]  # (image, why) of unreadable images
-    calibrated: torch.Tensor | None = None  # (N, K): Predictor.logits (the predictor's temperature); None = logits
-    embeddings: torch.Tensor | None = None  # (N, D) L2-normalised pre-logit features, when they were asked for
-
-    def __post_init__(self):
-        if self.calibrated is None:
-            self.calibrated = self.logits
-
-
-def labelled_dataset(predictor: Predictor, samples: Sequence[Sample], bbox_margin: float | None = None) -> Dataset:
-    """Labelled ``samples`` as numbered items (``(image, i)`` or ``(None, (i, message))``), each decoded as the
-    predictor decodes a file (a large JPEG at reduced size), cropped to the car box when ``bbox_margin`` is set, and
-    put through its own image transform."""
-    reader = partial(load_sample, min_side=predictor.preprocess.decode_min_side)
-    return _Numbered(CarsDataset(list(samples), predictor.image_transform, bbox_margin, reader))
-
-
-def labelled_batches(
-    predictor: Predictor, samples: Sequence[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
-    num_workers: int = 0,
-) -> Iterator[Batch]:
-    """:func:`iter_batches` of :func:`labelled_dataset`."""
-    return iter_batches(labelled_dataset(predictor, samples, bbox_margin), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=predictor.device.type == "cuda")
-
-
-def collect_logits(
-    predictor: Predictor, samples: Sequence[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
-    num_workers: int = 0, progress: bool = True, embeddings: bool = False,
-) -> EvalOutputs:
-    """Run ``predictor`` over labelled ``samples`` in batches. Each image is decoded as :meth:`Predictor.prepare`
-    decodes a file (a large JPEG at reduced size), cropped to its car box when ``bbox_margin`` is set (as the
-    training run's val/test sets are), and put through the predictor's own transform and :meth:`Predictor.logits`.
-    An unreadable image is named in the log and in ``skipped``, and left out. With ``embeddings``, the images'
-    embeddings too, from the same forward pass (:meth:`Predictor.outputs_with_embeddings`). (On many processes:
-    :func:`twincar.parallel.collect_logits`.)"""
-    from tqdm.auto import tqdm
-
-    samples = list(samples)
-    outputs = []
-    with tqdm(total=len(samples), desc="eval", unit="img", disable=not progress) as bar:
-        for batch in labelled_batches(predictor, samples, bbox_margin=bbox_margin, batch_size=batch_size,
-                                      num_workers=num_workers):
-            outputs.append(predictor.batch_outputs(batch, embeddings=embeddings))
-            bar.update(len(batch[0]) + len(batch[2]))
-    return eval_outputs(samples, outputs)
-
-
-def eval_outputs(samples: Sequence[Sample], outputs: Iterable[BatchOutputs]) -> EvalOutputs:
-    """The :class:`EvalOutputs` of labelled ``samples`` from the batch outputs over them (in any order, from any
-    number of processes), in sample order; an unreadable image is named in the log and in ``skipped``."""
-    outputs = list(outputs)
-    errors = dict(sorted((i, m) for o in outputs for i, m in o.errors.items()))
-    for message in errors.values():
-        log.warning("skipping unreadable image: %s", message)
-    skipped = [(sample_label(samples[i]), message) for i, message in errors.items()]
-    done = [o for o in outputs if o.indices]
-    if not done:
-        first = skipped[0][1] if skipped else "-"
-        raise TwinCarError(f"none of the {len(samples)} images could be read (first: {first})")
-    indices = torch.tensor([i for o in done for i in o.indices])
-    order = indices.argsort()
-    kept = [samples[i] for i in indices[order].tolist()]
-    features = torch.cat([o.embeddings for o in done])[order] if done[0].embeddings is not None else None
-    return EvalOutputs(torch.cat([o.raw for o in done])[order], torch.tensor([s.label for s in kept]), kept, skipped,
-                       torch.cat([o.calibrated for o in done])[order], features)
-
-
-# -- the labelled images of a split: eval, calibrate ------------------------------------------------------
-SPLITS = ("test", "val")
-
-
-class EvalError(TwinCarError, ValueError):
-    """A bad eval option or input; the message names it and what to pass."""
-
-
-def data_config(cfg: DictConfig) -> tuple[dict, str]:
-    """(CarsDataModule config, split): the training run's data config with this run's non-null ``data.*``
-    on top; or, when a data group was chosen here (``data=stanford_cars``), that one."""
-    from omegaconf import OmegaConf
-
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    split = data.pop("split", "test")
-    if split not in SPLITS:
-        raise EvalError(f"data.split={split} is not a split: use data.split=test or data.split=val")
-    if "_target_" not in data:
-        run_config = cfg.get("run_config") or find_run_config(cfg.ckpt)
-        if run_config is None or not Path(run_config).is_file():
-            raise EvalError(
-                f"no training config.yaml found for {cfg.ckpt} to take the data from: pass data=stanford_cars "
-                "data.root=PATH (or run_config=PATH/config.yaml)"
-            )
-        base = OmegaConf.to_container(OmegaConf.load(run_config).data, resolve=True)
-        base.update({k: v for k, v in data.items() if v is not None})
-        data = base
-        log.info("data config from %s", run_config)
-    data["augmentation"] = None  # eval images go through the model's own preprocessing only
-    return data, split
-
-
-def eval_samples(data: dict, split: str, class_names: list[str]) -> tuple[list[Sample], float | None, list[str]]:
-    """The labelled samples of ``split`` exactly as training's CarsDataModule splits them, the car-box crop
-    margin it applies (None: no crop) and the images it left out (``data.on_corrupt=skip``)."""
-    import hydra
-
-    datamodule = hydra.utils.instantiate(data, _convert_="all")
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    difference = class_names_difference(class_names, datamodule.class_names)
-    if difference:
-        raise EvalError(f"the model's classes differ from those of the data at {datamodule.root} ({difference}, "
-                        "model against data): pass the data.root it was trained on")
-    if split == "test" and not datamodule.has_test_labels:
-        raise EvalError(f"{datamodule.root} has no test labels: use data.split=val")
-    dataset = {"test": datamodule.test_set, "val": datamodule.val_set, "train": datamodule.train_set}[split]
-    return list(dataset.samples), getattr(dataset, "bbox_margin", None), list(getattr(datamodule, "skipped", []))

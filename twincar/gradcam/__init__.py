@@ -1,0 +1,1 @@
+"""Grad-CAM explanations over a Predictor (:class:`~twincar.gradcam.explainer.Explainer`)."""

@@ -1,0 +1,18 @@
+"""Inference: one pipeline (decode, preprocess, batch, engine, score, write) with two engines, a torch module or an
+onnxruntime session. ``from twincar.inference import Predictor`` imports torch only when it is asked for."""
+
+from __future__ import annotations
+
+__all__ = ["Predictor", "Prediction"]
+
+
+def __getattr__(name: str):
+    if name == "Predictor":
+        from twincar.inference.predictor import Predictor
+
+        return Predictor
+    if name == "Prediction":
+        from twincar.inference.runtime import Prediction
+
+        return Prediction
+    raise AttributeError(f"module 'twincar.inference' has no attribute {name!r}")
