@@ -466,7 +466,7 @@ def shard_merge(work: Path, quick: bool, rounds: int) -> dict:
     stream; rows/s and peak traced memory of each (see the module docstring)."""
     import tracemalloc
 
-    from twincar.inference.runtime import Prediction
+    from twincar.inference.results import Prediction
     from twincar.inference.shards import merged, read_shard, shard_keys, shard_name, to_record, write_shard
     from twincar.inference.writers import write_predictions
 

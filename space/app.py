@@ -1,7 +1,7 @@
 """Hugging Face Space: the TwinCar demo over the model files in this folder.
 
-By default it serves ``model.onnx`` (with its ``model_card.json``) on the torch-free runtime
-(:mod:`twincar.inference.runtime`: numpy, PIL, onnxruntime; ``requirements.txt`` has no torch). Grad-CAM needs PyTorch
+By default it serves ``model.onnx`` (with its ``model_card.json``) with ``Predictor.load``'s ONNX engine, torch-free
+(numpy, PIL, onnxruntime; ``requirements.txt`` has no torch). Grad-CAM needs PyTorch
 weights: with ``model.safetensors`` (or ``model.pth`` / ``model.ckpt``) here and ``requirements-gradcam.txt``
 installed, those are served instead, Grad-CAM offered, and with them an ``index/`` folder (``python -m twincar.index``,
 which keeps a thumbnail of each training image) shows the nearest training cars. Optionally an ``examples/`` folder
@@ -31,24 +31,23 @@ def _torch_installed() -> bool:
 
 
 def load_predictor(folder: str | Path):
-    """The ONNX model on the torch-free runtime; the PyTorch weights (Grad-CAM) when they are here and torch is
+    """The ONNX model (torch-free); the PyTorch weights (Grad-CAM) when they are here and torch is
     installed, or when there is no ONNX model."""
     folder = Path(folder)
     classes = folder / "classes.txt"
     classes = classes if classes.is_file() else None
     torch_file = next((folder / n for n in TORCH_FILES if (folder / n).is_file()), None)
     has_torch = _torch_installed()
-    if (folder / "model.onnx").is_file() and not (torch_file and has_torch):
-        from twincar.inference.runtime import OnnxPredictor
+    from twincar.inference.predictor import Predictor
 
-        return OnnxPredictor.load(folder / "model.onnx", classes)
+    if (folder / "model.onnx").is_file() and not (torch_file and has_torch):
+        return Predictor.load(folder / "model.onnx", classes)
     if not has_torch:
         from twincar.errors import TwinCarError
 
         raise TwinCarError(f"no model.onnx in {folder}: export one (python -m twincar.export ... format=onnx), or "
                            "install requirements-gradcam.txt to serve PyTorch weights")
     from twincar.demo import find_model_file
-    from twincar.inference.predictor import Predictor
 
     return Predictor.load(torch_file or find_model_file(folder), classes)
 

@@ -24,6 +24,7 @@ from tests.trained import trained_run
 from twincar import Predictor
 from twincar.data.transforms import Preprocess
 from twincar.export import ExportError, export_model
+from twincar.inference.preprocess import InputSpec, normalise
 from twincar.models.io import WeightsError, build_model_card, resolve_model_source, write_model_card
 
 
@@ -95,14 +96,14 @@ def test_hf_export_loads_in_timm_and_twincar_with_the_same_logits(tiny_export, t
         assert torch.equal(timm_model("hf-hub:someone/twincar-tiny")(x), expected)
         for spec in (f"local-dir:{out}", "hf-hub:someone/twincar-tiny"):
             p = Predictor.load(spec, device="cpu")
-            assert p.class_names == TINY_NAMES and p.preprocess == Preprocess(image_size=64)
+            assert p.class_names == TINY_NAMES and p.preprocess == InputSpec.from_preprocess(Preprocess(image_size=64))
             assert torch.equal(p.model(x), expected)
 
 
 @pytest.mark.parametrize("size,crop", [(64, 0.875), (70, 0.9), (224, 0.95)])
 def test_timms_transform_is_twincars_eval_transform(size, crop, tmp_path):
     """timm's resolve_data_config + create_transform on the export's config give TwinCar's prepared pixels (within
-    one grey level: PIL's and torchvision's antialiased bilinear) and the same normalisation, whatever the
+    one grey level: rounding) and the same normalisation, whatever the
     rounding of the resize (70 / 0.9 = 77.8: TwinCar rounds, timm floors)."""
     import timm
     from timm.data import create_transform, resolve_data_config
@@ -124,7 +125,7 @@ def test_timms_transform_is_twincars_eval_transform(size, crop, tmp_path):
         path = tmp_path / f"{h}x{w}.png"
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
         theirs = transform(Image.open(path).convert("RGB"))
-        ours = predictor.batch_transform(predictor.prepare(path)[None])[0]
+        ours = torch.from_numpy(normalise(predictor.prepare(path)[None], predictor.preprocess))[0]
         assert theirs.shape == ours.shape == (3, size, size)
         assert (theirs - ours).abs().max() <= 1.01 / 255 / min(pre.std)
 
@@ -188,23 +189,60 @@ def test_model_card_is_a_contract_in_strict_json(tmp_path):
     assert read["output"]["name"] == "logits" and read["output"]["shape"] == ["N", 6]
 
 
-def test_runtime_follows_the_torch_paths_rules(tiny_export, car_images, tmp_path):
-    """The torch-free runtime's decode (a large JPEG reduced by the same rule), resize and crop equal the torch
-    path's (one grey level)."""
-    from twincar.inference.runtime import InputSpec, Prediction, decode_rgb, resize_and_crop
-    from twincar.inference.runtime import Prediction as RuntimePrediction
+def test_training_val_transform_follows_the_reference_preprocessing(tiny_export, car_images, tmp_path):
+    """Training's val transform (torchvision's resize on the decoded tensor: EvalImageTransform) stays within one
+    grey level of the reference preprocessing every engine uses (PIL's resize: inference.preprocess.prepare), a
+    large JPEG reduced by the same rule; and ``Prediction`` is one type."""
+    from twincar import Prediction
+    from twincar.data.images import load_rgb
+    from twincar.data.transforms import EvalImageTransform, to_tensor
+    from twincar.inference import results
 
-    assert Prediction is RuntimePrediction
+    assert Prediction is results.Prediction
     rng = np.random.default_rng(1)
     big = tmp_path / "big.jpg"
     Image.fromarray(rng.integers(0, 255, (1200, 1700, 3), dtype=np.uint8)).resize((3400, 2400)).save(big, quality=90)
     for pre in (Preprocess(image_size=64), Preprocess(image_size=64, resize_mode="squash", eval_crop_pct=1.0)):
         predictor = Predictor.load(tiny_export, device="cpu", resize_mode=pre.resize_mode)
-        spec = InputSpec.from_preprocess(pre.to_dict())
+        assert predictor.preprocess.decode_min_side == pre.decode_min_side
         for path in [*car_images, big]:
-            ours = resize_and_crop(decode_rgb(path, spec.decode_min_side), spec).astype(int)
-            theirs = predictor.prepare(path).permute(1, 2, 0).numpy().astype(int)
-            assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
+            ours = predictor.prepare(path).astype(int)
+            decoded = to_tensor(load_rgb(path, min_side=pre.decode_min_side))
+            theirs = EvalImageTransform(pre)(decoded).permute(1, 2, 0).numpy().astype(int)
+            assert ours.shape == theirs.shape == (64, 64, 3) and np.abs(ours - theirs).max() <= 1
+
+
+ONNX_WITHOUT_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision'):
+            raise ImportError(f'{name} is blocked in this test')
+sys.meta_path.insert(0, Block())
+from twincar import Predictor
+p = Predictor.load(sys.argv[1], device='cpu', tta=sys.argv[2])
+for r in p.predict(sys.argv[3:], batch_size=2):
+    print(r.name, r.confidence, sep='|')
+print('torch' in sys.modules, p.is_onnx, sep='|')
+"""
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_predictor_load_onnx_is_the_torch_free_runtime(tiny_export, car_images, tmp_path, tta):
+    """``Predictor.load("model.onnx")`` predicts with torch unimportable, and gives the PyTorch engine's top-1 and
+    probabilities (within float noise) on the same images, flip TTA included."""
+    onnx = export_model(tiny_export, "onnx", tmp_path / "onnx") if tta == "none" else None
+    onnx = onnx or export_model(tiny_export, "onnx", tmp_path / "onnx")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", ONNX_WITHOUT_TORCH, str(onnx), tta, *map(str, car_images)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *lines, last = proc.stdout.strip().splitlines()
+    assert last == "False|True"  # torch never imported; the ONNX engine ran
+    torch_results = Predictor.load(tiny_export, device="cpu", tta=tta).predict(car_images)
+    assert [line.split("|")[0] for line in lines] == [r.name for r in torch_results]
+    assert max(abs(float(line.split("|")[1]) - r.confidence)
+               for line, r in zip(lines, torch_results, strict=True)) <= 1e-4
 
 
 # -- slow: a trained model, the embedded test images and large photos ------------------------------------
@@ -370,7 +408,8 @@ predictor = app.load_predictor(sys.argv[2])
 demo = app.create_app(sys.argv[2])
 cam = next(b for b in demo.blocks.values() if getattr(b, 'elem_id', None) == 'gradcam')
 make, model, year, confidence, top5, overlay, message = Answerer(predictor)(sys.argv[3], True)
-print(type(predictor).__name__, make, model, year, cam.visible, overlay is None, 'torch' in sys.modules, sep='|')
+print(f"{type(predictor).__name__}:{predictor.engine.kind}", make, model, year, cam.visible, overlay is None,
+      'torch' in sys.modules, sep='|')
 """
 
 
@@ -392,5 +431,6 @@ def test_the_space_serves_the_onnx_export_without_torch(shipped, tmp_path):
                            str(image)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kind, make, model, year, cam_visible, no_overlay, torch_loaded = proc.stdout.strip().splitlines()[-1].split("|")
-    assert kind == "OnnxPredictor" and (make, model, year) == (reference["make"], reference["model"], reference["year"])
+    assert kind == "Predictor:onnx"
+    assert (make, model, year) == (reference["make"], reference["model"], reference["year"])
     assert (cam_visible, no_overlay, torch_loaded) == ("False", "True", "False")

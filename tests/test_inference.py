@@ -9,6 +9,7 @@ from PIL import Image
 from twincar import Predictor
 from twincar.data.classes import stanford_cars_class_names, write_classes_txt
 from twincar.data.transforms import TWINCARS_PREPROCESS
+from twincar.inference.preprocess import InputSpec
 from twincar.models.io import WeightsError
 
 
@@ -32,7 +33,7 @@ def test_original_state_dict_gives_the_same_top1_as_torchvision(original_pth, tm
         Image.fromarray(rng.integers(0, 255, (120 + 10 * i, 160, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     p = Predictor.load(d / "resnet50_twin_cars.pth", classes=d / "classes.txt", device="cpu")
-    assert p.preprocess == TWINCARS_PREPROCESS
+    assert p.preprocess == InputSpec.from_preprocess(TWINCARS_PREPROCESS)
     results = p.predict(paths, batch_size=2)
     # the original pipeline: Resize((224, 224)), ToTensor, Normalize, eager fp32 forward
     ref = torchvision.transforms.Compose([
@@ -46,7 +47,7 @@ def test_original_state_dict_gives_the_same_top1_as_torchvision(original_pth, tm
     r = results[0]
     assert f"{r.make} {r.model} {r.year}" == r.name == names[int(logits[0].argmax())]
     # confidence and top-5 are the softmax of the model's logits on the prepared image, most likely first
-    probs = p.logits(p.prepare(paths[0])[None]).softmax(1)[0]
+    probs = torch.from_numpy(p.logits(p.prepare(paths[0])[None])).softmax(1)[0]
     top_p, top_i = probs.topk(5)
     assert r.confidence == pytest.approx(top_p[0].item(), abs=1e-6)
     assert r.topk == [(names[i], pytest.approx(q, abs=1e-6)) for i, q in zip(top_i.tolist(), top_p.tolist(),

@@ -11,7 +11,7 @@ import pytest
 
 import twincar.inference.writers as prediction_files
 from tests.conftest import TINY_NAMES
-from twincar.inference.runtime import Prediction
+from twincar.inference.results import Prediction
 from twincar.inference.writers import columns, write_predictions
 
 

@@ -23,7 +23,7 @@ import twincar.inference.shards as shards
 from tests.conftest import TINY_NAMES, run_cli
 from tests.trained import compose, trained_run
 from twincar.errors import TwinCarError
-from twincar.inference.runtime import Prediction
+from twincar.inference.results import Prediction
 from twincar.inference.shards import (
     JOB_FILE,
     file_key,

@@ -21,12 +21,13 @@ import hydra
 from omegaconf import DictConfig
 
 from twincar.errors import exit_on_user_error
-from twincar.evaluation.calibration import SCORES, Calibration, calibrate
+from twincar.evaluation.calibration import Calibration, calibrate
 from twincar.evaluation.figures import reliability_diagram
 from twincar.evaluation.loop import EvalError, collect_logits, data_config, eval_samples
 from twincar.files import check_writable_dir, write_json
 from twincar.inference.engines import default_workers
 from twincar.inference.predictor import Predictor
+from twincar.inference.results import SCORES
 from twincar.models.io import write_calibration
 from twincar.models.metrics import calibration_bins
 from twincar.runs import resolve_launch_paths

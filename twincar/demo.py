@@ -155,7 +155,7 @@ class Answerer:
             limit = self.max_bytes / 2**20
             return (*EMPTY_ANSWER, f"**{name}** is {size / 2**20:.1f} MB: the limit is {limit:.0f} MB."), None
         note = ""
-        if show_cam and getattr(self.predictor, "is_onnx", False):
+        if show_cam and self.predictor.is_onnx:
             note = "Grad-CAM needs a PyTorch model (.safetensors, .pth or .ckpt), not ONNX."
             show_cam = False
         prediction, overlay = self._predict(path, show_cam)
@@ -202,7 +202,7 @@ def build_app(predictor, *, examples: Sequence[str] = (), max_upload_mb: float =
                 photo.preprocess = _unopened_path
                 # Grad-CAM needs PyTorch weights: not offered for an ONNX model
                 show_cam = gr.Checkbox(label="Show Grad-CAM (where the model looks)", value=False, elem_id="gradcam",
-                                       visible=not getattr(predictor, "is_onnx", False))
+                                       visible=not predictor.is_onnx)
             with gr.Column():
                 message = gr.Markdown("Upload a car photo, drop one here, or pick an example.", elem_id="message")
                 with gr.Row():

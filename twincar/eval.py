@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -45,7 +46,7 @@ REPORT_FILES = ("metrics.json", "per_class.csv", "confused_pairs.csv", "confused
                 "reliability.png", "predictions.csv")
 
 
-def _image(sample: Sample) -> torch.Tensor | None:
+def _image(sample: Sample) -> np.ndarray | None:
     """A sample's image for a figure (whole, uncropped); None when it cannot be read."""
     try:
         return load_sample(sample)
@@ -184,7 +185,7 @@ def unknown_images(predictor: Predictor, images: list, *, batch_size: int = 64,
         for message in errors.values():
             log.warning("skipping unreadable out-of-distribution image: %s", message)
         if batch is not None:
-            raw.append(predictor.outputs(batch)[0])
+            raw.append(torch.from_numpy(predictor.outputs(batch)[0]))
     if not raw:
         raise EvalError(f"none of the {len(images)} out-of-distribution image(s) could be read")
     return torch.cat(raw)
@@ -195,7 +196,7 @@ def open_set_report(predictor: Predictor, known: EvalOutputs, unknown_raw: torch
     """The ``ood/*`` metrics (:func:`~twincar.evaluation.calibration.open_set_metrics`) of the known images (their
     outputs)
     against the unknown images' raw logits, at the model's own threshold; draws ``ood_scores.png``."""
-    known_scores, unknown = predictor.unknown_scores(known.logits), predictor.unknown_scores(unknown_raw)
+    known_scores, unknown = (torch.from_numpy(predictor.unknown_scores(x)) for x in (known.logits, unknown_raw))
     threshold = predictor.unknown_threshold
     if threshold is None:
         log.warning("the model carries no unknown threshold (python -m twincar.calibrate): ood/known_accepted, "

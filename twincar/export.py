@@ -119,7 +119,7 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
 
         def get_next(self):
             batch = next(self.batches, None)
-            return None if batch is None else {predictor.model.input_name: batch.numpy()}
+            return None if batch is None else {predictor.engine.input_name: batch}
 
     prepared = out.with_name(out.stem + ".pre.onnx")
     try:
@@ -148,11 +148,15 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
 def _prepared_batches(predictor, images: Sequence[Path], batch_size: int = 16, normalise: bool = True):
     """Batches of ``images`` as ``predictor`` feeds its network (normalised floats; ``normalise=False``: the
     ``uint8`` prepared images); unreadable images are named in the log and left out."""
+    import numpy as np
+
+    from twincar.inference.preprocess import normalise as normalise_batch
+
     for _, batch, errors in predictor.prepared_batches(images, batch_size=batch_size):
         for message in errors.values():
             log.warning("calibration: skipping %s", message)
         if batch is not None:
-            yield predictor.batch_transform(batch) if normalise else batch
+            yield normalise_batch(np.asarray(batch), predictor.preprocess) if normalise else batch
 
 
 def export_model(

@@ -86,9 +86,9 @@ def predict_files(
     """Predict every image and write the rows to ``output``; unreadable images get an ``error`` row.
 
     The model and its class list are checked before any image is read. ``num_workers`` decoding processes
-    (None: :func:`default_workers`). An ``.onnx`` model runs on the torch-free runtime
-    (:mod:`twincar.inference.runtime`:
-    numpy, PIL and onnxruntime; torch is never imported), decoding in this process. ``unknown``: ``auto`` (the
+    (None: :func:`default_workers`). An ``.onnx`` model runs on onnxruntime through the same
+    :class:`~twincar.inference.predictor.Predictor` (numpy, PIL and onnxruntime; torch is never imported), decoding
+    in this process. ``unknown``: ``auto`` (the
     model's calibrated threshold, when it carries one), ``off`` or a threshold on its unknown score; a car below it
     is "not one of the known classes". ``neighbours``: add the k nearest training images of each (from ``index``,
     default ``index/`` beside the model: built by ``python -m twincar.index``; PyTorch models only).
@@ -111,16 +111,13 @@ def predict_files(
     from twincar.cluster import launched_processes  # no torch: the ONNX path stays torch-free
 
     scale_out = resume or (devices or 1) > 1 or (num_nodes or 1) > 1 or launched_processes() is not None
-    if str(model).endswith(".onnx"):
+    if str(model).endswith(".onnx"):  # checked before the model loads
         if scale_out:
             raise TwinCarError("--devices, --num-nodes and --resume run the PyTorch weights (.pth, .safetensors or "
                                ".ckpt): an ONNX model predicts in one process")
-        start = time.perf_counter()
-        runtime, predictions = _onnx_predictions(find_images(images), model, classes, topk=topk,
-                                                 batch_size=batch_size, device=device, precision=precision,
-                                                 image_size=image_size, resize_mode=resize_mode, tta=tta,
-                                                 unknown=unknown, neighbours=neighbours, progress=progress)
-        return _write(output, predictions, fmt, topk, start, open_set=runtime.unknown_threshold is not None)
+        if neighbours:
+            raise TwinCarError("--neighbours needs the PyTorch weights (.pth, .safetensors or .ckpt): an ONNX model "
+                               "computes no embeddings")
     from twincar.inference.engines import default_workers
     from twincar.inference.predictor import Predictor
 
@@ -150,7 +147,7 @@ def predict_files(
     start = time.perf_counter()
     if processes is None:
         log.info("predicting %d image(s) with %s (%d classes, %s, %s)", len(files), model,
-                 len(predictor.class_names), predictor.device,
+                 len(predictor.class_names), "onnxruntime" if predictor.is_onnx else predictor.device,
                  "bf16" if predictor.autocast_dtype is not None else "fp32")
         workers = default_workers(predictor.device) if num_workers is None else num_workers
         stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk, neighbours=search,
@@ -196,24 +193,6 @@ def _with_progress(stream, total: int, progress: bool):
             return stream
         return track(stream, total=total, description="predicting", transient=True)
     return stream
-
-
-def _onnx_predictions(files: list, model, classes, *, topk: int, batch_size: int, device: str, precision: str,
-                      image_size: int | None, resize_mode: str | None, tta: str | None, unknown: str, neighbours: int,
-                      progress: bool) -> tuple:
-    """The torch-free runtime of an ``.onnx`` model (loaded and checked now) and its predictions, as they come."""
-    from twincar.inference.runtime import OnnxPredictor
-
-    if precision == "bf16":
-        raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
-    if neighbours:
-        raise TwinCarError("--neighbours needs the PyTorch weights (.pth, .safetensors or .ckpt): the ONNX "
-                           "runtime computes no embeddings")
-    runtime = OnnxPredictor.load(model, classes, device=device, image_size=image_size, resize_mode=resize_mode,
-                                 tta=tta, unknown=unknown)
-    log.info("predicting %d image(s) with %s (%d classes, onnxruntime, fp32)", len(files), model,
-             len(runtime.class_names))
-    return runtime, _with_progress(runtime.iter_predict(files, batch_size=batch_size, topk=topk), len(files), progress)
 
 
 def build_parser() -> argparse.ArgumentParser:

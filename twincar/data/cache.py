@@ -35,8 +35,8 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from twincar.data.formats import Sample
-from twincar.data.images import ImageReadError, load_rgb, load_sample, sample_header
-from twincar.data.transforms import Preprocess
+from twincar.data.images import ImageReadError, load_sample, sample_header
+from twincar.data.transforms import Preprocess, to_tensor
 from twincar.errors import TwinCarError
 from twincar.files import write_json
 
@@ -82,7 +82,7 @@ def sample_key(sample: Sample) -> str:
 
 
 def _resized(sample: Sample, short_side: int) -> torch.Tensor:
-    img = load_rgb(sample.path, min_side=short_side) if sample.index is None else load_sample(sample)
+    img = to_tensor(load_sample(sample, min_side=short_side))  # a parquet row is decoded in full
     if min(img.shape[1:]) > short_side:  # shrink only: a small image is kept as it is
         img = TF.resize(img, short_side, antialias=True)
     return img.contiguous()

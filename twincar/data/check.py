@@ -81,7 +81,7 @@ def inspect(sample: Sample, split: str = "") -> Inspection:
     if header.mode in MODE_INFO:
         findings.append(Finding(split, name, INFO, MODE_INFO[header.mode],
                                 f"{header.mode} image, converted to RGB when loaded"))
-    h, w = img.shape[-2:]
+    h, w = img.shape[:2]
     if sample.bbox is not None:
         x1, y1, x2, y2 = oriented_box(sample.bbox, header)  # boxes are in stored pixels
         if not (1 <= x1 < x2 <= w and 1 <= y1 < y2 <= h):

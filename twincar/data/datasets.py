@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_sample, oriented_box, sample_header
-from twincar.data.transforms import crop_to_box
+from twincar.data.transforms import crop_to_box, to_tensor
 
 
 class CarsDataset(Dataset):
@@ -28,12 +29,12 @@ class CarsDataset(Dataset):
         samples: Sequence[Sample],
         transform: torch.nn.Module,
         bbox_margin: float | None = None,
-        reader: Callable[[Sample], torch.Tensor] | None = None,
+        reader: Callable[[Sample], torch.Tensor | np.ndarray] | None = None,
     ):
         self.samples = list(samples)
         self.transform = transform
         self.bbox_margin = bbox_margin  # None: no crop; else crop to the box grown by this fraction per side
-        self.reader = reader or load_sample  # sample -> uint8 (3, H, W): the file, or an ImageCache
+        self.reader = reader or load_sample  # sample -> uint8 (H, W, 3) array (the file) or (3, H, W) (ImageCache)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -42,6 +43,8 @@ class CarsDataset(Dataset):
         sample = self.samples[index]
         try:
             img = self.reader(sample)
+            if isinstance(img, np.ndarray):  # decoded here (H, W, 3); an ImageCache gives the (3, H, W) tensor
+                img = to_tensor(img)
             if self.bbox_margin is not None:
                 img = crop_to_box(img, car_box(sample, img.shape[-1], img.shape[-2]), self.bbox_margin)
         except ImageReadError as e:

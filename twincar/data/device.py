@@ -30,7 +30,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from twincar.data.cache import DATA, ImageCache
 from twincar.data.formats import Sample, parquet
 from twincar.data.images import load_sample, sample_header, sample_label
-from twincar.data.transforms import crop_to_box
+from twincar.data.transforms import crop_to_box, to_tensor
 from twincar.errors import TwinCarError
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def read_encoded(sample: Sample) -> ImageRef:
     if is_jpeg(data) and header.mode in GPU_JPEG_MODES:
         w, h = (header.height, header.width) if header.orientation >= 5 else (header.width, header.height)
         return ImageRef(data, name, header.orientation, w, h)
-    img = load_sample(sample)
+    img = to_tensor(load_sample(sample)).contiguous()  # sent from a worker: its own storage
     return ImageRef(img, name, 1, img.shape[-1], img.shape[-2])
 
 
@@ -95,7 +95,7 @@ def cache_ref(cache: ImageCache, sample: Sample) -> ImageRef:
 
 def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
     """A decoded (C, H, W) image as displayed: its EXIF ``orientation`` (1-8) applied on its own device, as
-    :func:`~twincar.data.transforms.load_rgb` applies it."""
+    :func:`~twincar.data.images.load_rgb` applies it."""
     if orientation == 2:
         return img.flip(-1)
     if orientation == 3:

@@ -1,6 +1,6 @@
 """Image discovery without decoding (and without torch): the files ``--images`` names, from files, folders and
-glob patterns. :mod:`twincar.data.images` re-exports it; the torch-free runtime (:mod:`twincar.inference.runtime`)
-uses it.
+glob patterns. :mod:`twincar.data.images` re-exports it; the torch-free ONNX predictor
+(:mod:`twincar.inference.predictor`) uses it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Images from files and bytes: header checks (size, mode, EXIF orientation, decompression bombs) and decoding
-to ``uint8`` (3, H, W) RGB. Decoding is not a transform: :mod:`twincar.data.transforms` takes over from here.
+to ``uint8`` (H, W, 3) RGB numpy arrays, with PIL only (no torch: the ONNX runtime decodes here too). Decoding is
+not a transform: :mod:`twincar.data.transforms` takes over from here.
 
 Every reader of an image (training, eval, predict, explain, the demo, the dataset checker) comes through
 :func:`load_rgb`, :func:`decode_rgb_bytes` or :func:`load_sample`, so they all see the same pixels and name a
@@ -14,19 +15,16 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
 
 from twincar.data.discovery import IMAGE_EXTENSIONS, NoImagesError, find_images  # noqa: F401 (their old home)
-from twincar.data.formats.common import Sample
 from twincar.errors import TwinCarError
-from twincar.inference.runtime import (
-    reduced_decode_scale,  # one rule for both decoders (the runtime's imports no torch)
-)
+
+if TYPE_CHECKING:  # the sample type only: data.formats imports scipy, which the torch-free runtime lacks
+    from twincar.data.formats.common import Sample
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +41,7 @@ class ImageReadError(TwinCarError, OSError):
         self.reason = reason
 
 
-# Formats torchvision decodes (a single frame): the rest (BMP, TIFF, animated GIF/WebP) are decoded by PIL.
-TORCHVISION_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF")
+JPEG_FORMATS = ("JPEG", "MPO")  # decoded at reduced size when the caller needs less (PIL draft)
 
 
 # Refuse images with more pixels than this before decoding them (decompression bombs): 2x PIL's own limit.
@@ -67,7 +64,6 @@ class ImageHeader(NamedTuple):
 _OS_PROBLEMS = {errno.ENOENT: ("no such file", "missing"), errno.EACCES: ("permission denied", "unreadable"),
                 errno.EPERM: ("permission denied", "unreadable"), errno.ELOOP: ("a symlink loop", "unreadable"),
                 errno.EISDIR: ("a folder, not an image file", "not an image")}
-_TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")  # "decode_jpeg, /path/decode_jpeg.cpp:171, " before the text
 
 
 def read_error(name: object, error: BaseException, otherwise: str = "corrupt") -> ImageReadError:
@@ -83,7 +79,7 @@ def read_error(name: object, error: BaseException, otherwise: str = "corrupt") -
     if isinstance(error, UnidentifiedImageError):
         return ImageReadError(f"cannot read image {name}: not an image (unknown format or damaged header)",
                               "not an image")
-    text = _TORCHVISION_PREFIX.sub("", str(error).strip()) or type(error).__name__
+    text = str(error).strip() or type(error).__name__
     reason = "truncated" if re.search(r"truncat|incomplete|premature", text, re.I) else otherwise
     return ImageReadError(f"cannot read image {name}: {reason} ({text})", reason)
 
@@ -120,69 +116,66 @@ def image_size_from_header(path: str | Path) -> tuple[int, int]:
     return w, h
 
 
-_PIL_MODES = {ImageReadMode.RGB: "RGB", ImageReadMode.GRAY: "L", ImageReadMode.GRAY_ALPHA: "LA",
-              ImageReadMode.RGB_ALPHA: "RGBA"}
-
-
-def to_8bit(image: torch.Tensor) -> torch.Tensor:
-    """A ``uint16`` image (16-bit PNG) scaled to ``uint8``: value * 255 / 65535, rounded. ``uint8`` as it is."""
-    if image.dtype == torch.uint8:
-        return image
-    return ((image.to(torch.int32).clamp(0, 65535) * 255 + 32767) // 65535).to(torch.uint8)
-
-
-def pil_to_uint8(im: Image.Image, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
-    """A PIL image (its current frame, any mode: 16-bit grayscale is scaled, not clipped) as a ``uint8``
-    (C, H, W) tensor: 3 channels for ``RGB``; ``UNCHANGED`` keeps L, LA, RGB and RGBA and makes the rest RGB.
-    (PIL itself reads a 16-bit RGB TIFF as 8-bit RGB, by the high byte.)"""
-    if im.mode.startswith("I"):  # I;16*, I: 16-bit grayscale (PIL's own conversion would clip at 255)
-        im = Image.fromarray(to_8bit(torch.from_numpy(np.asarray(im).astype(np.int32))).numpy(), mode="L")
-    target = _PIL_MODES.get(mode) or (im.mode if im.mode in ("L", "LA", "RGB", "RGBA") else "RGB")
-    array = torch.from_numpy(np.array(im.convert(target) if im.mode != target else im))
-    return array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)
-
-
-def _decode(source: Path | bytes, name: object, header: ImageHeader, mode: ImageReadMode,
-            min_side: int | None = None) -> torch.Tensor:
-    """The one decoder: torchvision for a single-frame JPEG, PNG, WebP or GIF, PIL for the rest (BMP, TIFF, the
-    first frame of an animated image) and for a JPEG decoded at reduced size (``min_side``). EXIF orientation is
-    applied; the result is always ``uint8`` (C, H, W). Any failure is an :class:`ImageReadError` naming ``name``."""
+def reduced_decode_scale(width: int, height: int, min_side: int) -> int:
+    """The largest JPEG DCT scale-down (1, 2, 4 or 8) that keeps the short side >= ``min_side``."""
     scale = 1
-    if min_side and mode == ImageReadMode.RGB and header.format in ("JPEG", "MPO"):
+    while scale < 8 and min(width, height) // (scale * 2) >= min_side:
+        scale *= 2
+    return scale
+
+
+def to_8bit(image: np.ndarray) -> np.ndarray:
+    """A 16-bit image (16-bit PNG, ``I;16`` or ``I``) scaled to ``uint8``: value * 255 / 65535, rounded (not
+    clipped at 255 as PIL's own conversion does). ``uint8`` as it is."""
+    if image.dtype == np.uint8:
+        return image
+    wide = image.astype(np.int64).clip(0, 65535)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def rgb_array(im: Image.Image) -> np.ndarray:
+    """A PIL image (its current frame, any mode: 16-bit grayscale is scaled, not clipped) as a ``uint8``
+    (H, W, 3) RGB array. (PIL itself reads a 16-bit RGB TIFF as 8-bit RGB, by the high byte.)"""
+    if im.mode.startswith("I"):  # I;16*, I: 16-bit grayscale
+        im = Image.fromarray(to_8bit(np.asarray(im)), mode="L")
+    return np.array(im if im.mode == "RGB" else im.convert("RGB"))  # writable: torch.from_numpy takes it
+
+
+def _decode(source: Path | bytes, name: object, header: ImageHeader, min_side: int | None = None) -> np.ndarray:
+    """The one decoder (PIL): the first frame of any format, a JPEG at reduced size when ``min_side`` allows
+    (libjpeg's DCT scaling), EXIF orientation applied; always ``uint8`` (H, W, 3) RGB. Any failure is an
+    :class:`ImageReadError` naming ``name``."""
+    scale = 1
+    if min_side and header.format in JPEG_FORMATS:
         scale = reduced_decode_scale(header.width, header.height, min_side)
     try:
-        if header.format in TORCHVISION_FORMATS and not header.animated and scale == 1:
-            data = str(source) if isinstance(source, Path) else torch.frombuffer(bytearray(source), dtype=torch.uint8)
-            image = decode_image(data, mode=mode, apply_exif_orientation=True)
-            return to_8bit(image[0] if image.ndim == 4 else image)  # 4-D: frames of a GIF torchvision took as one
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            if scale > 1:  # libjpeg's DCT scaling: 1/2, 1/4 or 1/8 of the size, never below min_side
+            if scale > 1:  # 1/2, 1/4 or 1/8 of the size, never below min_side
                 im.draft("RGB", (math.ceil(header.width / scale), math.ceil(header.height / scale)))
-            return pil_to_uint8(ImageOps.exif_transpose(im), mode)  # the current frame: the first
+            return rgb_array(ImageOps.exif_transpose(im))  # the current frame: the first
     except Exception as e:  # a strange file is named, never a traceback that ends the run
         raise read_error(name, e) from e
 
 
-def load_rgb(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB, *, min_side: int | None = None) -> torch.Tensor:
-    """Decode an image file into ``uint8`` (3, H, W) RGB: every format of ``IMAGE_EXTENSIONS``, any mode
+def load_rgb(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
+    """Decode an image file into ``uint8`` (H, W, 3) RGB: every format of ``IMAGE_EXTENSIONS``, any mode
     (grayscale, palette, CMYK, alpha; 16-bit scaled to 8), the first frame of an animated image, EXIF
-    orientation applied.
+    orientation applied. (A torch consumer takes ``torch.from_numpy(a).permute(2, 0, 1)``.)
 
-    ``mode=ImageReadMode.UNCHANGED`` keeps the file's own channels (1 for grayscale). A missing, unreadable,
-    empty, truncated or non-image file, or one of more than ``MAX_IMAGE_PIXELS`` (checked from the header,
-    before decoding), raises :class:`ImageReadError` naming the file.
+    A missing, unreadable, empty, truncated or non-image file, or one of more than ``MAX_IMAGE_PIXELS`` (checked
+    from the header, before decoding), raises :class:`ImageReadError` naming the file.
 
     ``min_side``: the smallest short side the caller needs. A JPEG at least twice that size is decoded
     at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL ``draft``), never below ``min_side``: the
     cheap part of a resize that follows anyway (see :func:`reduced_decode_scale`).
     """
     path = Path(path)
-    return _decode(path, path, read_header(path), mode, min_side)
+    return _decode(path, path, read_header(path), min_side)
 
 
-def decode_rgb_bytes(data: bytes, name: str, mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
+def decode_rgb_bytes(data: bytes, name: str, *, min_side: int | None = None) -> np.ndarray:
     """:func:`load_rgb` for an image held in memory (e.g. a parquet row); ``name`` is used in errors."""
-    return _decode(data, name, read_header(data, name), mode)
+    return _decode(data, name, read_header(data, name), min_side)
 
 
 def oriented_box(bbox: tuple[int, int, int, int], header: ImageHeader) -> tuple[int, int, int, int]:
@@ -217,12 +210,23 @@ def sample_header(sample: Sample) -> ImageHeader:
     return read_header(_source(sample), sample_label(sample))
 
 
-def load_sample(
-    sample: Sample, mode: ImageReadMode = ImageReadMode.RGB, *, min_side: int | None = None
-) -> torch.Tensor:
-    """Decode a sample's image to ``uint8`` (3, H, W) RGB (a file or a parquet row); ImageReadError names it.
+def load_sample(sample: Sample, *, min_side: int | None = None) -> np.ndarray:
+    """Decode a sample's image (a file or a parquet row) to ``uint8`` (H, W, 3) RGB; ImageReadError names it.
 
-    ``min_side``: a large JPEG file is decoded at reduced size, never below it (see :func:`load_rgb`)."""
-    if sample.index is None:
-        return load_rgb(sample.path, mode, min_side=min_side)
-    return decode_rgb_bytes(_source(sample), sample_label(sample), mode)
+    ``min_side``: a large JPEG file is decoded at reduced size, never below it (see :func:`load_rgb`); a parquet
+    row in full."""
+    source, name = _source(sample), sample_label(sample)
+    return _decode(source, name, read_header(source, name), min_side if sample.index is None else None)
+
+
+def box_pixels(bbox: tuple[int, int, int, int], margin: float, width: int, height: int
+               ) -> tuple[int, int, int, int] | None:
+    """A 1-based inclusive box (x1, y1, x2, y2) grown by ``margin`` x its size per side and clamped to a
+    ``width`` x ``height`` image, as 0-based end-exclusive ``(left, top, right, bottom)``; None when it lies
+    entirely outside the image (the image is then left uncropped)."""
+    x1, y1, x2, y2 = (int(v) for v in bbox)  # Python ints: no uint8/uint16 overflow below
+    left, top, right, bottom = x1 - 1, y1 - 1, x2, y2
+    dx, dy = margin * (right - left), margin * (bottom - top)
+    left, top = max(0, int(left - dx)), max(0, int(top - dy))
+    right, bottom = min(width, int(round(right + dx))), min(height, int(round(bottom + dy)))
+    return None if right <= left or bottom <= top else (left, top, right, bottom)

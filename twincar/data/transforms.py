@@ -3,7 +3,8 @@ per-image and per-batch transforms that train, eval, predict, explain and the de
 
 Work is split where it scales:
 
-* per image, in DataLoader workers, on decoded ``uint8`` tensors (:mod:`twincar.data.images` decodes):
+* per image, in DataLoader workers, on decoded ``uint8`` tensors (:mod:`twincar.data.images` decodes, to numpy;
+  :func:`to_tensor` makes the (3, H, W) view):
   geometric crop, flip, rotation -> :class:`TrainImageTransform`, :class:`EvalImageTransform`;
 * per batch, on the training device after transfer: float conversion, photometric augmentation
   (colour jitter, Gaussian blur, per-sample), ImageNet normalisation and Mixup/CutMix
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from twincar.data.images import box_pixels
 from twincar.errors import TwinCarError
 
 if TYPE_CHECKING:
@@ -37,17 +39,20 @@ RESIZE_MODES = ("crop", "squash")
 def crop_to_box(img: torch.Tensor, bbox: tuple[int, int, int, int], margin: float = 0.0) -> torch.Tensor:
     """Crop a (C, H, W) image to a 1-based inclusive box (x1, y1, x2, y2) grown by ``margin`` x its size per side.
 
-    The box is clamped to the image; a box entirely outside it leaves the image uncropped.
+    The box is clamped to the image; a box entirely outside it leaves the image uncropped
+    (:func:`~twincar.data.images.box_pixels`, the rule the eval and predict crop share).
     """
-    h, w = img.shape[-2:]
-    x1, y1, x2, y2 = (int(v) for v in bbox)  # Python ints: no uint8/uint16 overflow below
-    left, top, right, bottom = x1 - 1, y1 - 1, x2, y2  # 0-based, end-exclusive
-    dx, dy = margin * (right - left), margin * (bottom - top)
-    left, top = max(0, int(left - dx)), max(0, int(top - dy))
-    right, bottom = min(w, int(round(right + dx))), min(h, int(round(bottom + dy)))
-    if right <= left or bottom <= top:
+    box = box_pixels(bbox, margin, img.shape[-1], img.shape[-2])
+    if box is None:
         return img
+    left, top, right, bottom = box
     return img[..., top:bottom, left:right]
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """A decoded ``uint8`` (H, W, 3) image (:mod:`twincar.data.images`) as the (3, H, W) tensor torch transforms
+    take (a view: no copy)."""
+    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 @dataclass(frozen=True)

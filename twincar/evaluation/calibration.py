@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from twincar.errors import TwinCarError
+from twincar.inference import results
+from twincar.inference.results import DEFAULT_SCORE
 
-SCORES = ("max_logit", "max_softmax", "energy")  # the unknown scores, higher = more like a known class
-DEFAULT_SCORE = "max_logit"
 DEFAULT_TPR = 0.95  # share of known images the threshold keeps, on the split it is fitted on
 
 
@@ -59,15 +59,10 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int
 
 
 def unknown_scores(logits: torch.Tensor, score: str = DEFAULT_SCORE, temperature: float = 1.0) -> torch.Tensor:
-    """(N,) scores of logits (N, K), higher = more like one of the known classes (see the module docstring)."""
-    z = logits.float()
-    if score == "max_logit":
-        return z.max(dim=1).values
-    if score == "max_softmax":
-        return (z / temperature).softmax(dim=1).max(dim=1).values
-    if score == "energy":
-        return temperature * torch.logsumexp(z / temperature, dim=1)
-    raise TwinCarError(f"unknown score {score!r}: use one of {', '.join(SCORES)}")
+    """(N,) scores of logits (N, K), higher = more like one of the known classes: the one definition,
+    :func:`twincar.inference.results.unknown_scores`, as a float32 tensor."""
+    z = logits.detach().float().cpu().numpy()
+    return torch.from_numpy(results.unknown_scores(z, score, temperature).astype("float32"))
 
 
 THRESHOLD_MARGIN = 1e-4  # relative: the threshold sits this far below the last kept score (float noise of a rerun)
@@ -159,11 +154,7 @@ class Calibration:
     tta: str | None = None  # the test-time augmentation of the logits it was fitted on ("flip"; None: none)
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
-            raise TwinCarError(f"calibration temperature must be a positive number, got {self.temperature!r}")
-        if self.score not in SCORES:
-            raise TwinCarError(f"calibration score {self.score!r} is not one of {', '.join(SCORES)}")
+        results.check_calibration(self.to_dict())  # the checks every consumer (the torch-free Predictor too) makes
 
     def to_dict(self) -> dict:
         return asdict(self)

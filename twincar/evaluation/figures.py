@@ -37,14 +37,14 @@ def _save(fig, path: str | Path) -> Path:
     return write_bytes(path, buf.getvalue())
 
 
-def _thumbnail(image: str | Path | torch.Tensor | None, size: int = 160) -> np.ndarray:
-    """An image (a file, or a uint8 (3, H, W) tensor) as an (H, W, 3) uint8 array, longest side ``size``;
+def _thumbnail(image: str | Path | np.ndarray | None, size: int = 160) -> np.ndarray:
+    """An image (a file, or a decoded uint8 (H, W, 3) array) as an (H, W, 3) uint8 array, longest side ``size``;
     a grey tile when there is none or it cannot be read."""
     try:
         if isinstance(image, (str, Path)):
             image = load_rgb(image)
-        if isinstance(image, torch.Tensor):
-            img = image.float()[None]
+        if isinstance(image, np.ndarray):
+            img = torch.from_numpy(image).permute(2, 0, 1).float()[None]
             img = torch.nn.functional.interpolate(img, scale_factor=size / max(img.shape[-2:]), mode="bilinear",
                                                   antialias=True)
             return img[0].clamp(0, 255).byte().permute(1, 2, 0).numpy()

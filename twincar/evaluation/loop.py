@@ -6,19 +6,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from twincar.data.classes import class_names_difference
-from twincar.data.datasets import CarsDataset
 from twincar.data.formats import Sample
-from twincar.data.images import load_sample, sample_label
+from twincar.data.images import sample_label
 from twincar.errors import TwinCarError
-from twincar.inference.batches import Batch, BatchOutputs, _Numbered, iter_batches
+from twincar.inference.batches import Batch, BatchOutputs, Numbered, iter_batches, labelled_inputs
 from twincar.inference.predictor import Predictor
 from twincar.runs import find_run_config
 
@@ -36,6 +34,7 @@ class EvalOutputs:
     """Logits of every readable image of a split, in sample order, and what could not be read."""
 
     logits: torch.Tensor  # (N, K) float32: raw (temperature 1) Predictor.outputs, flip TTA included when it has it
+    # (the Predictor computes numpy: the tensors are made here, for the torch metrics of evaluation)
     labels: torch.Tensor  # (N,)
     samples: list[Sample]  # the N readable samples
     skipped: list[tuple[str, str]]  # (image, why) of unreadable images
@@ -47,12 +46,11 @@ class EvalOutputs:
             self.calibrated = self.logits
 
 
-def labelled_dataset(predictor: Predictor, samples: Sequence[Sample], bbox_margin: float | None = None) -> Dataset:
-    """Labelled ``samples`` as numbered items (``(image, i)`` or ``(None, (i, message))``), each decoded as the
-    predictor decodes a file (a large JPEG at reduced size), cropped to the car box when ``bbox_margin`` is set, and
-    put through its own image transform."""
-    reader = partial(load_sample, min_side=predictor.preprocess.decode_min_side)
-    return _Numbered(CarsDataset(list(samples), predictor.image_transform, bbox_margin, reader))
+def labelled_dataset(predictor: Predictor, samples: Sequence[Sample], bbox_margin: float | None = None) -> Numbered:
+    """Labelled ``samples`` as numbered items (``(image, i)`` or ``(None, (i, message))``), each prepared as the
+    predictor prepares a file (a large JPEG decoded at reduced size, resized and cropped), cropped to the car box
+    first when ``bbox_margin`` is set (:func:`~twincar.inference.batches.prepare_sample`)."""
+    return labelled_inputs(samples, predictor.preprocess, bbox_margin)
 
 
 def labelled_batches(
@@ -61,7 +59,8 @@ def labelled_batches(
 ) -> Iterator[Batch]:
     """:func:`iter_batches` of :func:`labelled_dataset`."""
     return iter_batches(labelled_dataset(predictor, samples, bbox_margin), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=predictor.device.type == "cuda")
+                        num_workers=None if predictor.is_onnx and num_workers == 0 else num_workers,
+                        pin_memory=not predictor.is_onnx and predictor.device.type == "cuda")
 
 
 def collect_logits(
@@ -70,7 +69,7 @@ def collect_logits(
 ) -> EvalOutputs:
     """Run ``predictor`` over labelled ``samples`` in batches. Each image is decoded as :meth:`Predictor.prepare`
     decodes a file (a large JPEG at reduced size), cropped to its car box when ``bbox_margin`` is set (as the
-    training run's val/test sets are), and put through the predictor's own transform and :meth:`Predictor.logits`.
+    training run's val/test sets are), and put through the predictor's own preprocessing and :meth:`Predictor.outputs`.
     An unreadable image is named in the log and in ``skipped``, and left out. With ``embeddings``, the images'
     embeddings too, from the same forward pass (:meth:`Predictor.outputs_with_embeddings`). (On many processes:
     :func:`twincar.inference.parallel.collect_logits`.)"""
@@ -98,12 +97,16 @@ def eval_outputs(samples: Sequence[Sample], outputs: Iterable[BatchOutputs]) -> 
     if not done:
         first = skipped[0][1] if skipped else "-"
         raise TwinCarError(f"none of the {len(samples)} images could be read (first: {first})")
-    indices = torch.tensor([i for o in done for i in o.indices])
-    order = indices.argsort()
+    indices = np.array([i for o in done for i in o.indices])
+    order = indices.argsort(kind="stable")
     kept = [samples[i] for i in indices[order].tolist()]
-    features = torch.cat([o.embeddings for o in done])[order] if done[0].embeddings is not None else None
-    return EvalOutputs(torch.cat([o.raw for o in done])[order], torch.tensor([s.label for s in kept]), kept, skipped,
-                       torch.cat([o.calibrated for o in done])[order], features)
+
+    def joined(parts: list[np.ndarray]) -> torch.Tensor:  # the batches' numpy outputs as one tensor, sample order
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate([np.asarray(p) for p in parts])[order]))
+
+    features = joined([o.embeddings for o in done]) if done[0].embeddings is not None else None
+    return EvalOutputs(joined([o.raw for o in done]), torch.tensor([s.label for s in kept]), kept, skipped,
+                       joined([o.calibrated for o in done]), features)
 
 
 # -- the labelled images of a split: eval, calibrate ------------------------------------------------------

@@ -112,8 +112,10 @@ class NeighbourIndex:
     _faiss: object = field(default=None, init=False, repr=False, compare=False)  # the faiss index, built once
     _rows: dict | None = field(default=None, init=False, repr=False, compare=False)  # path -> row, built once
 
-    def top_k(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(similarities, indices) of the ``k`` nearest indexed images of each query (:func:`top_k_similar`)."""
+    def top_k(self, queries: torch.Tensor | np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarities, indices) of the ``k`` nearest indexed images of each query (:func:`top_k_similar`;
+        ``queries`` as the Predictor's embeddings, numpy, or a tensor)."""
+        queries = torch.as_tensor(queries)
         if queries.shape[1] != self.embeddings.shape[1]:
             raise TwinCarError(f"the model's embeddings are {queries.shape[1]}-d but the neighbour index holds "
                                f"{self.embeddings.shape[1]}-d ones: it was built with another model (rebuild it with "
@@ -122,7 +124,7 @@ class NeighbourIndex:
             self._faiss = flat_ip_index(self.embeddings)
         return top_k_similar(queries, self.embeddings, k, backend=self.backend, faiss_index=self._faiss)
 
-    def search(self, queries: torch.Tensor, k: int = 3) -> list[list[tuple[str, str, float]]]:
+    def search(self, queries: torch.Tensor | np.ndarray, k: int = 3) -> list[list[tuple[str, str, float]]]:
         """Per query (rows of ``queries``, normalised embeddings): its ``k`` nearest indexed images as
         ``(path, class name, cosine similarity)``, most similar first."""
         sims, idx = self.top_k(queries, k)
@@ -214,11 +216,12 @@ def _load_thumbnails(path: Path, paths: list[str]) -> list[bytes] | None:
     return table.column("jpeg").to_pylist()
 
 
-def thumbnail_image(rgb: torch.Tensor, side: int):
-    """A PIL image of a (3, H, W) uint8 image, its longer side at most ``side`` (never enlarged)."""
+def thumbnail_image(rgb: np.ndarray, side: int):
+    """A PIL image of an (H, W, 3) uint8 image (:mod:`twincar.data.images`), its longer side at most ``side``
+    (never enlarged)."""
     from PIL import Image
 
-    image = Image.fromarray(rgb.permute(1, 2, 0).numpy())
+    image = Image.fromarray(rgb)
     image.thumbnail((side, side), Image.Resampling.BILINEAR)
     return image
 
@@ -250,7 +253,7 @@ def build_index(predictor, samples: Sequence, *, batch_size: int = 64, bbox_marg
     feats, kept = [], []
     for indices, images, _ in labelled_batches(predictor, samples, bbox_margin=bbox_margin, batch_size=batch_size):
         if images is not None:
-            feats.append(predictor.embeddings(images))
+            feats.append(torch.from_numpy(predictor.embeddings(images)))
             kept.extend(indices)
     if not kept:
         raise TwinCarError(f"none of the {len(samples)} images could be read to build the index")

@@ -32,9 +32,10 @@ from twincar.compat.gradcam import attach_hooks, cam_hooks
 from twincar.data.classes import name_key
 from twincar.data.images import ImageReadError
 from twincar.errors import TwinCarError
-from twincar.inference.batches import ImageInput, source_name
+from twincar.inference.batches import source_name
 from twincar.inference.predictor import Predictor
-from twincar.inference.runtime import Prediction
+from twincar.inference.preprocess import ImageInput
+from twincar.inference.results import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class Explainer:
     ):
         if method not in METHODS:
             raise ExplainError(f"unknown CAM method {method!r}: use one of {', '.join(METHODS)}")
-        if getattr(predictor, "is_onnx", False):
+        if predictor.is_onnx:
             raise ExplainError("Grad-CAM needs gradients of a PyTorch model: load a .ckpt, .pth or .safetensors "
                                "model, not an ONNX export")
         self.predictor = predictor
@@ -272,19 +273,18 @@ class Explainer:
         ok = sorted(prepared)
         if not ok:
             return [errors[i] for i in range(len(items))]
-        batch = torch.stack([prepared[i] for i in ok])
+        batch = np.stack([prepared[i] for i in ok])  # uint8 (N, S, S, 3), as Predictor.predict batches them
         raw, logits = p.outputs(batch)  # the predictor's own forward: predictions equal Predictor.predict
         scores = p.unknown_scores(raw) if p.unknown_threshold is not None else None  # "not one of" as predict says
         preds = p.results(logits, [source_name(items[i]) for i in ok], scores=scores)
         idx = [self.resolve_target(targets[i], pr.label, labels[i]) for i, pr in zip(ok, preds, strict=True)]
-        x = p.batch_transform(batch.to(p.device)).requires_grad_(True)  # input grads: works with frozen weights
-        if p.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = p.engine.input(batch).requires_grad_(True)  # the network's input; input grads work with frozen weights
+        logits = torch.from_numpy(logits)
         cams = self.cam(input_tensor=x, targets=self._targets(logits, idx)).astype(np.float32)
         faith = self._faithfulness(x, cams, idx, logits) if self.faithfulness else [None] * len(ok)
         done = {}
         for j, i in enumerate(ok):
-            image = batch[j].permute(1, 2, 0).numpy()
+            image = batch[j]
             done[i] = Explanation(
                 prediction=preds[j], cam=cams[j], image=image, overlay=overlay_cam(image, cams[j]),
                 faithfulness=faith[j], target=idx[j], target_name=p.class_names[idx[j]], method=self.method,

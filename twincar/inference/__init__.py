@@ -12,7 +12,7 @@ def __getattr__(name: str):
 
         return Predictor
     if name == "Prediction":
-        from twincar.inference.runtime import Prediction
+        from twincar.inference.results import Prediction
 
         return Prediction
     raise AttributeError(f"module 'twincar.inference' has no attribute {name!r}")

@@ -1,109 +1,108 @@
-"""Inputs as numbered items and batches: what a DataLoader worker prepares and how a batch is split into the
-readable images and the errors."""
+"""Inputs as numbered items, and numbered batches with the unreadable inputs set apart.
+
+One per-item step for every engine: :func:`twincar.inference.preprocess.prepare` (an input) or
+:func:`prepare_sample` (a labelled sample, cropped to its car box first) gives an (S, S, 3) ``uint8`` array, or the
+item is ``(None, (i, message))`` when input ``i`` cannot be read. :func:`iter_batches` puts the items together:
+with ``num_workers`` (a torch engine) in a DataLoader, whose batches are ``uint8`` tensors (N, S, S, 3), otherwise in
+a plain loop here (no torch imported: the ONNX engine), whose batches are numpy arrays. Both give
+:data:`Batch` = ``(indices of the readable inputs, their batch or None, {index: message} of the others)``.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from PIL import Image
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from twincar.data.datasets import CarsDataset, collate_readable
-from twincar.data.images import ImageReadError, load_rgb, pil_to_uint8
+from twincar.data.images import ImageReadError, box_pixels, load_sample
+from twincar.inference.preprocess import ImageInput, InputSpec, prepare
 
-if TYPE_CHECKING:
-    pass
+if TYPE_CHECKING:  # the sample type only: data.formats imports scipy, which the torch-free runtime lacks
+    from twincar.data.formats.common import Sample
 
 log = logging.getLogger(__name__)
 
-ImageInput = str | Path | Image.Image | torch.Tensor
-
-
-def to_uint8_rgb(image: ImageInput) -> torch.Tensor:
-    """A path, PIL image or tensor as a ``uint8`` (3, H, W) RGB tensor; unreadable files raise ImageReadError."""
-    if isinstance(image, (str, Path)):
-        return load_rgb(image)
-    if isinstance(image, Image.Image):
-        return pil_to_uint8(image)  # as a file of that mode decodes (16-bit scaled)
-    if isinstance(image, torch.Tensor):
-        t = image
-        if t.ndim == 2:
-            t = t.unsqueeze(0)
-        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-            raise ValueError(f"an image tensor must be (C, H, W) with C in 1, 3, 4; got shape {tuple(image.shape)}")
-        if t.dtype != torch.uint8:
-            raise ValueError(f"an image tensor must be uint8 (0..255); got {t.dtype}")
-        return t[:3] if t.shape[0] == 4 else t.expand(3, -1, -1) if t.shape[0] == 1 else t
-    raise TypeError(f"cannot predict on a {type(image).__name__}: pass a path, a PIL image or a uint8 tensor")
+Batch = tuple  # (readable indices: list[int], their uint8 (N, S, S, 3) batch or None, {index: message})
 
 
 def source_name(image: ImageInput) -> str:
-    """How an input is named in results: its path, or ``<PIL image>`` / ``<tensor>``."""
+    """How an input is named in results: its path, or ``<PIL image>`` / ``<array>`` / ``<tensor>``."""
     if isinstance(image, (str, Path)):
         return str(image)
-    return "<PIL image>" if isinstance(image, Image.Image) else "<tensor>"
+    if isinstance(image, Image.Image):
+        return "<PIL image>"
+    return "<array>" if isinstance(image, np.ndarray) else "<tensor>"
 
 
-def prepare_image(image: ImageInput, transform: nn.Module, min_side: int | None = None) -> torch.Tensor:
-    """Decode (a large JPEG file at reduced size, never below ``min_side``: ``load_rgb(min_side=)``) and
-    ``transform`` one input into a ``uint8`` (3, S, S) tensor."""
-    if isinstance(image, (str, Path)):
-        return transform(load_rgb(image, min_side=min_side))
-    return transform(to_uint8_rgb(image))
+def prepare_sample(sample: Sample, spec: InputSpec, bbox_margin: float | None = None) -> np.ndarray:
+    """A labelled sample as a prediction prepares a file (a large JPEG decoded at reduced size), cropped to its
+    car box grown by ``bbox_margin`` first when that is set (as the training run's val/test sets are)."""
+    image = load_sample(sample, min_side=spec.decode_min_side)
+    if bbox_margin is not None:
+        from twincar.data.datasets import car_box  # reads the box's header: the car box of the decoded pixels
+
+        h, w = image.shape[:2]
+        box = box_pixels(car_box(sample, w, h), bbox_margin, w, h)
+        if box is not None:
+            left, top, right, bottom = box
+            image = image[top:bottom, left:right]
+    return prepare(image, spec)
 
 
-class _Inputs(Dataset):
-    """Item ``i``: ``(prepared image, i)``, or ``(None, (i, message))`` when input ``i`` cannot be read (in a
-    worker)."""
+class Numbered:
+    """Item ``i``: ``(prepare(items[i]), i)``, or ``(None, (i, message))`` when it cannot be read. A map-style
+    dataset (DataLoader workers prepare the items) that needs no torch to be built."""
 
-    def __init__(self, items: Sequence[ImageInput], transform: nn.Module, min_side: int | None):
+    def __init__(self, items: Sequence, prepare_item: Callable[[object], np.ndarray]):
         self.items = items
-        self.transform = transform
-        self.min_side = min_side
+        self.prepare_item = prepare_item
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int | str]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray | None, int | tuple[int, str]]:
         try:
-            return prepare_image(self.items[index], self.transform, self.min_side), index
+            return self.prepare_item(self.items[index]), index
         except (ImageReadError, ValueError, TypeError) as e:
             return None, (index, str(e))
 
 
-class _Numbered(Dataset):
-    """A :class:`~twincar.data.datamodule.CarsDataset` whose items carry their index instead of their label:
-    ``(image, i)``, or ``(None, (i, message))``."""
+class _Prepare:
+    """``prepare(item, spec)`` as a picklable callable (DataLoader workers)."""
 
-    def __init__(self, dataset: CarsDataset):
-        self.dataset = dataset
+    def __init__(self, spec: InputSpec, bbox_margin: float | None = None, labelled: bool = False):
+        self.spec, self.bbox_margin, self.labelled = spec, bbox_margin, labelled
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int | str]:
-        image, label_or_error = self.dataset[index]
-        return (image, index) if image is not None else (None, (index, label_or_error))
+    def __call__(self, item) -> np.ndarray:
+        if self.labelled:
+            return prepare_sample(item, self.spec, self.bbox_margin)
+        return prepare(item, self.spec)
 
 
-Batch = tuple[list[int], torch.Tensor | None, dict[int, str]]  # (readable indices, their images, {index: message})
+def inputs(images: Sequence[ImageInput], spec: InputSpec) -> Numbered:
+    """Inputs (paths, PIL images, arrays, tensors) as numbered items, each :func:`prepare`\\ d."""
+    return Numbered(images, _Prepare(spec))
+
+
+def labelled_inputs(samples: Sequence[Sample], spec: InputSpec, bbox_margin: float | None = None) -> Numbered:
+    """Labelled samples as numbered items, each :func:`prepare_sample`\\ d (the label stays in the sample)."""
+    return Numbered(list(samples), _Prepare(spec, bbox_margin, labelled=True))
 
 
 @dataclass
 class BatchOutputs:
-    """What one forward pass gives for a batch of numbered inputs (:meth:`Predictor.batch_outputs`)."""
+    """What one forward pass gives for a batch of numbered inputs (:meth:`Predictor.batch_outputs`), numpy."""
 
     indices: list[int]  # the readable inputs, in the batch's order
-    raw: torch.Tensor | None  # (N, K) float32 logits at temperature 1 (flip TTA included); None: nothing readable
-    calibrated: torch.Tensor | None  # (N, K) the same divided by the model's temperature (Predictor.logits)
+    raw: np.ndarray | None  # (N, K) float32 logits at temperature 1 (flip TTA included); None: nothing readable
+    calibrated: np.ndarray | None  # (N, K) the same divided by the model's temperature (Predictor.logits)
     errors: dict[int, str]  # {index: message} of the unreadable inputs
-    embeddings: torch.Tensor | None = None  # (N, D) L2-normalised pre-logit features, when asked for
+    embeddings: np.ndarray | None = None  # (N, D) L2-normalised pre-logit features, when asked for
 
 
 def split_batch(collated: tuple) -> Batch:
@@ -115,15 +114,24 @@ def split_batch(collated: tuple) -> Batch:
     return ok, (images if ok else None), dict(failed[0]) if failed else {}
 
 
-def iter_batches(
-    dataset: Dataset, *, batch_size: int, num_workers: int = 0, pin_memory: bool = False
-) -> Iterator[Batch]:
-    """Batches of a dataset whose items are ``(image, index)`` or ``(None, (index, message))``, in order (see
-    :func:`split_batch`). Unreadable items are dropped by the one collate of the data layer
-    (:func:`~twincar.data.datasets.collate_readable`), never replaced."""
+def iter_batches(dataset: Numbered, *, batch_size: int, num_workers: int | None = 0,
+                 pin_memory: bool = False) -> Iterator[Batch]:
+    """Batches of numbered items, in order. ``num_workers`` None: a plain loop in this process (no torch), numpy
+    batches; a number: a torch DataLoader with that many worker processes (0: in this process), tensor batches,
+    put together by the one collate of the data layer (:func:`~twincar.data.datasets.collate_readable`).
+    Unreadable items are set apart, never replaced."""
+    if num_workers is None:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            good = [(image, i) for image, i in items if image is not None]
+            errors = dict(i for image, i in items if image is None)
+            yield [i for _, i in good], np.stack([image for image, _ in good]) if good else None, errors
+        return
+    from torch.utils.data import DataLoader
+
+    from twincar.data.datasets import collate_readable
+
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_readable, pin_memory=pin_memory)
     for collated in loader:
         yield split_batch(collated)
-
-

@@ -117,7 +117,7 @@ def requeue_on_time_limit() -> Iterator[None]:
 
 def default_workers(processes: Processes) -> int:
     """Decoding processes per inference process: none on the CPU (as
-    :func:`twincar.inference.predictor.default_workers`),
+    :func:`twincar.inference.engines.default_workers`),
     else the node's cores shared among its processes, up to 8 each."""
     return 0 if processes.accelerator == "cpu" else max(1, min(8, (os.cpu_count() or 1) // processes.devices - 1))
 
@@ -128,8 +128,7 @@ class InferenceModule(L.LightningModule):
     def __init__(self, predictor: Predictor, *, embeddings: bool = False):
         super().__init__()
         self.predictor = predictor
-        self.network = predictor.model  # submodules, so that Lightning moves them to the process's device
-        self.transform = predictor.batch_transform
+        self.network = predictor.model  # a submodule, so that Lightning moves it to the process's device
         self.embeddings = embeddings
 
     def on_predict_start(self) -> None:

@@ -1,5 +1,5 @@
-"""Predictor: the one inference object, and the one loop over labelled images. predict, eval, explain, the
-demo and the ablation all go through here.
+"""Predictor: the one inference object, over one of two engines. predict, eval, explain, the demo, the Space and
+the ablation all go through here.
 
 >>> from twincar import Predictor
 >>> p = Predictor.load("outputs/runs/RUN/model.pth")  # model_card.json beside it gives classes and preprocessing
@@ -7,310 +7,239 @@ demo and the ablation all go through here.
 >>> r.make, r.model, r.year, r.confidence
 >>> rs = p.predict(["a.jpg", "b.png"], batch_size=32, num_workers=2)  # a list; unreadable files get ``error``
 
-Loading goes through :func:`twincar.models.io.load_model` (safe: no unpickling) and preprocessing through
-:mod:`twincar.data.transforms` (the same eval transform as validation). Evaluation runs its images through
-:func:`collect_logits`, which calls the same :meth:`Predictor.prepare` decode and :meth:`Predictor.logits`, so
-a prediction here equals what evaluation computes for the same file, flip TTA included.
+Every step but the engine is defined once, without torch: decode (:mod:`twincar.data.images`), resize and crop
+(:mod:`twincar.inference.preprocess`), batches (:mod:`twincar.inference.batches`), flip TTA, temperature, unknown
+score, top-k and the :class:`Prediction` (:mod:`twincar.inference.results`). The engine
+(:mod:`twincar.inference.engines`) is a torch module on the CPU or a GPU, or an onnxruntime session:
+``Predictor.load("model.onnx")`` is the torch-free runtime (numpy, PIL and onnxruntime; torch is never imported).
 
-Calibration (:mod:`twincar.evaluation.calibration`): a model file that carries a temperature ``T`` (from the end of
-training
-or ``python -m twincar.calibrate``) is predicted with ``softmax(logits / T)``, so ``confidence`` is the calibrated
-probability; with an unknown threshold too, an image whose unknown score is below it has ``known=False`` (not one of
-the model's classes) and keeps its closest classes in ``topk``.
-
-Flip TTA (``tta="flip"``), the one definition: the logits of the image and of its mirror image are averaged, then
-divided by the temperature. Averaging logits (not probabilities) keeps calibration exact: the temperature divides the
-averaged logits as it divides one view's, so it never changes the top-1, and the unknown score keeps its scale.
+Calibration (:mod:`twincar.evaluation.calibration` fits it): a model file that carries a temperature ``T`` is
+predicted with ``softmax(logits / T)``, so ``confidence`` is the calibrated probability; with an unknown threshold
+too, an image whose unknown score is below it has ``known=False`` (not one of the model's classes) and keeps its
+closest classes in ``topk``. Flip TTA averages the logits of the image and of its mirror image, then divides by
+the temperature (:func:`~twincar.inference.results.flip_average`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from PIL import Image
-from torch import nn
-from torch.utils.data import Dataset
 
-from twincar.data.classes import parse_car_name
-from twincar.data.transforms import BatchTransform, EvalImageTransform, Preprocess
+from twincar.data.classes import class_names_difference, read_class_names
 from twincar.errors import TwinCarError
-from twincar.evaluation.calibration import Calibration
-from twincar.inference.batches import Batch, BatchOutputs, ImageInput, _Inputs, iter_batches, prepare_image, source_name
-from twincar.inference.engines import TTA_MODES, resolve_device, resolve_precision
-from twincar.inference.runtime import Prediction, unknown_threshold  # shared with the torch-free runtime
-from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model, min_input_size, resolve_model_source
-from twincar.runs import find_run_config
-
-if TYPE_CHECKING:
-    pass
+from twincar.files import ReadError, read_json_object
+from twincar.inference import batches
+from twincar.inference.batches import Batch, BatchOutputs, source_name
+from twincar.inference.engines import ModelError, OnnxEngine, TorchEngine
+from twincar.inference.preprocess import ImageInput, InputSpec, prepare
+from twincar.inference.results import (
+    DEFAULT_SCORE,
+    Prediction,
+    check_calibration,
+    check_tta,
+    flip_average,
+    predictions,
+    unknown_scores,
+    unknown_threshold,
+)
 
 log = logging.getLogger(__name__)
 
-
+MODEL_CARD = "model_card.json"  # beside exported weights: class names, preprocessing, calibration
 
 
 class Predictor:
-    """A loaded classifier with its class names and preprocessing; predicts on files, PIL images or tensors.
+    """A loaded classifier with its class names and preprocessing; predicts on files, PIL images, arrays or tensors.
 
     Args:
-        model: the network (eval mode is set here); outputs logits over ``class_names``.
+        model: the network (a torch module: it runs on a :class:`~twincar.inference.engines.TorchEngine`), or an
+            engine (:class:`~twincar.inference.engines.OnnxEngine`, ``TorchEngine``); outputs logits over
+            ``class_names``.
         class_names: one name per output.
-        preprocess: what the model expects (size, resize mode, mean/std).
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
-        channels_last: run convolutions in channels-last memory format (faster on CPU and GPU).
-        precision: ``fp32`` (exact), ``bf16`` (autocast) or ``auto`` (bf16 where the hardware has it natively,
-            see :func:`resolve_precision`). An ONNX model always runs in fp32.
-        tta: ``"flip"`` averages the logits of the image and its mirror image (see the module's
-            docstring); None (or ``"none"``) for one pass.
-        calibration: the model's :class:`~twincar.evaluation.calibration.Calibration` (or its dict): its temperature
-        divides
-            the logits; None: raw softmax, no unknown answer.
+        preprocess: what the model expects (a :class:`~twincar.data.transforms.Preprocess`, a card's dict or an
+            :class:`~twincar.inference.preprocess.InputSpec`).
+        device, channels_last, precision: how a torch module runs (:class:`TorchEngine`); ``bf16`` is refused for
+            an ONNX model (fp32 only).
+        tta: ``"flip"`` averages the logits of the image and its mirror image; None (or ``"none"``) for one pass.
+        calibration: the model's calibration (a :class:`~twincar.evaluation.calibration.Calibration` or its dict):
+            its temperature divides the logits; None: raw softmax, no unknown answer.
         unknown: ``"auto"`` (the calibration's threshold, when it has one), ``"off"`` (every image is one of the
             classes) or a number: the threshold on the calibration's score (max-logit by default).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        class_names: Sequence[str],
-        preprocess: Preprocess,
-        *,
-        device: str | torch.device = "auto",
-        channels_last: bool = True,
-        precision: str = "fp32",
-        tta: str | None = None,
-        calibration: Calibration | dict | None = None,
-        unknown: str | float = "auto",
-    ):
-        if tta not in TTA_MODES:
-            raise TwinCarError(f"--tta must be 'flip' or left out, got {tta!r}")
-        self.device = resolve_device(device)
+    def __init__(self, model, class_names: Sequence[str], preprocess=None, *, device="auto",
+                 channels_last: bool = True, precision: str = "fp32", tta: str | None = None,
+                 calibration=None, unknown: str | float = "auto"):
+        self.tta = check_tta(tta)
         self.class_names = list(class_names)
-        self.preprocess = preprocess
-        self.tta = None if tta == "none" else tta
-        self.is_onnx = isinstance(model, OnnxModule)
-        self.channels_last = channels_last and not self.is_onnx  # onnxruntime takes NCHW: no copy there and back
-        self.precision = precision
-        self.autocast_dtype = resolve_precision(precision, self.device)
-        if self.is_onnx:
-            if precision == "bf16":
-                raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
-            self.autocast_dtype = None
-        self.model = model.eval().to(self.device)
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.image_transform = EvalImageTransform(preprocess)  # per image: resize + crop, uint8
-        self.batch_transform = BatchTransform(preprocess).to(self.device)  # per batch: float + normalise
-        self.parsed = [parse_car_name(n) for n in self.class_names]
+        self.preprocess = InputSpec.from_preprocess(preprocess)
+        if isinstance(model, OnnxEngine) and precision == "bf16":
+            raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
+        self.engine = model if isinstance(model, (OnnxEngine, TorchEngine)) else TorchEngine(
+            model, self.preprocess, device=device, channels_last=channels_last, precision=precision)
         self._set_calibration(calibration, unknown)
 
-    def _set_calibration(self, calibration: Calibration | dict | None, unknown: str | float | None) -> None:
+    def _set_calibration(self, calibration, unknown: str | float | None) -> None:
         """The temperature and the unknown threshold (``unknown`` as ``--unknown`` takes it) of ``calibration``."""
-        self.calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
-        self.temperature = self.calibration.temperature if self.calibration else 1.0
-        self.unknown_threshold = unknown_threshold(unknown, self.calibration and self.calibration.to_dict(), self.tta)
+        self.calibration = check_calibration(calibration.to_dict() if hasattr(calibration, "to_dict")
+                                             else calibration)
+        self.temperature = float(self.calibration["temperature"]) if self.calibration else 1.0
+        self.unknown_threshold = unknown_threshold(unknown, self.calibration, self.tta)
+
+    # -- what runs it ----------------------------------------------------------------------------------------
+    @property
+    def is_onnx(self) -> bool:
+        """True on the onnxruntime engine (no embeddings, no Grad-CAM: those need the PyTorch weights)."""
+        return self.engine.kind == "onnx"
+
+    @property
+    def model(self):
+        """The torch network of a torch engine (Grad-CAM, Lightning); an ONNX model has none."""
+        if self.is_onnx:
+            raise TwinCarError("an ONNX model has no PyTorch network: use the .pth, .safetensors or .ckpt weights")
+        return self.engine.model
+
+    @property
+    def device(self):
+        """Where the network runs: a torch device, or ``"cpu"``/``"cuda"`` for onnxruntime."""
+        return self.engine.device
+
+    @property
+    def autocast_dtype(self):
+        """The torch engine's autocast dtype (None: fp32)."""
+        return getattr(self.engine, "autocast_dtype", None)
 
     @property
     def score(self) -> str:
-        """The unknown score in use (:data:`twincar.evaluation.calibration.SCORES`)."""
-        return self.calibration.score if self.calibration else "max_logit"
-
-    def unknown_scores(self, raw_logits: torch.Tensor) -> torch.Tensor:
-        """(N,) unknown scores of raw logits (:meth:`outputs`' first), higher = more like a known class."""
-        return (self.calibration or Calibration()).scores(raw_logits)
+        """The unknown score in use (:data:`twincar.inference.results.SCORES`)."""
+        return self.calibration.get("score") or DEFAULT_SCORE if self.calibration else DEFAULT_SCORE
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        classes: str | Path | list[str] | None = None,
-        *,
-        device: str | torch.device = "auto",
-        preprocess: Preprocess | None = None,
-        architecture: str | None = None,
-        image_size: int | None = None,
-        resize_mode: str | None = None,
-        **kwargs,
-    ) -> Predictor:
+    def load(cls, path: str | Path, classes: str | Path | list[str] | None = None, *, device="auto",
+             preprocess=None, architecture: str | None = None, image_size: int | None = None,
+             resize_mode: str | None = None, threads: int | None = None, **kwargs) -> Predictor:
         """Load a ``.ckpt``, an exported ``.pth``/``.safetensors``/``.onnx`` (with its model card) or the original
         TwinCars ``.pth`` (then ``classes`` is needed; ``architecture`` is the timm name of a bare state dict,
-        ``resnet50`` by default). ``preprocess`` replaces what the file says;
-        ``image_size``/``resize_mode`` change one field of it. Other keywords go to :class:`Predictor`.
+        ``resnet50`` by default). ``preprocess`` replaces what the file says; ``image_size``/``resize_mode`` change
+        one field of it. Other keywords go to :class:`Predictor`.
 
-        A bare ``model.pth`` takes the ``classes.txt`` beside it when ``classes`` is not given, and, without a
-        model card but inside a training run, that run's architecture and preprocessing (its ``config.yaml``).
+        An ``.onnx`` file runs on onnxruntime and imports no torch (``threads``: its intra-op threads). A bare
+        ``model.pth`` takes the ``classes.txt`` beside it when ``classes`` is not given, and, without a model card
+        but inside a training run, that run's architecture and preprocessing (its ``config.yaml``).
         ``local-dir:DIR`` and ``hf-hub:USER/REPO`` name a timm hub folder or repository (``export format=hf``)."""
-        path = resolve_model_source(path)
-        if path.suffix not in (".ckpt", ".onnx") and not (path.parent / MODEL_CARD).is_file():
-            if classes is None and (path.parent / "classes.txt").is_file():
-                classes = path.parent / "classes.txt"
-            run_arch, run_pre = _run_model_config(path)
-            architecture = architecture or run_arch
-            preprocess = preprocess or run_pre
-        loaded: LoadedModel = load_model(path, classes, architecture=architecture, preprocess=preprocess)
-        pre = loaded.preprocess
-        if image_size is not None and image_size < 1:
-            raise TwinCarError(f"--img-size must be a positive number of pixels, got {image_size}")
-        if image_size is not None or resize_mode is not None:
-            try:
-                pre = replace(pre, image_size=pre.image_size if image_size is None else image_size,
-                              resize_mode=resize_mode or pre.resize_mode)
-            except ValueError as e:
-                raise TwinCarError(f"--resize-mode: {e}") from e
-        if isinstance(loaded.model, OnnxModule) and loaded.model.image_size not in (None, pre.image_size):
-            raise TwinCarError(
-                f"{path} takes {loaded.model.image_size}x{loaded.model.image_size} inputs, not {pre.image_size}: "
-                "leave --img-size out for this ONNX model"
-            )
-        smallest = min_input_size(loaded.model)
-        if pre.image_size < smallest:
-            raise TwinCarError(f"--img-size {pre.image_size} is smaller than {loaded.architecture} takes: its features "
-                               f"are {smallest}x smaller than the input, so give at least {smallest} pixels")
-        kwargs.setdefault("calibration", loaded.calibration)
-        return cls(loaded.model, loaded.class_names, pre, device=device, **kwargs)
+        if str(path).endswith(".onnx"):
+            engine, names, pre, calibration = _load_onnx(Path(path).expanduser(), classes, device, preprocess,
+                                                         image_size, resize_mode, threads)
+            kwargs.setdefault("calibration", calibration)
+            return cls(engine, names, pre, **kwargs)
+        from twincar.models.io import min_input_size
 
-    # -- the three steps: per image, per batch, results ---------------------------------------
-    def with_calibration(self, calibration: Calibration | dict | None, unknown: str | float = "auto") -> Predictor:
-        """This predictor (same network, no copy) with another calibration: ``calibration`` None is raw softmax."""
+        model, names, pre, calibration, arch = _load_torch(path, classes, preprocess, architecture)
+        spec = InputSpec.from_preprocess(pre, image_size, resize_mode)
+        smallest = min_input_size(model)
+        if spec.image_size < smallest:
+            raise TwinCarError(f"--img-size {spec.image_size} is smaller than {arch} takes: its features "
+                               f"are {smallest}x smaller than the input, so give at least {smallest} pixels")
+        kwargs.setdefault("calibration", calibration)
+        return cls(model, names, spec, device=device, **kwargs)
+
+    def with_calibration(self, calibration, unknown: str | float = "auto") -> Predictor:
+        """This predictor (same engine, no copy) with another calibration: ``calibration`` None is raw softmax."""
         other = object.__new__(Predictor)
         other.__dict__.update(self.__dict__)
         other._set_calibration(calibration, unknown)
         return other
 
-    def to(self, device: str | torch.device) -> Predictor:
-        """Move the network and the batch transform to ``device`` (in place: a process of a multi-process run
-        takes its own GPU); ``precision="auto"`` is resolved again for it. Returns this predictor."""
+    def to(self, device) -> Predictor:
+        """Move a torch engine to ``device`` (in place: a process of a multi-process run takes its own GPU);
+        ``precision="auto"`` is resolved again for it. Returns this predictor."""
         if self.is_onnx:
             raise TwinCarError("an ONNX model runs in one process on the device it was loaded for")
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        self.batch_transform.to(self.device)
-        self.autocast_dtype = resolve_precision(self.precision, self.device)
+        self.engine.to(device)
         return self
 
-    def prepare(self, image: ImageInput) -> torch.Tensor:
-        """Per-image work (decode, resize, crop): a ``uint8`` (3, S, S) tensor. Safe in DataLoader workers.
+    # -- the steps: per image, per batch, results -------------------------------------------------------------
+    def prepare(self, image: ImageInput) -> np.ndarray:
+        """Per-image work (decode, resize, crop): an (S, S, 3) ``uint8`` array. Safe in DataLoader workers.
 
-        A large JPEG is decoded at reduced size (never below what the resize needs: ``load_rgb(min_side=)``)."""
-        return prepare_image(image, self.image_transform, self.preprocess.decode_min_side)
+        A large JPEG is decoded at reduced size (never below what the resize needs)."""
+        return prepare(image, self.preprocess)
 
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Calibrated logits (N, K) in float32 on the CPU for a ``uint8`` batch (N, 3, S, S) of prepared images:
-        the network's divided by the temperature (1 when the model carries none), so their softmax is the
-        calibrated probability.
-
-        With ``tta="flip"`` the logits of the image and its mirror image are averaged first (:func:`flip_average`).
-        """
-        return self.outputs(batch)[1]
-
-    def _run(self, batch: torch.Tensor, network) -> torch.Tensor:
-        """``network`` on a ``uint8`` batch as the model takes it: normalised on the device, with its mirror
-        images after it under flip TTA, channels-last, under the autocast of ``precision``; float32."""
-        x = self.batch_transform(batch.to(self.device, non_blocking=True))
-        if self.tta == "flip":
-            x = torch.cat([x, x.flip(3)])
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            return network(x).float()
-
-    @torch.inference_mode()
-    def outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(raw, calibrated)`` logits (N, K) of one forward pass: ``raw`` at temperature 1 (what the unknown
-        score and ``ece_raw`` use), ``calibrated`` as :meth:`logits` returns them."""
-        out = self._run(batch, self.model).cpu()
+    def outputs(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """``(raw, calibrated)`` float32 logits (N, K) of one forward pass over a ``uint8`` (N, S, S, 3) batch of
+        prepared images: ``raw`` at temperature 1 (what the unknown score and ``ece_raw`` use), ``calibrated``
+        divided by the temperature (their softmax is the calibrated probability); with flip TTA both averaged over
+        the image and its mirror image first."""
+        out, _ = self.engine.run(batch, self.tta == "flip")
         return flip_average(out, 1.0, self.tta), flip_average(out, self.temperature, self.tta)
 
-    @torch.inference_mode()
-    def embeddings(self, batch: torch.Tensor) -> torch.Tensor:
-        """L2-normalised pre-logit features (N, D), float32 on the CPU, of a ``uint8`` batch of prepared images:
-        timm's ``forward_head(forward_features(x), pre_logits=True)`` (after global pooling); with flip TTA the
-        normalised mean of the image's and its mirror image's."""
-        self._check_embeddings()
-        feats = self._run(batch, lambda x: self.model.forward_head(self.model.forward_features(x), pre_logits=True))
-        return self._normalised(feats.flatten(1))
+    def logits(self, batch) -> np.ndarray:
+        """The calibrated logits (N, K) of :meth:`outputs`."""
+        return self.outputs(batch)[1]
 
-    @torch.inference_mode()
-    def outputs_with_embeddings(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(raw, calibrated, embeddings)``: :meth:`outputs` and :meth:`embeddings` of ONE forward pass (the
-        backbone's ``forward_features`` once; the head and the pre-logit features both from them)."""
-        self._check_embeddings()
+    def outputs_with_embeddings(self, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(raw, calibrated, embeddings)``: :meth:`outputs` and :meth:`embeddings` of ONE forward pass."""
+        out, feats = self.engine.run(batch, self.tta == "flip", embeddings=True)
+        return flip_average(out, 1.0, self.tta), flip_average(out, self.temperature, self.tta), self._normalised(feats)
 
-        def network(x: torch.Tensor) -> torch.Tensor:
-            features = self.model.forward_features(x)
-            pre_logits = self.model.forward_head(features, pre_logits=True).flatten(1)
-            return torch.cat([self.model.forward_head(features), pre_logits], dim=1)
+    def embeddings(self, batch) -> np.ndarray:
+        """L2-normalised pre-logit features (N, D) float32 of a ``uint8`` batch of prepared images (timm's
+        ``forward_head(forward_features(x), pre_logits=True)``); with flip TTA the normalised mean of the image's
+        and its mirror image's. The torch engine only."""
+        return self.outputs_with_embeddings(batch)[2]
 
-        out = self._run(batch, network).cpu()
-        logits, feats = out[:, :len(self.class_names)], out[:, len(self.class_names):]
-        return (flip_average(logits, 1.0, self.tta), flip_average(logits, self.temperature, self.tta),
-                self._normalised(feats))
+    def _normalised(self, feats: np.ndarray) -> np.ndarray:
+        def unit(x: np.ndarray) -> np.ndarray:
+            return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
 
-    def _check_embeddings(self) -> None:
-        if self.is_onnx or not hasattr(self.model, "forward_head"):
-            raise TwinCarError("embeddings need a PyTorch timm model (.ckpt, .pth or .safetensors), not ONNX")
-
-    def _normalised(self, feats: torch.Tensor) -> torch.Tensor:
-        """L2-normalised features on the CPU; with flip TTA, the normalised mean of each image's two views."""
         if self.tta == "flip":
-            feats = sum(torch.nn.functional.normalize(feats, dim=1).chunk(2))
-        return torch.nn.functional.normalize(feats, dim=1).cpu()
+            feats = sum(np.split(unit(feats), 2))
+        return unit(feats).astype(np.float32, copy=False)
 
     def embed(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 32,
-              num_workers: int = 0) -> torch.Tensor:
-        """L2-normalised pre-logit features (N, D) of images (paths, PIL images or tensors), input order
-        (:meth:`embeddings`); an unreadable input is an error naming it."""
-        single = isinstance(images, (str, Path, Image.Image, torch.Tensor))
-        items = [images] if single else list(images)
+              num_workers: int = 0) -> np.ndarray:
+        """L2-normalised pre-logit features (N, D) of images, input order (:meth:`embeddings`); an unreadable input
+        is an error naming it."""
+        items = [images] if _single(images) else list(images)
         out = []
         for _, batch, errors in self.prepared_batches(items, batch_size=batch_size, num_workers=num_workers):
             if errors:
                 raise TwinCarError(f"cannot embed an image: {next(iter(errors.values()))}")
             out.append(self.embeddings(batch))
-        return torch.cat(out) if out else torch.empty(0, 0)
+        return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 
-    def results(self, logits: torch.Tensor, sources: Sequence[str], topk: int = 5,
-                scores: torch.Tensor | None = None) -> list[Prediction]:
+    def unknown_scores(self, raw_logits) -> np.ndarray:
+        """(N,) unknown scores of raw logits (:meth:`outputs`' first), higher = more like a known class."""
+        return unknown_scores(np.asarray(raw_logits), self.score, self.temperature)
+
+    def results(self, logits, sources: Sequence[str], topk: int = 5, scores=None) -> list[Prediction]:
         """Turn (calibrated) logits into :class:`Prediction` objects (top-k names and probabilities, make/model/year);
         with the images' unknown ``scores`` and a threshold in use, ``known`` and ``unknown_score`` too."""
-        probs = logits.float().softmax(dim=1)
-        k = min(topk, probs.shape[1])
-        top_p, top_i = probs.topk(k, dim=1)
-        threshold = self.unknown_threshold if scores is not None else None
-        score_list = scores.tolist() if threshold is not None else [None] * len(sources)
-        out = []
-        for src, ps, idx, score in zip(sources, top_p.tolist(), top_i.tolist(), score_list, strict=True):
-            car = self.parsed[idx[0]]
-            out.append(Prediction(
-                source=src, name=car.full, label=idx[0], confidence=ps[0], make=car.make, model=car.model,
-                year=car.year, topk=[(self.class_names[i], p) for i, p in zip(idx, ps, strict=True)],
-                known=score is None or score >= threshold, unknown_score=score, num_classes=len(self.class_names),
-            ))
-        return out
+        return predictions(np.asarray(logits), sources, self.class_names, topk,
+                           scores=None if scores is None else np.asarray(scores), threshold=self.unknown_threshold)
 
-    def prepared_batches(
-        self, images: Sequence[ImageInput], *, batch_size: int = 32, num_workers: int = 0
-    ) -> Iterator[Batch]:
-        """:meth:`prepare` every input, in ``num_workers`` DataLoader processes (0: here), in batches:
-        ``(indices of the readable inputs, their uint8 batch or None, {index: message} of the others)``."""
-        return iter_batches(self.inputs(images), batch_size=batch_size, num_workers=num_workers,
-                            pin_memory=self.device.type == "cuda")
+    def inputs(self, images: Sequence[ImageInput]) -> batches.Numbered:
+        """The inputs as numbered items, each :meth:`prepare`\\ d when taken (in a DataLoader worker): ``(uint8
+        image, i)``, or ``(None, (i, message))`` when input ``i`` cannot be read."""
+        return batches.inputs(images, self.preprocess)
 
-    def inputs(self, images: Sequence[ImageInput]) -> Dataset:
-        """The inputs as numbered items, each :meth:`prepare`\ d in ``__getitem__`` (a DataLoader worker):
-        ``(uint8 image, i)``, or ``(None, (i, message))`` when input ``i`` cannot be read."""
-        return _Inputs(images, self.image_transform, self.preprocess.decode_min_side)
+    def prepared_batches(self, images: Sequence[ImageInput], *, batch_size: int = 32,
+                         num_workers: int = 0) -> Iterator[Batch]:
+        """:meth:`prepare` every input in batches: ``(indices of the readable inputs, their uint8 batch or None,
+        {index: message} of the others)``. The torch engine decodes in ``num_workers`` DataLoader processes (0:
+        here); the ONNX engine in this process, without torch."""
+        return batches.iter_batches(self.inputs(images), batch_size=batch_size,
+                                    num_workers=None if self.is_onnx else num_workers,
+                                    pin_memory=not self.is_onnx and self.device.type == "cuda")
 
     def batch_outputs(self, batch: Batch, *, embeddings: bool = False) -> BatchOutputs:
         """One forward pass over a batch of :meth:`prepared_batches` (or of a distributed sampler's share): the raw
-        and calibrated logits (and with ``embeddings`` the L2-normalised pre-logit features, from the same pass:
-        :meth:`outputs_with_embeddings`) of its readable images."""
+        and calibrated logits (and with ``embeddings`` the L2-normalised pre-logit features of the same pass) of its
+        readable images."""
         indices, images, errors = batch
         if not indices:
             return BatchOutputs(indices, None, None, errors)
@@ -321,7 +250,7 @@ class Predictor:
         return BatchOutputs(indices, raw, calibrated, errors)
 
     def batch_predictions(self, out: BatchOutputs, images: Sequence[ImageInput], topk: int = 5,
-                          neighbours: Callable[[torch.Tensor], list] | None = None) -> list[Prediction]:
+                          neighbours: Callable[[np.ndarray], list] | None = None) -> list[Prediction]:
         """The :class:`Prediction` of every input of one batch, readable or not, in index order; ``images[i]`` is
         input ``i`` (it names the results). An unreadable one has ``error`` set (and is named in a warning).
         ``neighbours``: embeddings -> each one's nearest training images (``partial(NeighbourIndex.search, k=3)``;
@@ -339,45 +268,59 @@ class Predictor:
             done[i] = Prediction(source=source_name(images[i]), error=message)
         return [done[i] for i in sorted(done)]
 
-    def iter_predict(
-        self, images: Sequence[ImageInput], *, batch_size: int = 32, topk: int = 5, num_workers: int = 0,
-        neighbours: Callable[[torch.Tensor], list] | None = None,
-    ) -> Iterator[Prediction]:
+    def iter_predict(self, images: Sequence[ImageInput], *, batch_size: int = 32, topk: int = 5,
+                     num_workers: int = 0, neighbours: Callable[[np.ndarray], list] | None = None
+                     ) -> Iterator[Prediction]:
         """Yield one :class:`Prediction` per input, in input order, batch by batch.
 
-        Decoding and resizing run in ``num_workers`` DataLoader processes (0: in this process). An unreadable
-        file yields a Prediction with ``error`` set (and a warning); the rest of its batch goes on.
-        ``neighbours``: as :meth:`batch_predictions` takes it (the embeddings come from the same decoded batch).
-        """
+        Decoding and resizing run in ``num_workers`` DataLoader processes (0: in this process; the ONNX engine
+        always here). An unreadable file yields a Prediction with ``error`` set (and a warning); the rest of its
+        batch goes on. ``neighbours``: as :meth:`batch_predictions` takes it (the embeddings come from the same
+        decoded batch)."""
         for batch in self.prepared_batches(images, batch_size=batch_size, num_workers=num_workers):
             out = self.batch_outputs(batch, embeddings=neighbours is not None)
             yield from self.batch_predictions(out, images, topk, neighbours)
 
-    def predict(
-        self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 32, topk: int = 5, num_workers: int = 0
-    ) -> Prediction | list[Prediction]:
+    def predict(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 32, topk: int = 5,
+                num_workers: int = 0) -> Prediction | list[Prediction]:
         """Predict one image (returns a :class:`Prediction`) or many (returns a list, input order).
 
         An unreadable file gives a Prediction with ``error`` set; the others are still predicted.
         """
-        single = isinstance(images, (str, Path, Image.Image, torch.Tensor))
+        single = _single(images)
         items = [images] if single else list(images)
         results = list(self.iter_predict(items, batch_size=batch_size, topk=topk, num_workers=num_workers))
         return results[0] if single else results
 
 
-def flip_average(out: torch.Tensor, temperature: float, tta: str | None) -> torch.Tensor:
-    """The network's outputs (N, K), or (2N, K) with flip TTA (images, then mirror images: averaged), divided by
-    ``temperature``."""
-    if tta == "flip":
-        plain, flipped = out.chunk(2)
-        out = (plain + flipped) / 2
-    return out / temperature if temperature != 1.0 else out
+def _single(images) -> bool:
+    """True for one input (a path, a PIL image, an array or a tensor), False for a collection of them."""
+    return isinstance(images, (str, Path, Image.Image, np.ndarray)) or type(images).__module__.startswith("torch")
 
 
-def _run_model_config(path: Path) -> tuple[str | None, Preprocess | None]:
+def _load_torch(path, classes, preprocess, architecture: str | None) -> tuple:
+    """``(network, class names, preprocess, calibration, architecture)`` of a torch model file
+    (:func:`twincar.models.io.load_model`; torch is imported here). A bare weights file takes the ``classes.txt``
+    beside it, and inside a training run that run's architecture and preprocessing."""
+    from twincar.models.io import load_model, resolve_model_source
+
+    path = resolve_model_source(path)
+    if path.suffix != ".ckpt" and not (path.parent / MODEL_CARD).is_file():
+        if classes is None and (path.parent / "classes.txt").is_file():
+            classes = path.parent / "classes.txt"
+        run_arch, run_pre = _run_model_config(path)
+        architecture = architecture or run_arch
+        preprocess = preprocess or run_pre
+    loaded = load_model(path, classes, architecture=architecture, preprocess=preprocess)
+    return loaded.model, loaded.class_names, loaded.preprocess, loaded.calibration, loaded.architecture
+
+
+def _run_model_config(path: Path) -> tuple[str | None, object]:
     """The architecture and preprocessing of the training run a bare weights file sits in (None when unknown)."""
     from omegaconf import OmegaConf
+
+    from twincar.data.transforms import Preprocess
+    from twincar.runs import find_run_config
 
     run_config = find_run_config(path)
     if run_config is None:
@@ -388,3 +331,43 @@ def _run_model_config(path: Path) -> tuple[str | None, Preprocess | None]:
     return OmegaConf.select(run, "model.name"), preprocess
 
 
+def _load_onnx(path: Path, classes, device, preprocess, image_size: int | None, resize_mode: str | None,
+               threads: int | None) -> tuple[OnnxEngine, list[str], InputSpec, dict | None]:
+    """An ``.onnx`` export, its class names, input spec and calibration, from its ``model_card.json`` (and a
+    ``NAME.calibration.json`` sidecar); numpy, PIL and onnxruntime only."""
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist: give the path of an exported .onnx model")
+    card = _read_json(path.with_name(MODEL_CARD), "class_names, preprocess, architecture")
+    spec = InputSpec.from_preprocess(preprocess or card.get("preprocess"), image_size, resize_mode)
+    engine = OnnxEngine(path, spec, device=device, threads=threads)
+    if engine.image_size not in (None, spec.image_size):
+        raise ModelError(f"{path} takes {engine.image_size}x{engine.image_size} inputs, not {spec.image_size}: "
+                         "leave --img-size out for this ONNX model")
+    try:
+        given = read_class_names(classes) if isinstance(classes, (str, Path)) else (list(classes) if classes else None)
+    except (OSError, ValueError) as e:
+        raise ModelError(str(e)) from e
+    carried = card.get("class_names")
+    difference = class_names_difference(carried, given) if carried is not None and given is not None else None
+    if difference:
+        raise ModelError(f"{path} carries class names that differ from those given by --classes ({difference}): "
+                         "leave --classes out, or pass the classes the model was trained with")
+    names = list(carried) if carried is not None else given
+    if names is None:
+        raise ModelError(f"{path} carries no class names: pass --classes classes.txt (or classes=...)")
+    if engine.num_outputs is not None and len(names) != engine.num_outputs:
+        raise ModelError(f"the class list has {len(names)} names but {path} has {engine.num_outputs} outputs")
+    calibration = card.get("calibration")
+    if not isinstance(calibration, dict):
+        calibration = _read_json(path.with_name(f"{path.stem}.calibration.json"), "temperature, score, threshold")
+    return engine, names, spec, calibration or None
+
+
+def _read_json(path: Path, expected: str) -> dict:
+    """A JSON object file, or ``{}`` when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        return read_json_object(path, expected)
+    except ReadError as e:
+        raise ModelError(str(e)) from e

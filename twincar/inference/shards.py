@@ -33,7 +33,7 @@ from twincar.evaluation.neighbours import INDEX_TENSORS
 from twincar.files import atomic_path, read_json_object, remove_stale_temp_files, write_json
 from twincar.inference.batches import BatchOutputs, source_name
 from twincar.inference.predictor import Predictor
-from twincar.inference.runtime import Prediction
+from twincar.inference.results import Prediction
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twincar.files import atomic_path, dumps
-from twincar.inference.runtime import Prediction
+from twincar.inference.results import Prediction
 
 FORMATS = ("csv", "json", "parquet")
 PARQUET_ROW_GROUP = 10_000  # rows buffered per Parquet row group
