@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import timm
 import torch
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     predictor = Predictor(timm.create_model(args.model, num_classes=len(names)), names,
                           Preprocess(image_size=args.size), device=args.device)
     images = [torch.randint(0, 256, (3, args.size + 32, args.size + 64), dtype=torch.uint8) for _ in range(args.images)]
-    batch = torch.stack([predictor.prepare(im) for im in images])
+    batch = np.stack([predictor.prepare(im) for im in images])
     ref = seconds(lambda: predictor.logits(batch), args.repeats)
     print(f"{args.model} at {args.size} px, {args.images} images, batch {args.batch_size}, {args.device}, "
           f"{torch.get_num_threads()} threads")

@@ -88,6 +88,7 @@ from twincar.data.transforms import (  # noqa: E402
     EvalImageTransform,
     Preprocess,
     TrainImageTransform,
+    to_tensor,
     train_decode_min_side,
 )
 
@@ -217,6 +218,11 @@ def device_batch_ms(size: int, batch: int, rounds: int) -> dict:
             "device": name}
 
 
+def _tensor(image) -> torch.Tensor:
+    """A decoded image (numpy (H, W, 3): the file decoder; a (3, H, W) tensor: the cache) as a (3, H, W) tensor."""
+    return to_tensor(image) if isinstance(image, np.ndarray) else image
+
+
 def train_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None) -> dict:
     reference = reference_train_transform(size)
     twincar = TrainImageTransform(Preprocess(image_size=size), SEED_AUG)
@@ -226,7 +232,7 @@ def train_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None) ->
     with one_thread():
         speed = interleaved({
             "reference": lambda: sum(1 for p in paths if reference(_pil_rgb(p)) is not None),
-            "twincar": lambda: sum(1 for s in samples if twincar(read(s)) is not None),
+            "twincar": lambda: sum(1 for s in samples if twincar(_tensor(read(s))) is not None),
         }, rounds)
     return result(speed["reference"], speed["twincar"], image_size=size, images=len(paths))
 
@@ -239,7 +245,7 @@ def eval_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None, bat
 
     def twincar(read) -> int:  # per image in the worker, then the per-batch normalisation (here on the same core)
         for i in range(0, len(samples), batch):
-            per_batch(torch.stack([per_image(read(s)) for s in samples[i:i + batch]]))
+            per_batch(torch.stack([per_image(_tensor(read(s))) for s in samples[i:i + batch]]))
         return len(samples)
 
     fns = {"reference": lambda: sum(1 for p in paths if reference(_pil_rgb(p)) is not None),
@@ -527,7 +533,7 @@ def gpu_predict(paths: Sequence[Path], work: Path, quick: bool, device: torch.de
     names = select_classes(196)
     predictor = Predictor(create_model(arch, len(names)), names, Preprocess(image_size=size), device=device,
                           precision="bf16")
-    synthetic = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    synthetic = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)  # prepared: NHWC
     model_only = _loop([None], lambda _: len(predictor.outputs(synthetic)[0]), 3, steps, device)
     repeat = max(1, batch * (steps + 3) // len(paths) + 1)
     files = [str(p) for p in paths] * repeat
@@ -599,7 +605,7 @@ def open_set_cost(paths: Sequence[Path], quick: bool, rounds: int, batch: int = 
                          "neighbours": lambda: predict(unknown, neighbours=partial(index.search, k=3)),
                          "neighbours_two_pass": two_pass}, rounds)
     # the unknown answer alone, on one batch's logits: the score and the threshold (in noise end to end)
-    raw, calibrated = unknown.outputs(torch.stack([unknown.prepare(p) for p in images[:batch]]))
+    raw, calibrated = unknown.outputs(np.stack([unknown.prepare(p) for p in images[:batch]]))
     sources = [str(p) for p in images[:batch]]
     answer = interleaved({
         "plain": lambda: len(plain.results(calibrated, sources)),
@@ -820,7 +826,7 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     finally:
         device_paths.check_cuda = check_cuda
 
-    synthetic = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    synthetic = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)  # prepared: NHWC
     labels = torch.randint(0, 196, (batch,), device=device)
     model_only = _loop([None], lambda _: train(dm.train_batch_transform(synthetic, labels)[0], labels), 3, steps,
                        device)

@@ -22,6 +22,7 @@ from twincar.data.transforms import (
     EvalImageTransform,
     Preprocess,
     TrainImageTransform,
+    to_tensor,
 )
 
 BENCH = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "benchmark.py"))
@@ -129,7 +130,7 @@ def test_fast_train_pipeline_matches_the_reference_in_shape_dtype_and_range(phot
     lo = ((0 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
     hi = ((1 - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(1, 3, 1, 1)
     labels = torch.arange(len(draws)) % 3
-    for read in (load_sample, cache):
+    for read in (lambda sample: to_tensor(load_sample(sample)), cache):
         uint8 = torch.stack([worker(read(Sample(p, 0))) for p in draws])
         assert uint8.dtype == torch.uint8 and uint8.shape == ref.shape == (32, 3, 64, 64)
         x, y = on_device(uint8, labels)
@@ -145,7 +146,7 @@ def test_fast_eval_preprocessing_matches_the_reference_values(photos):
     read = partial(load_sample, min_side=TWINCARS_PREPROCESS.decode_min_side)
     for p in photos:
         ref = reference(BENCH["_pil_rgb"](p))
-        ours = per_batch(per_image(read(Sample(p, 0)))[None])[0]
+        ours = per_batch(per_image(to_tensor(read(Sample(p, 0))))[None])[0]
         assert ours.shape == ref.shape == (3, 224, 224) and ours.dtype == ref.dtype
         assert (ours - ref).abs().mean() < 0.05  # ~2 grey levels on average: PIL vs torchvision resampling
 

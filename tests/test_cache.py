@@ -15,7 +15,7 @@ from twincar.data.cache import ImageCache, cache_short_side, main, open_cache
 from twincar.data.datasets import CarsDataset
 from twincar.data.formats import Sample, load_stanford_cars
 from twincar.data.images import ImageReadError, load_rgb
-from twincar.data.transforms import EvalImageTransform, Preprocess
+from twincar.data.transforms import EvalImageTransform, Preprocess, to_tensor
 
 
 def _samples(root):
@@ -43,7 +43,7 @@ def test_cached_images_are_the_files_resized(small_root, tmp_path, fmt, toleranc
     assert len(cache) == len(samples) and not cache.errors
     for s in samples[:5]:
         img = cache(s)
-        original = load_rgb(s.path)  # 128 x 96 synthetic images: short side 96 -> 73
+        original = to_tensor(load_rgb(s.path))  # 128 x 96 synthetic images: short side 96 -> 73
         assert img.dtype == torch.uint8 and img.shape == (3, 73, 97)
         reference = torch.nn.functional.interpolate(original[None].float(), size=(73, 97), mode="bilinear",
                                                     antialias=True, align_corners=False)[0]

@@ -9,6 +9,7 @@ import shutil
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -351,9 +352,9 @@ def test_embed_gives_normalised_pre_logit_features(tiny_export, car_images):
     from twincar.inference.predictor import Predictor
 
     p = Predictor.load(tiny_export, device="cpu", precision="fp32")
-    e = p.embed(car_images)
+    e = torch.from_numpy(p.embed(car_images))
     assert e.shape == (3, p.model.num_features) and torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
-    x = p.batch_transform(p.prepare(car_images[0])[None])
+    x = p.engine.input(p.prepare(car_images[0])[None])  # the network's input, as the engine builds it
     with torch.inference_mode():
         features = p.model.forward_head(p.model.forward_features(x), pre_logits=True)
         assert torch.allclose(p.model.get_classifier()(features), p.model(x), atol=1e-4)  # the head's input
@@ -366,12 +367,12 @@ def test_one_forward_pass_gives_the_logits_and_the_embeddings_of_two(tiny_export
     from twincar.inference.predictor import Predictor
 
     p = Predictor.load(tiny_export, device="cpu", precision="fp32", tta=tta)
-    batch = torch.stack([p.prepare(c) for c in car_images])
+    batch = np.stack([p.prepare(c) for c in car_images])
     raw, calibrated, embeddings = p.outputs_with_embeddings(batch)
     for one, two in zip((raw, calibrated, embeddings), (*p.outputs(batch), p.embeddings(batch)), strict=True):
-        assert torch.allclose(one, two, atol=1e-5)
+        assert np.allclose(one, two, atol=1e-5)
     # predict's neighbours come from that pass: the same as searching the embeddings of a second one
-    index = NeighbourIndex(p.embed(car_images), torch.tensor([0, 1, 2]), [str(c) for c in car_images],
+    index = NeighbourIndex(torch.from_numpy(p.embed(car_images)), torch.tensor([0, 1, 2]), [str(c) for c in car_images],
                            p.class_names, "torch")
     calls = []
     forward_features = p.model.forward_features
@@ -408,7 +409,7 @@ def test_the_index_of_a_run_gives_predict_its_nearest_training_cars_and_eval_its
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
     p = Predictor.load(ckpt, device="cpu", precision="fp32")
-    brute = (p.embed(test_images) @ index.embeddings.T).argsort(dim=1, descending=True)[:, :2]
+    brute = (torch.from_numpy(p.embed(test_images)) @ index.embeddings.T).argsort(dim=1, descending=True)[:, :2]
     for row, best in zip(rows, brute.tolist(), strict=True):
         assert [row["nn1_image"], row["nn2_image"]] == [index.paths[i] for i in best]
         assert row["nn1_class"] == index.class_names[int(index.labels[best[0]])]

@@ -15,7 +15,7 @@ from twincar.data.datamodule import CarsDataModule, stratified_split
 from twincar.data.datasets import collate_readable
 from twincar.data.formats import load_stanford_cars
 from twincar.data.images import load_rgb
-from twincar.data.transforms import crop_to_box
+from twincar.data.transforms import crop_to_box, to_tensor
 from twincar.errors import TwinCarError
 
 SEED_AUG = dict(scale=[0.35, 1.0], hflip=0.5, rotation=10.0, color_jitter=[0.3, 0.3, 0.3, 0.02], blur_prob=0.2)
@@ -171,9 +171,9 @@ def test_a_file_that_fails_to_decode_mid_epoch_is_an_error_not_a_worker_tracebac
 def test_crop_to_bbox_crops_every_split_before_the_transforms(small_root, tmp_path):
     dm = make_dm(small_root, tmp_path, crop_to_bbox=True, bbox_margin=0.0)
     sample = dm.val_set.samples[0]
-    expected = dm.val_set.transform(crop_to_box(load_rgb(sample.path), sample.bbox))
+    expected = dm.val_set.transform(crop_to_box(to_tensor(load_rgb(sample.path)), sample.bbox))
     assert torch.equal(dm.val_set[0][0], expected)
-    assert not torch.equal(dm.val_set[0][0], dm.val_set.transform(load_rgb(sample.path)))
+    assert not torch.equal(dm.val_set[0][0], dm.val_set.transform(to_tensor(load_rgb(sample.path))))
     assert dm.test_set.bbox_margin == 0.0 and dm.train_set.bbox_margin == 0.0
     with pytest.raises(TwinCarError, match="data.on_corrupt=ignore is not one of fail, skip"):
         CarsDataModule(root=str(small_root), on_corrupt="ignore")
@@ -185,7 +185,7 @@ def test_grayscale_files_come_out_rgb(small_root, tmp_path):
     dm = make_dm(small_root, tmp_path)
     gray = [s for s in dm.train_set.samples if Image.open(s.path).mode == "L"]
     assert gray, "the generated set should contain grayscale JPEGs like the real one"
-    assert load_rgb(gray[0].path).shape[0] == 3
+    assert load_rgb(gray[0].path).shape[2] == 3
 
 
 def test_synthetic_option_generates_under_a_spec_folder(tmp_path):

@@ -21,7 +21,7 @@ from twincar.data.datasets import CarsDataset, DeviceRefDataset
 from twincar.data.device import DeviceImages, ImageRefs, check_cuda, check_fits, orient, read_encoded
 from twincar.data.formats import Sample
 from twincar.data.images import load_rgb
-from twincar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalImageTransform, Preprocess
+from twincar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalImageTransform, Preprocess, to_tensor
 from twincar.errors import TwinCarError
 
 DECODE = dict(pipeline="gpu_decode")  # the GPU-decode code path, on the batch's device (the CPU here)
@@ -107,7 +107,7 @@ def test_exif_orientation_is_applied_as_load_rgb_does(tmp_path, orientation):
     ref = read_encoded(Sample(path, 0))
     assert ref.source.dim() == 1 and ref.orientation == orientation  # bytes + header orientation from the worker
     (img,) = DeviceImages(None, None).decode([ref], torch.device("cpu"))
-    assert torch.equal(img, load_rgb(path)) and (ref.width, ref.height) == (img.shape[2], img.shape[1])
+    assert torch.equal(img, to_tensor(load_rgb(path))) and (ref.width, ref.height) == (img.shape[2], img.shape[1])
 
 
 def test_png_and_cmyk_jpeg_are_decoded_in_the_worker(tmp_path):
@@ -116,7 +116,7 @@ def test_png_and_cmyk_jpeg_are_decoded_in_the_worker(tmp_path):
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
     for name in ("a.png", "cmyk.jpg"):
         ref = read_encoded(Sample(tmp_path / name, 0))
-        assert ref.source.shape == (3, 30, 50) and torch.equal(ref.source, load_rgb(tmp_path / name))
+        assert ref.source.shape == (3, 30, 50) and torch.equal(ref.source, to_tensor(load_rgb(tmp_path / name)))
     assert torch.equal(orient(ref.source, 1), ref.source)
 
 

@@ -72,8 +72,8 @@ def test_decoded_images_are_rgb_whatever_the_file_mode(copies, images, layout):
     for s in data.train:
         im = next(i for i in images if i.data == content(s))
         img = load_sample(s)
-        assert img.shape[0] == 3
-        modes[im.mode] = img.shape[1:]
+        assert img.shape[2] == 3
+        modes[im.mode] = img.shape[:2]
     assert set(modes) == {"RGB", "L", "CMYK", "P", "RGBA", "exif"}
     assert modes["exif"] == (48, 40) and modes["RGB"] == (40, 48)  # EXIF orientation applied
 

@@ -164,7 +164,7 @@ def test_img_size_and_resize_mode_change_the_bare_state_dict_default(tiny_export
         Predictor.load(bare, classes=TINY_NAMES)
     p = Predictor.load(bare, classes=TINY_NAMES, architecture="resnet18", image_size=96, resize_mode="crop")
     assert (p.preprocess.image_size, p.preprocess.resize_mode) == (96, "crop")
-    assert p.prepare(car_images[0]).shape == (3, 96, 96)
+    assert p.prepare(car_images[0]).shape == (96, 96, 3)
     assert Predictor.load(bare, TINY_NAMES, architecture="resnet18").preprocess.resize_mode == "squash"  # the original
 
 
@@ -201,9 +201,9 @@ def test_a_large_jpeg_is_predicted_from_the_reduced_decode_that_eval_uses(tiny_e
     Image.fromarray(torch.randint(0, 256, (768, 1024, 3), generator=rng, dtype=torch.uint8).numpy()).save(path)
     p = Predictor.load(tiny_export, device="cpu", precision="fp32")
     eval_reader = partial(load_sample, min_side=p.preprocess.decode_min_side)  # what validation and twincar.eval read
-    assert eval_reader(Sample(path, 0)).shape == (3, 96, 128)
-    expected = p.logits(p.image_transform(eval_reader(Sample(path, 0)))[None]).softmax(1)[0]
-    full = p.logits(p.image_transform(load_rgb(path))[None]).softmax(1)[0]
+    assert eval_reader(Sample(path, 0)).shape == (96, 128, 3)
+    expected = torch.from_numpy(p.logits(p.prepare(eval_reader(Sample(path, 0)))[None])).softmax(1)[0]
+    full = torch.from_numpy(p.logits(p.prepare(load_rgb(path))[None])).softmax(1)[0]
     assert not torch.allclose(expected, full, atol=1e-6)  # the two decodes do differ, so the check below can fail
     got = p.predict([path], topk=6)[0]
     assert dict(got.topk) == pytest.approx(dict(zip(TINY_NAMES, expected.tolist(), strict=True)), abs=1e-6)

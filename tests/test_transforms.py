@@ -4,14 +4,21 @@ import torch
 from PIL import Image
 
 from twincar.data.images import ImageReadError, load_rgb
-from twincar.data.transforms import Augmentation, BatchTransform, EvalImageTransform, Preprocess, TrainImageTransform
+from twincar.data.transforms import (
+    Augmentation,
+    BatchTransform,
+    EvalImageTransform,
+    Preprocess,
+    TrainImageTransform,
+    to_tensor,
+)
 
 
 def test_grayscale_jpeg_decodes_to_rgb(tmp_path):
     Image.fromarray(np.full((30, 40), 128, np.uint8), mode="L").save(tmp_path / "g.jpg")
     img = load_rgb(tmp_path / "g.jpg")
-    assert img.shape == (3, 30, 40) and img.dtype == torch.uint8
-    assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+    assert img.shape == (30, 40, 3) and img.dtype == np.uint8
+    assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
 
 
 def test_unreadable_image_error_names_the_file(tmp_path):
@@ -131,14 +138,14 @@ def test_reduced_size_decode_keeps_min_side_and_the_pixels(tmp_path):
     path = _photo(tmp_path / "car.jpg")
     full = load_rgb(path)
     small = load_rgb(path, min_side=140)  # 600 // 4 = 150 >= 140: decoded at 1/4 scale
-    assert small.shape == (3, 150, 200) and small.dtype == torch.uint8 and small.is_contiguous() is False
+    assert small.shape == (150, 200, 3) and small.dtype == np.uint8 and small.flags.writeable  # torch.from_numpy
     # after the eval resize the two agree within a grey level on average
     pre = Preprocess(image_size=128, eval_crop_pct=1.0)
-    a, b = EvalImageTransform(pre)(full).float(), EvalImageTransform(pre)(small).float()
+    a, b = EvalImageTransform(pre)(to_tensor(full)).float(), EvalImageTransform(pre)(to_tensor(small)).float()
     assert a.shape == b.shape == (3, 128, 128) and (a - b).abs().mean() < 1.5
     # PNG has no DCT scaling: decoded in full
     Image.open(path).save(tmp_path / "car.png")
-    assert load_rgb(tmp_path / "car.png", min_side=140).shape == (3, 600, 800)
+    assert load_rgb(tmp_path / "car.png", min_side=140).shape == (600, 800, 3)
 
 
 def test_reduced_size_decode_applies_exif_orientation_and_keeps_errors(tmp_path, monkeypatch):
@@ -147,8 +154,8 @@ def test_reduced_size_decode_applies_exif_orientation_and_keeps_errors(tmp_path,
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
     path = _photo(tmp_path / "rotated.jpg", exif=exif.tobytes())
-    assert load_rgb(path).shape == (3, 800, 600)
-    assert load_rgb(path, min_side=140).shape == (3, 200, 150)
+    assert load_rgb(path).shape == (800, 600, 3)
+    assert load_rgb(path, min_side=140).shape == (200, 150, 3)
     (tmp_path / "broken.jpg").write_bytes(open(path, "rb").read()[:2000])
     with pytest.raises(ImageReadError, match="broken.jpg"):
         load_rgb(tmp_path / "broken.jpg", min_side=100)

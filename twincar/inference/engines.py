@@ -125,7 +125,9 @@ class TorchEngine:
         the mirror images after it when ``flip``, channels-last (or contiguous NCHW)."""
         import torch
 
-        images = torch.as_tensor(batch).to(self.device, non_blocking=True)
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(np.ascontiguousarray(batch))
+        images = batch.to(self.device, non_blocking=True)
         scale, shift = self._on_device
         x = images.permute(0, 3, 1, 2).float().mul_(scale).add_(shift)  # NHWC storage: already channels-last
         if flip:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from twincar.data.classes import class_names_difference, read_class_names
+from twincar.data.classes import class_names_difference, parse_car_name, read_class_names
 from twincar.errors import TwinCarError
 from twincar.files import ReadError, read_json_object
 from twincar.inference import batches
@@ -76,6 +76,7 @@ class Predictor:
                  calibration=None, unknown: str | float = "auto"):
         self.tta = check_tta(tta)
         self.class_names = list(class_names)
+        self.parsed = [parse_car_name(n) for n in self.class_names]  # make, model, year of each class
         self.preprocess = InputSpec.from_preprocess(preprocess)
         if isinstance(model, OnnxEngine) and precision == "bf16":
             raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
@@ -220,7 +221,8 @@ class Predictor:
         """Turn (calibrated) logits into :class:`Prediction` objects (top-k names and probabilities, make/model/year);
         with the images' unknown ``scores`` and a threshold in use, ``known`` and ``unknown_score`` too."""
         return predictions(np.asarray(logits), sources, self.class_names, topk,
-                           scores=None if scores is None else np.asarray(scores), threshold=self.unknown_threshold)
+                           scores=None if scores is None else np.asarray(scores), threshold=self.unknown_threshold,
+                           parsed=self.parsed)
 
     def inputs(self, images: Sequence[ImageInput]) -> batches.Numbered:
         """The inputs as numbered items, each :meth:`prepare`\\ d when taken (in a DataLoader worker): ``(uint8

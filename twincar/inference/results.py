@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from twincar.data.classes import parse_car_name
+from twincar.data.classes import CarName, parse_car_name
 from twincar.errors import TwinCarError
 
 log = logging.getLogger(__name__)
@@ -157,17 +157,18 @@ def unknown_answer(num_classes: int) -> str:
 
 
 def predictions(logits: np.ndarray, sources: Sequence[str], class_names: Sequence[str], topk: int = 5, *,
-                scores: np.ndarray | None = None, threshold: float | None = None) -> list[Prediction]:
+                scores: np.ndarray | None = None, threshold: float | None = None,
+                parsed: Sequence[CarName] | None = None) -> list[Prediction]:
     """:class:`Prediction` objects from (calibrated) logits (N, K): the top-k names and probabilities (ties in class
-    order), make/model/year; with the images' unknown ``scores`` and a ``threshold``, ``known`` and
-    ``unknown_score`` too."""
+    order), make/model/year (``parsed``: the class names already parsed); with the images' unknown ``scores`` and a
+    ``threshold``, ``known`` and ``unknown_score`` too."""
     probs = softmax(np.asarray(logits, np.float64)).astype(np.float32)
     k = min(topk, probs.shape[1])
     score_list = np.asarray(scores).tolist() if scores is not None and threshold is not None else [None] * len(sources)
     out = []
     for src, p, score in zip(sources, probs, score_list, strict=True):
         idx = np.argsort(-p, kind="stable")[:k].tolist()
-        car = parse_car_name(class_names[idx[0]])
+        car = parsed[idx[0]] if parsed is not None else parse_car_name(class_names[idx[0]])
         out.append(Prediction(source=src, name=car.full, label=idx[0], confidence=float(p[idx[0]]),
                               make=car.make, model=car.model, year=car.year,
                               topk=[(class_names[i], float(p[i])) for i in idx],
