@@ -121,7 +121,7 @@ def test_predict_marks_cars_below_the_threshold_unknown_and_keeps_their_closest_
     from twincar.predict import predict_files
 
     plain = Predictor.load(tiny_export, device="cpu", precision="fp32")
-    raw = torch.cat([plain.outputs(plain.prepare(p)[None])[0] for p in car_images])
+    raw = torch.cat([torch.from_numpy(plain.outputs(plain.prepare(p)[None])[0]) for p in car_images])
     scores = unknown_scores(raw)
     threshold = float(scores.median())  # 3 images: the lowest is unknown, the other two known
     model = calibrated_copy(tiny_export, tmp_path, {"temperature": 2.0, "threshold": threshold})

@@ -89,7 +89,7 @@ def test_faithfulness_is_the_confidence_drop_when_the_evidence_is_removed(predic
     assert e.faithfulness is not None and e.faithfulness > 0.1
     # by hand: red pixels set to the mean colour. The removed pixels' channel-0 activation falls from 4.37 to
     # 2.12 (normalised red 2.25 -> 0, plus the bias); the model's confidence is recomputed on that input.
-    x = predictor.batch_transform(img[None])
+    x = predictor.engine.input(predictor.prepare(img)[None])  # the network input the explainer saw
     keep = torch.from_numpy(e.cam < np.percentile(e.cam, 80)).float()
     with torch.no_grad():
         after = predictor.model(x * keep).softmax(1)[0, 0]
