@@ -53,9 +53,9 @@ def open_set_server(tiny_export, car_images, tmp_path_factory):
     for name in ("model.pth", "model_card.json", "classes.txt"):
         shutil.copy(tiny_export.with_name(name), folder / name)
     plain = Predictor.load(tiny_export, device="cpu")
-    scores = unknown_scores(torch.cat([plain.outputs(plain.prepare(p)[None])[0] for p in car_images]))
+    scores = unknown_scores(torch.cat([torch.from_numpy(plain.outputs(plain.prepare(p)[None])[0]) for p in car_images]))
     write_calibration(folder / "model.pth", {"temperature": 1.0, "threshold": float(scores.median())})
-    NeighbourIndex(plain.embed(car_images), torch.tensor([0, 1, 2]), [str(p) for p in car_images],
+    NeighbourIndex(torch.from_numpy(plain.embed(car_images)), torch.tensor([0, 1, 2]), [str(p) for p in car_images],
                    plain.class_names, "torch").save(folder / "index")
     predictor = Predictor.load(folder / "model.pth", device="cpu")
     index = find_index(folder / "model.pth")  # found beside the model, as the demo's command line finds it
