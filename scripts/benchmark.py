@@ -372,7 +372,7 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
     from twincar.export import export_model
 
     start = time.perf_counter()
-    fp32 = export_model(weights, "onnx", work / "onnx")  # the torch-free runtime's model (twincar.inference.runtime)
+    fp32 = export_model(weights, "onnx", work / "onnx")  # the torch-free runtime: Predictor.load("model.onnx")
     onnx_export_s = time.perf_counter() - start
     commands["onnx"] = twincar_cmd(fp32)
     export_s = None
