@@ -1,5 +1,6 @@
 """Inference: one pipeline (decode, preprocess, batch, engine, score, write) with two engines, a torch module or an
-onnxruntime session. ``from twincar.inference import Predictor`` imports torch only when it is asked for."""
+onnxruntime session. ``from twincar.inference import Predictor`` imports no torch: the torch engine imports it when
+it is built."""
 
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ class Predictor:
     @property
     def score(self) -> str:
         """The unknown score in use (:data:`twincar.inference.results.SCORES`)."""
-        return self.calibration.get("score") or DEFAULT_SCORE if self.calibration else DEFAULT_SCORE
+        return (self.calibration or {}).get("score") or DEFAULT_SCORE
 
     @classmethod
     def load(cls, path: str | Path, classes: str | Path | list[str] | None = None, *, device="auto",
