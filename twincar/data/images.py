@@ -133,17 +133,17 @@ def to_8bit(image: np.ndarray) -> np.ndarray:
     return ((wide * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def rgb_array(im: Image.Image) -> np.ndarray:
-    """A PIL image (its current frame, any mode: 16-bit grayscale is scaled, not clipped) as a ``uint8``
-    (H, W, 3) RGB array. (PIL itself reads a 16-bit RGB TIFF as 8-bit RGB, by the high byte.)"""
+def rgb_image(im: Image.Image) -> Image.Image:
+    """A PIL image (its current frame, any mode: 16-bit grayscale is scaled, not clipped) as an 8-bit RGB PIL
+    image. (PIL itself reads a 16-bit RGB TIFF as 8-bit RGB, by the high byte.)"""
     if im.mode.startswith("I"):  # I;16*, I: 16-bit grayscale
         im = Image.fromarray(to_8bit(np.asarray(im)), mode="L")
-    return np.array(im if im.mode == "RGB" else im.convert("RGB"))  # writable: torch.from_numpy takes it
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def _decode(source: Path | bytes, name: object, header: ImageHeader, min_side: int | None = None) -> np.ndarray:
+def _decode(source: Path | bytes, name: object, header: ImageHeader, min_side: int | None = None) -> Image.Image:
     """The one decoder (PIL): the first frame of any format, a JPEG at reduced size when ``min_side`` allows
-    (libjpeg's DCT scaling), EXIF orientation applied; always ``uint8`` (H, W, 3) RGB. Any failure is an
+    (libjpeg's DCT scaling), EXIF orientation applied; always an 8-bit RGB image, loaded. Any failure is an
     :class:`ImageReadError` naming ``name``."""
     scale = 1
     if min_side and header.format in JPEG_FORMATS:
@@ -152,9 +152,17 @@ def _decode(source: Path | bytes, name: object, header: ImageHeader, min_side: i
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             if scale > 1:  # 1/2, 1/4 or 1/8 of the size, never below min_side
                 im.draft("RGB", (math.ceil(header.width / scale), math.ceil(header.height / scale)))
-            return rgb_array(ImageOps.exif_transpose(im))  # the current frame: the first
+            image = rgb_image(ImageOps.exif_transpose(im))  # the current frame: the first
+            image.load()
+            return image
     except Exception as e:  # a strange file is named, never a traceback that ends the run
         raise read_error(name, e) from e
+
+
+def load_image(path: str | Path, *, min_side: int | None = None) -> Image.Image:
+    """:func:`load_rgb` as an RGB PIL image (what the predict preprocessing resizes: no array copy)."""
+    path = Path(path)
+    return _decode(path, path, read_header(path), min_side)
 
 
 def load_rgb(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
@@ -169,13 +177,12 @@ def load_rgb(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
     at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL ``draft``), never below ``min_side``: the
     cheap part of a resize that follows anyway (see :func:`reduced_decode_scale`).
     """
-    path = Path(path)
-    return _decode(path, path, read_header(path), min_side)
+    return np.array(load_image(path, min_side=min_side))
 
 
 def decode_rgb_bytes(data: bytes, name: str, *, min_side: int | None = None) -> np.ndarray:
     """:func:`load_rgb` for an image held in memory (e.g. a parquet row); ``name`` is used in errors."""
-    return _decode(data, name, read_header(data, name), min_side)
+    return np.array(_decode(data, name, read_header(data, name), min_side))
 
 
 def oriented_box(bbox: tuple[int, int, int, int], header: ImageHeader) -> tuple[int, int, int, int]:
@@ -216,7 +223,7 @@ def load_sample(sample: Sample, *, min_side: int | None = None) -> np.ndarray:
     ``min_side``: a large JPEG file is decoded at reduced size, never below it (see :func:`load_rgb`); a parquet
     row in full."""
     source, name = _source(sample), sample_label(sample)
-    return _decode(source, name, read_header(source, name), min_side if sample.index is None else None)
+    return np.array(_decode(source, name, read_header(source, name), min_side if sample.index is None else None))
 
 
 def box_pixels(bbox: tuple[int, int, int, int], margin: float, width: int, height: int

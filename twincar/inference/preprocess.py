@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from twincar.data.images import load_rgb, rgb_array
+from twincar.data.images import load_image, rgb_image
 from twincar.errors import TwinCarError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,13 +74,13 @@ class InputSpec:
 
 
 def to_pil(image: ImageInput, min_side: int | None = None) -> Image.Image:
-    """Any input as an RGB PIL image: a file decoded by :func:`twincar.data.images.load_rgb` (a large JPEG at
+    """Any input as an RGB PIL image: a file decoded by :func:`twincar.data.images.load_image` (a large JPEG at
     reduced size, never below ``min_side``), a PIL image as a file of its mode decodes, a ``uint8`` array (H, W, 3)
     or tensor (C, H, W; C in 1, 3, 4). Unreadable files raise ImageReadError, other inputs ValueError/TypeError."""
     if isinstance(image, (str, Path)):
-        return Image.fromarray(load_rgb(image, min_side=min_side))
+        return load_image(image, min_side=min_side)
     if isinstance(image, Image.Image):
-        return Image.fromarray(rgb_array(image))
+        return rgb_image(image)
     if type(image).__module__.startswith("torch"):  # a torch tensor (C, H, W), without importing torch
         if getattr(image, "ndim", 0) not in (2, 3) or (image.ndim == 3 and image.shape[0] not in (1, 3, 4)):
             raise ValueError(f"an image tensor must be (C, H, W) with C in 1, 3, 4; got shape {tuple(image.shape)}")
