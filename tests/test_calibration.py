@@ -203,7 +203,7 @@ def test_training_fits_a_temperature_that_lowers_the_ece_of_the_held_out_test_sp
     data, _ = data_config(cfg)
     samples, margin, _ = eval_samples(data, "val", p.class_names)
     val = collect_logits(p, samples, bbox_margin=margin, progress=False)
-    kept = float((p.unknown_scores(val.logits) >= p.unknown_threshold).double().mean())
+    kept = float((p.unknown_scores(val.logits) >= p.unknown_threshold).mean())
     assert kept == pytest.approx(math.ceil(0.95 * len(samples)) / len(samples))
 
 
