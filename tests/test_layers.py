@@ -43,7 +43,7 @@ GRAPH = {module_name(p): imports(p) for p in PACKAGE.rglob("*.py")}
 
 
 def test_the_graph_sees_the_package():
-    assert {"twincar.train", "twincar.data.datamodule", "twincar.models.io", "twincar.inference.predictor"} \
+    assert {"twincar.train", "twincar.data.datamodule", "twincar.models.loading", "twincar.inference.predictor"} \
         <= set(GRAPH)
     assert "twincar.inference.predictor" in GRAPH["twincar.predict"]
 

@@ -27,7 +27,7 @@ from twincar.evaluation.loop import EvalError, collect_logits, data_config, eval
 from twincar.files import check_writable_dir, write_json
 from twincar.inference.engines import default_workers
 from twincar.inference.predictor import Predictor
-from twincar.models.io import write_calibration
+from twincar.models.loading import write_calibration
 from twincar.models.metrics import calibration_bins
 from twincar.runs import resolve_launch_paths
 

@@ -37,13 +37,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from twincar.data.classes import parse_car_name
-from twincar.data.transforms import BatchTransform, EvalImageTransform, Preprocess
+from twincar.data.preprocess import Preprocess
+from twincar.data.transforms import BatchTransform, EvalImageTransform
 from twincar.errors import TwinCarError
 from twincar.evaluation.calibration import Calibration
 from twincar.inference.batches import Batch, BatchOutputs, ImageInput, _Inputs, iter_batches, prepare_image, source_name
 from twincar.inference.engines import TTA_MODES, resolve_device, resolve_precision
 from twincar.inference.runtime import Prediction, unknown_threshold  # shared with the torch-free runtime
-from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model, min_input_size, resolve_model_source
+from twincar.models.card import MODEL_CARD
+from twincar.models.factory import min_input_size
+from twincar.models.loading import LoadedModel, OnnxModule, load_model, resolve_model_source
 from twincar.runs import find_run_config
 
 if TYPE_CHECKING:
