@@ -7,7 +7,7 @@ demo and the ablation all go through here.
 >>> r.make, r.model, r.year, r.confidence
 >>> rs = p.predict(["a.jpg", "b.png"], batch_size=32, num_workers=2)  # a list; unreadable files get ``error``
 
-Loading goes through :func:`twincar.models.io.load_model` (safe: no unpickling) and preprocessing through
+Loading goes through :func:`twincar.models.loading.load_model` (safe: no unpickling) and preprocessing through
 :mod:`twincar.data.transforms` (the same eval transform as validation). Evaluation runs its images through
 :func:`collect_logits`, which calls the same :meth:`Predictor.prepare` decode and :meth:`Predictor.logits`, so
 a prediction here equals what evaluation computes for the same file, flip TTA included.
