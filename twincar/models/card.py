@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 from twincar.data.preprocess import Preprocess
@@ -20,6 +21,15 @@ from twincar.models.hub import HUB_CONFIG, card_from_hub_config
 
 MODEL_CARD = "model_card.json"  # written beside exported weights: architecture, class names, preprocessing
 CALIBRATION = "calibration"  # the key of the calibration in checkpoint hyper-parameters and model cards
+
+
+def _twincar_version() -> str | None:
+    """The installed TwinCar's version (the package's metadata, from ``pyproject.toml``), None in a source tree that
+    is not installed. Read from the metadata, not ``twincar.__version__``: the models layer imports nothing above it."""
+    try:
+        return metadata.version("twincar")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def input_contract(preprocess: Preprocess) -> dict:
@@ -64,8 +74,6 @@ def build_model_card(
 ) -> dict:
     """What a consumer of exported weights needs (class names, preprocessing, architecture) and what the run was
     (metrics such as ``test/acc``, config group choices and overrides), and its ``calibration`` when fitted."""
-    from twincar import __version__
-
     return {
         "architecture": architecture,
         "num_classes": len(class_names),
@@ -78,7 +86,7 @@ def build_model_card(
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
         "config": config or {},
         "source": source,
-        "twincar_version": __version__,
+        "twincar_version": _twincar_version(),
         **({CALIBRATION: dict(calibration)} if calibration else {}),
     }
 
