@@ -80,13 +80,11 @@ if str(REPO) not in sys.path:  # run as a file from a checkout: import this chec
 from twincar.data.cache import cache_short_side, open_cache  # noqa: E402
 from twincar.data.formats import Sample  # noqa: E402
 from twincar.data.images import load_rgb, load_sample  # noqa: E402
+from twincar.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: E402
 from twincar.data.transforms import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Augmentation,
     BatchTransform,
     EvalImageTransform,
-    Preprocess,
     TrainImageTransform,
     train_decode_min_side,
 )
@@ -311,14 +309,14 @@ def _margins(path: Path) -> dict[str, float]:
 def _predict_weights(work: Path, model: Path | None, classes: Path | None, quick: bool) -> tuple[Path, str]:
     """The weights both predict loops read, alone in a folder with a model card that says 224 squash (the
     original preprocessing) and names the classes; a random network without ``--model``."""
-    from twincar.data.transforms import TWINCARS_PREPROCESS
-    from twincar.models.io import build_model_card, write_model_card
+    from twincar.data.preprocess import TWINCARS_PREPROCESS
+    from twincar.models.card import build_model_card, write_model_card
 
     arch = "resnet18" if quick and model is None else "resnet50"
     weights = work / "predict_model" / "model.pth"
     weights.parent.mkdir(exist_ok=True)
     if model is not None:
-        from twincar.models.io import read_state_dict
+        from twincar.models.checkpoint import read_state_dict
 
         torch.save(read_state_dict(model), weights)  # .ckpt / .safetensors / .pth -> a plain state dict
         names = Path(classes).read_text().splitlines()
@@ -519,7 +517,7 @@ def gpu_predict(paths: Sequence[Path], work: Path, quick: bool, device: torch.de
     from twincar.data.datamodule import CarsDataModule
     from twincar.data.synthetic import select_classes
     from twincar.inference.predictor import Predictor
-    from twincar.models.io import create_model
+    from twincar.models.factory import create_model
 
     torch.backends.cudnn.benchmark = True
     arch, size, batch, steps = ("resnet10t", 32, 4, 2) if quick else ("resnet50", 224, 256, 30)
@@ -745,7 +743,7 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     from torch.utils.data import DataLoader, Dataset
 
     from twincar.data.datamodule import CarsDataModule
-    from twincar.models.io import create_model
+    from twincar.models.factory import create_model
 
     root = _devkit_of(paths, work / "devkit_dataset")
     repeat = max(1, (batch * (steps + 5)) // len(paths) + 1)  # enough samples for every timed step

@@ -33,7 +33,7 @@ from twincar.data.images import (
     read_header,
 )
 from twincar.evaluation.loop import collect_logits
-from twincar.models.io import WeightsError
+from twincar.models import WeightsError
 
 
 def one_sentence(message: str, path: Path | str) -> bool:

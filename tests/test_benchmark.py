@@ -16,13 +16,8 @@ from twincar.data.cache import open_cache
 from twincar.data.datasets import CarsDataset
 from twincar.data.formats import Sample
 from twincar.data.images import load_sample
-from twincar.data.transforms import (
-    TWINCARS_PREPROCESS,
-    BatchTransform,
-    EvalImageTransform,
-    Preprocess,
-    TrainImageTransform,
-)
+from twincar.data.preprocess import TWINCARS_PREPROCESS, Preprocess
+from twincar.data.transforms import BatchTransform, EvalImageTransform, TrainImageTransform
 
 BENCH = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "benchmark.py"))
 FIELDS = {"reference_img_s", "twincar_img_s", "ratio"}

@@ -15,7 +15,8 @@ from twincar.data.cache import ImageCache, cache_short_side, main, open_cache
 from twincar.data.datasets import CarsDataset
 from twincar.data.formats import Sample, load_stanford_cars
 from twincar.data.images import ImageReadError, load_rgb
-from twincar.data.transforms import EvalImageTransform, Preprocess
+from twincar.data.preprocess import Preprocess
+from twincar.data.transforms import EvalImageTransform
 
 
 def _samples(root):

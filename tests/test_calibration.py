@@ -104,7 +104,7 @@ def test_a_calibration_round_trips_and_refuses_nonsense():
 # -- the model file carries it; predict marks unknown cars -------------------------------------------------------
 def calibrated_copy(tiny_export: Path, tmp_path: Path, calibration: dict) -> Path:
     """A copy of the tiny exported model (weights, card, classes) whose model card carries ``calibration``."""
-    from twincar.models.io import write_calibration
+    from twincar.models.loading import write_calibration
 
     d = tmp_path / "model"
     d.mkdir()
@@ -158,7 +158,9 @@ def test_the_original_projects_pth_is_calibrated_through_a_sidecar_beside_it(tmp
     import timm
 
     from twincar.inference.predictor import Predictor
-    from twincar.models.io import calibration_sidecar, export_state_dict, write_calibration
+    from twincar.models.card import calibration_sidecar
+    from twincar.models.checkpoint import export_state_dict
+    from twincar.models.loading import write_calibration
 
     torch.manual_seed(0)
     pth = export_state_dict(timm.create_model("resnet18", num_classes=3), tmp_path / "twincars.pth")

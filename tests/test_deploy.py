@@ -22,9 +22,11 @@ from PIL import Image
 from tests.conftest import REPO, TINY_NAMES
 from tests.trained import trained_run
 from twincar import Predictor
-from twincar.data.transforms import Preprocess
+from twincar.data.preprocess import Preprocess
 from twincar.export import ExportError, export_model
-from twincar.models.io import WeightsError, build_model_card, resolve_model_source, write_model_card
+from twincar.models import WeightsError
+from twincar.models.card import build_model_card, write_model_card
+from twincar.models.loading import resolve_model_source
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +111,7 @@ def test_timms_transform_is_twincars_eval_transform(size, crop, tmp_path):
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    from twincar.models.io import hub_config
+    from twincar.models.hub import hub_config
 
     pre = Preprocess(image_size=size, eval_crop_pct=crop)
     net = timm.create_model("resnet18", num_classes=6)

@@ -21,7 +21,8 @@ from twincar.data.datasets import CarsDataset, DeviceRefDataset
 from twincar.data.device import DeviceImages, ImageRefs, check_cuda, check_fits, orient, read_encoded
 from twincar.data.formats import Sample
 from twincar.data.images import load_rgb
-from twincar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalImageTransform, Preprocess
+from twincar.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from twincar.data.transforms import EvalImageTransform
 from twincar.errors import TwinCarError
 
 DECODE = dict(pipeline="gpu_decode")  # the GPU-decode code path, on the batch's device (the CPU here)

@@ -177,7 +177,7 @@ def test_reports_on_a_parquet_copy_name_rows_and_draw_them(tmp_path):
 
     from tests.layouts import NAMES, build
     from twincar import Predictor
-    from twincar.data.transforms import Preprocess
+    from twincar.data.preprocess import Preprocess
     from twincar.eval import eval_samples, write_reports
     from twincar.evaluation.loop import collect_logits
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from tests.conftest import TINY_NAMES, run_cli
 from twincar import Predictor
 from twincar.export import ExportError, export_model
-from twincar.models.io import MODEL_CARD, load_model
+from twincar.models.card import MODEL_CARD
+from twincar.models.loading import load_model
 
 
 def test_converting_exported_weights_to_safetensors_keeps_card_and_answers(tiny_export, car_images, tmp_path):

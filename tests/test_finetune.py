@@ -21,7 +21,7 @@ from twincar.models.finetune import (
     ema_decay,
     layer_decay_groups,
 )
-from twincar.models.io import load_model
+from twincar.models.loading import load_model
 
 
 def tiny_dm(root, tmp_path, **kw) -> CarsDataModule:

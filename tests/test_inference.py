@@ -8,8 +8,8 @@ from PIL import Image
 
 from twincar import Predictor
 from twincar.data.classes import stanford_cars_class_names, write_classes_txt
-from twincar.data.transforms import TWINCARS_PREPROCESS
-from twincar.models.io import WeightsError
+from twincar.data.preprocess import TWINCARS_PREPROCESS
+from twincar.models import WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ class _Foreign:
 
 @pytest.mark.parametrize("suffix", [".pth", ".ckpt", ".pt"])
 def test_a_malicious_pickle_is_refused_in_one_sentence_and_its_payload_never_runs(tmp_path, suffix):
-    from twincar.models.io import load_weights, read_state_dict
+    from twincar.models.checkpoint import load_weights, read_state_dict
 
     marker = tmp_path / "pwned"
     evil = tmp_path / f"evil{suffix}"

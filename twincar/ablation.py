@@ -21,12 +21,13 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
-from twincar.data.transforms import Preprocess
+from twincar.data.preprocess import Preprocess
 from twincar.errors import TwinCarError
 from twincar.evaluation.loop import collect_logits
 from twincar.files import write_json
 from twincar.inference.predictor import Predictor
-from twincar.models.io import build_model, module_weights, safe_torch_load
+from twincar.models.checkpoint import module_weights, safe_torch_load
+from twincar.models.factory import build_model
 from twincar.models.metrics import hierarchy_accuracy
 from twincar.runs import Run, find_runs, label_runs
 

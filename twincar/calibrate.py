@@ -4,9 +4,9 @@ Fits the temperature (one scalar, by NLL) and the "unknown car" threshold (the s
 split's images) with :func:`twincar.evaluation.calibration.calibrate` on the logits
 :class:`~twincar.inference.predictor.Predictor`
 computes (:func:`~twincar.inference.predictor.collect_logits`, as eval does), and stores them with the model file
-(:func:`twincar.models.io.write_calibration`: a ``.ckpt``'s hyper-parameters, the ``model_card.json`` beside exported
-weights, or ``NAME.calibration.json`` beside a bare state dict such as the original TwinCars ``.pth``). Predict,
-eval and the demo then use them. Training does this itself at its end; this is for any other model file.
+(:func:`twincar.models.loading.write_calibration`: a ``.ckpt``'s hyper-parameters, the ``model_card.json`` beside
+exported weights, or ``NAME.calibration.json`` beside a bare state dict such as the original TwinCars ``.pth``).
+Predict, eval and the demo then use them. Training does this itself at its end; this is for any other model file.
 
 It writes ``calibration.json`` and ``reliability.png`` (before and after) into its run directory.
 ``calibrate_model(cfg)`` is the pure function; ``main`` the thin Hydra entry point. It never trains.
@@ -27,7 +27,7 @@ from twincar.evaluation.loop import EvalError, collect_logits, data_config, eval
 from twincar.files import check_writable_dir, write_json
 from twincar.inference.engines import default_workers
 from twincar.inference.predictor import Predictor
-from twincar.models.io import write_calibration
+from twincar.models.loading import write_calibration
 from twincar.models.metrics import calibration_bins
 from twincar.runs import resolve_launch_paths
 

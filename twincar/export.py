@@ -26,18 +26,10 @@ from torch import nn
 from twincar.data.images import NoImagesError, find_images
 from twincar.errors import TwinCarError, exit_on_user_error
 from twincar.files import atomic_path, check_writable_dir, write_json, write_text
-from twincar.models.io import (
-    HUB_CONFIG,
-    HUB_README,
-    MODEL_CARD,
-    build_model_card,
-    export_safetensors,
-    export_state_dict,
-    hub_config,
-    hub_readme,
-    load_model,
-    write_model_card,
-)
+from twincar.models.card import MODEL_CARD, build_model_card, write_model_card
+from twincar.models.checkpoint import export_safetensors, export_state_dict
+from twincar.models.hub import HUB_CONFIG, HUB_README, hub_config, hub_readme
+from twincar.models.loading import load_model
 from twincar.runs import resolve_launch_paths, run_record
 
 log = logging.getLogger(__name__)

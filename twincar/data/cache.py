@@ -36,7 +36,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_rgb, load_sample, sample_header
-from twincar.data.transforms import Preprocess
+from twincar.data.preprocess import Preprocess
 from twincar.errors import TwinCarError
 from twincar.files import write_json
 

@@ -23,13 +23,13 @@ from twincar.data.formats import FORMATS, UNLABELED, CarsData, DatasetFormatErro
 from twincar.data.images import load_sample, sample_label
 from twincar.data.open_set import OpenSetSplit, check_open_set, holdout_labels, split_open_set
 from twincar.data.pipeline import READS_CACHE, resolve_pipeline
+from twincar.data.preprocess import Preprocess
 from twincar.data.sampling import eval_sampler, per_device_batch_size
 from twincar.data.synthetic import SyntheticSpec, generate
 from twincar.data.transforms import (
     Augmentation,
     BatchTransform,
     EvalImageTransform,
-    Preprocess,
     TrainImageTransform,
     check_mix_batch,
     train_decode_min_side,

@@ -10,7 +10,7 @@
 - :func:`auroc`, :func:`fpr_at_tpr`: how well a score separates known from unknown images;
   :func:`open_set_metrics`: the ``ood/*`` metrics training and eval report, those two and what a threshold does.
 - :class:`Calibration`: the temperature and threshold a model carries (checkpoint hyper-parameters, model card or a
-  sidecar file beside the weights: :func:`twincar.models.io.write_calibration`), and :func:`calibrate`, which fits
+  sidecar file beside the weights: :func:`twincar.models.loading.write_calibration`), and :func:`calibrate`, which fits
   both from a split's logits.
 
 The logits are raw (temperature 1: :meth:`twincar.inference.predictor.Predictor.outputs`' first); with flip TTA, the

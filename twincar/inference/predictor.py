@@ -7,7 +7,7 @@ demo and the ablation all go through here.
 >>> r.make, r.model, r.year, r.confidence
 >>> rs = p.predict(["a.jpg", "b.png"], batch_size=32, num_workers=2)  # a list; unreadable files get ``error``
 
-Loading goes through :func:`twincar.models.io.load_model` (safe: no unpickling) and preprocessing through
+Loading goes through :func:`twincar.models.loading.load_model` (safe: no unpickling) and preprocessing through
 :mod:`twincar.data.transforms` (the same eval transform as validation). Evaluation runs its images through
 :func:`collect_logits`, which calls the same :meth:`Predictor.prepare` decode and :meth:`Predictor.logits`, so
 a prediction here equals what evaluation computes for the same file, flip TTA included.
@@ -37,13 +37,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from twincar.data.classes import parse_car_name
-from twincar.data.transforms import BatchTransform, EvalImageTransform, Preprocess
+from twincar.data.preprocess import Preprocess
+from twincar.data.transforms import BatchTransform, EvalImageTransform
 from twincar.errors import TwinCarError
 from twincar.evaluation.calibration import Calibration
 from twincar.inference.batches import Batch, BatchOutputs, ImageInput, _Inputs, iter_batches, prepare_image, source_name
 from twincar.inference.engines import TTA_MODES, resolve_device, resolve_precision
 from twincar.inference.runtime import Prediction, unknown_threshold  # shared with the torch-free runtime
-from twincar.models.io import MODEL_CARD, LoadedModel, OnnxModule, load_model, min_input_size, resolve_model_source
+from twincar.models.card import MODEL_CARD
+from twincar.models.factory import min_input_size
+from twincar.models.loading import LoadedModel, OnnxModule, load_model, resolve_model_source
 from twincar.runs import find_run_config
 
 if TYPE_CHECKING:

@@ -21,15 +21,11 @@ from twincar.errors import TwinCarError
 from twincar.evaluation.calibration import Calibration, calibrate, ece_nll, open_set_metrics
 from twincar.evaluation.figures import plot_curves
 from twincar.files import write_json, write_text
+from twincar.models.card import build_model_card, write_model_card
+from twincar.models.checkpoint import checkpoint_class_names, export_state_dict
 from twincar.models.classifier import CarClassifier
-from twincar.models.io import (
-    build_model_card,
-    checkpoint_class_names,
-    export_state_dict,
-    min_input_size,
-    write_calibration,
-    write_model_card,
-)
+from twincar.models.factory import min_input_size
+from twincar.models.loading import write_calibration
 from twincar.runs import hydra_run_config
 from twincar.training.checkpoints import with_atomic_checkpoints
 from twincar.training.distributed import PerRankSeed
