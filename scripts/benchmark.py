@@ -10,7 +10,7 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
   RandomResizedCrop, flip, RandomRotation, ColorJitter, GaussianBlur, ToTensor, Normalize; torchvision v1)
   vs TwinCar's worker side from the same JPEGs. TwinCar's per-batch device work (jitter, blur, normalise,
   Mixup/CutMix) is timed apart, as ms per batch on this machine's device.
-* ``train_pipeline_cached``: the same with ``data.cache=true`` (pre-resized raw copy, memory-mapped).
+* ``train_pipeline_cached``: the same with ``data.pipeline=cache`` (pre-resized raw copy, memory-mapped).
 * ``eval_pipeline``: one core: decode, Resize((224, 224)), ToTensor, Normalize vs TwinCar's eval
   preprocessing (reduced-size decode, resize, crop, per-batch normalise); from the cache as an extra field.
 * ``cpu_predict``: whole processes on 2 cores, JPEG files to a CSV (512 generated images unless ``--images``):
@@ -43,8 +43,8 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
 * ``gpu_train`` (CUDA only): end-to-end training img/s from JPEG files through TwinCar's datamodule and
   model (bf16-mixed, channels_last, optionally compiled) at 224 and 448, next to the model alone on
   in-memory tensors (the ceiling) and the original pipeline on the same GPU; also from the cache, with the
-  JPEGs decoded on the GPU (``data.decode_device=cuda``) and from the cache held in GPU memory
-  (``data.cache_on_device=true``).
+  JPEGs decoded on the GPU (``data.pipeline=gpu_decode``) and from the cache held in GPU memory
+  (``data.pipeline=gpu_cache``).
 
 Without ``--images`` a fixed set of JPEGs is generated (sizes like Stanford Cars: ~700x480 on average,
 ~110 KB, some large ones). ``--quick`` runs in seconds (tiny models and sizes: for the tests, not for numbers).
@@ -748,10 +748,10 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     root = _devkit_of(paths, work / "devkit_dataset")
     repeat = max(1, (batch * (steps + 5)) // len(paths) + 1)  # enough samples for every timed step
 
-    def twincar_dm(cache: bool, **gpu_input) -> CarsDataModule:
+    def twincar_dm(pipeline: str) -> CarsDataModule:
         dm = CarsDataModule(root=str(root), image_size=size, batch_size=batch, num_workers=workers,
-                            val_fraction=0.05, split_dir=None, augmentation=SEED_AUG.__dict__, cache=cache,
-                            cache_dir=str(work / "cache"), **gpu_input)
+                            val_fraction=0.05, split_dir=None, augmentation=SEED_AUG.__dict__, pipeline=pipeline,
+                            cache_dir=str(work / "cache"))
         dm.prepare_data()
         dm.setup("fit")
         dm.train_set.samples = dm.train_set.samples * repeat
@@ -792,14 +792,14 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
         return step
 
     util = GpuUtilisation(device.index or 0) if device.type == "cuda" else None
-    dm = twincar_dm(cache=False)
+    dm = twincar_dm("files")
     dm.train_batch_transform.to(device)
     if util is not None:
         util.start()
     files = _loop(dm.train_dataloader(), twincar_step(dm), 3, steps, device)
     if util is not None:
         util.stop.set()
-    cached_dm = twincar_dm(cache=True)
+    cached_dm = twincar_dm("cache")
     cached_dm.train_batch_transform.to(device)
     cached = _loop(cached_dm.train_dataloader(), twincar_step(cached_dm), 3, steps, device)
     gpu_input = {}  # the GPU input paths: JPEGs decoded on the device, the cache held in device memory
@@ -809,9 +809,8 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     if device.type != "cuda":  # measured on whatever device the batch is on (the CPU in the tests)
         device_paths.check_cuda = lambda option: None
     try:
-        for name, options in (("gpu_decode", dict(cache=False, decode_device="cuda")),
-                              ("device_cache", dict(cache=True, cache_on_device=True))):
-            gpu_dm = twincar_dm(**options)
+        for name, pipeline in (("gpu_decode", "gpu_decode"), ("device_cache", "gpu_cache")):
+            gpu_dm = twincar_dm(pipeline)
             gpu_dm.train_batch_transform.to(device)
             gpu_input[name] = _loop(gpu_dm.train_dataloader(), gpu_input_step(gpu_dm), 3, steps, device)
             del gpu_dm  # lets the device copy of the cache go before the next measure

@@ -1,4 +1,4 @@
-"""A pre-resized, decoded copy of a dataset, built once and read by the same datamodule (``data.cache=true``).
+"""A pre-resized, decoded copy of a dataset, built once and read by the same datamodule (``data.pipeline=cache``).
 
 Every image is decoded once (reduced-size JPEG decode where the file is large), resized so that its short
 side is ``cache_short_side(preprocess)`` (eval's resize size, 256 for 224; never enlarged) and appended to one
@@ -36,6 +36,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_rgb, load_sample, sample_header
+from twincar.data.pipeline import READS_CACHE, refuse_removed_overrides
 from twincar.data.preprocess import Preprocess
 from twincar.errors import TwinCarError
 from twincar.files import write_json
@@ -237,9 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with initialize_config_module("twincar.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*argv, "data.cache=true", "data.skipped_file=null"])  # no run dir here
     try:
+        refuse_removed_overrides(argv)
+        with initialize_config_module("twincar.conf", version_base="1.3"):
+            cfg = compose("train", overrides=[*argv, "data.skipped_file=null"])  # no run dir here
+        if cfg.data.pipeline not in READS_CACHE:
+            cfg.data.pipeline = "cache"  # the copy gpu_cache reads too
         dm = instantiate(cfg.data, _convert_="all")
         dm.prepare_data()
     except TwinCarError as e:

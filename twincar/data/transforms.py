@@ -9,7 +9,7 @@ Work is split where it scales:
   (colour jitter, Gaussian blur, per-sample), ImageNet normalisation and Mixup/CutMix
   -> :class:`BatchTransform`.
 
-With ``data.decode_device=cuda`` or ``data.cache_on_device=true`` the per-image transforms run on device
+With ``data.pipeline=gpu_decode`` or ``data.pipeline=gpu_cache`` the per-image transforms run on device
 tensors instead, after the batch transfer (:mod:`twincar.data.device`).
 """
 
@@ -148,7 +148,7 @@ class RandomRotation(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         angle = float(torch.empty(()).uniform_(-self.degrees, self.degrees))
-        if img.device.type != "cpu":  # a device tensor (data.decode_device, data.cache_on_device): the same pixels
+        if img.device.type != "cpu":  # a device tensor (data.pipeline=gpu_decode|gpu_cache): the same pixels
             return v2.functional.rotate(img, angle)  # (nearest is rotate's default), without a host round trip
         return rotate_nearest(img, angle)
 
