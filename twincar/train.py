@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from twincar.cluster import run_lock
 from twincar.data.pipeline import refuse_removed_overrides
-from twincar.errors import TwinCarError, exit_on_user_error
+from twincar.errors import exit_on_user_error, user_error
 from twincar.files import remove_stale_temp_files
 from twincar.models.finetune import run_lr_find
 from twincar.runs import resolve_launch_paths
@@ -97,8 +97,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
     try:
         with hydra_job_relaunch():  # DDP ranks of a (sweep) job start as single runs of that job
             metrics = train(cfg)
-    except TwinCarError as e:
-        log.error("%s", e)
+    except Exception as e:
+        error = user_error(e)
+        if error is None:
+            raise
+        log.error("%s", error)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the job fails, the sweep (e.g. an Optuna search) records it and goes on
         sys.exit(1)
