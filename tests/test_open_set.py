@@ -79,7 +79,7 @@ def test_eval_of_a_holdout_model_scores_the_held_out_classes_as_unknown(small_ro
 
     from tests.trained import compose
     from twincar.data.transforms import Preprocess
-    from twincar.eval import evaluate
+    from twincar.evaluation.recipes import evaluate
     from twincar.models.io import build_model_card, export_state_dict, write_model_card
 
     overrides = ["data=stanford_cars", f"data.root={small_root}", f"paths.data_dir={tmp_path}", "data.image_size=64",
