@@ -20,7 +20,7 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
   disagreements were. ``cpu_predict_onnx``: the same for ``twincar.predict`` on the fp32 ONNX export of those
   weights, which runs on the torch-free runtime (numpy, PIL, onnxruntime; torch is never imported).
   ``cpu_predict_int8``: the same for ``twincar.predict`` on an int8 ONNX export of those
-  weights (``twincar.export quantize=int8``, calibrated on other images: ``--calibration DIR`` or generated).
+  weights (``twincar.export quantize=int8``, quantised on other images: ``--int8-images DIR`` or generated).
 * ``predict_scaling``: whole ``twincar.predict`` processes over the same JPEGs: one process (the plain loop) vs
   ``--devices 2 --accelerator cpu`` (Lightning ``Trainer.predict``, two gloo processes, sharded output); also one
   process through the sharded path (``--resume``). Start-up is measured on one image and reported apart. On a
@@ -334,10 +334,10 @@ def _predict_weights(work: Path, model: Path | None, classes: Path | None, quick
 
 def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: Path | None, quick: bool,
                 predict_args: Sequence[str] = (), repeats: int = 1,
-                calibration: Sequence[Path] = ()) -> dict[str, dict]:
+                int8_images: Sequence[Path] = ()) -> dict[str, dict]:
     """Whole processes, JPEG files to a CSV, on 2 cores: the original batch-1 fp32 loop vs ``twincar.predict``
     with its defaults (``cpu_predict``) and on an int8 ONNX export of the same weights (``cpu_predict_int8``,
-    calibrated on ``calibration``, never on the measured images; skipped when none are given).
+    quantised on ``int8_images``, never on the measured images; skipped when none are given).
 
     Each command also runs on one image: its start-up (imports, model load); ``per_image_ms`` is the rest.
     """
@@ -368,10 +368,10 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
     onnx_export_s = time.perf_counter() - start
     commands["onnx"] = twincar_cmd(fp32)
     export_s = None
-    if calibration:
+    if int8_images:
         start = time.perf_counter()
-        int8 = export_model(weights, "onnx", work / "int8", quantize="int8", calibration=list(calibration),
-                            calibration_images=len(calibration))
+        int8 = export_model(weights, "onnx", work / "int8", quantize="int8", int8_images=list(int8_images),
+                            int8_count=len(int8_images))
         export_s = time.perf_counter() - start
         commands["int8"] = twincar_cmd(int8)
     threads = min(2, os.cpu_count() or 1)
@@ -411,9 +411,9 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
            "cpu_predict_onnx": {**measure("onnx"), "export_s": round(onnx_export_s, 1),
                                 "path": "torch-free runtime: numpy, PIL, onnxruntime (no torch import)"}}
     out["cpu_predict_int8"] = ({**measure("int8"), "export_s": round(export_s, 1),
-                                "calibration_images": len(calibration)} if calibration else
+                                "int8_images": len(int8_images)} if int8_images else
                                {"reference_img_s": None, "twincar_img_s": None, "ratio": None,
-                                "skipped": "no calibration images"})
+                                "skipped": "no int8 images"})
     return out
 
 
@@ -916,14 +916,14 @@ def run(args: argparse.Namespace) -> dict:
             out[name] = eval_pipeline(paths, size, rounds, cache=cache)
         elif name == "cpu_predict":
             if args.no_int8:
-                calibration = []
-            elif args.calibration:
-                calibration = jpegs(args.calibration)
+                int8_images = []
+            elif args.int8_images:
+                int8_images = jpegs(args.int8_images)
             else:  # another seed: never the measured images
-                calibration = make_images(work / "calibration", 4 if args.quick else 256, quick=args.quick, seed=1)
+                int8_images = make_images(work / "int8_images", 4 if args.quick else 256, quick=args.quick, seed=1)
             out.update(cpu_predict(predict_paths, work, args.model, args.classes, args.quick,
                                    args.predict_args.split(), repeats=1 if args.quick else args.predict_repeats,
-                                   calibration=calibration))
+                                   int8_images=int8_images))
         elif name == "predict_scaling":
             out[name] = predict_scaling(predict_paths, work, args.model, args.classes, args.quick,
                                         repeats=1 if args.quick else args.predict_repeats)
@@ -978,7 +978,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--predict-args", default="", help="extra flags for python -m twincar.predict")
     parser.add_argument("--predict-images", type=int,
                         help=f"cpu_predict: N images (default: all of --images, or {PREDICT_IMAGES} generated)")
-    parser.add_argument("--calibration", help="cpu_predict_int8: calibrate on the .jpg files of this folder "
+    parser.add_argument("--int8-images", help="cpu_predict_int8: quantise on the .jpg files of this folder "
                                               "(default: 256 generated images, none of them measured)")
     parser.add_argument("--no-int8", action="store_true", help="cpu_predict: skip the int8 ONNX export")
     parser.add_argument("--predict-repeats", type=int, default=1,

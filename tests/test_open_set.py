@@ -79,7 +79,7 @@ def test_eval_of_a_holdout_model_scores_the_held_out_classes_as_unknown(small_ro
 
     from tests.trained import compose
     from twincar.data.preprocess import Preprocess
-    from twincar.eval import evaluate
+    from twincar.evaluation.recipes import evaluate
     from twincar.models.card import build_model_card, write_model_card
     from twincar.models.checkpoint import export_state_dict
 
