@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from tests.test_datamodule import make_dm
-from twincar.data.cache import ImageCache, cache_short_side, main, open_cache
+from twincar.cache import main
+from twincar.data.cache import ImageCache, cache_short_side, open_cache
 from twincar.data.datasets import CarsDataset
 from twincar.data.formats import Sample, load_stanford_cars
 from twincar.data.images import ImageReadError, load_rgb

@@ -134,7 +134,7 @@ def test_a_truncated_jpeg_is_left_out_and_named_or_stops_the_run(small_root, tmp
     assert torch.equal(labels, torch.tensor(expected)) and sum(len(b[0]) for b in out) == len(dm.val_set) - 1
     assert str(bad) in (tmp_path / "skipped.txt").read_text() and dm.skipped[-1].startswith(f"cannot read image {bad}")
     dm.hparams.on_corrupt = "fail"
-    with pytest.raises(TwinCarError, match=f"{bad}: .*run `python -m twincar.data.check {root}`"):
+    with pytest.raises(TwinCarError, match=f"{bad}: .*run `python -m twincar.check {root}`"):
         batches(dm, loader, False)
 
 

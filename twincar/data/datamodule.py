@@ -276,7 +276,7 @@ class CarsDataModule(L.LightningDataModule):
         if self.hparams.on_corrupt == "fail":
             shown = "; ".join(str(e) for _, e in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
             raise TwinCarError(
-                f"{len(bad)} unreadable image(s) in {self.data.root}: {shown}. Run `python -m twincar.data.check "
+                f"{len(bad)} unreadable image(s) in {self.data.root}: {shown}. Run `python -m twincar.check "
                 f"{self.data.root} --format {self.data.format}` for the full list, fix or remove them, or set "
                 "data.on_corrupt=skip to leave them out"
             )
@@ -358,7 +358,7 @@ class CarsDataModule(L.LightningDataModule):
             self._decode_failures(failed)
             if not len(labels):
                 raise TwinCarError(f"no image of a batch could be decoded ({failed[0]}, ...): run "
-                                   f"`python -m twincar.data.check {self.data.root}`")
+                                   f"`python -m twincar.check {self.data.root}`")
         if training:
             if self.aug.mixes and len(labels) % 2:  # an image was left out: Mixup/CutMix pairs need an even batch
                 images, labels = images[:-1], labels[:-1]
@@ -370,7 +370,7 @@ class CarsDataModule(L.LightningDataModule):
         """Images that passed the header check but failed to decode in a worker (e.g. truncated files)."""
         if self.hparams.on_corrupt == "fail":
             raise TwinCarError(
-                f"{messages[0]}: run `python -m twincar.data.check {self.data.root}` to find every damaged image, "
+                f"{messages[0]}: run `python -m twincar.check {self.data.root}` to find every damaged image, "
                 "fix or remove them, or set data.on_corrupt=skip to leave them out"
             )
         self._record_skipped(messages)
