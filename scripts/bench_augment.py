@@ -18,7 +18,8 @@ import time
 import torch
 from torchvision.transforms import v2
 
-from twincar.data.transforms import Augmentation, BatchTransform, Preprocess
+from twincar.data.preprocess import Preprocess
+from twincar.data.transforms import Augmentation, BatchTransform
 
 
 def images_per_second(fn, batch: torch.Tensor, batches: int, device: torch.device) -> float:

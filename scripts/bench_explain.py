@@ -19,7 +19,7 @@ import timm
 import torch
 
 from twincar.data.classes import stanford_cars_class_names
-from twincar.data.transforms import Preprocess
+from twincar.data.preprocess import Preprocess
 from twincar.gradcam.explainer import METHODS, Explainer
 from twincar.inference.predictor import Predictor
 

@@ -10,7 +10,7 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
   RandomResizedCrop, flip, RandomRotation, ColorJitter, GaussianBlur, ToTensor, Normalize; torchvision v1)
   vs TwinCar's worker side from the same JPEGs. TwinCar's per-batch device work (jitter, blur, normalise,
   Mixup/CutMix) is timed apart, as ms per batch on this machine's device.
-* ``train_pipeline_cached``: the same with ``data.cache=true`` (pre-resized raw copy, memory-mapped).
+* ``train_pipeline_cached``: the same with ``data.pipeline=cache`` (pre-resized raw copy, memory-mapped).
 * ``eval_pipeline``: one core: decode, Resize((224, 224)), ToTensor, Normalize vs TwinCar's eval
   preprocessing (reduced-size decode, resize, crop, per-batch normalise); from the cache as an extra field.
 * ``cpu_predict``: whole processes on 2 cores, JPEG files to a CSV (512 generated images unless ``--images``):
@@ -20,7 +20,7 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
   disagreements were. ``cpu_predict_onnx``: the same for ``twincar.predict`` on the fp32 ONNX export of those
   weights, which runs on the torch-free runtime (numpy, PIL, onnxruntime; torch is never imported).
   ``cpu_predict_int8``: the same for ``twincar.predict`` on an int8 ONNX export of those
-  weights (``twincar.export quantize=int8``, calibrated on other images: ``--calibration DIR`` or generated).
+  weights (``twincar.export quantize=int8``, quantised on other images: ``--int8-images DIR`` or generated).
 * ``predict_scaling``: whole ``twincar.predict`` processes over the same JPEGs: one process (the plain loop) vs
   ``--devices 2 --accelerator cpu`` (Lightning ``Trainer.predict``, two gloo processes, sharded output); also one
   process through the sharded path (``--resume``). Start-up is measured on one image and reported apart. On a
@@ -43,8 +43,8 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
 * ``gpu_train`` (CUDA only): end-to-end training img/s from JPEG files through TwinCar's datamodule and
   model (bf16-mixed, channels_last, optionally compiled) at 224 and 448, next to the model alone on
   in-memory tensors (the ceiling) and the original pipeline on the same GPU; also from the cache, with the
-  JPEGs decoded on the GPU (``data.decode_device=cuda``) and from the cache held in GPU memory
-  (``data.cache_on_device=true``).
+  JPEGs decoded on the GPU (``data.pipeline=gpu_decode``) and from the cache held in GPU memory
+  (``data.pipeline=gpu_cache``).
 
 Without ``--images`` a fixed set of JPEGs is generated (sizes like Stanford Cars: ~700x480 on average,
 ~110 KB, some large ones). ``--quick`` runs in seconds (tiny models and sizes: for the tests, not for numbers).
@@ -80,13 +80,11 @@ if str(REPO) not in sys.path:  # run as a file from a checkout: import this chec
 from twincar.data.cache import cache_short_side, open_cache  # noqa: E402
 from twincar.data.formats import Sample  # noqa: E402
 from twincar.data.images import load_rgb, load_sample  # noqa: E402
+from twincar.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: E402
 from twincar.data.transforms import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Augmentation,
     BatchTransform,
     EvalImageTransform,
-    Preprocess,
     TrainImageTransform,
     to_tensor,
     train_decode_min_side,
@@ -317,14 +315,14 @@ def _margins(path: Path) -> dict[str, float]:
 def _predict_weights(work: Path, model: Path | None, classes: Path | None, quick: bool) -> tuple[Path, str]:
     """The weights both predict loops read, alone in a folder with a model card that says 224 squash (the
     original preprocessing) and names the classes; a random network without ``--model``."""
-    from twincar.data.transforms import TWINCARS_PREPROCESS
-    from twincar.models.io import build_model_card, write_model_card
+    from twincar.data.preprocess import TWINCARS_PREPROCESS
+    from twincar.models.card import build_model_card, write_model_card
 
     arch = "resnet18" if quick and model is None else "resnet50"
     weights = work / "predict_model" / "model.pth"
     weights.parent.mkdir(exist_ok=True)
     if model is not None:
-        from twincar.models.io import read_state_dict
+        from twincar.models.checkpoint import read_state_dict
 
         torch.save(read_state_dict(model), weights)  # .ckpt / .safetensors / .pth -> a plain state dict
         names = Path(classes).read_text().splitlines()
@@ -342,10 +340,10 @@ def _predict_weights(work: Path, model: Path | None, classes: Path | None, quick
 
 def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: Path | None, quick: bool,
                 predict_args: Sequence[str] = (), repeats: int = 1,
-                calibration: Sequence[Path] = ()) -> dict[str, dict]:
+                int8_images: Sequence[Path] = ()) -> dict[str, dict]:
     """Whole processes, JPEG files to a CSV, on 2 cores: the original batch-1 fp32 loop vs ``twincar.predict``
     with its defaults (``cpu_predict``) and on an int8 ONNX export of the same weights (``cpu_predict_int8``,
-    calibrated on ``calibration``, never on the measured images; skipped when none are given).
+    quantised on ``int8_images``, never on the measured images; skipped when none are given).
 
     Each command also runs on one image: its start-up (imports, model load); ``per_image_ms`` is the rest.
     """
@@ -376,10 +374,10 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
     onnx_export_s = time.perf_counter() - start
     commands["onnx"] = twincar_cmd(fp32)
     export_s = None
-    if calibration:
+    if int8_images:
         start = time.perf_counter()
-        int8 = export_model(weights, "onnx", work / "int8", quantize="int8", calibration=list(calibration),
-                            calibration_images=len(calibration))
+        int8 = export_model(weights, "onnx", work / "int8", quantize="int8", int8_images=list(int8_images),
+                            int8_count=len(int8_images))
         export_s = time.perf_counter() - start
         commands["int8"] = twincar_cmd(int8)
     threads = min(2, os.cpu_count() or 1)
@@ -419,9 +417,9 @@ def cpu_predict(paths: Sequence[Path], work: Path, model: Path | None, classes: 
            "cpu_predict_onnx": {**measure("onnx"), "export_s": round(onnx_export_s, 1),
                                 "path": "torch-free runtime: numpy, PIL, onnxruntime (no torch import)"}}
     out["cpu_predict_int8"] = ({**measure("int8"), "export_s": round(export_s, 1),
-                                "calibration_images": len(calibration)} if calibration else
+                                "int8_images": len(int8_images)} if int8_images else
                                {"reference_img_s": None, "twincar_img_s": None, "ratio": None,
-                                "skipped": "no calibration images"})
+                                "skipped": "no int8 images"})
     return out
 
 
@@ -525,7 +523,7 @@ def gpu_predict(paths: Sequence[Path], work: Path, quick: bool, device: torch.de
     from twincar.data.datamodule import CarsDataModule
     from twincar.data.synthetic import select_classes
     from twincar.inference.predictor import Predictor
-    from twincar.models.io import create_model
+    from twincar.models.factory import create_model
 
     torch.backends.cudnn.benchmark = True
     arch, size, batch, steps = ("resnet10t", 32, 4, 2) if quick else ("resnet50", 224, 256, 30)
@@ -751,15 +749,15 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     from torch.utils.data import DataLoader, Dataset
 
     from twincar.data.datamodule import CarsDataModule
-    from twincar.models.io import create_model
+    from twincar.models.factory import create_model
 
     root = _devkit_of(paths, work / "devkit_dataset")
     repeat = max(1, (batch * (steps + 5)) // len(paths) + 1)  # enough samples for every timed step
 
-    def twincar_dm(cache: bool, **gpu_input) -> CarsDataModule:
+    def twincar_dm(pipeline: str) -> CarsDataModule:
         dm = CarsDataModule(root=str(root), image_size=size, batch_size=batch, num_workers=workers,
-                            val_fraction=0.05, split_dir=None, augmentation=SEED_AUG.__dict__, cache=cache,
-                            cache_dir=str(work / "cache"), **gpu_input)
+                            val_fraction=0.05, split_dir=None, augmentation=SEED_AUG.__dict__, pipeline=pipeline,
+                            cache_dir=str(work / "cache"))
         dm.prepare_data()
         dm.setup("fit")
         dm.train_set.samples = dm.train_set.samples * repeat
@@ -800,14 +798,14 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
         return step
 
     util = GpuUtilisation(device.index or 0) if device.type == "cuda" else None
-    dm = twincar_dm(cache=False)
+    dm = twincar_dm("files")
     dm.train_batch_transform.to(device)
     if util is not None:
         util.start()
     files = _loop(dm.train_dataloader(), twincar_step(dm), 3, steps, device)
     if util is not None:
         util.stop.set()
-    cached_dm = twincar_dm(cache=True)
+    cached_dm = twincar_dm("cache")
     cached_dm.train_batch_transform.to(device)
     cached = _loop(cached_dm.train_dataloader(), twincar_step(cached_dm), 3, steps, device)
     gpu_input = {}  # the GPU input paths: JPEGs decoded on the device, the cache held in device memory
@@ -817,9 +815,8 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     if device.type != "cuda":  # measured on whatever device the batch is on (the CPU in the tests)
         device_paths.check_cuda = lambda option: None
     try:
-        for name, options in (("gpu_decode", dict(cache=False, decode_device="cuda")),
-                              ("device_cache", dict(cache=True, cache_on_device=True))):
-            gpu_dm = twincar_dm(**options)
+        for name, pipeline in (("gpu_decode", "gpu_decode"), ("device_cache", "gpu_cache")):
+            gpu_dm = twincar_dm(pipeline)
             gpu_dm.train_batch_transform.to(device)
             gpu_input[name] = _loop(gpu_dm.train_dataloader(), gpu_input_step(gpu_dm), 3, steps, device)
             del gpu_dm  # lets the device copy of the cache go before the next measure
@@ -925,14 +922,14 @@ def run(args: argparse.Namespace) -> dict:
             out[name] = eval_pipeline(paths, size, rounds, cache=cache)
         elif name == "cpu_predict":
             if args.no_int8:
-                calibration = []
-            elif args.calibration:
-                calibration = jpegs(args.calibration)
+                int8_images = []
+            elif args.int8_images:
+                int8_images = jpegs(args.int8_images)
             else:  # another seed: never the measured images
-                calibration = make_images(work / "calibration", 4 if args.quick else 256, quick=args.quick, seed=1)
+                int8_images = make_images(work / "int8_images", 4 if args.quick else 256, quick=args.quick, seed=1)
             out.update(cpu_predict(predict_paths, work, args.model, args.classes, args.quick,
                                    args.predict_args.split(), repeats=1 if args.quick else args.predict_repeats,
-                                   calibration=calibration))
+                                   int8_images=int8_images))
         elif name == "predict_scaling":
             out[name] = predict_scaling(predict_paths, work, args.model, args.classes, args.quick,
                                         repeats=1 if args.quick else args.predict_repeats)
@@ -987,7 +984,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--predict-args", default="", help="extra flags for python -m twincar.predict")
     parser.add_argument("--predict-images", type=int,
                         help=f"cpu_predict: N images (default: all of --images, or {PREDICT_IMAGES} generated)")
-    parser.add_argument("--calibration", help="cpu_predict_int8: calibrate on the .jpg files of this folder "
+    parser.add_argument("--int8-images", help="cpu_predict_int8: quantise on the .jpg files of this folder "
                                               "(default: 256 generated images, none of them measured)")
     parser.add_argument("--no-int8", action="store_true", help="cpu_predict: skip the int8 ONNX export")
     parser.add_argument("--predict-repeats", type=int, default=1,

@@ -82,8 +82,9 @@ def tiny_export(tmp_path_factory) -> Path:
     import torch
 
     from twincar.data.classes import write_classes_txt
-    from twincar.data.transforms import Preprocess
-    from twincar.models.io import build_model_card, export_state_dict, write_model_card
+    from twincar.data.preprocess import Preprocess
+    from twincar.models.card import build_model_card, write_model_card
+    from twincar.models.checkpoint import export_state_dict
 
     d = tmp_path_factory.mktemp("tiny_export")
     torch.manual_seed(0)

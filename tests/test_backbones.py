@@ -7,8 +7,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from twincar.models.checkpoint import export_state_dict
 from twincar.models.classifier import CarClassifier, param_groups
-from twincar.models.io import export_state_dict
 
 NAMES = ["Audi S4 Sedan 2007", "Audi S4 Sedan 2012", "BMW M3 Coupe 2012"]
 # (timm name, input side); ViT-S/16 takes 224 px, the convolutional ones any size

@@ -33,7 +33,7 @@ from twincar.data.images import (
     read_header,
 )
 from twincar.evaluation.loop import collect_logits
-from twincar.models.io import WeightsError
+from twincar.models import WeightsError
 
 
 def one_sentence(message: str, path: Path | str) -> bool:
@@ -527,3 +527,27 @@ def test_an_image_size_below_what_the_model_takes_stops_training(small_root, tmp
     with pytest.raises(TwinCarError, match="^data.image_size=7 is smaller than resnet18 takes: its features are 32x "
                                            "smaller than the input, so give at least 32 pixels$"):
         build_model(cfg, dm)
+
+
+def test_a_user_error_wrapped_by_hydra_instantiate_is_still_one_sentence(caplog):
+    """hydra.utils.instantiate wraps the data module's own error (an old run config's data.cache=true) in its
+    InstantiationException: the entry point still logs our sentence and exits 1, and any other error stays an
+    error."""
+    import logging
+
+    from hydra.errors import InstantiationException
+
+    from twincar.errors import TwinCarError, exit_on_user_error
+
+    log = logging.getLogger("twincar.test")
+    with pytest.raises(SystemExit) as exited, caplog.at_level(logging.ERROR):
+        with exit_on_user_error(log):
+            try:
+                raise TwinCarError("data.cache=true was removed: use data.pipeline=cache")
+            except TwinCarError as e:
+                raise InstantiationException("Error in call to target 'CarsDataModule'") from e
+    assert exited.value.code == 1
+    assert caplog.messages == ["data.cache=true was removed: use data.pipeline=cache"]
+    with pytest.raises(InstantiationException):
+        with exit_on_user_error(log):
+            raise InstantiationException("Error in call to target 'CarsDataModule': not ours")

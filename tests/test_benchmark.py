@@ -16,14 +16,8 @@ from twincar.data.cache import open_cache
 from twincar.data.datasets import CarsDataset
 from twincar.data.formats import Sample
 from twincar.data.images import load_sample
-from twincar.data.transforms import (
-    TWINCARS_PREPROCESS,
-    BatchTransform,
-    EvalImageTransform,
-    Preprocess,
-    TrainImageTransform,
-    to_tensor,
-)
+from twincar.data.preprocess import TWINCARS_PREPROCESS, Preprocess
+from twincar.data.transforms import BatchTransform, EvalImageTransform, TrainImageTransform, to_tensor
 
 BENCH = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "benchmark.py"))
 FIELDS = {"reference_img_s", "twincar_img_s", "ratio"}
@@ -91,15 +85,15 @@ def test_quick_benchmark_writes_every_measure_and_field(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cpu_predict_runs_every_process_and_compares_their_csvs(photos, tmp_path):
-    calibration = BENCH["make_images"](tmp_path / "calibration", 2, quick=True, seed=1)
-    assert not {p.read_bytes() for p in calibration} & {p.read_bytes() for p in photos}  # never the measured ones
-    m = BENCH["cpu_predict"](photos, tmp_path, None, None, quick=True, calibration=calibration)
+    int8_images = BENCH["make_images"](tmp_path / "int8_images", 2, quick=True, seed=1)
+    assert not {p.read_bytes() for p in int8_images} & {p.read_bytes() for p in photos}  # never the measured ones
+    m = BENCH["cpu_predict"](photos, tmp_path, None, None, quick=True, int8_images=int8_images)
     assert set(m) == {"cpu_predict", "cpu_predict_onnx", "cpu_predict_int8"}
     for r in m.values():
         assert FIELDS <= set(r) and r["images"] == 4 and r["peak_rss_mb"] > 50 and r["reference_peak_rss_mb"] > 50
         assert r["top1_agreement"] is None and "not measured" in r["agreement_note"]  # random weights
         assert r["twincar_startup_s"] > 0 and r["reference_startup_s"] > 0 and "twincar_per_image_ms" in r
-    assert m["cpu_predict_int8"]["calibration_images"] == 2 and "model.int8.onnx" in m["cpu_predict_int8"][
+    assert m["cpu_predict_int8"]["int8_images"] == 2 and "model.int8.onnx" in m["cpu_predict_int8"][
         "twincar_command"]
     ref = BENCH["_read_predictions"](tmp_path / "reference_all.csv")
     for name in ("twincar", "int8"):

@@ -1,4 +1,5 @@
-"""The image cache (data.cache): what it stores, that training and eval read it like the files, when it is rebuilt."""
+"""The image cache (data.pipeline=cache): what it stores, that training and eval read it like the files, when it is
+rebuilt."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import torch
 from PIL import Image
 
 from tests.test_datamodule import make_dm
-from twincar.data.cache import ImageCache, cache_short_side, main, open_cache
+from twincar.cache import main
+from twincar.data.cache import ImageCache, cache_short_side, open_cache
 from twincar.data.datasets import CarsDataset
 from twincar.data.formats import Sample, load_stanford_cars
 from twincar.data.images import ImageReadError, load_rgb
-from twincar.data.transforms import EvalImageTransform, Preprocess, to_tensor
+from twincar.data.preprocess import Preprocess
+from twincar.data.transforms import EvalImageTransform, to_tensor
 
 
 def _samples(root):
@@ -97,7 +100,7 @@ def _nearest_centroid(train_x, train_y, x):
 def test_datamodule_reads_the_cache_with_the_same_split_labels_and_predictions(small_root, tmp_path, fmt,
                                                                               max_mean_levels):
     plain = make_dm(small_root, tmp_path)
-    cached = make_dm(small_root, tmp_path, cache=True, cache_dir=str(tmp_path / "cache"), cache_format=fmt)
+    cached = make_dm(small_root, tmp_path, pipeline="cache", cache_dir=str(tmp_path / "cache"), cache_format=fmt)
     assert isinstance(cached.image_cache, ImageCache) and (cached.image_cache.directory / "images.bin").is_file()
     assert [s.path.name for s in cached.train_set.samples] == [s.path.name for s in plain.train_set.samples]
     assert [s.label for s in cached.test_set.samples] == [s.label for s in plain.test_set.samples]
@@ -140,6 +143,10 @@ def test_cache_command_error_is_one_sentence(tmp_path, capsys):
     assert main([f"paths.data_dir={tmp_path}", "data=stanford_cars", f"data.root={tmp_path}/absent"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: dataset root") and "absent" in err and "Traceback" not in err
+    assert main([f"paths.data_dir={tmp_path}", "data.cache=true"]) == 2  # a removed flag: its replacement
+    assert capsys.readouterr().err == ("error: data.cache=true was removed: use data.pipeline=cache "
+                                       "(one of files, cache, gpu_decode, gpu_cache)\n")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_np_memmap_is_not_pickled(small_root, tmp_path):
@@ -155,7 +162,7 @@ def test_np_memmap_is_not_pickled(small_root, tmp_path):
 def test_car_box_crop_reads_the_same_car_from_the_cache(small_root, tmp_path):
     # boxes are in the files' pixels: from the smaller cached copy the crop must still frame the same car
     plain = make_dm(small_root, tmp_path, crop_to_bbox=True)
-    cached = make_dm(small_root, tmp_path, crop_to_bbox=True, cache=True, cache_dir=str(tmp_path / "cache"))
+    cached = make_dm(small_root, tmp_path, crop_to_bbox=True, pipeline="cache", cache_dir=str(tmp_path / "cache"))
     diffs = []
     for i in range(len(plain.test_set)):
         a, b = plain.test_set[i][0].float(), cached.test_set[i][0].float()

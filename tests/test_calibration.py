@@ -17,15 +17,13 @@ from PIL import Image
 from twincar.errors import TwinCarError
 from twincar.evaluation.calibration import (
     Calibration,
-    auroc,
     calibrate,
     ece_nll,
     fit_temperature,
     fit_threshold,
-    fpr_at_tpr,
-    open_set_metrics,
     unknown_scores,
 )
+from twincar.evaluation.open_set import auroc, fpr_at_tpr, open_set_metrics
 
 
 def calibrated_set(n: int = 8000, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +103,7 @@ def test_a_calibration_round_trips_and_refuses_nonsense():
 # -- the model file carries it; predict marks unknown cars -------------------------------------------------------
 def calibrated_copy(tiny_export: Path, tmp_path: Path, calibration: dict) -> Path:
     """A copy of the tiny exported model (weights, card, classes) whose model card carries ``calibration``."""
-    from twincar.models.io import write_calibration
+    from twincar.models.loading import write_calibration
 
     d = tmp_path / "model"
     d.mkdir()
@@ -159,7 +157,9 @@ def test_the_original_projects_pth_is_calibrated_through_a_sidecar_beside_it(tmp
     import timm
 
     from twincar.inference.predictor import Predictor
-    from twincar.models.io import calibration_sidecar, export_state_dict, write_calibration
+    from twincar.models.card import calibration_sidecar
+    from twincar.models.checkpoint import export_state_dict
+    from twincar.models.loading import write_calibration
 
     torch.manual_seed(0)
     pth = export_state_dict(timm.create_model("resnet18", num_classes=3), tmp_path / "twincars.pth")
@@ -223,7 +223,7 @@ def test_the_demo_says_not_one_of_the_cars_it_knows_and_shows_the_closest(tiny_e
 @pytest.mark.slow  # uses the shared trained model
 def test_eval_reports_raw_and_calibrated_and_the_open_set_of_the_unknown_synthetic_classes(run, tmp_path):
     from tests.trained import compose
-    from twincar.eval import evaluate
+    from twincar.evaluation.recipes import evaluate
 
     best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
     logged = json.loads((run / "metrics.json").read_text())
@@ -245,7 +245,7 @@ def test_eval_reports_raw_and_calibrated_and_the_open_set_of_the_unknown_synthet
 @pytest.mark.slow  # uses the shared trained model
 def test_calibrate_refits_an_exported_model_and_stores_it_in_its_card(run, tmp_path):
     from tests.trained import compose
-    from twincar.calibrate import calibrate_model
+    from twincar.evaluation.recipes import calibrate_model
 
     d = tmp_path / "export"
     d.mkdir()
@@ -388,14 +388,14 @@ def test_one_forward_pass_gives_the_logits_and_the_embeddings_of_two(tiny_export
 @pytest.mark.slow  # uses the shared trained model
 def test_the_index_of_a_run_gives_predict_its_nearest_training_cars_and_eval_its_knn_metrics(run, tmp_path):
     from tests.trained import compose
-    from twincar.eval import evaluate
     from twincar.evaluation.neighbours import NeighbourIndex
-    from twincar.index import build
+    from twincar.evaluation.recipes import build_neighbour_index, evaluate
     from twincar.inference.predictor import Predictor
     from twincar.predict import predict_files
 
     ckpt = Path(json.loads((run / "metrics.json").read_text())["best_checkpoint"])
-    folder = build(compose("index", [f"ckpt={ckpt}", f"out={tmp_path / 'index'}", f"paths.output_dir={tmp_path}"]))
+    folder = build_neighbour_index(compose("index", [f"ckpt={ckpt}", f"out={tmp_path / 'index'}",
+                                                     f"paths.output_dir={tmp_path}"]))
     index = NeighbourIndex.load(folder)
     split = json.loads((run / "split.json").read_text())
     assert len(index.paths) == len(split["train"])  # every training image

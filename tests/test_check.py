@@ -1,4 +1,4 @@
-"""python -m twincar.data.check: every kind of problem named, in a table and a CSV, with the exit code."""
+"""python -m twincar.check: every kind of problem named, in a table and a CSV, with the exit code."""
 
 import csv
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import SMALL_SPEC
 from tests.layouts import build, make_images
-from twincar.data.check import main
+from twincar.check import main
 from twincar.data.images import MAX_IMAGE_PIXELS
 
 

@@ -2,8 +2,8 @@ import csv
 
 import pytest
 
+from twincar.classes import main
 from twincar.data.classes import (
-    main,
     parse_car_name,
     read_class_names,
     read_classes_txt,

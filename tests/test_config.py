@@ -18,6 +18,7 @@ from twincar.models.classifier import CarClassifier
 
 CONF = resources.files("twincar") / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__"))
+TRAIN_GROUPS = [g for g in GROUPS if g not in ("paths", "model_source")]  # model_source: eval, calibrate and index
 
 
 def options(group: str) -> list[str]:
@@ -33,7 +34,7 @@ def make_cfg(tmp_path, *overrides: str):
 
 def test_every_group_has_options():
     expected = {"augmentation", "callbacks", "data", "debug", "experiment", "logger", "model", "optimizer",
-                "paths", "precision", "scheduler", "trainer", "tune"}
+                "paths", "precision", "scheduler", "trainer", "tune", "model_source"}
     assert expected <= set(GROUPS)
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "step"]
@@ -54,7 +55,7 @@ def test_default_config_trains_offline_on_the_embedded_data(tmp_path):
     assert cfg.data.root == f"{tmp_path}/data/synthetic"
 
 
-@pytest.mark.parametrize("group", [g for g in GROUPS if g not in ("paths",)])
+@pytest.mark.parametrize("group", TRAIN_GROUPS)
 def test_every_option_composes_and_resolves(tmp_path, group):
     for option in options(group):
         extra = ["data=stanford_cars"] if group == "experiment" else []
@@ -147,3 +148,51 @@ def test_smoke_only_shrinks_and_keeps_the_data_choice(tmp_path):
     assert cfg.data.root == "/some/copy" and cfg.data.synthetic is None
     assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2
     assert cfg.optimizer.opt == "adam"  # the defaults are untouched
+
+
+def compose_tool(name: str, *overrides: str):
+    with initialize_config_module("twincar.conf", version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def test_synthetic_data_is_stanford_cars_but_for_what_it_generates(tmp_path):
+    real, synthetic = (OmegaConf.to_container(make_cfg(tmp_path, f"data={d}").data) for d in ("stanford_cars",
+                                                                                              "synthetic"))
+    assert list(synthetic) == list(real)  # every option, in the same order
+    differ = {k for k in real if real[k] != synthetic[k]}
+    assert differ == {"root", "format", "image_size", "eval_batch_size", "num_workers", "synthetic"}
+    assert synthetic["format"] == "devkit" and synthetic["synthetic"]["num_classes"] == 14
+    assert make_cfg(tmp_path, "data=synthetic").model.pretrained is False  # offline
+    assert make_cfg(tmp_path, "data=stanford_cars").model.pretrained == "resnet50.a1_in1k"
+
+
+@pytest.mark.parametrize("tool, split", [("eval", "test"), ("calibrate", "val"), ("index", "train")])
+def test_eval_calibrate_and_index_take_the_model_and_its_data_alike(tool, split):
+    shared = ("ckpt", "classes", "run_config", "augmentation", "device")
+    cfg = compose_tool(tool, "ckpt=runs/r/model.pth", "data.root=/copy")
+    base = compose_tool("eval", "ckpt=runs/r/model.pth", "data.root=/copy")
+    assert [cfg[k] for k in shared] == [base[k] for k in shared] == ["runs/r/model.pth", None, None, None, "auto"]
+    assert dict(cfg.data) == {"root": "/copy", "eval_batch_size": None, "num_workers": None, "split": split}
+    assert compose_tool(tool, "ckpt=m.ckpt", "data.split=val").data.split == "val"  # the documented command lines
+    chosen = compose_tool(tool, "ckpt=m.ckpt", "data=synthetic", "data.split=val", "paths.output_dir=out")
+    assert chosen.data.split == "val" and chosen.data.root.endswith("/data/synthetic") and chosen.data.num_workers == 2
+    assert OmegaConf.is_missing(compose_tool(tool), "ckpt")  # the one required option
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "calibrate", "index", "export"])
+def test_no_config_sets_a_key_nothing_reads(name):
+    overrides = ["ckpt=m.ckpt"] if name != "train" else ["data=stanford_cars", "tune=lr_find", "debug=limit"]
+    cfg = OmegaConf.to_container(compose_tool(name, *overrides))
+    assert "task_name" not in cfg and "name" not in cfg.get("tune", {})
+    assert not {"cache", "decode_device", "cache_on_device"} & set(cfg.get("data", {}))
+
+
+def test_train_refuses_a_removed_flag_before_composing(monkeypatch, caplog):
+    from twincar import train
+
+    monkeypatch.setattr("sys.argv", ["twincar.train", "experiment=smoke", "data.decode_device=cuda"])
+    with pytest.raises(SystemExit) as stop:
+        train.main()
+    assert stop.value.code == 1
+    assert caplog.messages == ["data.decode_device=cuda was removed: use data.pipeline=gpu_decode "
+                               "(one of files, cache, gpu_decode, gpu_cache)"]

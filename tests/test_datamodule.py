@@ -125,7 +125,7 @@ def test_on_corrupt_fail_stops_before_training_naming_the_files(small_root, tmp_
     assert message.startswith(f"2 unreadable image(s) in {root}: ")
     assert f"{root / 'cars_train' / '00002.jpg'}: the file is empty (0 bytes)" in message
     assert f"{root / 'cars_test' / '00003.jpg'}: not an image" in message
-    assert f"python -m twincar.data.check {root} --format devkit" in message and "data.on_corrupt=skip" in message
+    assert f"python -m twincar.check {root} --format devkit" in message and "data.on_corrupt=skip" in message
 
 
 def test_on_corrupt_skip_leaves_bad_files_out_once_and_never_replaces_them(small_root, tmp_path, caplog):
@@ -163,7 +163,7 @@ def test_a_file_that_fails_to_decode_mid_epoch_is_an_error_not_a_worker_tracebac
     bad.write_bytes(bad.read_bytes()[:-300])  # truncated after the header check
     dm.trainer = type("T", (), {"training": False, "is_global_zero": True})()
     loader = DataLoader(dm.val_set, batch_size=4, collate_fn=collate_readable, num_workers=1)
-    with pytest.raises(TwinCarError, match=f"{bad}: .*run `python -m twincar.data.check {root}`"):
+    with pytest.raises(TwinCarError, match=f"{bad}: .*run `python -m twincar.check {root}`"):
         for batch in loader:
             dm.on_after_batch_transfer(batch, 0)
 

@@ -47,7 +47,7 @@ def open_set_server(tiny_export, car_images, tmp_path_factory):
     from twincar.demo import build_app, find_index, launch
     from twincar.evaluation.calibration import unknown_scores
     from twincar.evaluation.neighbours import NeighbourIndex
-    from twincar.models.io import write_calibration
+    from twincar.models.loading import write_calibration
 
     folder = tmp_path_factory.mktemp("open_set_model")
     for name in ("model.pth", "model_card.json", "classes.txt"):

@@ -22,10 +22,12 @@ from PIL import Image
 from tests.conftest import REPO, TINY_NAMES
 from tests.trained import trained_run
 from twincar import Predictor
-from twincar.data.transforms import Preprocess
+from twincar.data.preprocess import Preprocess
 from twincar.export import ExportError, export_model
-from twincar.inference.preprocess import InputSpec, normalise
-from twincar.models.io import WeightsError, build_model_card, resolve_model_source, write_model_card
+from twincar.inference.preprocess import normalise
+from twincar.models import WeightsError
+from twincar.models.card import build_model_card, write_model_card
+from twincar.models.loading import resolve_model_source
 
 
 @pytest.fixture(autouse=True)
@@ -87,16 +89,18 @@ def test_hf_export_loads_in_timm_and_twincar_with_the_same_logits(tiny_export, t
     assert 'timm.create_model("local-dir:' in readme and "twincar-predict" in readme and "Ford F-150" in readme
 
     x = torch.randn(3, 3, 64, 64)
+    # the same memory format as the Predictor's (channels-last), so that the same kernels run and logits are equal
     twincar_net = Predictor.load(tiny_export, device="cpu").model
+    same_format = lambda net: net.to(memory_format=torch.channels_last)
     with torch.inference_mode():
         expected = twincar_net(x)
-        local = timm_model(f"local-dir:{out}")
+        local = same_format(timm_model(f"local-dir:{out}"))
         assert torch.equal(local(x), expected)  # the head is the trained one, not re-initialised
         hub_cache(tmp_path, out, "someone/twincar-tiny", monkeypatch)
-        assert torch.equal(timm_model("hf-hub:someone/twincar-tiny")(x), expected)
+        assert torch.equal(same_format(timm_model("hf-hub:someone/twincar-tiny"))(x), expected)
         for spec in (f"local-dir:{out}", "hf-hub:someone/twincar-tiny"):
             p = Predictor.load(spec, device="cpu")
-            assert p.class_names == TINY_NAMES and p.preprocess == InputSpec.from_preprocess(Preprocess(image_size=64))
+            assert p.class_names == TINY_NAMES and p.preprocess == Preprocess(image_size=64)
             assert torch.equal(p.model(x), expected)
 
 
@@ -108,7 +112,7 @@ def test_timms_transform_is_twincars_eval_transform(size, crop, tmp_path):
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    from twincar.models.io import hub_config
+    from twincar.models.hub import hub_config
 
     pre = Preprocess(image_size=size, eval_crop_pct=crop)
     net = timm.create_model("resnet18", num_classes=6)

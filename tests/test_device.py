@@ -21,7 +21,9 @@ from twincar.data.datasets import CarsDataset, DeviceRefDataset
 from twincar.data.device import DeviceImages, ImageRefs, check_cuda, check_fits, orient, read_encoded
 from twincar.data.formats import Sample
 from twincar.data.images import load_rgb
-from twincar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalImageTransform, Preprocess, to_tensor
+from twincar.data.pipeline import refuse_removed_overrides
+from twincar.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from twincar.data.transforms import EvalImageTransform, to_tensor
 from twincar.errors import TwinCarError
 
 DECODE = dict(pipeline="gpu_decode")  # the GPU-decode code path, on the batch's device (the CPU here)
@@ -75,7 +77,7 @@ def test_eval_batches_decoded_per_batch_equal_the_worker_path(small_root, tmp_pa
 
 
 def test_on_device_cache_gives_the_eval_pixels_of_the_memory_mapped_cache(small_root, tmp_path):
-    mapped = make_dm(small_root, tmp_path, cache=True, cache_dir=str(tmp_path / "cache"))
+    mapped = make_dm(small_root, tmp_path, pipeline="cache", cache_dir=str(tmp_path / "cache"))
     fast = make_dm(small_root, tmp_path, **on_device(tmp_path, "cache"))
     assert fast.train_dataloader().num_workers == 0
     for a, b in zip(batches(mapped, mapped.val_dataloader(), False), batches(fast, fast.val_dataloader(), False),
@@ -132,7 +134,7 @@ def test_a_truncated_jpeg_is_left_out_and_named_or_stops_the_run(small_root, tmp
     assert torch.equal(labels, torch.tensor(expected)) and sum(len(b[0]) for b in out) == len(dm.val_set) - 1
     assert str(bad) in (tmp_path / "skipped.txt").read_text() and dm.skipped[-1].startswith(f"cannot read image {bad}")
     dm.hparams.on_corrupt = "fail"
-    with pytest.raises(TwinCarError, match=f"{bad}: .*run `python -m twincar.data.check {root}`"):
+    with pytest.raises(TwinCarError, match=f"{bad}: .*run `python -m twincar.check {root}`"):
         batches(dm, loader, False)
 
 
@@ -140,7 +142,7 @@ def test_a_truncated_jpeg_is_left_out_and_named_or_stops_the_run(small_root, tmp
 def test_car_box_crop_frames_the_same_car(small_root, tmp_path, kind):
     # decode: the same full-size decode, the same crop, exactly; cache: the box scaled to the cached copy as
     # CarsDataset scales it, so the on-device crop equals the memory-mapped one
-    base = {} if kind == "decode" else dict(cache=True, cache_dir=str(tmp_path / "cache"))
+    base = {} if kind == "decode" else dict(pipeline="cache", cache_dir=str(tmp_path / "cache"))
     plain = make_dm(small_root, tmp_path, crop_to_bbox=True, **base)
     fast = make_dm(small_root, tmp_path, crop_to_bbox=True, **on_device(tmp_path, kind))
     (x0, y0), (x, y) = (batches(d, [next(iter(d.test_dataloader()))], False)[0] for d in (plain, fast))
@@ -149,27 +151,46 @@ def test_car_box_crop_frames_the_same_car(small_root, tmp_path, kind):
 
 def test_wrong_settings_say_what_to_set(small_root, tmp_path, monkeypatch):
     monkeypatch.undo()  # the real CUDA check
-    with pytest.raises(TwinCarError, match="data.decode_device=gpu is not one of cpu, cuda"):
-        CarsDataModule(root=str(small_root), decode_device="gpu")
-    with pytest.raises(TwinCarError, match="needs data.cache=true and data.cache_format=raw"):
-        CarsDataModule(root=str(small_root), cache_on_device=True)
-    with pytest.raises(TwinCarError, match="set one of them"):
-        CarsDataModule(root=str(small_root), decode_device="cuda", cache=True)
+    with pytest.raises(TwinCarError, match="^data.pipeline=gpu_cache holds the raw image cache: set "
+                                           "data.cache_format=raw$"):
+        CarsDataModule(root=str(small_root), pipeline="gpu_cache", cache_format="jpeg")
     if not torch.cuda.is_available():
         with pytest.raises(TwinCarError, match="^data.pipeline=gpu_decode needs a CUDA GPU and none is available: "
                                                r"use data.pipeline=files \(or data.pipeline=cache\)$"):
-            make_dm(small_root, tmp_path, decode_device="cuda").train_dataloader()
+            make_dm(small_root, tmp_path, **DECODE).train_dataloader()
         with pytest.raises(TwinCarError, match="^data.pipeline=gpu_cache needs a CUDA GPU"):
             check_cuda("data.pipeline=gpu_cache")
-    with pytest.raises(TwinCarError, match="data.pipeline=gpu and data.cache|is not one of files, cache, gpu_decode"):
+    with pytest.raises(TwinCarError, match="^data.pipeline=gpu is not one of files, cache, gpu_decode, gpu_cache$"):
         CarsDataModule(root=str(small_root), pipeline="gpu")
-    with pytest.raises(TwinCarError, match="data.pipeline=files and data.cache=true disagree|"
-                                           "data.pipeline=gpu_decode and data.cache=true disagree"):
-        CarsDataModule(root=str(small_root), pipeline="gpu_decode", cache=True)
+    with pytest.raises(TwinCarError, match="^data.frobnicate is not an option of the data config"):
+        CarsDataModule(root=str(small_root), frobnicate=1)
     check_fits(4 * 2**30, 70 * 2**30, 80 * 2**30, "cuda:0")  # Stanford Cars at 224 on an 80 GB GPU
     with pytest.raises(TwinCarError, match=r"the image cache \(4.0 GiB\) does not fit in cuda:0 .*"
                                            "use data.pipeline=cache"):
         check_fits(4 * 2**30, 5 * 2**30, 8 * 2**30, "cuda:0")
+
+
+EVERY_PIPELINE = r" \(one of files, cache, gpu_decode, gpu_cache\)$"
+
+
+@pytest.mark.parametrize("flag, value, pipeline", [("cache", True, "cache"), ("decode_device", "cuda", "gpu_decode"),
+                                                   ("cache_on_device", True, "gpu_cache"), ("cache", False, "files")])
+def test_a_removed_pipeline_flag_names_the_pipeline_to_use(small_root, flag, value, pipeline):
+    # passed to the datamodule: as a run's config.yaml or +data.FLAG=VALUE gives it
+    sentence = f"^data.{flag}={str(value).lower()} was removed: use data.pipeline={pipeline}" + EVERY_PIPELINE
+    with pytest.raises(TwinCarError, match=sentence):
+        CarsDataModule(root=str(small_root), **{flag: value})
+    # on the command line, before Hydra composes (where the key no longer exists)
+    for override in (f"data.{flag}={str(value).lower()}", f"+data.{flag}={str(value).lower()}"):
+        with pytest.raises(TwinCarError, match=sentence):
+            refuse_removed_overrides(["data.image_size=64", override])
+    refuse_removed_overrides(["data.pipeline=cache", "data.cache_format=jpeg", "data.cache_dir=/c"])  # no flag
+
+
+def test_a_run_config_written_before_keeps_working(small_root, tmp_path):
+    # every run directory written before the flags were removed has them, all null: unset
+    dm = make_dm(small_root, tmp_path, cache=None, decode_device=None, cache_on_device=None)
+    assert dm.pipeline == "files" and "cache" not in dm.hparams
 
 
 def test_decode_failure_of_one_image_names_it_and_keeps_the_others(tmp_path):
@@ -186,8 +207,7 @@ def test_decode_failure_of_one_image_names_it_and_keeps_the_others(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("option", [["data.decode_device=cuda", "data.num_workers=1"],
-                                    ["data.cache=true", "data.cache_on_device=true"]])
+@pytest.mark.parametrize("option", [["data.pipeline=gpu_decode", "data.num_workers=1"], ["data.pipeline=gpu_cache"]])
 def test_a_short_training_run_works_with_each_option(tmp_path, data_dir, option):
     from hydra import compose, initialize_config_module
 

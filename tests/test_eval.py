@@ -13,7 +13,9 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from tests.trained import compose, trained_run
-from twincar.eval import REPORT_FILES, EvalError, evaluate
+from twincar.evaluation.loop import EvalError
+from twincar.evaluation.recipes import evaluate
+from twincar.evaluation.report import REPORT_FILES
 
 SLOW = pytest.mark.slow  # the tests that use `run` train a small model once per session (30-120 s on 2 cores)
 FINE = ("acc_make", "acc_family", "acc_year", "acc_year_in_family", "ece", "nll")
@@ -134,7 +136,7 @@ def test_cli_writes_reports_in_its_run_directory_and_errors_in_one_sentence(run,
 
 
 def test_data_config_is_the_training_runs_with_overrides_or_a_chosen_group(tmp_path):
-    from twincar.eval import data_config
+    from twincar.evaluation.loop import data_config
 
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "config.yaml").write_text(
@@ -177,9 +179,9 @@ def test_reports_on_a_parquet_copy_name_rows_and_draw_them(tmp_path):
 
     from tests.layouts import NAMES, build
     from twincar import Predictor
-    from twincar.data.transforms import Preprocess
-    from twincar.eval import eval_samples, write_reports
-    from twincar.evaluation.loop import collect_logits
+    from twincar.data.preprocess import Preprocess
+    from twincar.evaluation.loop import collect_logits, eval_samples
+    from twincar.evaluation.report import write_reports
 
     root = build("parquet", tmp_path / "hf")
     data = {"_target_": "twincar.data.datamodule.CarsDataModule", "root": str(root), "format": "parquet",
@@ -196,10 +198,10 @@ def test_reports_on_a_parquet_copy_name_rows_and_draw_them(tmp_path):
     assert sum(int(r["correct"]) for r in rows) / 6 == pytest.approx(metrics["test/acc"])
     pairs = read_csv(tmp_path / "reports" / "confused_pairs.csv")
     assert pairs and all("#" in r["example_a"] for r in pairs)  # a random network confuses some (seeded)
-    from twincar.eval import _image
     from twincar.evaluation.figures import _thumbnail
+    from twincar.evaluation.report import report_image
 
-    thumb = _thumbnail(_image(samples[0]))  # figures draw a row from its parquet bytes, not a grey placeholder
+    thumb = _thumbnail(report_image(samples[0]))  # figures draw a row from its parquet bytes, not a grey placeholder
     assert thumb.dtype == np.uint8 and thumb.shape[2] == 3 and len(np.unique(thumb)) > 10
     with Image.open(tmp_path / "reports" / "top_losses.png") as img:
         assert img.format == "PNG" and img.size[0] > 100

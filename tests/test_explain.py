@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from twincar import Predictor
-from twincar.data.transforms import Preprocess
+from twincar.data.preprocess import Preprocess
 from twincar.gradcam.explainer import Explainer, ExplainError
 
 SIZE = 32

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from tests.conftest import TINY_NAMES, run_cli
 from twincar import Predictor
 from twincar.export import ExportError, export_model
-from twincar.models.io import MODEL_CARD, load_model
+from twincar.models.card import MODEL_CARD
+from twincar.models.loading import load_model
 
 
 def test_converting_exported_weights_to_safetensors_keeps_card_and_answers(tiny_export, car_images, tmp_path):
@@ -80,15 +81,23 @@ def test_export_cli_writes_into_out_and_says_what_is_missing(trained_run, tmp_pa
     assert proc.returncode == 1 and "nope.ckpt does not exist" in said and "Traceback" not in said
 
 
-def test_int8_export_needs_onnx_and_calibration_images(tiny_export, tmp_path):
+def test_int8_export_needs_onnx_and_int8_images(tiny_export, tmp_path):
     with pytest.raises(ExportError, match="quantize=int8 needs format=onnx"):
-        export_model(tiny_export, "pth", tmp_path, quantize="int8", calibration=tmp_path)
-    with pytest.raises(ExportError, match="quantize=int8 needs calibration=PATH"):
+        export_model(tiny_export, "pth", tmp_path, quantize="int8", int8_images=tmp_path)
+    with pytest.raises(ExportError, match="quantize=int8 needs int8_images=PATH"):
         export_model(tiny_export, "onnx", tmp_path, quantize="int8")
     with pytest.raises(ExportError, match="quantize=int4 is not one of int8"):
-        export_model(tiny_export, "onnx", tmp_path, quantize="int4", calibration=tmp_path)
-    with pytest.raises(ExportError, match=r"calibration=\S*nowhere: no such file or folder"):
-        export_model(tiny_export, "onnx", tmp_path / "out", quantize="int8", calibration=tmp_path / "nowhere")
+        export_model(tiny_export, "onnx", tmp_path, quantize="int4", int8_images=tmp_path)
+    with pytest.raises(ExportError, match=r"int8_images=\S*nowhere: no such file or folder"):
+        export_model(tiny_export, "onnx", tmp_path / "out", quantize="int8", int8_images=tmp_path / "nowhere")
+
+
+def test_the_renamed_int8_options_are_one_sentence_naming_the_new_ones(tmp_path):
+    for old, new in (("calibration=imgs", "use int8_images=imgs"), ("calibration_images=16", "use int8_count=16")):
+        proc = run_cli("twincar.export", "ckpt=x.ckpt", "format=onnx", "quantize=int8", old, cwd=tmp_path)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and f"{old.split('=')[0]}= was renamed" in said and new in said, said[-2000:]
+        assert "Traceback" not in said and len(said.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -96,17 +105,17 @@ def test_int8_export_is_quantised_recorded_and_predicts_like_fp32(tiny_export, s
     import onnx
 
     weights = export_model(tiny_export, "onnx", tmp_path / "q", quantize="int8",
-                           calibration=small_root / "cars_train", calibration_images=16)
+                           int8_images=small_root / "cars_train", int8_count=16)
     assert weights == tmp_path / "q" / "model.int8.onnx" and not (tmp_path / "q" / "model.onnx").exists()
     graph = onnx.load(str(weights)).graph
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 10  # every conv's input is quantised
     assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)  # int8 weights
     q = json.loads((tmp_path / "q" / MODEL_CARD).read_text())["quantization"]
     n_train = len(list((small_root / "cars_train").glob("*.jpg")))
-    assert q["type"] == "int8" and q["calibration_images"] == 16
+    assert q["type"] == "int8" and q["images"] == 16
     assert q["agreement_images"] == min(128, n_train - 16)
     int8 = Predictor.load(weights, device="cpu")
-    # the recorded agreement counts the held-out images (all but the 16 calibration ones) whose top-1 the int8
+    # the recorded agreement counts the held-out images (all but the 16 quantised on) whose top-1 the int8
     # model shares with fp32: at most the count over every image, and at least that count minus 16
     train_images = sorted((small_root / "cars_train").glob("*.jpg"))
     fp32_top1 = [r.label for r in Predictor.load(tiny_export, device="cpu", precision="fp32").predict(train_images)]

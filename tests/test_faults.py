@@ -26,7 +26,8 @@ from tests.conftest import SMALL_SPEC, run_cli
 from tests.test_resume import _epoch_rows
 from twincar.cluster import LOCK, RunLockError, run_lock
 from twincar.files import WriteError, atomic_path, temp_files
-from twincar.models.io import WeightsError, safe_torch_load, save_torch
+from twincar.models import WeightsError
+from twincar.models.checkpoint import safe_torch_load, save_torch
 from twincar.training.resume import ResumeError, find_resume_checkpoint
 
 SMALL_DATA = [f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()]
@@ -133,7 +134,7 @@ SAVES = {  # how TwinCar writes each file, run alone in the harness: a complete 
                       "for epoch in (0, 1):\n"
                       "    state = {{'state_dict': {{'w': torch.ones(64)}}, 'epoch': epoch}}\n"
                       "    AtomicCheckpointIO().save_checkpoint(state, {path!r})",
-    "model.pth": "import timm\nfrom twincar.models.io import export_state_dict\n"
+    "model.pth": "import timm\nfrom twincar.models.checkpoint import export_state_dict\n"
                  "for seed in (0, 1):\n"
                  "    torch.manual_seed(seed)\n"
                  "    export_state_dict(timm.create_model('test_resnet', num_classes=6), {path!r})",

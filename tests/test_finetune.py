@@ -21,7 +21,7 @@ from twincar.models.finetune import (
     ema_decay,
     layer_decay_groups,
 )
-from twincar.models.io import load_model
+from twincar.models.loading import load_model
 
 
 def tiny_dm(root, tmp_path, **kw) -> CarsDataModule:
@@ -115,7 +115,7 @@ def test_train_with_ema_exports_the_average_as_model_pth(tmp_path, data_dir):
     assert not torch.allclose(exported["fc.weight"], best["current_model_state"]["model.fc.weight"])
     # the logged val/acc is the average's: evaluating the exported model.pth reproduces it
     from tests.trained import compose
-    from twincar.eval import evaluate
+    from twincar.evaluation.recipes import evaluate
 
     again = evaluate(compose("eval", [f"ckpt={run / 'model.pth'}", f"paths.output_dir={tmp_path / 'eval'}",
                                       "progress=false", "data.split=val"]))

@@ -8,9 +8,8 @@ from PIL import Image
 
 from twincar import Predictor
 from twincar.data.classes import stanford_cars_class_names, write_classes_txt
-from twincar.data.transforms import TWINCARS_PREPROCESS
-from twincar.inference.preprocess import InputSpec
-from twincar.models.io import WeightsError
+from twincar.data.preprocess import TWINCARS_PREPROCESS
+from twincar.models import WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def test_original_state_dict_gives_the_same_top1_as_torchvision(original_pth, tm
         Image.fromarray(rng.integers(0, 255, (120 + 10 * i, 160, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     p = Predictor.load(d / "resnet50_twin_cars.pth", classes=d / "classes.txt", device="cpu")
-    assert p.preprocess == InputSpec.from_preprocess(TWINCARS_PREPROCESS)
+    assert p.preprocess == TWINCARS_PREPROCESS
     results = p.predict(paths, batch_size=2)
     # the original pipeline: Resize((224, 224)), ToTensor, Normalize, eager fp32 forward
     ref = torchvision.transforms.Compose([
@@ -96,7 +95,7 @@ class _Foreign:
 
 @pytest.mark.parametrize("suffix", [".pth", ".ckpt", ".pt"])
 def test_a_malicious_pickle_is_refused_in_one_sentence_and_its_payload_never_runs(tmp_path, suffix):
-    from twincar.models.io import load_weights, read_state_dict
+    from twincar.models.checkpoint import load_weights, read_state_dict
 
     marker = tmp_path / "pwned"
     evil = tmp_path / f"evil{suffix}"

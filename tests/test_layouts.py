@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.layouts import LAYOUTS, NAMES, build, build_devkit, make_images, write_cars_annos
-from twincar.data import check as data_check
-from twincar.data.classes import main as classes_main
+from twincar import check as check_tool
+from twincar.classes import main as classes_main
 from twincar.data.classes import read_class_names, read_classes_txt
 from twincar.data.formats import DatasetFormatError, detect, load_dataset
 from twincar.data.formats.parquet import image_bytes
@@ -150,7 +150,7 @@ def test_classes_cli_from_a_single_file(copies, tmp_path, file):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_check_scans_each_layout(copies, layout, capsys):
-    assert data_check.main([str(copies[layout])]) == 0
+    assert check_tool.main([str(copies[layout])]) == 0
     out = capsys.readouterr().out
     assert f"({layout} layout)" in out
     assert "train: 18 images, 0 errors, 0 warnings, 1 grayscale, 1 CMYK" in out

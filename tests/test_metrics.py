@@ -112,12 +112,12 @@ def test_ece_and_nll_by_hand():
 def test_ece_agrees_with_torchmetrics_and_accumulates_over_batches():
     from torchmetrics.classification import MulticlassCalibrationError
 
-    from twincar.models.metrics import Calibration
+    from twincar.models.metrics import ExpectedCalibrationError
 
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(200, 7, generator=g) * 2, torch.randint(0, 7, (200,), generator=g)
     ref = MulticlassCalibrationError(7, n_bins=15, norm="l1")(logits.softmax(1), labels)
-    whole, parts = Calibration(), Calibration()
+    whole, parts = ExpectedCalibrationError(), ExpectedCalibrationError()
     whole.update(logits, labels)
     for chunk in range(0, 200, 64):  # as validation batches (or DDP ranks) would feed it
         parts.update(logits[chunk:chunk + 64], labels[chunk:chunk + 64])

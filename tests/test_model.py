@@ -5,8 +5,10 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
+from twincar.models import WeightsError
+from twincar.models.checkpoint import export_state_dict, read_state_dict
 from twincar.models.classifier import CarClassifier, param_groups, warmup_cosine
-from twincar.models.io import WeightsError, create_model, export_state_dict, read_state_dict
+from twincar.models.factory import create_model
 
 
 @pytest.fixture(scope="module")

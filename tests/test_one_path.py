@@ -20,7 +20,7 @@ def _rows(path) -> list[dict]:
 @pytest.mark.parametrize("tta", ["none", "flip"])
 def test_eval_predict_predictor_and_demo_give_the_same_answer(tmp_path_factory, data_dir, tmp_path, tta):
     from twincar.demo import Answerer
-    from twincar.eval import evaluate
+    from twincar.evaluation.recipes import evaluate
     from twincar.inference.predictor import Predictor
     from twincar.predict import predict_files
 

@@ -78,9 +78,10 @@ def test_eval_of_a_holdout_model_scores_the_held_out_classes_as_unknown(small_ro
     import torch
 
     from tests.trained import compose
-    from twincar.data.transforms import Preprocess
-    from twincar.eval import evaluate
-    from twincar.models.io import build_model_card, export_state_dict, write_model_card
+    from twincar.data.preprocess import Preprocess
+    from twincar.evaluation.recipes import evaluate
+    from twincar.models.card import build_model_card, write_model_card
+    from twincar.models.checkpoint import export_state_dict
 
     overrides = ["data=stanford_cars", f"data.root={small_root}", f"paths.data_dir={tmp_path}", "data.image_size=64",
                  "data.open_set.holdout=2", "data.num_workers=0"]

@@ -16,7 +16,7 @@ from tests.conftest import TINY_NAMES, run_cli
 from twincar import Predictor
 from twincar.data.images import find_images
 from twincar.inference.engines import resolve_precision
-from twincar.models.io import WeightsError
+from twincar.models import WeightsError
 from twincar.predict import main
 
 
@@ -230,7 +230,8 @@ def test_predicting_imports_no_training_code(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from twincar.inference.predictor import Predictor; import twincar.predict, twincar.models.io; "
+    code = ("import sys; from twincar.inference.predictor import Predictor; import twincar.predict; "
+            "import twincar.models.loading; "
             "print(sorted(m for m in ('kornia', 'timm', 'lightning', 'torchmetrics', 'hydra') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -38,6 +38,18 @@ def test_each_recipe_is_adamw_with_layer_decay_drop_path_ema_at_its_published_re
     assert tag in timm.list_pretrained(arch + "*")  # a tag timm can fetch
 
 
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_recipes_share_one_base(name):
+    from omegaconf import OmegaConf
+
+    base, cfg = compose_recipe("recipe_base", "paths.output_dir=run"), compose_recipe(name, "paths.output_dir=run")
+    for key in ("augmentation.scale", "model.label_smoothing", "model.ema.decay", "optimizer.opt",
+                "optimizer.head_lr_mult", "optimizer.weight_decay", "scheduler.name", "scheduler.warmup_epochs",
+                "scheduler.min_lr_ratio", "trainer.precision", "data.eval_crop_pct", "data.num_workers"):
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(base, key), key
+    assert (base.model.label_smoothing, base.optimizer.opt, base.trainer.precision) == (0.1, "adamw", "bf16-mixed")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
 def test_each_recipe_trains_one_step_at_a_tiny_size(name, tmp_path, data_dir):

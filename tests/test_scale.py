@@ -159,7 +159,7 @@ def test_a_job_killed_after_its_first_shard_resumes_and_reads_that_shard_back(ru
 
 @pytest.mark.slow  # trains the session's model; eval in two processes
 def test_eval_on_two_processes_writes_the_metrics_of_one(run, tmp_path):
-    from twincar.eval import evaluate
+    from twincar.evaluation.recipes import evaluate
 
     best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
     one = evaluate(compose("eval", [f"ckpt={best}", f"paths.output_dir={tmp_path / 'one'}", "progress=false"]))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from twincar import synthetic as synthetic_tool
 from twincar.data import synthetic
 from twincar.data.classes import parse_car_name, stanford_cars_class_names
 from twincar.data.formats import load_stanford_cars
@@ -234,12 +235,12 @@ def test_cli_generates_then_reuses(tmp_path, capsys):
         "--seed",
         "5",
     ]
-    assert synthetic.main(args) == 0
+    assert synthetic_tool.main(args) == 0
     printed = capsys.readouterr().out
     assert "wrote" in printed and str(out) in printed
-    assert synthetic.main(args) == 0
+    assert synthetic_tool.main(args) == 0
     assert "reused" in capsys.readouterr().out
     train, names = load_stanford_cars(out, "train")
     assert len(train) == 4 and len(names) == 2
     with pytest.raises(SystemExit):
-        synthetic.main(["--out", str(tmp_path / "bad"), "--num-classes", "0"])
+        synthetic_tool.main(["--out", str(tmp_path / "bad"), "--num-classes", "0"])

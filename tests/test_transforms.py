@@ -4,14 +4,8 @@ import torch
 from PIL import Image
 
 from twincar.data.images import ImageReadError, load_rgb
-from twincar.data.transforms import (
-    Augmentation,
-    BatchTransform,
-    EvalImageTransform,
-    Preprocess,
-    TrainImageTransform,
-    to_tensor,
-)
+from twincar.data.preprocess import Preprocess
+from twincar.data.transforms import Augmentation, BatchTransform, EvalImageTransform, TrainImageTransform, to_tensor
 
 
 def test_grayscale_jpeg_decodes_to_rgb(tmp_path):

@@ -12,12 +12,27 @@ class TwinCarError(Exception):
     """A problem with the user's input (a path, a file, an option); the message says what to do."""
 
 
+def user_error(error: BaseException) -> TwinCarError | None:
+    """The :class:`TwinCarError` behind ``error``: itself, or the one another library wrapped it in (Hydra's
+    ``instantiate`` raises its own exception with ours as the cause); None when there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, TwinCarError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
+
+
 @contextmanager
 def exit_on_user_error(log: logging.Logger) -> Iterator[None]:
-    """The body of a Hydra entry point: a :class:`TwinCarError` is logged as one sentence and the process exits
-    with 1, no traceback."""
+    """The body of a Hydra entry point: a :class:`TwinCarError`, or another library's exception caused by one, is
+    logged as one sentence and the process exits with 1, no traceback."""
     try:
         yield
-    except TwinCarError as e:
-        log.error("%s", e)
+    except Exception as e:
+        error = user_error(e)
+        if error is None:
+            raise
+        log.error("%s", error)
         sys.exit(1)

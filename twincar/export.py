@@ -5,10 +5,12 @@ dimension) plus ``model_card.json``: class names, preprocessing (input size, res
 architecture, the run's metrics and config choices. ``Predictor.load``, ``twincar.predict --model`` and the
 demo read the card back. ``export_model`` is the pure function; ``main`` the thin Hydra entry point.
 
-``format=onnx quantize=int8 calibration=IMAGES`` writes ``model.int8.onnx`` instead: onnxruntime's static
-int8 quantisation (weights per channel, activations calibrated on ``calibration_images`` of the given images,
+``format=onnx quantize=int8 int8_images=IMAGES`` writes ``model.int8.onnx`` instead: onnxruntime's static
+int8 quantisation (weights per channel, activation ranges measured on ``int8_count`` of the given images,
 prepared exactly as predict prepares them), about 3x faster than fp32 on a CPU with VNNI; its top-1
-agreement with the fp32 model on held-out calibration images is logged and kept in the model card.
+agreement with the fp32 model on other images of the set is logged and kept in the model card. (The options were
+``calibration=`` and ``calibration_images=``; "calibration" now names only a model's temperature and unknown
+threshold, :mod:`twincar.evaluation.calibration`.)
 """
 
 from __future__ import annotations
@@ -26,18 +28,10 @@ from torch import nn
 from twincar.data.images import NoImagesError, find_images
 from twincar.errors import TwinCarError, exit_on_user_error
 from twincar.files import atomic_path, check_writable_dir, write_json, write_text
-from twincar.models.io import (
-    HUB_CONFIG,
-    HUB_README,
-    MODEL_CARD,
-    build_model_card,
-    export_safetensors,
-    export_state_dict,
-    hub_config,
-    hub_readme,
-    load_model,
-    write_model_card,
-)
+from twincar.models.card import MODEL_CARD, build_model_card, write_model_card
+from twincar.models.checkpoint import export_safetensors, export_state_dict
+from twincar.models.hub import HUB_CONFIG, HUB_README, hub_config, hub_readme
+from twincar.models.loading import load_model
 from twincar.runs import resolve_launch_paths, run_record
 
 log = logging.getLogger(__name__)
@@ -45,7 +39,8 @@ log = logging.getLogger(__name__)
 FORMATS = ("pth", "safetensors", "onnx", "hf")  # hf: the timm / Hugging Face hub folder
 QUANTIZATIONS = ("int8",)
 ONNX_OPSET = 18  # >= 17: LayerNormalization and friends as single ops; onnxruntime >= 1.14 runs it
-AGREEMENT_IMAGES = 128  # at most this many held-out calibration images for the int8 vs fp32 agreement check
+AGREEMENT_IMAGES = 128  # at most this many other int8 images for the int8 vs fp32 agreement check
+RENAMED = {"calibration": "int8_images", "calibration_images": "int8_count"}  # export option -> its new name
 
 
 class ExportError(TwinCarError, ValueError):
@@ -75,20 +70,19 @@ def export_onnx(model: nn.Module, path: Path, image_size: int) -> float:
     return float((torch.from_numpy(got) - expected).abs().max())
 
 
-def _calibration_images(calibration: Sequence[str | Path] | str | Path) -> list[Path]:
-    """The image files named by ``calibration`` (files, folders, glob patterns, as ``--images`` takes them)."""
-
+def _int8_image_files(int8_images: Sequence[str | Path] | str | Path) -> list[Path]:
+    """The image files named by ``int8_images`` (files, folders, glob patterns, as ``--images`` takes them)."""
     try:
-        return find_images([calibration] if isinstance(calibration, (str, Path)) else list(calibration))
+        return find_images([int8_images] if isinstance(int8_images, (str, Path)) else list(int8_images))
     except NoImagesError as e:
-        raise ExportError(f"calibration={calibration}: {str(e).split(': ', 1)[-1]}") from e
+        raise ExportError(f"int8_images={int8_images}: {str(e).split(': ', 1)[-1]}") from e
 
 
-def _calibration_split(images: Sequence[Path], count: int) -> tuple[list[Path], list[Path]]:
-    """``count`` images evenly spread over ``images`` for calibration, and up to ``AGREEMENT_IMAGES`` of the
-    others (evenly spread too) to check the quantised model against."""
+def _int8_split(images: Sequence[Path], count: int) -> tuple[list[Path], list[Path]]:
+    """``count`` images evenly spread over ``images`` to measure the activation ranges on, and up to
+    ``AGREEMENT_IMAGES`` of the others (evenly spread too) to check the quantised model against."""
     if count < 1:
-        raise ExportError(f"calibration_images={count} must be at least 1")
+        raise ExportError(f"int8_count={count} must be at least 1")
     step = max(1.0, len(images) / count)
     chosen = sorted({int(i * step) for i in range(min(count, len(images)))})
     taken = set(chosen)
@@ -97,11 +91,11 @@ def _calibration_split(images: Sequence[Path], count: int) -> tuple[list[Path], 
     return [images[i] for i in chosen], held_out
 
 
-def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path], held_out: Sequence[Path]) -> dict:
-    """Static int8 quantisation of the ONNX model ``fp32`` (run by ``predictor``) into ``out``, calibrated on
-    ``calibration`` (prepared and normalised by ``predictor``, exactly as for prediction).
+def quantize_onnx(fp32: Path, out: Path, predictor, images: Sequence[Path], held_out: Sequence[Path]) -> dict:
+    """Static int8 quantisation of the ONNX model ``fp32`` (run by ``predictor``) into ``out``, its activation ranges
+    measured on ``images`` (prepared and normalised by ``predictor``, exactly as for prediction).
 
-    Weights are int8 per output channel, activations uint8 per tensor (min/max calibration), in the QDQ
+    Weights are int8 per output channel, activations uint8 per tensor (min/max ranges), in the QDQ
     format that onnxruntime fuses into integer kernels. The classifier head (Gemm/MatMul) stays fp32: a
     negligible share of the work, and its rounding would move the logits directly (measured: 0.969 -> 0.979
     top-1 agreement on the benchmark's 512 images). Returns the quantisation record for the model card, with
@@ -115,7 +109,7 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
 
     class Batches(CalibrationDataReader):
         def __init__(self):
-            self.batches = _prepared_batches(predictor, calibration)
+            self.batches = _prepared_batches(predictor, images)
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -139,9 +133,9 @@ def quantize_onnx(fp32: Path, out: Path, predictor, calibration: Sequence[Path],
             same += int((predictor.logits(batch).argmax(1) == int8.logits(batch).argmax(1)).sum())
             total += len(batch)
         agreement = round(same / total, 4) if total else None
-        log.info("int8 model: top-1 agreement with fp32 on %d held-out calibration images: %s", total, agreement)
+        log.info("int8 model: top-1 agreement with fp32 on %d other images of int8_images: %s", total, agreement)
     return {"type": "int8", "method": "onnxruntime static QDQ, per-channel weights, min/max activations, fp32 head",
-            "calibration_images": len(calibration), "top1_agreement_with_fp32": agreement,
+            "images": len(images), "top1_agreement_with_fp32": agreement,
             "agreement_images": len(held_out)}
 
 
@@ -154,7 +148,7 @@ def _prepared_batches(predictor, images: Sequence[Path], batch_size: int = 16, n
 
     for _, batch, errors in predictor.prepared_batches(images, batch_size=batch_size):
         for message in errors.values():
-            log.warning("calibration: skipping %s", message)
+            log.warning("int8 images: skipping %s", message)
         if batch is not None:
             yield normalise_batch(np.asarray(batch), predictor.preprocess) if normalise else batch
 
@@ -165,8 +159,8 @@ def export_model(
     out: str | Path = ".",
     *,
     quantize: str | None = None,
-    calibration: Sequence[str | Path] | str | Path | None = None,
-    calibration_images: int = 256,
+    int8_images: Sequence[str | Path] | str | Path | None = None,
+    int8_count: int = 256,
     classes: str | Path | None = None,
     license: str = "other",
     push_to_hub: str | None = None,
@@ -174,9 +168,9 @@ def export_model(
     """Export the model of a TwinCar checkpoint to ``out/model.<fmt>`` with ``out/model_card.json``; returns
     the weights' path. ``ckpt`` may also be exported weights with their card (to convert between formats).
 
-    ``quantize="int8"`` (``fmt="onnx"`` only) writes ``out/model.int8.onnx``, calibrated on
-    ``calibration_images`` of ``calibration`` (image files, folders or glob patterns; images like those the
-    model will see, e.g. its training folder).
+    ``quantize="int8"`` (``fmt="onnx"`` only) writes ``out/model.int8.onnx``, its activation ranges measured on
+    ``int8_count`` of ``int8_images`` (image files, folders or glob patterns; images like those the model will see,
+    e.g. its training folder).
 
     ``fmt="hf"`` writes timm's hub layout: ``config.json`` (architecture, ``label_names``, a ``pretrained_cfg``
     whose timm eval transform is the model's own), ``model.safetensors`` (with metadata), a Hugging Face
@@ -191,10 +185,10 @@ def export_model(
         raise ExportError(f"quantize={quantize} needs format=onnx (onnxruntime runs the quantised model)")
     if push_to_hub and fmt != "hf":
         raise ExportError(f"push_to_hub={push_to_hub} needs format=hf (the hub layout timm loads)")
-    if quantize and not calibration:
-        raise ExportError(f"quantize={quantize} needs calibration=PATH: images like those the model will see "
+    if quantize and not int8_images:
+        raise ExportError(f"quantize={quantize} needs int8_images=PATH: images like those the model will see "
                           "(files, folders or glob patterns, e.g. the training folder)")
-    calibration_set = _calibration_images(calibration) if quantize else []  # before any work: a wrong path fails fast
+    image_files = _int8_image_files(int8_images) if quantize else []  # before any work: a wrong path fails fast
     check_writable_dir(out, "out")
     ckpt = Path(ckpt).expanduser()
     loaded = load_model(ckpt, classes)
@@ -221,7 +215,7 @@ def export_model(
     quantization = None
     if quantize:
         from twincar.inference.predictor import Predictor
-        chosen, held_out = _calibration_split(calibration_set, calibration_images)
+        chosen, held_out = _int8_split(image_files, int8_count)
         fp32 = Predictor.load(weights, loaded.class_names, preprocess=loaded.preprocess, device="cpu",
                               precision="fp32")
         quantized = out / f"model.{quantize}.onnx"
@@ -265,18 +259,35 @@ def upload_to_hub(folder: Path, repo: str) -> str:
     return str(url)
 
 
+def refuse_renamed_overrides(overrides: Sequence[str]) -> None:
+    """An :class:`ExportError` naming the new option when a command-line override uses a renamed one
+    (:data:`RENAMED`): checked before Hydra composes the config, where it would only be "not in struct"."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in RENAMED:
+            raise ExportError(f"{key}= was renamed to {RENAMED[key]}=: use {RENAMED[key]}={value or '...'} "
+                              "(calibration now names only a model's temperature and unknown threshold)")
+
+
+def main() -> None:
+    """Command-line entry point: a renamed option (``calibration=``) is one sentence naming the new one, before
+    Hydra composes the config; then :func:`hydra_main`."""
+    with exit_on_user_error(log):
+        refuse_renamed_overrides(sys.argv[1:])
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point: a user error prints one sentence and exits 1."""
     if not cfg.get("ckpt"):
         log.error("pass ckpt=PATH to a TwinCar .ckpt (e.g. outputs/runs/RUN/checkpoints/last.ckpt)")
         sys.exit(1)
     resolve_launch_paths(cfg)
     with exit_on_user_error(log):
-        calibration = OmegaConf.to_container(cfg.calibration) if OmegaConf.is_list(cfg.calibration) \
-            else cfg.calibration
-        export_model(cfg.ckpt, cfg.format, cfg.out, quantize=cfg.quantize, calibration=calibration,
-                     calibration_images=cfg.calibration_images, classes=cfg.get("classes"),
+        images = OmegaConf.to_container(cfg.int8_images) if OmegaConf.is_list(cfg.int8_images) else cfg.int8_images
+        export_model(cfg.ckpt, cfg.format, cfg.out, quantize=cfg.quantize, int8_images=images,
+                     int8_count=cfg.int8_count, classes=cfg.get("classes"),
                      license=cfg.get("license") or "other", push_to_hub=cfg.get("push_to_hub"))
 
 

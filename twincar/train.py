@@ -19,7 +19,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from twincar.cluster import run_lock
-from twincar.errors import TwinCarError
+from twincar.data.pipeline import refuse_removed_overrides
+from twincar.errors import exit_on_user_error, user_error
 from twincar.files import remove_stale_temp_files
 from twincar.models.finetune import run_lr_find
 from twincar.runs import resolve_launch_paths
@@ -82,14 +83,25 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     return metrics
 
 
+def main() -> float | None:
+    """Command-line entry point: a removed option (``data.cache=true``) is one sentence naming its replacement,
+    before Hydra composes the config; then :func:`hydra_main`."""
+    with exit_on_user_error(log):
+        refuse_removed_overrides(sys.argv[1:])
+    return hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
     try:
         with hydra_job_relaunch():  # DDP ranks of a (sweep) job start as single runs of that job
             metrics = train(cfg)
-    except TwinCarError as e:
-        log.error("%s", e)
+    except Exception as e:
+        error = user_error(e)
+        if error is None:
+            raise
+        log.error("%s", error)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the job fails, the sweep (e.g. an Optuna search) records it and goes on
         sys.exit(1)

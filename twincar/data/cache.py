@@ -1,4 +1,4 @@
-"""A pre-resized, decoded copy of a dataset, built once and read by the same datamodule (``data.cache=true``).
+"""A pre-resized, decoded copy of a dataset, built once and read by the same datamodule (``data.pipeline=cache``).
 
 Every image is decoded once (reduced-size JPEG decode where the file is large), resized so that its short
 side is ``cache_short_side(preprocess)`` (eval's resize size, 256 for 224; never enlarged) and appended to one
@@ -12,7 +12,7 @@ the short side and the format: changing the data or ``data.image_size`` builds a
 stale one. A file that cannot be decoded is recorded with its error, and reading it raises
 :class:`ImageReadError` naming the file, exactly as the original file would. Build it ahead of time with::
 
-    python -m twincar.data.cache [data=stanford_cars data.root=PATH] [data.image_size=448] [data.cache_format=jpeg]
+    python -m twincar.cache [data=stanford_cars data.root=PATH] [data.image_size=448] [data.cache_format=jpeg]
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from twincar.data.formats import Sample
 from twincar.data.images import ImageReadError, load_sample, sample_header
-from twincar.data.transforms import Preprocess, to_tensor
+from twincar.data.preprocess import Preprocess
+from twincar.data.transforms import to_tensor
 from twincar.errors import TwinCarError
 from twincar.files import write_json
 
@@ -226,31 +227,5 @@ def open_cache(
     return ImageCache(directory)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m twincar.data.cache [overrides]``: build the cache of the data config composed from the
-    train config with these overrides (the same ones a training run gets)."""
-    from hydra import compose, initialize_config_module
-    from hydra.utils import instantiate
-
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with initialize_config_module("twincar.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*argv, "data.cache=true", "data.skipped_file=null"])  # no run dir here
-    try:
-        dm = instantiate(cfg.data, _convert_="all")
-        dm.prepare_data()
-    except TwinCarError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cache = dm.image_cache
-    size = (cache.directory / DATA).stat().st_size
-    print(f"image cache: {cache.directory} ({len(cache)} images, {len(cache.errors)} unreadable, "
-          f"short side {cache.short_side}, {cache.format}, {size / 2**20:.0f} MB)")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("python -m twincar.data.cache is now python -m twincar.cache")

@@ -1,4 +1,4 @@
-"""Integrity scan of a Stanford Cars copy (any layout): ``python -m twincar.data.check ROOT``.
+"""Integrity scan of a Stanford Cars copy (any layout): ``python -m twincar.check ROOT``.
 
 Decodes every image of both splits with the training decoder and reports each problem, on screen
 and as one CSV row per problem (``--report report.csv``; ``.json`` for JSON):
@@ -13,7 +13,6 @@ and as one CSV row per problem (``--report report.csv``; ``.json`` for JSON):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 from collections import Counter
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from twincar.data.formats import FORMATS, Sample, load_dataset
+from twincar.data.formats import Sample, load_dataset
 from twincar.data.formats.parquet import image_bytes
 from twincar.data.images import (
     ImageReadError,
@@ -33,7 +32,6 @@ from twincar.data.images import (
     sample_header,
     sample_label,
 )
-from twincar.errors import TwinCarError
 from twincar.files import write_csv, write_json
 
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -175,27 +173,5 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m twincar.data.check", description=__doc__.splitlines()[0])
-    parser.add_argument("root", help="dataset root, in any layout twincar reads (see --format)")
-    parser.add_argument("--format", default="auto", choices=FORMATS, help="layout of ROOT (default: detect it)")
-    parser.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"],
-                        help="official splits to scan (default: both)")
-    parser.add_argument("--workers", type=int, default=8, help="decoding threads (default 8)")
-    parser.add_argument("--report", type=Path, help="also write one CSV row per problem to this file (.json: JSON)")
-    args = parser.parse_args(argv)
-    try:
-        report = check(args.root, args.format, tuple(args.splits), args.workers)
-    except TwinCarError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{report['root']} ({report['format']} layout)")
-    print(format_table(report))
-    if args.report:
-        write_report(report, args.report)
-        print(f"report written to {args.report}")
-    return 1 if any(s["errors"] for s in report["splits"].values()) else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("python -m twincar.data.check is now python -m twincar.check")

@@ -4,7 +4,7 @@ Stanford Cars names look like ``"BMW M3 Coupe 2012"``: the make is the first wor
 a few two-word makes), the year is the last word, and everything in between is the model. Names are
 kept as a copy gives them (some copies lowercase them) and compared case-insensitively.
 
-    python -m twincar.data.classes --from PATH --out DIR/classes.txt
+    python -m twincar.classes --from PATH --out DIR/classes.txt
 
 reads the names from a dataset root of any layout (or one cars_meta.mat, cars_annos.mat, names.csv
 or .parquet file) and writes ``classes.txt`` (one name a line, official order) and ``classes.csv``
@@ -13,7 +13,6 @@ or .parquet file) and writes ``classes.txt`` (one name a line, official order) a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import re
@@ -179,28 +178,5 @@ def write_class_tables(names: list[str], out: str | Path) -> tuple[Path, Path]:
     return write_classes_txt(names, out), write_classes_csv(names, out.with_suffix(".csv"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from twincar.data.formats import read_class_names_from
-
-    parser = argparse.ArgumentParser(prog="python -m twincar.data.classes",
-                                     description="Write classes.txt and classes.csv from a Stanford Cars copy.")
-    parser.add_argument("--from", dest="source", required=True,
-                        help="a dataset root (any layout), or a cars_meta.mat, cars_annos.mat, names.csv or .parquet")
-    parser.add_argument("--out", required=True, help="classes.txt to write; classes.csv is written beside it")
-    args = parser.parse_args(argv)
-    try:
-        names = read_class_names_from(args.source)
-    except TwinCarError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    txt, table = write_class_tables(names, args.out)
-    cars = [parse_car_name(n) for n in names]
-    years = sorted({c.year for c in cars if c.year})
-    span = f", years {years[0]}-{years[-1]}" if years else ""
-    print(f"{len(names)} classes, {len({c.make.casefold() for c in cars})} makes, {len(years)} years{span}")
-    print(f"wrote {txt} and {table}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("python -m twincar.data.classes is now python -m twincar.classes")

@@ -22,14 +22,14 @@ from twincar.data.device import DeviceCache, DeviceImages, ImageRefs, cache_ref,
 from twincar.data.formats import FORMATS, UNLABELED, CarsData, DatasetFormatError, Sample, load_dataset
 from twincar.data.images import load_sample, sample_label
 from twincar.data.open_set import OpenSetSplit, check_open_set, holdout_labels, split_open_set
-from twincar.data.pipeline import READS_CACHE, resolve_pipeline
+from twincar.data.pipeline import READS_CACHE, REMOVED, check_pipeline, refuse_removed_flags
+from twincar.data.preprocess import Preprocess
 from twincar.data.sampling import eval_sampler, per_device_batch_size
 from twincar.data.synthetic import SyntheticSpec, generate
 from twincar.data.transforms import (
     Augmentation,
     BatchTransform,
     EvalImageTransform,
-    Preprocess,
     TrainImageTransform,
     check_mix_batch,
     train_decode_min_side,
@@ -98,7 +98,8 @@ class CarsDataModule(L.LightningDataModule):
 
     ``pipeline`` is how images reach the model (:mod:`twincar.data.pipeline`): ``files``, ``cache`` (a
     pre-resized copy), ``gpu_decode`` or ``gpu_cache`` (:mod:`twincar.data.device`: per-image work on the
-    training device). ``cache``, ``decode_device`` and ``cache_on_device`` are its older spellings.
+    training device). The flags it replaced are refused by name (:func:`twincar.data.pipeline.refuse_removed_flags`),
+    any other unknown option by name too.
 
     ``open_set={"holdout": N | FILE, "seed": S}`` (:mod:`twincar.data.open_set`) holds classes out: the module then
     has only the known classes (``class_names``, labels 0..K-1), and ``open_set_samples`` are the held-out classes'
@@ -128,11 +129,14 @@ class CarsDataModule(L.LightningDataModule):
         pipeline: str = "files",
         cache_dir: str | None = None,
         cache_format: str = "raw",
-        cache: bool | None = None,
-        decode_device: str | None = None,
-        cache_on_device: bool | None = None,
         open_set: dict | None = None,
+        **unknown: object,
     ):
+        refuse_removed_flags(unknown)
+        unknown = {k: v for k, v in unknown.items() if k not in REMOVED}  # a removed flag's null: unset
+        if unknown:
+            raise DatasetFormatError(f"data.{next(iter(unknown))} is not an option of the data config "
+                                     "(twincar.data.datamodule.CarsDataModule)")
         super().__init__()
         self.save_hyperparameters(logger=False)
         for option, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
@@ -149,8 +153,7 @@ class CarsDataModule(L.LightningDataModule):
             raise DatasetFormatError(f"data.on_corrupt={on_corrupt} is not one of {', '.join(ON_CORRUPT)}")
         if bbox_margin < 0:
             raise DatasetFormatError(f"data.bbox_margin={bbox_margin} must be >= 0 (a fraction of the box size)")
-        self.pipeline = resolve_pipeline(pipeline, cache=cache, decode_device=decode_device,
-                                         cache_on_device=cache_on_device, cache_format=cache_format)
+        self.pipeline = check_pipeline(pipeline, cache_format=cache_format)
         self.spec = SyntheticSpec(**synthetic) if synthetic is not None else None
         self.root = Path(root) / self.spec.fingerprint() if self.spec else Path(root)
         self.open_set = check_open_set(open_set)
@@ -161,20 +164,20 @@ class CarsDataModule(L.LightningDataModule):
         self.train_set = self.val_set = self.test_set = None
         self.train_batch_transform: BatchTransform | None = None
         self.eval_batch_transform = BatchTransform(self.preprocess)
-        self.image_cache: ImageCache | None = None  # the pre-resized copy read when data.cache=true
+        self.image_cache: ImageCache | None = None  # the pre-resized copy read by data.pipeline=cache|gpu_cache
         self.device_images: DeviceImages | None = None  # per-batch decode/crop/transform of the GPU input paths
 
     # -- data on disk -------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Generate the embedded dataset if this is a synthetic run, and build the image cache if
-        ``cache`` is on (both no-ops when already on disk)."""
+        """Generate the embedded dataset if this is a synthetic run, and build the image cache if the
+        pipeline reads it (both no-ops when already on disk)."""
         if self.spec is not None:
             generate(self.root, self.spec)
         if self.pipeline in READS_CACHE:
             self._open_cache()
 
     def _open_cache(self) -> ImageCache:
-        """The pre-resized copy of every train and test image (``data.cache``), built on first use."""
+        """The pre-resized copy of every train and test image (``data.pipeline=cache|gpu_cache``), built once."""
         if self.image_cache is None:
             hp = self.hparams
             samples = self.data.train + self.data.test
@@ -273,7 +276,7 @@ class CarsDataModule(L.LightningDataModule):
         if self.hparams.on_corrupt == "fail":
             shown = "; ".join(str(e) for _, e in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
             raise TwinCarError(
-                f"{len(bad)} unreadable image(s) in {self.data.root}: {shown}. Run `python -m twincar.data.check "
+                f"{len(bad)} unreadable image(s) in {self.data.root}: {shown}. Run `python -m twincar.check "
                 f"{self.data.root} --format {self.data.format}` for the full list, fix or remove them, or set "
                 "data.on_corrupt=skip to leave them out"
             )
@@ -355,7 +358,7 @@ class CarsDataModule(L.LightningDataModule):
             self._decode_failures(failed)
             if not len(labels):
                 raise TwinCarError(f"no image of a batch could be decoded ({failed[0]}, ...): run "
-                                   f"`python -m twincar.data.check {self.data.root}`")
+                                   f"`python -m twincar.check {self.data.root}`")
         if training:
             if self.aug.mixes and len(labels) % 2:  # an image was left out: Mixup/CutMix pairs need an even batch
                 images, labels = images[:-1], labels[:-1]
@@ -367,7 +370,7 @@ class CarsDataModule(L.LightningDataModule):
         """Images that passed the header check but failed to decode in a worker (e.g. truncated files)."""
         if self.hparams.on_corrupt == "fail":
             raise TwinCarError(
-                f"{messages[0]}: run `python -m twincar.data.check {self.data.root}` to find every damaged image, "
+                f"{messages[0]}: run `python -m twincar.check {self.data.root}` to find every damaged image, "
                 "fix or remove them, or set data.on_corrupt=skip to leave them out"
             )
         self._record_skipped(messages)

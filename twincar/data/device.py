@@ -3,11 +3,11 @@
 Both move the per-image work of :class:`~twincar.data.datamodule.CarsDataset` (decode, car-box crop, the
 geometric transforms) from the DataLoader workers to the device the batch lands on (``on_after_batch_transfer``):
 
-* ``data.decode_device=cuda``: workers only read each file's bytes and its EXIF orientation from the header
+* ``data.pipeline=gpu_decode``: workers only read each file's bytes and its EXIF orientation from the header
   (:func:`read_encoded`); a batch's JPEGs are decoded in one ``torchvision.io.decode_jpeg(list, device=)``
   call (nvJPEG on a GPU) and oriented on the device (:func:`orient`). Other files, and JPEGs nvJPEG cannot
   decode (CMYK), are decoded in the worker as without the option and travel decoded.
-* ``data.cache_on_device=true``: the raw image cache is one flat ``uint8`` tensor in device memory
+* ``data.pipeline=gpu_cache``: the raw image cache is one flat ``uint8`` tensor in device memory
   (:class:`DeviceCache`); the loader yields where each image is in it (:func:`cache_ref`), nothing is decoded.
 
 Then, per image on the device (:class:`DeviceImages`): the car-box crop and the very same per-image transforms
@@ -73,7 +73,7 @@ def is_jpeg(data: torch.Tensor) -> bool:
 
 
 def read_encoded(sample: Sample) -> ImageRef:
-    """Worker side of ``data.decode_device=cuda``: a JPEG's bytes and EXIF orientation (from the header), or,
+    """Worker side of ``data.pipeline=gpu_decode``: a JPEG's bytes and EXIF orientation (from the header), or,
     for other files and CMYK JPEGs, the image decoded here as ``load_sample`` does. ImageReadError names it."""
     header = sample_header(sample)
     name = sample_label(sample)
@@ -88,7 +88,7 @@ def read_encoded(sample: Sample) -> ImageRef:
 
 
 def cache_ref(cache: ImageCache, sample: Sample) -> ImageRef:
-    """Loader side of ``data.cache_on_device=true``: where ``sample``'s raw image is in the cache."""
+    """Loader side of ``data.pipeline=gpu_cache``: where ``sample``'s raw image is in the cache."""
     offset, _, h, w = cache.entry(sample)[:4]
     return ImageRef((offset, h, w), sample_label(sample), 1, w, h)
 
@@ -155,7 +155,7 @@ class DeviceCache:
 
     def __init__(self, cache: ImageCache):
         if cache.format != "raw":
-            raise TwinCarError(f"data.cache_on_device=true needs data.cache_format=raw, got {cache.format}")
+            raise TwinCarError(f"data.pipeline=gpu_cache needs data.cache_format=raw, got {cache.format}")
         self.cache = cache
         self.flat: torch.Tensor | None = None
 

@@ -1,5 +1,5 @@
-"""The transforms: what a model expects (:class:`Preprocess`), how it is trained (:class:`Augmentation`), and the
-per-image and per-batch transforms that train, eval, predict, explain and the demo all share.
+"""The transforms: how a model is trained (:class:`Augmentation`), and the per-image and per-batch transforms that
+train, eval, predict, explain and the demo all share (what a model expects is :mod:`twincar.data.preprocess`).
 
 Work is split where it scales:
 
@@ -10,14 +10,14 @@ Work is split where it scales:
   (colour jitter, Gaussian blur, per-sample), ImageNet normalisation and Mixup/CutMix
   -> :class:`BatchTransform`.
 
-With ``data.decode_device=cuda`` or ``data.cache_on_device=true`` the per-image transforms run on device
+With ``data.pipeline=gpu_decode`` or ``data.pipeline=gpu_cache`` the per-image transforms run on device
 tensors instead, after the batch transfer (:mod:`twincar.data.device`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,14 +26,11 @@ from torch import nn
 from torchvision.transforms import v2
 
 from twincar.data.images import box_pixels
+from twincar.data.preprocess import Preprocess, from_mapping
 from twincar.errors import TwinCarError
 
 if TYPE_CHECKING:
     from timm.data import Mixup
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_MODES = ("crop", "squash")
 
 
 def crop_to_box(img: torch.Tensor, bbox: tuple[int, int, int, int], margin: float = 0.0) -> torch.Tensor:
@@ -53,49 +50,6 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     """A decoded ``uint8`` (H, W, 3) image (:mod:`twincar.data.images`) as the (3, H, W) tensor torch transforms
     take (a view: no copy)."""
     return torch.from_numpy(image).permute(2, 0, 1)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What a model expects of its input; saved with the weights and read back by every consumer."""
-
-    image_size: int = 224  # side of the square network input, pixels
-    eval_crop_pct: float = 0.875  # eval resizes the short side to image_size / eval_crop_pct, then center-crops
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation mean (RGB, 0..1 scale)
-    std: tuple[float, float, float] = IMAGENET_STD  # per-channel normalisation std
-    # eval resize: "crop" (short side, then center crop) or "squash" (whole image to image_size x image_size,
-    # aspect ratio not kept: the original TwinCars project's Resize((224, 224)))
-    resize_mode: str = "crop"
-
-    def __post_init__(self):
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
-
-    @property
-    def decode_min_side(self) -> int:
-        """The short side an image needs before eval resizing: a smaller decode would upsample."""
-        return self.image_size if self.resize_mode == "squash" else _resize_size(self)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> Preprocess:
-        """Read back :meth:`to_dict` (a checkpoint's or model card's); missing keys take the defaults."""
-        return _from_mapping(cls, d, "preprocessing field")
-
-
-def _from_mapping(cls, d: dict | None, what: str):
-    """A frozen dataclass from a config/JSON mapping: lists become tuples, unknown keys are an error."""
-    d = dict(d or {})
-    unknown = set(d) - set(cls.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown {what}(s): {', '.join(sorted(unknown))}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-# The original TwinCars project's inference preprocessing: Resize((224, 224)), ImageNet mean/std.
-TWINCARS_PREPROCESS = Preprocess(image_size=224, eval_crop_pct=1.0, resize_mode="squash")
 
 
 @dataclass(frozen=True)
@@ -124,7 +78,7 @@ class Augmentation:
     @classmethod
     def from_config(cls, cfg: dict | None) -> Augmentation:
         """Build from a config mapping; lists become tuples and unknown keys are an error."""
-        return _from_mapping(cls, cfg, "augmentation option")
+        return from_mapping(cls, cfg, "augmentation option")
 
 
 class MixBatchError(TwinCarError, ValueError):
@@ -135,10 +89,6 @@ def check_mix_batch(batch: int, what: str = "data.batch_size") -> None:
     """Mixup/CutMix pairs the images of a batch: ``batch`` must be even. The one rule, wherever a batch is sized."""
     if batch % 2:
         raise MixBatchError(f"Mixup/CutMix needs an even batch, got {batch}: use an even {what}")
-
-
-def _resize_size(pre: Preprocess) -> int:
-    return int(round(pre.image_size / pre.eval_crop_pct))
 
 
 def train_decode_min_side(preprocess: Preprocess, aug: Augmentation) -> int:
@@ -161,7 +111,7 @@ class EvalImageTransform(nn.Module):
         self.ops = v2.Compose(
             [v2.Resize((size, size), antialias=True)]
             if preprocess.resize_mode == "squash"
-            else [v2.Resize(_resize_size(preprocess), antialias=True), v2.CenterCrop(size)]
+            else [v2.Resize(preprocess.eval_resize_side, antialias=True), v2.CenterCrop(size)]
         )
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
@@ -203,7 +153,7 @@ class RandomRotation(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         angle = float(torch.empty(()).uniform_(-self.degrees, self.degrees))
-        if img.device.type != "cpu":  # a device tensor (data.decode_device, data.cache_on_device): the same pixels
+        if img.device.type != "cpu":  # a device tensor (data.pipeline=gpu_decode|gpu_cache): the same pixels
             return v2.functional.rotate(img, angle)  # (nearest is rotate's default), without a host round trip
         return rotate_nearest(img, angle)
 

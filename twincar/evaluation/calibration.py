@@ -7,10 +7,8 @@
   ``energy`` (``T * logsumexp(logits / T)``, the negative free energy of Liu et al., 2020).
 - :func:`fit_threshold`: the score above which an image is "known", chosen so that a target share (true-positive
   rate) of known images passes, on the split it is fitted on.
-- :func:`auroc`, :func:`fpr_at_tpr`: how well a score separates known from unknown images;
-  :func:`open_set_metrics`: the ``ood/*`` metrics training and eval report, those two and what a threshold does.
 - :class:`Calibration`: the temperature and threshold a model carries (checkpoint hyper-parameters, model card or a
-  sidecar file beside the weights: :func:`twincar.models.io.write_calibration`), and :func:`calibrate`, which fits
+  sidecar file beside the weights: :func:`twincar.models.loading.write_calibration`), and :func:`calibrate`, which fits
   both from a split's logits.
 
 The logits are raw (temperature 1: :meth:`twincar.inference.predictor.Predictor.outputs`' first); with flip TTA, the
@@ -84,56 +82,12 @@ def fit_threshold(known_scores: torch.Tensor, tpr: float = DEFAULT_TPR) -> float
     return max(margin, (t + float(s[below - 1])) / 2) if below > 0 else margin
 
 
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of ``x``, ties sharing their average rank (as scipy's rankdata)."""
-    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    return ((ends - counts.double() + 1 + ends) / 2)[inverse]
-
-
-def auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:
-    """Area under the ROC curve of telling known (positive) from unknown images by score: the probability that a
-    known image scores higher than an unknown one, ties counting half (Mann-Whitney U / (n_known * n_unknown))."""
-    known, unknown = known.detach().double().flatten(), unknown.detach().double().flatten()
-    if len(known) == 0 or len(unknown) == 0:
-        return float("nan")
-    ranks = _average_ranks(torch.cat([known, unknown]))
-    u = ranks[: len(known)].sum() - len(known) * (len(known) + 1) / 2
-    return float(u / (len(known) * len(unknown)))
-
-
-def fpr_at_tpr(known: torch.Tensor, unknown: torch.Tensor, tpr: float = DEFAULT_TPR) -> float:
-    """Share of unknown images accepted as known at the threshold that keeps ``tpr`` of the known ones (FPR95)."""
-    if len(unknown) == 0:
-        return float("nan")
-    return float((unknown.double() >= fit_threshold(known, tpr)).double().mean())
-
-
-def open_set_metrics(known: torch.Tensor, unknown: torch.Tensor, *, threshold: float | None = None,
-                     known_correct: torch.Tensor | None = None, tpr: float = DEFAULT_TPR) -> dict[str, float]:
-    """The ``ood/*`` metrics of unknown scores of known-class images (``known``) and of images of no known class
-    (``unknown``): ``ood/auroc`` and ``ood/fpr95`` (no threshold needed), ``ood/images`` (the unknown ones), and with
-    the model's ``threshold``, ``ood/known_accepted`` and ``ood/unknown_rejected`` (the share of each it gets right)
-    and, given whether each known image's top-1 is right (``known_correct``), ``ood/acc_accepted``: the top-1
-    accuracy of the known images it still names (NaN when it names none)."""
-    metrics = {"ood/auroc": auroc(known, unknown), "ood/fpr95": fpr_at_tpr(known, unknown, tpr),
-               "ood/images": float(len(unknown))}
-    if threshold is not None:
-        accepted = known >= threshold
-        metrics["ood/known_accepted"] = float(accepted.double().mean())
-        metrics["ood/unknown_rejected"] = float((unknown < threshold).double().mean())
-        if known_correct is not None:
-            named = known_correct[accepted]
-            metrics["ood/acc_accepted"] = float(named.double().mean()) if len(named) else float("nan")
-    return metrics
-
-
 def ece_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[float, float]:
     """(expected calibration error, mean NLL) of ``softmax(logits / temperature)``, ECE as the metrics compute it."""
     z = logits.float() / temperature
-    from twincar.models.metrics import calibration_bins, expected_calibration_error  # torchmetrics: not for predict
+    from twincar.models.metrics import expected_calibration_error, reliability_bins  # torchmetrics: not for predict
 
-    ece = float(expected_calibration_error(calibration_bins(z, labels)))
+    ece = float(expected_calibration_error(reliability_bins(z, labels)))
     return ece, float(F.cross_entropy(z, labels.long()))
 
 

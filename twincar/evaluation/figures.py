@@ -63,7 +63,7 @@ def _short(name: str, width: int = 28) -> str:
 
 
 def reliability_diagram(bins: torch.Tensor, path: str | Path, raw_bins: torch.Tensor | None = None) -> Path:
-    """Accuracy vs confidence per bin (from :func:`twincar.models.metrics.calibration_bins`), ECE in the title; with
+    """Accuracy vs confidence per bin (from :func:`twincar.models.metrics.reliability_bins`), ECE in the title; with
     ``raw_bins`` (the same images before temperature scaling) their accuracy vs confidence too, as a line."""
     count, conf, correct = (b.cpu().numpy() for b in bins)
     n_bins = len(count)

@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from twincar.data.images import ImageReadError, box_pixels, load_sample
-from twincar.inference.preprocess import ImageInput, InputSpec, prepare
+from twincar.data.preprocess import Preprocess
+from twincar.inference.preprocess import ImageInput, prepare
 
 if TYPE_CHECKING:  # the sample type only: data.formats imports scipy, which the torch-free runtime lacks
     from twincar.data.formats.common import Sample
@@ -39,10 +40,10 @@ def source_name(image: ImageInput) -> str:
     return "<array>" if isinstance(image, np.ndarray) else "<tensor>"
 
 
-def prepare_sample(sample: Sample, spec: InputSpec, bbox_margin: float | None = None) -> np.ndarray:
+def prepare_sample(sample: Sample, pre: Preprocess, bbox_margin: float | None = None) -> np.ndarray:
     """A labelled sample as a prediction prepares a file (a large JPEG decoded at reduced size), cropped to its
     car box grown by ``bbox_margin`` first when that is set (as the training run's val/test sets are)."""
-    image = load_sample(sample, min_side=spec.decode_min_side)
+    image = load_sample(sample, min_side=pre.decode_min_side)
     if bbox_margin is not None:
         from twincar.data.datasets import car_box  # reads the box's header: the car box of the decoded pixels
 
@@ -51,7 +52,7 @@ def prepare_sample(sample: Sample, spec: InputSpec, bbox_margin: float | None = 
         if box is not None:
             left, top, right, bottom = box
             image = image[top:bottom, left:right]
-    return prepare(image, spec)
+    return prepare(image, pre)
 
 
 class Numbered:
@@ -73,25 +74,25 @@ class Numbered:
 
 
 class _Prepare:
-    """``prepare(item, spec)`` as a picklable callable (DataLoader workers)."""
+    """``prepare(item, pre)`` as a picklable callable (DataLoader workers)."""
 
-    def __init__(self, spec: InputSpec, bbox_margin: float | None = None, labelled: bool = False):
-        self.spec, self.bbox_margin, self.labelled = spec, bbox_margin, labelled
+    def __init__(self, pre: Preprocess, bbox_margin: float | None = None, labelled: bool = False):
+        self.preprocess, self.bbox_margin, self.labelled = pre, bbox_margin, labelled
 
     def __call__(self, item) -> np.ndarray:
         if self.labelled:
-            return prepare_sample(item, self.spec, self.bbox_margin)
-        return prepare(item, self.spec)
+            return prepare_sample(item, self.preprocess, self.bbox_margin)
+        return prepare(item, self.preprocess)
 
 
-def inputs(images: Sequence[ImageInput], spec: InputSpec) -> Numbered:
+def inputs(images: Sequence[ImageInput], pre: Preprocess) -> Numbered:
     """Inputs (paths, PIL images, arrays, tensors) as numbered items, each :func:`prepare`\\ d."""
-    return Numbered(images, _Prepare(spec))
+    return Numbered(images, _Prepare(pre))
 
 
-def labelled_inputs(samples: Sequence[Sample], spec: InputSpec, bbox_margin: float | None = None) -> Numbered:
+def labelled_inputs(samples: Sequence[Sample], pre: Preprocess, bbox_margin: float | None = None) -> Numbered:
     """Labelled samples as numbered items, each :func:`prepare_sample`\\ d (the label stays in the sample)."""
-    return Numbered(list(samples), _Prepare(spec, bbox_margin, labelled=True))
+    return Numbered(list(samples), _Prepare(pre, bbox_margin, labelled=True))
 
 
 @dataclass

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from twincar.data.preprocess import Preprocess
 from twincar.errors import TwinCarError
-from twincar.inference.preprocess import InputSpec, normalise
+from twincar.inference.preprocess import normalise, scale_shift
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class TorchEngine:
 
     Args:
         model: outputs logits; a timm model (``forward_features``/``forward_head``) also gives embeddings.
-        spec: the input's mean and std (normalised on the device, as ``(pixel / 255 - mean) / std``).
+        pre: the input's mean and std (normalised on the device, as ``(pixel / 255 - mean) / std``).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         channels_last: run convolutions in channels-last memory format (faster on CPU and GPU).
         precision: ``fp32`` (exact), ``bf16`` (autocast) or ``auto`` (:func:`resolve_precision`).
@@ -94,7 +95,7 @@ class TorchEngine:
 
     kind = "torch"
 
-    def __init__(self, model, spec: InputSpec, *, device="auto", channels_last: bool = True,
+    def __init__(self, model, pre: Preprocess, *, device="auto", channels_last: bool = True,
                  precision: str = "fp32"):
         import torch
 
@@ -105,7 +106,7 @@ class TorchEngine:
         self.model = model.eval().to(self.device)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        scale, shift = spec.scale_shift()
+        scale, shift = scale_shift(pre)
         self._scale_shift = [torch.from_numpy(v).view(1, 3, 1, 1) for v in (scale, shift)]
         self._on_device = [v.to(self.device) for v in self._scale_shift]
 
@@ -177,7 +178,7 @@ class OnnxEngine:
 
     kind = "onnx"
 
-    def __init__(self, path: str | Path, spec: InputSpec, *, device="auto", threads: int | None = None):
+    def __init__(self, path: str | Path, pre: Preprocess, *, device="auto", threads: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -202,13 +203,13 @@ class OnnxEngine:
         self.image_size: int | None = side if isinstance(side, int) else None  # None: any size
         self.num_outputs: int | None = out.shape[-1] if isinstance(out.shape[-1], int) else None
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
-        self.spec = spec
+        self.preprocess = pre
 
     def run(self, batch, flip: bool = False, *, embeddings: bool = False) -> tuple[np.ndarray, None]:
         """``(logits, None)``: (N, K) float32 logits (2N with ``flip``) of one run; no embeddings."""
         if embeddings:
             raise TwinCarError("an ONNX model computes no embeddings: use the PyTorch weights (model.pth)")
-        x = normalise(np.asarray(batch), self.spec)
+        x = normalise(np.asarray(batch), self.preprocess)
         if flip:
             x = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
         (out,) = self.session.run(None, {self.input_name: x})

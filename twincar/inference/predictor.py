@@ -30,12 +30,12 @@ import numpy as np
 from PIL import Image
 
 from twincar.data.classes import class_names_difference, parse_car_name, read_class_names
+from twincar.data.preprocess import Preprocess
 from twincar.errors import TwinCarError
-from twincar.files import ReadError, read_json_object
 from twincar.inference import batches
 from twincar.inference.batches import Batch, BatchOutputs, source_name
 from twincar.inference.engines import ModelError, OnnxEngine, TorchEngine
-from twincar.inference.preprocess import ImageInput, InputSpec, prepare
+from twincar.inference.preprocess import ImageInput, input_preprocess, prepare
 from twincar.inference.results import (
     DEFAULT_SCORE,
     Prediction,
@@ -49,9 +49,6 @@ from twincar.inference.results import (
 
 log = logging.getLogger(__name__)
 
-MODEL_CARD = "model_card.json"  # beside exported weights: class names, preprocessing, calibration
-
-
 class Predictor:
     """A loaded classifier with its class names and preprocessing; predicts on files, PIL images, arrays or tensors.
 
@@ -60,8 +57,8 @@ class Predictor:
             engine (:class:`~twincar.inference.engines.OnnxEngine`, ``TorchEngine``); outputs logits over
             ``class_names``.
         class_names: one name per output.
-        preprocess: what the model expects (a :class:`~twincar.data.transforms.Preprocess`, a card's dict or an
-            :class:`~twincar.inference.preprocess.InputSpec`).
+        preprocess: what the model expects (a :class:`~twincar.data.preprocess.Preprocess` or a card's dict;
+            None: the original TwinCars preprocessing).
         device, channels_last, precision: how a torch module runs (:class:`TorchEngine`); ``bf16`` is refused for
             an ONNX model (fp32 only).
         tta: ``"flip"`` averages the logits of the image and its mirror image; None (or ``"none"``) for one pass.
@@ -77,7 +74,7 @@ class Predictor:
         self.tta = check_tta(tta)
         self.class_names = list(class_names)
         self.parsed = [parse_car_name(n) for n in self.class_names]  # make, model, year of each class
-        self.preprocess = InputSpec.from_preprocess(preprocess)
+        self.preprocess = input_preprocess(preprocess)
         if isinstance(model, OnnxEngine) and precision == "bf16":
             raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
         self.engine = model if isinstance(model, (OnnxEngine, TorchEngine)) else TorchEngine(
@@ -137,10 +134,10 @@ class Predictor:
                                                          image_size, resize_mode, threads)
             kwargs.setdefault("calibration", calibration)
             return cls(engine, names, pre, **kwargs)
-        from twincar.models.io import min_input_size
+        from twincar.models.factory import min_input_size
 
         model, names, pre, calibration, arch = _load_torch(path, classes, preprocess, architecture)
-        spec = InputSpec.from_preprocess(pre, image_size, resize_mode)
+        spec = input_preprocess(pre, image_size, resize_mode)
         smallest = min_input_size(model)
         if spec.image_size < smallest:
             raise TwinCarError(f"--img-size {spec.image_size} is smaller than {arch} takes: its features "
@@ -302,9 +299,10 @@ def _single(images) -> bool:
 
 def _load_torch(path, classes, preprocess, architecture: str | None) -> tuple:
     """``(network, class names, preprocess, calibration, architecture)`` of a torch model file
-    (:func:`twincar.models.io.load_model`; torch is imported here). A bare weights file takes the ``classes.txt``
+    (:func:`twincar.models.loading.load_model`; torch is imported here). A bare weights file takes the ``classes.txt``
     beside it, and inside a training run that run's architecture and preprocessing."""
-    from twincar.models.io import load_model, resolve_model_source
+    from twincar.models.card import MODEL_CARD
+    from twincar.models.loading import load_model, resolve_model_source
 
     path = resolve_model_source(path)
     if path.suffix != ".ckpt" and not (path.parent / MODEL_CARD).is_file():
@@ -321,7 +319,7 @@ def _run_model_config(path: Path) -> tuple[str | None, object]:
     """The architecture and preprocessing of the training run a bare weights file sits in (None when unknown)."""
     from omegaconf import OmegaConf
 
-    from twincar.data.transforms import Preprocess
+    from twincar.data.preprocess import Preprocess
     from twincar.runs import find_run_config
 
     run_config = find_run_config(path)
@@ -334,13 +332,15 @@ def _run_model_config(path: Path) -> tuple[str | None, object]:
 
 
 def _load_onnx(path: Path, classes, device, preprocess, image_size: int | None, resize_mode: str | None,
-               threads: int | None) -> tuple[OnnxEngine, list[str], InputSpec, dict | None]:
-    """An ``.onnx`` export, its class names, input spec and calibration, from its ``model_card.json`` (and a
-    ``NAME.calibration.json`` sidecar); numpy, PIL and onnxruntime only."""
+               threads: int | None) -> tuple[OnnxEngine, list[str], Preprocess, dict | None]:
+    """An ``.onnx`` export, its class names, preprocessing and calibration, from its model card (and a
+    ``NAME.calibration.json`` sidecar: :mod:`twincar.models.card`, torch-free); numpy, PIL and onnxruntime only."""
+    from twincar.models.card import read_calibration, read_model_card
+
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist: give the path of an exported .onnx model")
-    card = _read_json(path.with_name(MODEL_CARD), "class_names, preprocess, architecture")
-    spec = InputSpec.from_preprocess(preprocess or card.get("preprocess"), image_size, resize_mode)
+    card = read_model_card(path)
+    spec = input_preprocess(preprocess or card.get("preprocess"), image_size, resize_mode)
     engine = OnnxEngine(path, spec, device=device, threads=threads)
     if engine.image_size not in (None, spec.image_size):
         raise ModelError(f"{path} takes {engine.image_size}x{engine.image_size} inputs, not {spec.image_size}: "
@@ -359,17 +359,4 @@ def _load_onnx(path: Path, classes, device, preprocess, image_size: int | None, 
         raise ModelError(f"{path} carries no class names: pass --classes classes.txt (or classes=...)")
     if engine.num_outputs is not None and len(names) != engine.num_outputs:
         raise ModelError(f"the class list has {len(names)} names but {path} has {engine.num_outputs} outputs")
-    calibration = card.get("calibration")
-    if not isinstance(calibration, dict):
-        calibration = _read_json(path.with_name(f"{path.stem}.calibration.json"), "temperature, score, threshold")
-    return engine, names, spec, calibration or None
-
-
-def _read_json(path: Path, expected: str) -> dict:
-    """A JSON object file, or ``{}`` when there is none."""
-    if not path.is_file():
-        return {}
-    try:
-        return read_json_object(path, expected)
-    except ReadError as e:
-        raise ModelError(str(e)) from e
+    return engine, names, spec, read_calibration(path, card)

@@ -1,76 +1,50 @@
-"""Eval and predict preprocessing, the one definition (numpy and PIL, no torch): what the network takes
-(:class:`InputSpec`, from a model card's or checkpoint's ``preprocess``), the per-image resize and center crop
+"""Eval and predict preprocessing, the one definition (numpy and PIL, no torch), applying what a model expects
+(:class:`twincar.data.preprocess.Preprocess`, from its card or checkpoint): the per-image resize and center crop
 (:func:`prepare`: any input -> an (S, S, 3) ``uint8`` array) and the per-batch normalisation (:func:`normalise`).
 
 Every engine takes these pixels: the torch one as ``torch.from_numpy`` of the same crop (normalised on its device
-with the same constants, :meth:`InputSpec.scale_shift`), onnxruntime as :func:`normalise` gives them. Training's
+with the same constants, :func:`scale_shift`), onnxruntime as :func:`normalise` gives them. Training's
 val transform (:class:`twincar.data.transforms.EvalImageTransform`) is the torch twin kept for the training loop;
 a test pins it to this one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from twincar.data.images import load_image, rgb_image
+from twincar.data.preprocess import TWINCARS_PREPROCESS, Preprocess
 from twincar.errors import TwinCarError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# A card-less model gets the original TwinCars preprocessing: 224x224 squash, ImageNet mean/std
-DEFAULT_PREPROCESS = {"image_size": 224, "eval_crop_pct": 1.0, "resize_mode": "squash",
-                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-RESIZE_MODES = ("crop", "squash")
 
 ImageInput = object  # a path (str or Path), a PIL image, an (H, W, 3) uint8 array or a (C, H, W) uint8 tensor
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """The network input a model describes: square side, resize rule, mean and std (the fields of
-    :class:`twincar.data.transforms.Preprocess`)."""
+def input_preprocess(pre: Preprocess | dict | None = None, image_size: int | None = None,
+                     resize_mode: str | None = None) -> Preprocess:
+    """What the network takes: a :class:`~twincar.data.preprocess.Preprocess`, a model card's ``preprocess`` dict
+    (None or empty: the original TwinCars preprocessing, :data:`TWINCARS_PREPROCESS`); ``image_size``/``resize_mode``
+    replace one field, as ``--img-size``/``--resize-mode`` do."""
+    if not isinstance(pre, Preprocess):
+        pre = Preprocess.from_dict(pre) if pre else TWINCARS_PREPROCESS
+    if image_size is not None and image_size < 1:
+        raise TwinCarError(f"--img-size must be a positive number of pixels, got {image_size}")
+    if image_size is None and resize_mode is None:
+        return pre
+    try:
+        return replace(pre, image_size=pre.image_size if image_size is None else image_size,
+                       resize_mode=resize_mode or pre.resize_mode)
+    except ValueError as e:
+        raise TwinCarError(f"--resize-mode: {e}") from e
 
-    image_size: int  # side of the square network input
-    resize_mode: str  # "crop": short side to short_side, then center crop; "squash": whole image to a square
-    eval_crop_pct: float  # the share of the short side the center crop keeps ("crop" only)
-    mean: tuple[float, float, float]  # per channel, 0..1 scale
-    std: tuple[float, float, float]
 
-    @classmethod
-    def from_preprocess(cls, pre: object = None, image_size: int | None = None,
-                        resize_mode: str | None = None) -> InputSpec:
-        """From a model card's ``preprocess`` dict, a :class:`~twincar.data.transforms.Preprocess` or an
-        InputSpec (None: the original TwinCars preprocessing); ``image_size``/``resize_mode`` replace one field,
-        as ``--img-size``/``--resize-mode`` do."""
-        if pre is not None and not isinstance(pre, dict):
-            pre = {k: getattr(pre, k) for k in ("image_size", "resize_mode", "eval_crop_pct", "mean", "std")}
-        pre = {**DEFAULT_PREPROCESS, **pre} if pre else dict(DEFAULT_PREPROCESS)
-        if image_size is not None and image_size < 1:
-            raise TwinCarError(f"--img-size must be a positive number of pixels, got {image_size}")
-        mode = resize_mode or pre["resize_mode"]
-        if mode not in RESIZE_MODES:
-            raise TwinCarError(f"--resize-mode must be crop or squash, got {mode!r}")
-        return cls(int(image_size or pre["image_size"]), mode, float(pre["eval_crop_pct"]),
-                   tuple(float(v) for v in pre["mean"]), tuple(float(v) for v in pre["std"]))
-
-    @property
-    def short_side(self) -> int:
-        """The short side before the center crop: ``round(image_size / eval_crop_pct)`` ("crop" only)."""
-        return int(round(self.image_size / self.eval_crop_pct))
-
-    @property
-    def decode_min_side(self) -> int:
-        """The short side an image needs before resizing: a smaller decode would upsample."""
-        return self.image_size if self.resize_mode == "squash" else self.short_side
-
-    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel float32 ``(scale, shift)`` with ``pixel * scale + shift == (pixel / 255 - mean) / std``."""
-        std, mean = np.asarray(self.std, np.float32), np.asarray(self.mean, np.float32)
-        return np.float32(1) / (np.float32(255) * std), -mean / std
+def scale_shift(pre: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float32 ``(scale, shift)`` with ``pixel * scale + shift == (pixel / 255 - mean) / std``."""
+    std, mean = np.asarray(pre.std, np.float32), np.asarray(pre.mean, np.float32)
+    return np.float32(1) / (np.float32(255) * std), -mean / std
 
 
 def to_pil(image: ImageInput, min_side: int | None = None) -> Image.Image:
@@ -97,16 +71,16 @@ def to_pil(image: ImageInput, min_side: int | None = None) -> Image.Image:
     raise TypeError(f"cannot predict on a {type(image).__name__}: pass a path, a PIL image or a uint8 array or tensor")
 
 
-def resize_and_crop(image: Image.Image, spec: InputSpec) -> np.ndarray:
-    """The eval transform: short side to ``spec.short_side`` (long side ``int(short_side * long / short)``),
+def resize_and_crop(image: Image.Image, pre: Preprocess) -> np.ndarray:
+    """The eval transform: short side to ``pre.eval_resize_side`` (long side ``int(side * long / short)``),
     bilinear with antialiasing (PIL's), then a center crop; or the whole image to a square (``squash``). An
     (S, S, 3) ``uint8`` array."""
-    size = spec.image_size
-    if spec.resize_mode == "squash":
+    size = pre.image_size
+    if pre.resize_mode == "squash":
         return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = spec.short_side, int(spec.short_side * long / short)
+    new_short, new_long = pre.eval_resize_side, int(pre.eval_resize_side * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
@@ -120,14 +94,14 @@ def resize_and_crop(image: Image.Image, spec: InputSpec) -> np.ndarray:
     return array[top:top + size, left:left + size]
 
 
-def prepare(image: ImageInput, spec: InputSpec) -> np.ndarray:
+def prepare(image: ImageInput, pre: Preprocess) -> np.ndarray:
     """The per-image step of every engine: decode (a large JPEG at reduced size), resize and crop one input into
     an (S, S, 3) ``uint8`` array (writable and contiguous: ``torch.from_numpy`` takes it as it is)."""
-    return np.array(resize_and_crop(to_pil(image, spec.decode_min_side), spec))
+    return np.array(resize_and_crop(to_pil(image, pre.decode_min_side), pre))
 
 
-def normalise(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
+def normalise(batch: np.ndarray, pre: Preprocess) -> np.ndarray:
     """(N, S, S, 3) ``uint8`` -> (N, 3, S, S) float32: ``(pixel / 255 - mean) / std``."""
-    scale, shift = spec.scale_shift()
+    scale, shift = scale_shift(pre)
     x = batch.astype(np.float32) * scale + shift
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -13,8 +13,8 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torchmetrics import MaxMetric
 
+from twincar.models.factory import create_model
 from twincar.models.finetune import EMA, CompiledForward, FreezeBackbone, layer_decay_groups
-from twincar.models.io import create_model
 from twincar.models.metrics import classification_metrics
 
 
@@ -67,7 +67,7 @@ class CarClassifier(L.LightningModule):
         optimizer: ``opt`` (timm optimizer name), ``lr``, ``weight_decay``, ``head_lr_mult``, ``layer_decay``
             (timm's layer-wise lr decay, None = off) and extra optimizer kwargs (e.g. ``momentum``).
         scheduler: ``name`` (``cosine``, ``step`` or ``none``) and its options.
-        preprocess: the input the model expects (:class:`twincar.data.transforms.Preprocess` as a dict).
+        preprocess: the input the model expects (:class:`twincar.data.preprocess.Preprocess` as a dict).
         calibration: the temperature and unknown threshold fitted after training
         (:mod:`twincar.evaluation.calibration`, as a
             dict); carried in checkpoints for inference, unused by training.

@@ -3,8 +3,8 @@
 Besides the flat metrics (top-1/3/5, macro precision/recall/F1) it holds, when class names are given,
 the fine-grained ones a car researcher asks for: make, family (make + model) and year accuracy, the
 "twin" accuracy (year right among images whose family is right), what kind of mistakes are made, and
-calibration (expected calibration error, negative log-likelihood). All are sum-state torchmetrics
-metrics, so they synchronise across DDP processes and accumulate over any number of batches.
+how well confidence matches accuracy (expected calibration error, negative log-likelihood). All are sum-state
+torchmetrics metrics, so they synchronise across DDP processes and accumulate over any number of batches.
 """
 
 from __future__ import annotations
@@ -136,9 +136,9 @@ def hierarchy_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: 
     }
 
 
-def calibration_bins(logits: torch.Tensor, target: torch.Tensor, n_bins: int = ECE_BINS) -> torch.Tensor:
+def reliability_bins(logits: torch.Tensor, target: torch.Tensor, n_bins: int = ECE_BINS) -> torch.Tensor:
     """(3, n_bins): per equal-width confidence bin ``(lo, hi]``, the image count, summed confidence and
-    summed correctness (top-1) of the softmax of ``logits``."""
+    summed correctness (top-1) of the softmax of ``logits``: the bins of a reliability diagram and of the ECE."""
     probs = logits.float().softmax(dim=1)
     conf, pred = probs.max(dim=1)
     bins = (conf * n_bins).ceil().long().clamp(1, n_bins) - 1
@@ -150,14 +150,15 @@ def calibration_bins(logits: torch.Tensor, target: torch.Tensor, n_bins: int = E
 
 
 def expected_calibration_error(bins: torch.Tensor) -> torch.Tensor:
-    """ECE from :func:`calibration_bins`: sum over bins of (share of images) x |accuracy - confidence|."""
+    """ECE from :func:`reliability_bins`: sum over bins of (share of images) x |accuracy - confidence|."""
     count, conf, correct = bins
     return (conf - correct).abs().sum() / count.sum().clamp(min=1)
 
 
-class Calibration(Metric):
+class ExpectedCalibrationError(Metric):
     """Expected calibration error (``ece``, ``ECE_BINS`` equal-width bins, top-1 confidence) and the mean
-    negative log-likelihood of the true class (``nll``) of logits."""
+    negative log-likelihood of the true class (``nll``) of logits: how far confidence is from accuracy (the
+    temperature that lowers both is :func:`twincar.evaluation.calibration.fit_temperature`)."""
 
     full_state_update = False
     higher_is_better = False
@@ -170,7 +171,7 @@ class Calibration(Metric):
         self.add_state("n", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        self.bins += calibration_bins(logits, target, self.n_bins)
+        self.bins += reliability_bins(logits, target, self.n_bins)
         self.nll_sum += F.cross_entropy(logits.float(), target, reduction="sum").double()
         self.n += len(target)
 
@@ -203,5 +204,5 @@ def classification_metrics(
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         metrics["hierarchy"] = HierarchicalAccuracy(class_names)
-        metrics["calibration"] = Calibration()
+        metrics["ece"] = ExpectedCalibrationError()
     return MetricCollection(metrics, prefix=prefix)

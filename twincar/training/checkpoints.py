@@ -1,7 +1,7 @@
 """Checkpoint files: written atomically in their folder, and checked before a run resumes from one.
 
 * :class:`AtomicCheckpointIO`: Lightning's ``TorchCheckpointIO`` whose saves go through
-  :func:`twincar.models.io.save_torch` (a temporary file beside the target, fsync, rename). Lightning's own
+  :func:`twincar.models.checkpoint.save_torch` (a temporary file beside the target, fsync, rename). Lightning's own
   save writes a temporary file in the system temp folder and copies it over, so a kill during the copy
   leaves a truncated checkpoint when the run folder is on another filesystem.
 * :func:`checkpoint_problem` / :func:`newest_readable`: what ``resume=auto`` falls back on when
@@ -18,7 +18,8 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
-from twincar.models.io import WeightsError, load_problem, safe_torch_load, save_torch
+from twincar.models import WeightsError
+from twincar.models.checkpoint import load_problem, safe_torch_load, save_torch
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from twincar.cluster import requeue_slurm_job, slurm_job_id
 from twincar.compat.lightning import set_csv_columns
 from twincar.errors import TwinCarError
 from twincar.files import write_csv
-from twincar.models.io import safe_torch_load
+from twincar.models.checkpoint import safe_torch_load
 from twincar.training.checkpoints import checkpoint_problem, newest_readable
 
 log = logging.getLogger(__name__)

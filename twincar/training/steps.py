@@ -18,18 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from twincar.data.classes import class_names_difference, write_classes_txt
 from twincar.errors import TwinCarError
-from twincar.evaluation.calibration import Calibration, calibrate, ece_nll, open_set_metrics
+from twincar.evaluation.calibration import Calibration, calibrate, ece_nll
 from twincar.evaluation.figures import plot_curves
+from twincar.evaluation.open_set import open_set_metrics
 from twincar.files import write_json, write_text
+from twincar.models.card import build_model_card, write_model_card
+from twincar.models.checkpoint import checkpoint_class_names, export_state_dict
 from twincar.models.classifier import CarClassifier
-from twincar.models.io import (
-    build_model_card,
-    checkpoint_class_names,
-    export_state_dict,
-    min_input_size,
-    write_calibration,
-    write_model_card,
-)
+from twincar.models.factory import min_input_size
+from twincar.models.loading import write_calibration
 from twincar.runs import hydra_run_config
 from twincar.training.checkpoints import with_atomic_checkpoints
 from twincar.training.distributed import PerRankSeed
@@ -277,7 +274,7 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
     calibrated values, the trainer's raw ones moving to ``ece_raw``/``nll_raw`` (as eval reports them). On the
     held-out classes of ``data.open_set.holdout`` (their test images) or, on the embedded dataset with
     ``data.synthetic.unknown_classes``, its unknown classes, also the ``ood/*`` open-set metrics of those images
-    against the test (else val) images (:func:`~twincar.evaluation.calibration.open_set_metrics`)."""
+    against the test (else val) images (:func:`~twincar.evaluation.open_set.open_set_metrics`)."""
     from twincar.evaluation.loop import collect_logits
     from twincar.inference.predictor import Predictor
 

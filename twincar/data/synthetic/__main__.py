@@ -1,7 +1,5 @@
-"""``python -m twincar.data.synthetic``: generate the embedded dataset."""
+"""The old spelling of ``python -m twincar.synthetic``."""
 
 import sys
 
-from twincar.data.synthetic import main
-
-sys.exit(main())
+sys.exit("python -m twincar.data.synthetic is now python -m twincar.synthetic")

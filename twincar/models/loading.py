@@ -1,0 +1,213 @@
+"""The one way a trained model comes in (:func:`load_model`), with what it needs to be used: class names,
+preprocessing, calibration. Always safely: ``weights_only`` torch loads and safetensors, nothing unpickled.
+
+A model source is a local file (``.ckpt``, ``.pth``/``.safetensors`` with a ``model_card.json`` beside them, a bare
+state dict, or ``.onnx``, run by onnxruntime, imported only then), a hub folder (``local-dir:DIR``) or a Hugging
+Face Hub repository (``hf-hub:USER/REPO``). :func:`write_calibration` stores a fitted calibration where
+:func:`load_model` finds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from twincar.data.classes import class_names_difference, read_class_names
+from twincar.data.preprocess import TWINCARS_PREPROCESS, Preprocess
+from twincar.files import write_json
+from twincar.models import WeightsError
+from twincar.models.card import (
+    CALIBRATION,
+    MODEL_CARD,
+    calibration_sidecar,
+    read_calibration,
+    read_model_card,
+    write_model_card,
+)
+from twincar.models.checkpoint import read_state_dict, safe_torch_load, save_torch, strip_prefix
+from twincar.models.factory import build_model
+from twincar.models.hub import HUB_CONFIG, HUB_WEIGHTS
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with what it needs to be used: its class names and input preprocessing."""
+
+    model: nn.Module
+    class_names: list[str]
+    preprocess: Preprocess
+    architecture: str
+    source: Path
+    card: dict = field(default_factory=dict)  # the model card or checkpoint hparams it came with
+    calibration: dict | None = None  # temperature and unknown threshold (twincar.evaluation.calibration), when fitted
+
+
+class OnnxModule(nn.Module):
+    """An ONNX model run by onnxruntime, callable like the eager network: float (N, 3, S, S) in, logits out.
+
+    onnxruntime (the ``onnx`` extra) is imported here only. CUDA is used when onnxruntime has it and
+    ``device`` asks for it; otherwise the CPU.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto"):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise WeightsError(f"{path} is an ONNX model: install the onnx extra (pip install 'twincar[onnx]')") from e
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for a damaged file
+            raise WeightsError(f"cannot read ONNX model {path}: {str(e).strip().splitlines()[0]}") from e
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name = inp.name
+        side = inp.shape[-1] if len(inp.shape) == 4 else None
+        self.image_size: int | None = side if isinstance(side, int) else None  # None: any size
+        self.num_outputs: int = out.shape[-1] if isinstance(out.shape[-1], int) else -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {self.input_name: x.detach().float().contiguous().cpu().numpy()})
+        return torch.from_numpy(logits).to(x.device)
+
+
+def _hub_weights(folder: Path, spec: str) -> Path:
+    if not (folder / HUB_CONFIG).is_file():
+        raise WeightsError(f"--model {spec}: {folder} has no {HUB_CONFIG}: pass a folder written by "
+                           "twincar.export format=hf (or a timm hub model)")
+    for name in HUB_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"--model {spec}: {folder} has {HUB_CONFIG} but no {' or '.join(HUB_WEIGHTS)}")
+
+
+def resolve_model_source(spec: str | Path) -> Path:
+    """The weights file a model argument names: a path as it is; ``local-dir:DIR`` the weights of a hub folder
+    (``config.json`` + ``model.safetensors``); ``hf-hub:USER/REPO[@REVISION]`` those of a Hugging Face Hub
+    repository, downloaded, or with ``HF_HUB_OFFLINE=1`` taken from the local Hugging Face cache only. A folder or
+    repository that is not there is one sentence."""
+    text = str(spec)
+    if text.startswith("local-dir:"):
+        folder = Path(text.removeprefix("local-dir:")).expanduser()
+        if not folder.is_dir():
+            raise WeightsError(f"--model {spec}: no such folder {folder} (export one with twincar.export format=hf)")
+        return _hub_weights(folder, text)
+    if not text.startswith("hf-hub:"):
+        return Path(spec).expanduser()
+    repo, _, revision = text.removeprefix("hf-hub:").partition("@")
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError as e:
+        raise WeightsError(f"--model {spec} needs huggingface_hub: pip install huggingface_hub") from e
+    try:
+        folder = Path(snapshot_download(repo, revision=revision or None,
+                                        allow_patterns=[HUB_CONFIG, MODEL_CARD, *HUB_WEIGHTS]))
+    except Exception as e:  # hub, network and cache errors come in many types
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
+            "on the Hugging Face Hub or in the local cache"
+        raise WeightsError(f"--model {spec}: repository {repo} is not {where}: check the name, or download it "
+                           "first (hf download USER/REPO)") from e
+    return _hub_weights(folder, text)
+
+
+def _check_names(given: list[str] | None, carried: list[str] | None, num_outputs: int, path: Path) -> list[str]:
+    """The class names to use: those the file carries, else those given; a mismatch is an error."""
+    difference = class_names_difference(carried, given) if carried is not None and given is not None else None
+    if difference:
+        raise WeightsError(
+            f"{path} carries class names that differ from those given by --classes ({difference}): "
+            "leave --classes out, or pass the classes the model was trained with"
+        )
+    names = carried if carried is not None else given
+    if names is None:
+        raise WeightsError(f"{path} carries no class names: pass --classes classes.txt (or classes=...)")
+    if len(names) != num_outputs:
+        raise WeightsError(f"the class list has {len(names)} names but {path} has {num_outputs} outputs")
+    return list(names)
+
+
+def _head_outputs(state: dict[str, torch.Tensor], path: Path) -> int:
+    heads = [k for k in ("fc.weight", "head.fc.weight", "classifier.weight", "head.weight") if k in state]
+    if not heads:
+        raise WeightsError(f"{path}: no classifier head found (fc.weight, head.fc.weight, classifier.weight)")
+    return int(state[heads[0]].shape[0])
+
+
+def load_model(
+    path: str | Path,
+    classes: str | Path | list[str] | None = None,
+    *,
+    architecture: str | None = None,
+    preprocess: Preprocess | None = None,
+) -> LoadedModel:
+    """The one way a trained model comes in, for predict, eval, explain, export and the demo.
+
+    ``path`` is a TwinCar Lightning ``.ckpt`` (class names and preprocessing inside), exported weights
+    (``.pth``/``.safetensors``/``.onnx``, the last run by onnxruntime) with a ``model_card.json`` beside them,
+    a timm hub folder or repository (``local-dir:DIR``, ``hf-hub:USER/REPO``: :func:`resolve_model_source`),
+    or a bare state dict such as the original TwinCars ``.pth`` (a torchvision resnet50 with a K-way ``fc``),
+    which needs ``classes`` and gets the original preprocessing (224x224 squash, ImageNet mean/std) unless
+    ``preprocess`` is given.
+    Every file is read with ``weights_only=True`` or safetensors: nothing is unpickled.
+    """
+    path = resolve_model_source(path)
+    if not path.is_file():
+        raise WeightsError(f"model file {path} does not exist: give the path of a .ckpt, .pth, .safetensors or .onnx"
+                           " (or local-dir:DIR, hf-hub:USER/REPO)")
+    try:
+        given = read_class_names(classes) if isinstance(classes, (str, Path)) else (list(classes) if classes else None)
+    except (OSError, ValueError) as e:
+        raise WeightsError(str(e)) from e
+    card: dict = {}
+    if path.suffix == ".onnx":
+        model = OnnxModule(path)
+        card = read_model_card(path)
+        carried = card.get("class_names")
+        names = _check_names(given, list(carried) if carried else None, model.num_outputs, path)
+        pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
+        return LoadedModel(model, names, preprocess or pre, card.get("architecture", "onnx"), path, card,
+                           read_calibration(path, card))
+    if path.suffix == ".ckpt":
+        ckpt = safe_torch_load(path)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise WeightsError(f"{path} is not a Lightning checkpoint (no state_dict)")
+        card = dict(ckpt.get("hyper_parameters") or {})
+        state = strip_prefix(ckpt["state_dict"], "model.")
+        arch = card.get("name", architecture or "resnet50")
+        carried = card.get("class_names")
+        pre = Preprocess.from_dict(card.get("preprocess"))
+    else:
+        state = read_state_dict(path)
+        card = read_model_card(path)
+        arch = card.get("architecture", architecture or "resnet50")
+        carried = card.get("class_names")
+        pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
+    names = _check_names(given, list(carried) if carried else None, _head_outputs(state, path), path)
+    return LoadedModel(build_model(arch, len(names), state, path), names, preprocess or pre, arch, path, card,
+                       read_calibration(path, card))
+
+
+def write_calibration(path: str | Path, calibration: dict) -> Path:
+    """Store ``calibration`` with the model file at ``path``, atomically, where :func:`read_calibration` finds it:
+    a ``.ckpt``'s hyper-parameters (the file is rewritten), the ``model_card.json`` beside exported weights, or
+    else a sidecar ``NAME.calibration.json`` (the original TwinCars ``.pth``: the weights file is never touched).
+    Returns the file written."""
+    path = Path(path).expanduser()
+    if path.suffix == ".ckpt":
+        ckpt = safe_torch_load(path)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise WeightsError(f"{path} is not a Lightning checkpoint (no state_dict)")
+        ckpt.setdefault("hyper_parameters", {})[CALIBRATION] = dict(calibration)
+        return save_torch(ckpt, path)
+    card = read_model_card(path)
+    if card:
+        card[CALIBRATION] = dict(calibration)
+        return write_model_card(path.parent, card)
+    return write_json(calibration_sidecar(path), dict(calibration))
