@@ -136,7 +136,7 @@ def predict_files(
     )
     search, neighbour_folder = None, None
     if neighbours:
-        from twincar.evaluation.neighbours import NeighbourIndex
+        from twincar.evaluation.neighbours import INDEX_TENSORS, NeighbourIndex
 
         neighbour_folder = Path(index) if index else Path(model).expanduser().parent / "index"
         neighbour_index = NeighbourIndex.load(neighbour_folder, predictor.class_names)
@@ -158,7 +158,8 @@ def predict_files(
     from twincar.inference.shards import job_lock, job_options, predict_sharded, remove_shards, shard_dir
 
     options = job_options(model, predictor, topk=topk, neighbours=neighbours, precision=precision,
-                          accelerator=processes.accelerator, index=neighbour_folder)
+                          accelerator=processes.accelerator,
+                          index=neighbour_folder / INDEX_TENSORS if neighbour_folder else None)
     with job_lock(shard_dir(output)):  # one job at a time writes these shards and this output
         done = predict_sharded(predictor, files, output, processes, options=options, topk=topk,
                                batch_size=batch_size, neighbours=search, resume=resume, shard_size=shard_size,

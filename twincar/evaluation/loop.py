@@ -72,7 +72,7 @@ def collect_logits(
     training run's val/test sets are), and put through the predictor's own preprocessing and :meth:`Predictor.outputs`.
     An unreadable image is named in the log and in ``skipped``, and left out. With ``embeddings``, the images'
     embeddings too, from the same forward pass (:meth:`Predictor.outputs_with_embeddings`). (On many processes:
-    :func:`twincar.inference.parallel.collect_logits`.)"""
+    :func:`collect_logits_on`.)"""
     from tqdm.auto import tqdm
 
     samples = list(samples)
@@ -83,6 +83,26 @@ def collect_logits(
             outputs.append(predictor.batch_outputs(batch, embeddings=embeddings))
             bar.update(len(batch[0]) + len(batch[2]))
     return eval_outputs(samples, outputs)
+
+
+def collect_logits_on(predictor: Predictor, samples: Sequence[Sample], processes, *,
+                      bbox_margin: float | None = None, batch_size: int = 64, num_workers: int = 0,
+                      progress: bool = True, embeddings: bool = False) -> EvalOutputs | None:
+    """:func:`collect_logits` on ``processes`` (:class:`twincar.inference.parallel.Processes`: Lightning's
+    ``Trainer.predict`` over the same numbered items and :meth:`Predictor.batch_outputs`): the same
+    :class:`EvalOutputs` (sample order) on global rank 0, None on the other ranks."""
+    from twincar.cluster import is_launching_process
+    from twincar.inference.parallel import GatherOutputs, run_inference
+
+    samples = list(samples)
+    if len(samples) < processes.world_size:  # Lightning's sampler gives each process one image at least
+        log.info("%d image(s) for %d processes: rank 0 evaluates them alone", len(samples), processes.world_size)
+        return collect_logits(predictor, samples, bbox_margin=bbox_margin, batch_size=batch_size,
+                              progress=progress, embeddings=embeddings) if is_launching_process() else None
+    gather = GatherOutputs()
+    run_inference(predictor, labelled_dataset(predictor, samples, bbox_margin), processes, [gather],
+                  batch_size=batch_size, num_workers=num_workers, embeddings=embeddings, progress=progress)
+    return None if gather.outputs is None else eval_outputs(samples, gather.outputs)
 
 
 def eval_outputs(samples: Sequence[Sample], outputs: Iterable[BatchOutputs]) -> EvalOutputs:

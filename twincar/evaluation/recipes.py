@@ -16,13 +16,14 @@ from omegaconf import DictConfig, open_dict
 
 from twincar.data.formats import Sample
 from twincar.data.images import find_images
-from twincar.evaluation.calibration import SCORES, Calibration, calibrate
+from twincar.evaluation.calibration import Calibration, calibrate
 from twincar.evaluation.figures import reliability_diagram
-from twincar.evaluation.loop import EvalError, collect_logits, data_config, eval_samples
+from twincar.evaluation.loop import EvalError, collect_logits, collect_logits_on, data_config, eval_samples
 from twincar.evaluation.report import open_set_report, summary, write_reports
 from twincar.files import check_writable_dir, write_json
 from twincar.inference.engines import default_workers
 from twincar.inference.predictor import Predictor
+from twincar.inference.results import SCORES
 from twincar.models.loading import write_calibration
 from twincar.models.metrics import reliability_bins
 from twincar.runs import resolve_launch_paths
@@ -64,13 +65,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                              num_workers=min(workers, default_workers(predictor.device)), progress=progress,
                              embeddings=index is not None)
     else:
-        from twincar.inference import parallel
-
         log.info("evaluating %s on %d %s images (%d processes: %d node(s) x %d %s, tta=%s)", cfg.ckpt, len(samples),
                  split, processes.world_size, processes.num_nodes, processes.devices, processes.accelerator, cfg.tta)
-        out = parallel.collect_logits(predictor, samples, processes, bbox_margin=margin, batch_size=batch_size,
-                                      num_workers=workers if processes.accelerator == "gpu" else 0, progress=progress,
-                                      embeddings=index is not None)
+        out = collect_logits_on(predictor, samples, processes, bbox_margin=margin, batch_size=batch_size,
+                                num_workers=workers if processes.accelerator == "gpu" else 0, progress=progress,
+                                embeddings=index is not None)
         if out is None:  # not rank 0: rank 0 writes the reports
             return {}
     extra = {"checkpoint": str(cfg.ckpt), "split": split, "tta": str(cfg.tta), "images": len(out.samples),

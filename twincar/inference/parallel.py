@@ -26,8 +26,6 @@ from torch.utils.data import DataLoader, Dataset
 from twincar.cluster import is_launching_process, launched_processes, requeue_slurm_job, slurm_job_id
 from twincar.data.datasets import collate_readable
 from twincar.errors import TwinCarError
-from twincar.evaluation.loop import EvalOutputs, eval_outputs, labelled_dataset
-from twincar.evaluation.loop import collect_logits as one_process_logits
 from twincar.inference.batches import BatchOutputs, split_batch
 from twincar.inference.predictor import Predictor
 
@@ -199,20 +197,3 @@ class GatherOutputs(L.Callback):
         gathered = [None] * trainer.world_size if trainer.is_global_zero else None
         torch.distributed.gather_object(self.outputs, gathered, dst=0)
         self.outputs = [o for rank in gathered for o in rank] if trainer.is_global_zero else None
-
-
-def collect_logits(predictor: Predictor, samples: Sequence, processes: Processes, *, bbox_margin: float | None = None,
-                   batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-                   embeddings: bool = False) -> EvalOutputs | None:
-    """:func:`twincar.inference.predictor.collect_logits` on ``processes``: the same :class:`EvalOutputs` (sample
-    order) on
-    global rank 0, None on the other ranks."""
-    samples = list(samples)
-    if len(samples) < processes.world_size:  # Lightning's sampler gives each process one image at least
-        log.info("%d image(s) for %d processes: rank 0 evaluates them alone", len(samples), processes.world_size)
-        return one_process_logits(predictor, samples, bbox_margin=bbox_margin, batch_size=batch_size,
-                                  progress=progress, embeddings=embeddings) if is_launching_process() else None
-    gather = GatherOutputs()
-    run_inference(predictor, labelled_dataset(predictor, samples, bbox_margin), processes, [gather],
-                  batch_size=batch_size, num_workers=num_workers, embeddings=embeddings, progress=progress)
-    return None if gather.outputs is None else eval_outputs(samples, gather.outputs)

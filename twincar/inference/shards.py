@@ -29,7 +29,6 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from twincar.cluster import is_launching_process, run_lock
 from twincar.errors import TwinCarError
-from twincar.evaluation.neighbours import INDEX_TENSORS
 from twincar.files import atomic_path, read_json_object, remove_stale_temp_files, write_json
 from twincar.inference.batches import BatchOutputs, source_name
 from twincar.inference.predictor import Predictor
@@ -328,7 +327,8 @@ JOB_FILE = "job.json"  # the options the shards were predicted with: --resume re
 def job_options(model: str | Path, predictor: Predictor, *, topk: int, neighbours: int, precision: str,
                 accelerator: str, index: str | Path | None = None) -> dict:
     """What a job's predictions depend on (``job.json``): the model file (its path, size and mtime: weights
-    retrained into the same file are another model), its class names, the neighbour index's file, and every option
+    retrained into the same file are another model), its class names, the neighbour index's tensors file
+    (``index``), and every option
     that changes a row (``precision`` ``auto`` with the ``accelerator``, which resolves it)."""
     path = Path(model).expanduser()
     names = hashlib.sha256("\n".join(predictor.class_names).encode()).hexdigest()[:16]
@@ -336,7 +336,7 @@ def job_options(model: str | Path, predictor: Predictor, *, topk: int, neighbour
             "tta": predictor.tta, "image_size": predictor.preprocess.image_size,
             "resize_mode": predictor.preprocess.resize_mode, "unknown": predictor.unknown_threshold,
             "temperature": predictor.temperature, "neighbours": neighbours,
-            "index": list(file_key(Path(index) / INDEX_TENSORS)) if neighbours and index else None,
+            "index": list(file_key(Path(index))) if neighbours and index else None,
             "precision": precision, "accelerator": accelerator}
 
 
