@@ -154,7 +154,6 @@ def predict_files(
                                         num_workers=min(workers, max(0, len(files) // batch_size)))
         return _write(output, _with_progress(stream, len(files), progress), fmt, topk, start,
                       neighbours=neighbours, open_set=predictor.unknown_threshold is not None)
-    from twincar.inference.parallel import default_workers as workers_per_process
     from twincar.inference.shards import job_lock, job_options, predict_sharded, remove_shards, shard_dir
 
     options = job_options(model, predictor, topk=topk, neighbours=neighbours, precision=precision,
@@ -163,7 +162,8 @@ def predict_files(
     with job_lock(shard_dir(output)):  # one job at a time writes these shards and this output
         done = predict_sharded(predictor, files, output, processes, options=options, topk=topk,
                                batch_size=batch_size, neighbours=search, resume=resume, shard_size=shard_size,
-                               num_workers=workers_per_process(processes) if num_workers is None else num_workers,
+                               num_workers=default_workers(processes.accelerator, processes.devices)
+                               if num_workers is None else num_workers,
                                progress=progress)
         if done is None:  # another rank than 0: rank 0 writes the output
             return None

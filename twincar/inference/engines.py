@@ -53,12 +53,16 @@ def resolve_device(device="auto"):
     return resolved
 
 
-def default_workers(device) -> int:
-    """Decoding processes for inference on ``device`` (a torch device, or ``"cpu"``/``"cuda"``): none on the CPU,
-    where the network already uses every core (decoding is a few percent of the work there, and a busy core stalls
-    every layer's threads: predict ran 4x slower on 2 cores with 2 workers), else up to 8 (a GPU waits on
-    decoding)."""
-    return 0 if getattr(device, "type", str(device)) == "cpu" else min(8, os.cpu_count() or 1)
+def default_workers(device, processes: int | None = None) -> int:
+    """Decoding processes for inference on ``device`` (a torch device, or ``"cpu"``/``"cuda"``/an accelerator
+    name): none on the CPU, where the network already uses every core (decoding is a few percent of the work there,
+    and a busy core stalls every layer's threads: predict ran 4x slower on 2 cores with 2 workers), else up to 8 (a
+    GPU waits on decoding). ``processes``: the inference processes per node of a scale-out run
+    (:mod:`twincar.inference.parallel`), which share the node's cores, one kept for each process itself."""
+    if getattr(device, "type", str(device)) == "cpu":
+        return 0
+    cores = os.cpu_count() or 1
+    return min(8, cores) if processes is None else max(1, min(8, cores // processes - 1))
 
 
 def resolve_precision(precision: str, device):

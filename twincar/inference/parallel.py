@@ -113,13 +113,6 @@ def requeue_on_time_limit() -> Iterator[None]:
         signal.signal(REQUEUE_SIGNAL, previous)
 
 
-def default_workers(processes: Processes) -> int:
-    """Decoding processes per inference process: none on the CPU (as
-    :func:`twincar.inference.engines.default_workers`),
-    else the node's cores shared among its processes, up to 8 each."""
-    return 0 if processes.accelerator == "cpu" else max(1, min(8, (os.cpu_count() or 1) // processes.devices - 1))
-
-
 class InferenceModule(L.LightningModule):
     """The Predictor as Lightning runs it in each process: ``predict_step`` is :meth:`Predictor.batch_outputs`."""
 
