@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY_NAMES, run_cli
 from twincar import Predictor
+from twincar.errors import TwinCarError
 from twincar.export import ExportError, export_model
 from twincar.models.card import MODEL_CARD
 from twincar.models.loading import load_model
@@ -56,11 +57,14 @@ def test_export_round_trips_in_all_three_formats(trained_run, data_dir, tmp_path
     model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch dimension
-    onnx_model = load_model(tmp_path / "onnx" / "model.onnx").model
+    session = Predictor.load(tmp_path / "onnx" / "model.onnx", device="cpu").engine.session
     eager = load_model(ckpt).model
     x = torch.randn(5, 3, 64, 64)  # a batch size the export never saw
     with torch.inference_mode():
-        np.testing.assert_allclose(onnx_model(x).numpy(), eager(x).numpy(), atol=1e-4, rtol=0)
+        (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        np.testing.assert_allclose(onnx_logits, eager(x).numpy(), atol=1e-4, rtol=0)
+    with pytest.raises(TwinCarError, match=r"model\.onnx is an ONNX model: Predictor\.load runs it"):
+        load_model(tmp_path / "onnx" / "model.onnx")
     # the demo answers from the ONNX model too, and says why it shows no Grad-CAM for it
     from twincar.demo import Answerer
 

@@ -45,39 +45,6 @@ class LoadedModel:
     calibration: dict | None = None  # temperature and unknown threshold (twincar.evaluation.calibration), when fitted
 
 
-class OnnxModule(nn.Module):
-    """An ONNX model run by onnxruntime, callable like the eager network: float (N, 3, S, S) in, logits out.
-
-    onnxruntime (the ``onnx`` extra) is imported here only. CUDA is used when onnxruntime has it and
-    ``device`` asks for it; otherwise the CPU.
-    """
-
-    def __init__(self, path: str | Path, device: str = "auto"):
-        super().__init__()
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise WeightsError(f"{path} is an ONNX model: install the onnx extra (pip install 'twincar[onnx]')") from e
-        providers = ["CPUExecutionProvider"]
-        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types for a damaged file
-            raise WeightsError(f"cannot read ONNX model {path}: {str(e).strip().splitlines()[0]}") from e
-        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.input_name = inp.name
-        side = inp.shape[-1] if len(inp.shape) == 4 else None
-        self.image_size: int | None = side if isinstance(side, int) else None  # None: any size
-        self.num_outputs: int = out.shape[-1] if isinstance(out.shape[-1], int) else -1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(None, {self.input_name: x.detach().float().contiguous().cpu().numpy()})
-        return torch.from_numpy(logits).to(x.device)
-
-
 def _hub_weights(folder: Path, spec: str) -> Path:
     if not (folder / HUB_CONFIG).is_file():
         raise WeightsError(f"--model {spec}: {folder} has no {HUB_CONFIG}: pass a folder written by "
@@ -147,10 +114,11 @@ def load_model(
     architecture: str | None = None,
     preprocess: Preprocess | None = None,
 ) -> LoadedModel:
-    """The one way a trained model comes in, for predict, eval, explain, export and the demo.
+    """The one way PyTorch weights come in, for predict, eval, explain, export and the demo (an ``.onnx`` model is
+    :meth:`~twincar.inference.predictor.Predictor.load`'s, run by its onnxruntime engine).
 
     ``path`` is a TwinCar Lightning ``.ckpt`` (class names and preprocessing inside), exported weights
-    (``.pth``/``.safetensors``/``.onnx``, the last run by onnxruntime) with a ``model_card.json`` beside them,
+    (``.pth``/``.safetensors``) with a ``model_card.json`` beside them,
     a timm hub folder or repository (``local-dir:DIR``, ``hf-hub:USER/REPO``: :func:`resolve_model_source`),
     or a bare state dict such as the original TwinCars ``.pth`` (a torchvision resnet50 with a K-way ``fc``),
     which needs ``classes`` and gets the original preprocessing (224x224 squash, ImageNet mean/std) unless
@@ -159,7 +127,7 @@ def load_model(
     """
     path = resolve_model_source(path)
     if not path.is_file():
-        raise WeightsError(f"model file {path} does not exist: give the path of a .ckpt, .pth, .safetensors or .onnx"
+        raise WeightsError(f"model file {path} does not exist: give the path of a .ckpt, .pth or .safetensors"
                            " (or local-dir:DIR, hf-hub:USER/REPO)")
     try:
         given = read_class_names(classes) if isinstance(classes, (str, Path)) else (list(classes) if classes else None)
@@ -167,13 +135,8 @@ def load_model(
         raise WeightsError(str(e)) from e
     card: dict = {}
     if path.suffix == ".onnx":
-        model = OnnxModule(path)
-        card = read_model_card(path)
-        carried = card.get("class_names")
-        names = _check_names(given, list(carried) if carried else None, model.num_outputs, path)
-        pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
-        return LoadedModel(model, names, preprocess or pre, card.get("architecture", "onnx"), path, card,
-                           read_calibration(path, card))
+        raise WeightsError(f"{path} is an ONNX model: Predictor.load runs it (with onnxruntime); this needs PyTorch "
+                           "weights (.ckpt, .pth, .safetensors)")
     if path.suffix == ".ckpt":
         ckpt = safe_torch_load(path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
