@@ -1,4 +1,7 @@
-"""One writer per run directory: ``.twincar.lock`` (PID, host, start time as JSON), taken when a run starts.
+"""The processes of a job, for training and inference alike: ranks (Lightning, torchrun, SLURM), SLURM's job id,
+requeue and its time-limit signal, and one writer per run directory.
+
+The lock, ``.twincar.lock`` (PID, host, start time as JSON), is taken when a run starts.
 
 A second run into the same directory stops with one sentence naming the first one. A lock left by a crashed or
 killed run (same host, its PID gone) is taken over, saying so. Only the launching global-rank-0 process takes
@@ -12,8 +15,10 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,3 +169,39 @@ def run_lock(run_dir: str | Path, holder: tuple[str, str] = TRAINING) -> Iterato
         yield True
     finally:
         release(run_dir, owner)
+
+
+REQUEUE_SIGNAL = signal.SIGUSR1  # what ``sbatch --signal=USR1@SECONDS`` sends before the time limit (as Lightning)
+
+
+@contextlib.contextmanager
+def requeue_on_time_limit() -> Iterator[None]:
+    """In a SLURM job submitted with ``sbatch --requeue --signal=USR1@SECONDS``: on the SIGUSR1 that SLURM sends
+    before the time limit, rank 0 puts the job back in the queue (``scontrol requeue``). SLURM then stops every
+    process with SIGTERM, which keeps the rows predicted so far (:class:`~twincar.inference.shards.ShardWriter`), and
+    the
+    requeued script's ``--resume`` predicts the rest. Every other process of the job (other ranks, data-loading
+    workers) ignores the signal, which would otherwise kill it. Outside SLURM, off the main thread, or when a
+    SIGUSR1 handler is already set, nothing changes; Lightning then does not install its own, which would also
+    save a training checkpoint."""
+    job = slurm_job_id()
+    if (job is None or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(REQUEUE_SIGNAL) not in (None, signal.SIG_DFL)):
+        yield
+        return
+    pid = os.getpid()
+
+    def requeue(signum: int, frame) -> None:
+        if os.getpid() != pid or not is_launching_process():  # a data-loading worker, or another rank
+            return
+        log.warning("SLURM's signal before the time limit: requeueing job %s (the rows predicted so far are kept, "
+                    "and the requeued job's --resume predicts the rest)", job)
+        if failed := requeue_slurm_job(job):
+            log.warning("scontrol requeue %s failed (%s): the job runs on to its time limit; submit it again with "
+                        "--resume to predict the rest", job, failed)
+
+    previous = signal.signal(REQUEUE_SIGNAL, requeue)
+    try:
+        yield
+    finally:
+        signal.signal(REQUEUE_SIGNAL, previous)

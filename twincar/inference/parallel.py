@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from twincar.cluster import is_launching_process, launched_processes, requeue_slurm_job, slurm_job_id
+from twincar.cluster import launched_processes
 from twincar.data.datasets import collate_readable
 from twincar.errors import TwinCarError
 from twincar.inference.batches import BatchOutputs, split_batch
@@ -75,42 +72,6 @@ def resolve_processes(devices: int | None = None, num_nodes: int | None = None,
     if accelerator == "gpu" and devices > torch.cuda.device_count():
         raise TwinCarError(f"--devices {devices}: this machine has {torch.cuda.device_count()} GPU(s)")
     return Processes(devices, num_nodes, accelerator)
-
-
-REQUEUE_SIGNAL = signal.SIGUSR1  # what ``sbatch --signal=USR1@SECONDS`` sends before the time limit (as Lightning)
-
-
-@contextlib.contextmanager
-def requeue_on_time_limit() -> Iterator[None]:
-    """In a SLURM job submitted with ``sbatch --requeue --signal=USR1@SECONDS``: on the SIGUSR1 that SLURM sends
-    before the time limit, rank 0 puts the job back in the queue (``scontrol requeue``). SLURM then stops every
-    process with SIGTERM, which keeps the rows predicted so far (:class:`~twincar.inference.shards.ShardWriter`), and
-    the
-    requeued script's ``--resume`` predicts the rest. Every other process of the job (other ranks, data-loading
-    workers) ignores the signal, which would otherwise kill it. Outside SLURM, off the main thread, or when a
-    SIGUSR1 handler is already set, nothing changes; Lightning then does not install its own, which would also
-    save a training checkpoint."""
-    job = slurm_job_id()
-    if (job is None or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(REQUEUE_SIGNAL) not in (None, signal.SIG_DFL)):
-        yield
-        return
-    pid = os.getpid()
-
-    def requeue(signum: int, frame) -> None:
-        if os.getpid() != pid or not is_launching_process():  # a data-loading worker, or another rank
-            return
-        log.warning("SLURM's signal before the time limit: requeueing job %s (the rows predicted so far are kept, "
-                    "and the requeued job's --resume predicts the rest)", job)
-        if failed := requeue_slurm_job(job):
-            log.warning("scontrol requeue %s failed (%s): the job runs on to its time limit; submit it again with "
-                        "--resume to predict the rest", job, failed)
-
-    previous = signal.signal(REQUEUE_SIGNAL, requeue)
-    try:
-        yield
-    finally:
-        signal.signal(REQUEUE_SIGNAL, previous)
 
 
 class InferenceModule(L.LightningModule):

@@ -367,7 +367,8 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
     ``output``;
     with ``resume``, only those the shards lack. On global rank 0: every file's prediction in input order, streamed
     from the shards (:func:`merged`), and how many came from earlier shards; None on the other ranks."""
-    from twincar.inference.parallel import requeue_on_time_limit, run_inference
+    from twincar.cluster import requeue_on_time_limit
+    from twincar.inference.parallel import run_inference
 
     folder = shard_dir(output)
     check_job(folder, options, resume)
