@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from twincar.data.classes import class_names_difference, parse_car_name, read_class_names
+from twincar.data.classes import parse_car_name
 from twincar.data.preprocess import Preprocess
 from twincar.errors import TwinCarError
 from twincar.inference import batches
@@ -335,7 +335,7 @@ def _load_onnx(path: Path, classes, device, preprocess, image_size: int | None, 
                threads: int | None) -> tuple[OnnxEngine, list[str], Preprocess, dict | None]:
     """An ``.onnx`` export, its class names, preprocessing and calibration, from its model card (and a
     ``NAME.calibration.json`` sidecar: :mod:`twincar.models.card`, torch-free); numpy, PIL and onnxruntime only."""
-    from twincar.models.card import read_calibration, read_model_card
+    from twincar.models.card import model_class_names, read_calibration, read_model_card
 
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist: give the path of an exported .onnx model")
@@ -345,18 +345,5 @@ def _load_onnx(path: Path, classes, device, preprocess, image_size: int | None, 
     if engine.image_size not in (None, spec.image_size):
         raise ModelError(f"{path} takes {engine.image_size}x{engine.image_size} inputs, not {spec.image_size}: "
                          "leave --img-size out for this ONNX model")
-    try:
-        given = read_class_names(classes) if isinstance(classes, (str, Path)) else (list(classes) if classes else None)
-    except (OSError, ValueError) as e:
-        raise ModelError(str(e)) from e
-    carried = card.get("class_names")
-    difference = class_names_difference(carried, given) if carried is not None and given is not None else None
-    if difference:
-        raise ModelError(f"{path} carries class names that differ from those given by --classes ({difference}): "
-                         "leave --classes out, or pass the classes the model was trained with")
-    names = list(carried) if carried is not None else given
-    if names is None:
-        raise ModelError(f"{path} carries no class names: pass --classes classes.txt (or classes=...)")
-    if engine.num_outputs is not None and len(names) != engine.num_outputs:
-        raise ModelError(f"the class list has {len(names)} names but {path} has {engine.num_outputs} outputs")
+    names = model_class_names(path, card.get("class_names"), classes, engine.num_outputs)
     return engine, names, spec, read_calibration(path, card)

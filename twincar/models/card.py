@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
+from twincar.data.classes import class_names_difference, read_class_names
 from twincar.data.preprocess import Preprocess
 from twincar.files import ReadError, read_json_object, write_json
 from twincar.models import WeightsError
@@ -139,3 +140,25 @@ def read_calibration(path: str | Path, card: dict | None = None) -> dict | None:
     if not isinstance(value, dict):
         raise WeightsError(f"{sidecar} must hold a JSON object (temperature, score, threshold)")
     return value
+
+
+def model_class_names(path: Path, carried: Sequence[str] | None, classes: str | Path | Sequence[str] | None,
+                      num_outputs: int | None) -> list[str]:
+    """The class names of the model at ``path``: those it carries, else ``classes`` (a ``classes.txt`` path or a
+    list, as ``--classes`` gives it). Names that differ from the carried ones, none at all, or a count other than
+    the network's ``num_outputs`` (None: unknown) is one sentence naming the file."""
+    try:
+        given = read_class_names(classes) if isinstance(classes, (str, Path)) else (list(classes) if classes else None)
+    except (OSError, ValueError) as e:
+        raise WeightsError(str(e)) from e
+    carried = list(carried) if carried else None
+    difference = class_names_difference(carried, given) if carried is not None and given is not None else None
+    if difference:
+        raise WeightsError(f"{path} carries class names that differ from those given by --classes ({difference}): "
+                           "leave --classes out, or pass the classes the model was trained with")
+    names = carried if carried is not None else given
+    if names is None:
+        raise WeightsError(f"{path} carries no class names: pass --classes classes.txt (or classes=...)")
+    if num_outputs is not None and len(names) != num_outputs:
+        raise WeightsError(f"the class list has {len(names)} names but {path} has {num_outputs} outputs")
+    return names

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from twincar.data.classes import class_names_difference, read_class_names
 from twincar.data.preprocess import TWINCARS_PREPROCESS, Preprocess
 from twincar.files import write_json
 from twincar.models import WeightsError
@@ -23,6 +22,7 @@ from twincar.models.card import (
     CALIBRATION,
     MODEL_CARD,
     calibration_sidecar,
+    model_class_names,
     read_calibration,
     read_model_card,
     write_model_card,
@@ -84,22 +84,6 @@ def resolve_model_source(spec: str | Path) -> Path:
     return _hub_weights(folder, text)
 
 
-def _check_names(given: list[str] | None, carried: list[str] | None, num_outputs: int, path: Path) -> list[str]:
-    """The class names to use: those the file carries, else those given; a mismatch is an error."""
-    difference = class_names_difference(carried, given) if carried is not None and given is not None else None
-    if difference:
-        raise WeightsError(
-            f"{path} carries class names that differ from those given by --classes ({difference}): "
-            "leave --classes out, or pass the classes the model was trained with"
-        )
-    names = carried if carried is not None else given
-    if names is None:
-        raise WeightsError(f"{path} carries no class names: pass --classes classes.txt (or classes=...)")
-    if len(names) != num_outputs:
-        raise WeightsError(f"the class list has {len(names)} names but {path} has {num_outputs} outputs")
-    return list(names)
-
-
 def _head_outputs(state: dict[str, torch.Tensor], path: Path) -> int:
     heads = [k for k in ("fc.weight", "head.fc.weight", "classifier.weight", "head.weight") if k in state]
     if not heads:
@@ -129,10 +113,6 @@ def load_model(
     if not path.is_file():
         raise WeightsError(f"model file {path} does not exist: give the path of a .ckpt, .pth or .safetensors"
                            " (or local-dir:DIR, hf-hub:USER/REPO)")
-    try:
-        given = read_class_names(classes) if isinstance(classes, (str, Path)) else (list(classes) if classes else None)
-    except (OSError, ValueError) as e:
-        raise WeightsError(str(e)) from e
     card: dict = {}
     if path.suffix == ".onnx":
         raise WeightsError(f"{path} is an ONNX model: Predictor.load runs it (with onnxruntime); this needs PyTorch "
@@ -152,7 +132,7 @@ def load_model(
         arch = card.get("architecture", architecture or "resnet50")
         carried = card.get("class_names")
         pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
-    names = _check_names(given, list(carried) if carried else None, _head_outputs(state, path), path)
+    names = model_class_names(path, carried, classes, _head_outputs(state, path))
     return LoadedModel(build_model(arch, len(names), state, path), names, preprocess or pre, arch, path, card,
                        read_calibration(path, card))
 
