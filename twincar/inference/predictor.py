@@ -49,6 +49,7 @@ from twincar.inference.results import (
 
 log = logging.getLogger(__name__)
 
+
 class Predictor:
     """A loaded classifier with its class names and preprocessing; predicts on files, PIL images, arrays or tensors.
 
