@@ -17,7 +17,7 @@ SMALL_SPEC = dict(num_classes=6, train_per_class=12, test_per_class=4, seed=0)
 
 
 # Fixtures that train a model when first used (session or module scope, so set up before the guard below).
-TRAINING_FIXTURES = {"trained_run", "smoke_run", "run", "val_eval"}
+TRAINING_FIXTURES = {"trained_run", "smoke_run", "smoke_sweep", "run", "val_eval"}
 
 
 @pytest.fixture(autouse=True)
@@ -112,18 +112,22 @@ def car_images(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_dir) -> Path:
-    """The run directory of a one-epoch resnet18 smoke training on the small dataset: model.pth, classes.txt,
+    """The run directory of the session's one trained model (see tests/trained.py): model.pth, classes.txt,
     model_card.json, checkpoints/last.ckpt, metrics.json (no .hydra/: train(cfg) is called directly)."""
-    from hydra import compose, initialize_config_module
+    from tests import trained
 
-    from twincar.train import train
+    return trained.trained_run(tmp_path_factory, data_dir)
 
-    root = tmp_path_factory.mktemp("trained_run")
-    with initialize_config_module("twincar.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=smoke", "model.name=resnet18", "~callbacks.rich_progress_bar", f"paths.root_dir={root}",
-            f"paths.data_dir={data_dir}", f"paths.output_dir={root}/run",
-            *[f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()],
-        ])
-    train(cfg)
-    return root / "run"
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """``python -m twincar.train -m optimizer=adam,sgd experiment=smoke test=false`` as a user runs it (a ResNet-18,
+    one batch of training and one of validation per job, no export), once per session from a fresh directory:
+    returns that directory and the finished process. The sweep tests of training and of compare read it."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    proc = run_cli("twincar.train", "-m", "optimizer=adam,sgd", "experiment=smoke", "model.name=resnet18",
+                   "test=false", "export=false", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                   f"paths.data_dir={data_dir}", *[f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()],
+                   cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc

@@ -13,10 +13,12 @@ from twincar.models.classifier import CarClassifier, param_groups
 NAMES = ["Audi S4 Sedan 2007", "Audi S4 Sedan 2012", "BMW M3 Coupe 2012"]
 # (timm name, input side); ViT-S/16 takes 224 px, the convolutional ones any size
 BACKBONES = [
-    ("resnet18", 64), ("resnet34", 64),
+    ("resnet18", 64),
+    pytest.param("resnet34", 64, marks=pytest.mark.slow),  # about 4 s on 2 cores
     pytest.param("resnet101", 64, marks=pytest.mark.slow),  # about 4 s on 2 cores
-    ("convnext_tiny", 64), ("efficientnet_b0", 64),
-    ("vit_small_patch16_224", 224),
+    pytest.param("convnext_tiny", 64, marks=pytest.mark.slow),  # about 5 s on 2 cores
+    ("efficientnet_b0", 64),
+    pytest.param("vit_small_patch16_224", 224, marks=pytest.mark.slow),  # about 10 s on 2 cores
 ]
 TORCHVISION = {"resnet18", "resnet34", "resnet50", "resnet101"}
 

@@ -471,6 +471,7 @@ def test_an_unwritable_output_says_permission_denied(tiny_export, car_images, re
 
 
 # -- eval, explain, export: where they write ------------------------------------------------------------------
+@pytest.mark.slow  # two subprocesses importing torch: about 10 s on 2 cores
 def test_explain_and_export_refuse_an_output_under_a_file_before_any_work(tiny_export, car_images, tmp_path):
     (tmp_path / "a_file").write_text("x")
     explained = run_cli("twincar.explain", "--images", str(car_images[0]), "--model", str(tiny_export),
@@ -484,6 +485,7 @@ def test_explain_and_export_refuse_an_output_under_a_file_before_any_work(tiny_e
     assert "Traceback" not in explained.stderr + exported.stderr + exported.stdout
 
 
+@pytest.mark.slow  # a subprocess importing torch and Hydra: about 6 s on 2 cores
 def test_an_unusable_hydra_run_dir_is_one_sentence(tmp_path):
     (tmp_path / "a_file").write_text("x")
     run = run_cli("twincar.eval", "ckpt=model.pth", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}", cwd=tmp_path)

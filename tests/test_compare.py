@@ -11,7 +11,6 @@ import yaml
 from PIL import Image
 
 from tests.conftest import run_cli
-from tests.trained import SMALL_DATA
 from twincar.compare import CompareError, compare, main
 from twincar.runs import RunsError
 
@@ -74,13 +73,10 @@ def test_bad_directory_or_metric_says_what_to_pass(tmp_path, sweep):
 
 
 @pytest.mark.slow
-def test_compare_after_a_real_two_job_sweep(tmp_path, data_dir):
-    """python -m twincar.train -m optimizer=adam,sgd, then python -m twincar.compare on its directory."""
-    proc = run_cli("twincar.train", "-m", "optimizer=adam,sgd", "experiment=smoke", "model.name=resnet18",
-                   "test=false", "export=false", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-                   f"paths.data_dir={data_dir}", *SMALL_DATA, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
+def test_compare_after_a_real_two_job_sweep(smoke_sweep, tmp_path):
+    """python -m twincar.train -m optimizer=adam,sgd (the session's sweep), then python -m twincar.compare on its
+    directory."""
+    (sweep,) = (smoke_sweep[0] / "outputs" / "multiruns").iterdir()
     proc = run_cli("twincar.compare", str(sweep), "--sort", "val/acc_best", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| #")]

@@ -141,6 +141,7 @@ SAVES = {  # how TwinCar writes each file, run alone in the harness: a complete 
 }
 
 
+@pytest.mark.slow  # a subprocess importing torch (and timm): about 5 s each on 2 cores
 @pytest.mark.parametrize("target", ["epoch_001.ckpt", "model.pth"])
 def test_sigkill_during_a_checkpoint_or_model_save_leaves_the_previous_file(target, other_fs, tmp_path):
     written = (other_fs / "run" / "checkpoints" / target) if target.endswith(".ckpt") else other_fs / "run" / target
