@@ -36,7 +36,7 @@ def _twincar_version() -> str | None:
 def input_contract(preprocess: Preprocess) -> dict:
     """Everything a client needs to turn an image file into the network's input, with no TwinCar code: the
     ``input`` section of the model card. TwinCar's own predict follows exactly these steps (a numpy + PIL
-    client that follows them gets the same answers: ``tests/test_deploy.py``)."""
+    client that follows them gets the same answers: ``tests/tools/test_deploy.py``)."""
     size = preprocess.image_size
     if preprocess.resize_mode == "squash":
         resize = {"mode": "squash", "size": [size, size], "interpolation": "bilinear", "antialias": True,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import SMALL_SPEC, run_cli
-from tests.test_train import read_tensorboard
+from tests.training.test_train import read_tensorboard
 from twincar.training.resume import Preemption, ResumeError, find_resume_checkpoint
 
 SMALL_DATA = [f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()]

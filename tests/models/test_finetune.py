@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tests.test_train import compose_train
+from tests.training.test_train import compose_train
 from twincar.data.datamodule import CarsDataModule
 from twincar.models.classifier import CarClassifier
 from twincar.models.finetune import (

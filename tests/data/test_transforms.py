@@ -91,7 +91,7 @@ def test_augmentation_benchmark_script_prints_the_ratio(capsys):
     import runpy
     from pathlib import Path
 
-    main = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "bench_augment.py"))["main"]
+    main = runpy.run_path(str(Path(__file__).parents[2] / "scripts" / "bench_augment.py"))["main"]
     main(["--device", "cpu", "--batch-size", "4", "--size", "32", "--batches", "1"])
     out = capsys.readouterr().out
     assert "per image, CPU (reference)" in out and "ratio (per batch / per image):" in out

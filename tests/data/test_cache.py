@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_datamodule import make_dm
+from tests.data.test_datamodule import make_dm
 from twincar.cache import main
 from twincar.data.cache import ImageCache, cache_short_side, open_cache
 from twincar.data.datasets import CarsDataset

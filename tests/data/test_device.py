@@ -14,8 +14,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tests.conftest import SMALL_SPEC
+from tests.data.test_datamodule import make_dm
 from tests.layouts import build
-from tests.test_datamodule import make_dm
 from twincar.data.datamodule import CarsDataModule
 from twincar.data.datasets import CarsDataset, DeviceRefDataset
 from twincar.data.device import DeviceImages, ImageRefs, check_cuda, check_fits, orient, read_encoded

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests.conftest import SMALL_SPEC, run_cli
-from tests.test_resume import _epoch_rows
+from tests.training.test_resume import _epoch_rows
 from twincar.cluster import LOCK, RunLockError, run_lock
 from twincar.files import WriteError, atomic_path, temp_files
 from twincar.models import WeightsError
