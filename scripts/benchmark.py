@@ -823,7 +823,7 @@ def gpu_train_at(paths: Sequence[Path], work: Path, size: int, batch: int, steps
     finally:
         device_paths.check_cuda = check_cuda
 
-    synthetic = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)  # prepared: NHWC
+    synthetic = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)  # training: NCHW
     labels = torch.randint(0, 196, (batch,), device=device)
     model_only = _loop([None], lambda _: train(dm.train_batch_transform(synthetic, labels)[0], labels), 3, steps,
                        device)
