@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import SMALL_SPEC
+from tests.conftest import SMALL_SPEC, run_cli
 from tests.layouts import build, make_images
 from twincar.check import main
 from twincar.data.images import MAX_IMAGE_PIXELS
@@ -74,3 +74,9 @@ def test_json_report_and_unknown_root(small_root, tmp_path, capsys):
     assert error["problem"] == "missing" and error["path"] == str(root / "cars_test" / "00002.jpg")
     assert main([str(tmp_path / "nothing")]) == 2
     assert "does not exist: pass data.root=PATH" in capsys.readouterr().err
+
+
+def test_the_old_spelling_of_the_tool_names_the_new_one(tmp_path):
+    proc = run_cli("twincar.data.check", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "python -m twincar.data.check is now python -m twincar.check"
