@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,26 +74,14 @@ class Numbered:
             return None, (index, str(e))
 
 
-class _Prepare:
-    """``prepare(item, pre)`` as a picklable callable (DataLoader workers)."""
-
-    def __init__(self, pre: Preprocess, bbox_margin: float | None = None, labelled: bool = False):
-        self.preprocess, self.bbox_margin, self.labelled = pre, bbox_margin, labelled
-
-    def __call__(self, item) -> np.ndarray:
-        if self.labelled:
-            return prepare_sample(item, self.preprocess, self.bbox_margin)
-        return prepare(item, self.preprocess)
-
-
 def inputs(images: Sequence[ImageInput], pre: Preprocess) -> Numbered:
     """Inputs (paths, PIL images, arrays, tensors) as numbered items, each :func:`prepare`\\ d."""
-    return Numbered(images, _Prepare(pre))
+    return Numbered(images, partial(prepare, pre=pre))  # a partial pickles: DataLoader workers
 
 
 def labelled_inputs(samples: Sequence[Sample], pre: Preprocess, bbox_margin: float | None = None) -> Numbered:
     """Labelled samples as numbered items, each :func:`prepare_sample`\\ d (the label stays in the sample)."""
-    return Numbered(list(samples), _Prepare(pre, bbox_margin, labelled=True))
+    return Numbered(list(samples), partial(prepare_sample, pre=pre, bbox_margin=bbox_margin))
 
 
 @dataclass
