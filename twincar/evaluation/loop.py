@@ -16,7 +16,7 @@ from twincar.data.classes import class_names_difference
 from twincar.data.formats import Sample
 from twincar.data.images import sample_label
 from twincar.errors import TwinCarError
-from twincar.inference.batches import Batch, BatchOutputs, Numbered, iter_batches, labelled_inputs
+from twincar.inference.batches import Batch, BatchOutputs, Numbered, labelled_inputs
 from twincar.inference.predictor import Predictor
 from twincar.runs import find_run_config
 
@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
-
-
 
 
 # -- the one loop over labelled images: eval, the ablation ---------------------------------------------
@@ -57,10 +55,9 @@ def labelled_batches(
     predictor: Predictor, samples: Sequence[Sample], *, bbox_margin: float | None = None, batch_size: int = 64,
     num_workers: int = 0,
 ) -> Iterator[Batch]:
-    """:func:`iter_batches` of :func:`labelled_dataset`."""
-    return iter_batches(labelled_dataset(predictor, samples, bbox_margin), batch_size=batch_size,
-                        num_workers=None if predictor.is_onnx and num_workers == 0 else num_workers,
-                        pin_memory=not predictor.is_onnx and predictor.device.type == "cuda")
+    """:meth:`Predictor.batches` of :func:`labelled_dataset`."""
+    return predictor.batches(labelled_dataset(predictor, samples, bbox_margin), batch_size=batch_size,
+                             num_workers=num_workers)
 
 
 def collect_logits(

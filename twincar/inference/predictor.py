@@ -232,8 +232,13 @@ class Predictor:
         """:meth:`prepare` every input in batches: ``(indices of the readable inputs, their uint8 batch or None,
         {index: message} of the others)``. The torch engine decodes in ``num_workers`` DataLoader processes (0:
         here); the ONNX engine in this process, without torch."""
-        return batches.iter_batches(self.inputs(images), batch_size=batch_size,
-                                    num_workers=None if self.is_onnx else num_workers,
+        return self.batches(self.inputs(images), batch_size=batch_size, num_workers=num_workers)
+
+    def batches(self, items: batches.Numbered, *, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
+        """:func:`~twincar.inference.batches.iter_batches` of numbered items as this engine takes them: the torch
+        engine's in ``num_workers`` DataLoader processes (pinned for a GPU), the ONNX engine's in this process,
+        without torch."""
+        return batches.iter_batches(items, batch_size=batch_size, num_workers=None if self.is_onnx else num_workers,
                                     pin_memory=not self.is_onnx and self.device.type == "cuda")
 
     def batch_outputs(self, batch: Batch, *, embeddings: bool = False) -> BatchOutputs:
