@@ -31,10 +31,10 @@ docs: $(STAMP) ## Build the documentation strictly (a broken link or a page miss
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 test: $(STAMP) browser docs ## Run the test suite and build the docs (about 20 min on 2 CPU cores from a fresh clone; installs chromium for the demo test)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: $(STAMP) ## Run the tests that take seconds (trains nothing; about 2 min on 2 CPU cores)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadfile -m "not slow"
 
 lint: $(STAMP) ## Check style with ruff
 	$(VENV)/bin/ruff check twincar tests scripts

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 DEVKIT = REPO.parent / "shared" / "stanford_cars_devkit"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on the cores: one compute thread each (torch, and the CLIs a test starts),
+    # not two each fighting over two cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Small synthetic spec used by most tests: 6 classes = 3 models x 2 years.
 SMALL_SPEC = dict(num_classes=6, train_per_class=12, test_per_class=4, seed=0)
@@ -35,6 +43,24 @@ def _fast_tests_train_nothing(request, monkeypatch):
         monkeypatch.setattr(Trainer, "fit", refuse)
 
 
+def session_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name`` that ``build(folder)`` filled once for the whole test session.
+
+    Under pytest-xdist (``make test`` runs two workers) every worker has its own session fixtures; the first worker to
+    ask builds the folder beside the workers' temporary folders while the others wait for it, so a model is trained
+    once per ``make test``, as it would be without workers."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def devkit() -> Path:
     """The original Stanford Cars devkit annotation files (shared with every developer and CI)."""
@@ -48,8 +74,9 @@ def devkit() -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """A data_dir shared by the tests of one session, so each synthetic spec is generated once."""
-    return tmp_path_factory.mktemp("data")
+    """A data_dir shared by the tests of one session (and its xdist workers), so each synthetic spec is generated once
+    (generation is atomic: two workers asking for one spec at once get one copy)."""
+    return session_once(tmp_path_factory, "data", lambda folder: None)
 
 
 @pytest.fixture(scope="session")
@@ -124,10 +151,15 @@ def smoke_sweep(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedP
     """``python -m twincar.train -m optimizer=adam,sgd experiment=smoke test=false`` as a user runs it (a ResNet-18,
     one batch of training and one of validation per job, no export), once per session from a fresh directory:
     returns that directory and the finished process. The sweep tests of training and of compare read it."""
-    cwd = tmp_path_factory.mktemp("sweep")
-    proc = run_cli("twincar.train", "-m", "optimizer=adam,sgd", "experiment=smoke", "model.name=resnet18",
-                   "test=false", "export=false", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-                   f"paths.data_dir={data_dir}", *[f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()],
-                   cwd=cwd)
+    def sweep(cwd: Path) -> None:
+        proc = run_cli("twincar.train", "-m", "optimizer=adam,sgd", "experiment=smoke", "model.name=resnet18",
+                       "test=false", "export=false", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                       f"paths.data_dir={data_dir}", *[f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()],
+                       cwd=cwd)
+        record = {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+        (cwd.parent / "smoke_sweep.json").write_text(json.dumps(record))
+
+    cwd = session_once(tmp_path_factory, "sweep", sweep)
+    proc = subprocess.CompletedProcess(**json.loads((cwd.parent / "smoke_sweep.json").read_text()))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import SMALL_SPEC
+from tests.conftest import SMALL_SPEC, session_once
 
-_RUNS: dict[Path, Path] = {}
 SMALL_DATA = [f"data.synthetic.{k}={v}" for k, v in SMALL_SPEC.items()]
 
 
@@ -23,18 +22,15 @@ def compose(config: str, overrides: list[str]):
 
 
 def trained_run(tmp_path_factory, data_dir: Path) -> Path:
-    """The run directory of the session's trained model (trained on first use)."""
-    base = tmp_path_factory.getbasetemp()
-    if base not in _RUNS:
+    """The run directory of the session's trained model (trained on first use, once for all xdist workers)."""
+    def train_once(root: Path) -> None:
         from twincar.train import train
 
-        root = tmp_path_factory.mktemp("trained")
-        cfg = compose("train", [
+        train(compose("train", [
             "experiment=smoke", "model.name=resnet18", "~callbacks.rich_progress_bar", f"paths.root_dir={root}",
             f"paths.data_dir={data_dir}", f"paths.output_dir={root}/run", *SMALL_DATA, "trainer.max_epochs=2",
             "trainer.limit_train_batches=null", "trainer.limit_val_batches=null", "trainer.limit_test_batches=null",
             "optimizer.lr=0.003",
-        ])
-        train(cfg)
-        _RUNS[base] = root / "run"
-    return _RUNS[base]
+        ]))
+
+    return session_once(tmp_path_factory, "trained", train_once) / "run"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class TwinCarError(Exception):
@@ -36,3 +39,14 @@ def exit_on_user_error(log: logging.Logger) -> Iterator[None]:
             raise
         log.error("%s", error)
         sys.exit(1)
+
+
+def run_hydra_tool(hydra_main: Callable[[], T], log: logging.Logger,
+                   *checks: Callable[[Sequence[str]], None]) -> T:
+    """A Hydra tool's command-line entry point: each check of the raw overrides runs first (a removed or renamed
+    option is one sentence naming the new one, where Hydra would only say "not in struct"), then the tool's
+    ``@hydra.main`` function."""
+    with exit_on_user_error(log):
+        for check in checks:
+            check(sys.argv[1:])
+    return hydra_main()

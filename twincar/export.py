@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from twincar.data.images import NoImagesError, find_images
-from twincar.errors import TwinCarError, exit_on_user_error
+from twincar.errors import TwinCarError, exit_on_user_error, run_hydra_tool
 from twincar.files import atomic_path, check_writable_dir, write_json, write_text
 from twincar.models.card import MODEL_CARD, build_model_card, write_model_card
 from twincar.models.checkpoint import export_safetensors, export_state_dict
@@ -272,9 +272,7 @@ def refuse_renamed_overrides(overrides: Sequence[str]) -> None:
 def main() -> None:
     """Command-line entry point: a renamed option (``calibration=``) is one sentence naming the new one, before
     Hydra composes the config; then :func:`hydra_main`."""
-    with exit_on_user_error(log):
-        refuse_renamed_overrides(sys.argv[1:])
-    hydra_main()
+    run_hydra_tool(hydra_main, log, refuse_renamed_overrides)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")

@@ -17,14 +17,21 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from twincar.errors import exit_on_user_error
+from twincar.data.pipeline import refuse_removed_overrides
+from twincar.errors import exit_on_user_error, run_hydra_tool
 from twincar.evaluation.recipes import build_neighbour_index
 
 log = logging.getLogger(__name__)
 
 
+def main() -> None:
+    """Command-line entry point: a removed data option (``data.cache=true``) is one sentence naming its replacement,
+    before Hydra composes the config; then :func:`hydra_main`."""
+    run_hydra_tool(hydra_main, log, refuse_removed_overrides)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="index")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point: a user error is printed as one sentence, exit code 1."""
     with exit_on_user_error(log):
         build_neighbour_index(cfg)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from twincar.cluster import run_lock
 from twincar.data.pipeline import refuse_removed_overrides
-from twincar.errors import exit_on_user_error, user_error
+from twincar.errors import run_hydra_tool, user_error
 from twincar.files import remove_stale_temp_files
 from twincar.models.finetune import run_lr_find
 from twincar.runs import resolve_launch_paths
@@ -86,9 +86,7 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 def main() -> float | None:
     """Command-line entry point: a removed option (``data.cache=true``) is one sentence naming its replacement,
     before Hydra composes the config; then :func:`hydra_main`."""
-    with exit_on_user_error(log):
-        refuse_removed_overrides(sys.argv[1:])
-    return hydra_main()
+    return run_hydra_tool(hydra_main, log, refuse_removed_overrides)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

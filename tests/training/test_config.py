@@ -187,12 +187,13 @@ def test_no_config_sets_a_key_nothing_reads(name):
     assert not {"cache", "decode_device", "cache_on_device"} & set(cfg.get("data", {}))
 
 
-def test_train_refuses_a_removed_flag_before_composing(monkeypatch, caplog):
-    from twincar import train
+@pytest.mark.parametrize("tool", ["train", "eval", "calibrate", "index"])
+def test_every_tool_that_reads_data_refuses_a_removed_flag_before_composing(tool, monkeypatch, caplog):
+    import importlib
 
-    monkeypatch.setattr("sys.argv", ["twincar.train", "experiment=smoke", "data.decode_device=cuda"])
+    monkeypatch.setattr("sys.argv", [f"twincar.{tool}", "ckpt=m.ckpt", "data=synthetic", "data.decode_device=cuda"])
     with pytest.raises(SystemExit) as stop:
-        train.main()
+        importlib.import_module(f"twincar.{tool}").main()
     assert stop.value.code == 1
     assert caplog.messages == ["data.decode_device=cuda was removed: use data.pipeline=gpu_decode "
                                "(one of files, cache, gpu_decode, gpu_cache)"]
