@@ -23,7 +23,7 @@ from twincar.evaluation.figures import plot_curves
 from twincar.evaluation.open_set import open_set_metrics
 from twincar.files import write_json, write_text
 from twincar.models.card import build_model_card, write_model_card
-from twincar.models.checkpoint import checkpoint_class_names, export_state_dict
+from twincar.models.checkpoint import checkpoint_class_names, export_state_dict, state_fingerprint
 from twincar.models.classifier import CarClassifier
 from twincar.models.factory import min_input_size
 from twincar.models.loading import write_calibration
@@ -337,5 +337,6 @@ def write_artefacts(cfg: DictConfig, trainer: L.Trainer, model: CarClassifier, d
         write_classes_txt(model.class_names, out_dir / "classes.txt")
         write_model_card(out_dir, build_model_card(
             model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),
-            source="model.pth", calibration=calibration.to_dict() if calibration else None))
+            source="model.pth", calibration=calibration.to_dict() if calibration else None,
+            fingerprint=state_fingerprint(model.model.state_dict())))
     log_artefacts(trainer.loggers, best, out_dir)  # MLflow, W&B: the best checkpoint and the model card
