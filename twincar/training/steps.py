@@ -114,12 +114,20 @@ def tracking_params(cfg: DictConfig) -> dict[str, str | int | float | bool]:
 
 
 def instantiate_all(section: DictConfig | None) -> list:
-    """Instantiate every ``_target_`` entry of a config mapping (callbacks, loggers), logging each."""
+    """Instantiate every ``_target_`` entry of a config mapping (callbacks, loggers), logging each; a user error
+    of one (an MLflow server that does not answer) is its own sentence, not Hydra's wrapper around it."""
+    from hydra.errors import InstantiationException
+
     objects = []
     for name, conf in (section or {}).items():
         if conf is not None and "_target_" in conf:
             log.info("instantiating %s <%s>", name, conf._target_)
-            objects.append(hydra.utils.instantiate(conf))
+            try:
+                objects.append(hydra.utils.instantiate(conf))
+            except InstantiationException as e:
+                if isinstance(e.__cause__, TwinCarError):
+                    raise e.__cause__ from None
+                raise
     return objects
 
 
