@@ -319,10 +319,22 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
     model.hparams["calibration"] = calibration.to_dict()
     if best:
         write_calibration(best, calibration.to_dict())
+        calibrate_last_too(Path(best), calibration.to_dict())
     log.info("temperature %.3f fitted on %d validation images: ECE %.3f -> %.3f; unknown threshold %.3f (%s)",
              calibration.temperature, calibration.images, calibration.ece_raw, calibration.ece,
              calibration.threshold, calibration.score)
     return calibration
+
+
+def calibrate_last_too(best: Path, calibration: dict) -> None:
+    """``last.ckpt`` gets the best checkpoint's calibration when it holds the same weights (the last epoch was the
+    best), so an export from either carries it; other weights keep none (an export from them says so)."""
+    from twincar.models.checkpoint import read_state_dict
+
+    last = best.with_name("last.ckpt")
+    if last.is_file() and last != best and state_fingerprint(read_state_dict(last)) == \
+            state_fingerprint(read_state_dict(best)):
+        write_calibration(last, calibration)
 
 
 def write_curves(out_dir: Path) -> None:
@@ -343,8 +355,9 @@ def write_artefacts(cfg: DictConfig, trainer: L.Trainer, model: CarClassifier, d
     if cfg.get("export"):
         export_state_dict(model.model, out_dir / "model.pth")
         write_classes_txt(model.class_names, out_dir / "classes.txt")
+        fingerprint = state_fingerprint(model.model.state_dict())  # the calibration records it, as in the checkpoint
         write_model_card(out_dir, build_model_card(
             model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),
-            source="model.pth", calibration=calibration.to_dict() if calibration else None,
-            fingerprint=state_fingerprint(model.model.state_dict())))
+            source="model.pth", calibration={**calibration.to_dict(), "fingerprint": fingerprint} if calibration
+            else None, fingerprint=fingerprint))
     log_artefacts(trainer.loggers, best, out_dir)  # MLflow, W&B: the best checkpoint and the model card
