@@ -255,11 +255,12 @@ def _calibration_kept(out: Path, loaded, ckpt: Path) -> dict | None:
         except (OSError, ValueError):
             card = None
         recorded = card.get(FINGERPRINT) if isinstance(card, dict) else None
-        if recorded != loaded.fingerprint:
+        own_card = recorded is None and ckpt.suffix != ".ckpt" and out.resolve() == ckpt.parent.resolve()
+        if recorded != loaded.fingerprint and not own_card:  # own_card: the weights' own card, before fingerprints
             raise ExportError(f"out={out} already holds the {MODEL_CARD} of another model (fingerprint "
                               f"{recorded or 'not recorded'}; ckpt={ckpt} is {loaded.fingerprint}): exporting there "
                               "would replace it, and with it that model's calibration; pass another folder as out=")
-        if calibration is None and isinstance(card.get(CALIBRATION), dict):
+        if calibration is None and isinstance(card, dict) and isinstance(card.get(CALIBRATION), dict):
             calibration = card[CALIBRATION]  # this model's, fitted on its export: kept
     if calibration is None:
         log.warning("ckpt=%s carries no calibration: the export names every car, never 'unknown' (export the run's "

@@ -125,12 +125,15 @@ def test_predict_shards_are_the_jobs_own(tiny_export, car_images, tmp_path, capl
     fake = Prediction(source="x.jpg", name=TINY_NAMES[2], label=2, confidence=0.5, topk=[(TINY_NAMES[2], 0.5)],
                       num_classes=6)
     foreign = write_shard(folder / "0badc0de-00000-000000.parquet", [to_record(fake, file_key(car_images[0]))])
+    renamed = write_shard(folder / "aaaaaaaa-00000-000000.parquet", [to_record(fake, file_key(car_images[1]))],
+                          "0123456789abcdef")  # named as the job's, predicted by another model
     fingerprint = Predictor.load(tiny_export, device="cpu").fingerprint
     (folder / JOB_FILE).write_text(json.dumps({"fingerprint": fingerprint, "topk": 1, "runs": ["aaaaaaaa"]}))
     with caplog.at_level(logging.WARNING):
         summary = predict_files(car_images, tiny_export, output=out, resume=True, topk=1, progress=False)
     assert f"1 shard file(s) in {folder} are not this job's (0badc0de-00000-000000.parquet" in caplog.text
-    assert summary.resumed == 0  # the copied shard's row was not used
+    assert f"shard {renamed} was predicted by another model (fingerprint 0123456789abcdef" in caplog.text
+    assert summary.resumed == 0  # neither copied shard's row was used
     with out.open(newline="") as f:
         assert next(csv.DictReader(f))["confidence"] != "0.5"
     assert (folder / "mine.parquet").read_bytes() == b"the user's own file" and foreign.is_file()

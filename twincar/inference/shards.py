@@ -123,10 +123,15 @@ def from_record(r: dict) -> Prediction:
     )
 
 
-def write_shard(path: Path, records: Sequence[dict]) -> Path:
-    """Write one shard atomically (temporary file beside it, fsync, rename)."""
+SHARD_FINGERPRINT = b"twincar_fingerprint"  # the Parquet metadata key of the model that predicted a shard
+
+
+def write_shard(path: Path, records: Sequence[dict], fingerprint: str | None = None) -> Path:
+    """Write one shard atomically (temporary file beside it, fsync, rename), with the ``fingerprint`` of the model
+    that predicted it in its metadata."""
+    schema = SCHEMA.with_metadata({SHARD_FINGERPRINT: fingerprint.encode()}) if fingerprint else SCHEMA
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(list(records), schema=SCHEMA), tmp)
+        pq.write_table(pa.Table.from_pylist(list(records), schema=schema), tmp)
     return path
 
 
@@ -137,19 +142,25 @@ def _key(r: dict) -> Key:
     return r["key_path"], r["key_size"], r["key_mtime_ns"]
 
 
-def shard_keys(folder: Path, *, predicted_only: bool = False, runs: Sequence[str] | None = None
-               ) -> dict[Path, list[Key]]:
+def shard_keys(folder: Path, *, predicted_only: bool = False, runs: Sequence[str] | None = None,
+               fingerprint: str | None = None) -> dict[Path, list[Key]]:
     """The image keys of each finished shard in ``folder``, in its row order (the key columns only are read); with
     ``predicted_only``, those of the rows that are not an unreadable image's error (``--resume`` tries those
-    again: the error may have passed). A shard that cannot be read is named in a warning and left out (its images
-    are predicted again)."""
+    again: the error may have passed). A shard that cannot be read, or that records another model's ``fingerprint``,
+    is named in a warning and left out (its images are predicted again)."""
     keys: dict[Path, list[Key]] = {}
     for path in shard_files(folder, runs):
         try:
-            rows = pq.read_table(path, columns=[*KEY_COLUMNS, "error"]).to_pylist()
+            table = pq.read_table(path, columns=[*KEY_COLUMNS, "error"])
         except (OSError, pa.ArrowException) as e:
             log.warning("shard %s cannot be read (%s): its images are predicted again", path, e)
             continue
+        recorded = (table.schema.metadata or {}).get(SHARD_FINGERPRINT)
+        if fingerprint and recorded and recorded.decode() != fingerprint:
+            log.warning("shard %s was predicted by another model (fingerprint %s, this one's is %s): ignored, its "
+                        "images are predicted again", path, recorded.decode(), fingerprint)
+            continue
+        rows = table.to_pylist()
         keys[path] = [_key(r) for r in rows if not (predicted_only and r["error"] is not None)]
     return keys
 
@@ -164,13 +175,15 @@ def read_shard(path: Path) -> list[tuple[Key, Prediction]]:
     return [(_key(r), from_record(r)) for r in rows]
 
 
-def merged(folder: Path, keys: Sequence[Key], runs: Sequence[str] | None = None) -> Iterator[Prediction]:
+def merged(folder: Path, keys: Sequence[Key], runs: Sequence[str] | None = None,
+           fingerprint: str | None = None) -> Iterator[Prediction]:
     """The prediction of every image, in input order (``keys``: the images' keys), streamed from ``folder``'s
     shards: each image appears once, and a shard is read only when the first of its images is due, so rank 0
     holds the rows of about one shard per process that wrote them, not the job's (each image's key and position it
     holds for the whole job). An image that no shard holds is refused before anything is returned. ``runs``: the
-    job's own (:func:`job_runs`); another file in the folder is never read."""
-    written = shard_keys(folder, runs=runs)
+    job's own (:func:`job_runs`); another file in the folder is never read, nor a shard of another model's
+    ``fingerprint``."""
+    written = shard_keys(folder, runs=runs, fingerprint=fingerprint)
     covered = {k for shard in written.values() for k in shard}
     missing = [k[0] for k in keys if k not in covered]
     if missing:
@@ -275,7 +288,8 @@ class ShardWriter(BasePredictionWriter):
     def flush(self) -> None:
         """Write the pending rows as this process's next shard."""
         if self.pending:
-            path = write_shard(self.folder / shard_name(self.run_id, self.rank, self.count), self.pending)
+            path = write_shard(self.folder / shard_name(self.run_id, self.rank, self.count), self.pending,
+                               self.options.get(FINGERPRINT))
             self.written.append(path.name)
             self.count += 1
             self.pending = []
@@ -392,7 +406,8 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
     runs = check_job(folder, options, resume)
     options = {**options, "runs": runs}
     keys = [file_key(f) for f in files]
-    written = shard_keys(folder, predicted_only=True, runs=runs) if resume else {}
+    fingerprint = options.get(FINGERPRINT)
+    written = shard_keys(folder, predicted_only=True, runs=runs, fingerprint=fingerprint) if resume else {}
     done = {k for shard in written.values() for k in shard}  # an image's error row: it is tried again
     todo = [i for i, k in enumerate(keys) if k not in done]
     resumed = len(keys) - len(todo)
@@ -408,7 +423,7 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
         start_job(folder, options, run_id)
         predictions = predictor.iter_predict(images, batch_size=batch_size, topk=topk, neighbours=neighbours)
         write_shard(folder / shard_name(run_id, 0, 0),
-                    [to_record(p, keys[i]) for i, p in zip(todo, predictions, strict=True)])
+                    [to_record(p, keys[i]) for i, p in zip(todo, predictions, strict=True)], fingerprint)
     elif todo:
         log.info("predicting %d image(s) on %d process(es) (%d node(s) x %d %s), shards of %d in %s", len(todo),
                  processes.world_size, processes.num_nodes, processes.devices, processes.accelerator, shard_size,
@@ -422,4 +437,4 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
             return None
     elif not is_launching_process():  # nothing left to predict: rank 0 alone merges
         return None
-    return _named(files, merged(folder, keys, job_runs(folder))), resumed
+    return _named(files, merged(folder, keys, job_runs(folder), fingerprint)), resumed
