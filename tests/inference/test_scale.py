@@ -107,8 +107,8 @@ HARNESS = '''"""python harness.py ARGS: twincar-predict, SIGKILLed (all its proc
 import os, signal, sys
 import twincar.inference.shards as shards
 write = shards.write_shard
-def write_then_die(path, records):
-    write(path, records)
+def write_then_die(path, records, *fingerprint):
+    write(path, records, *fingerprint)
     os.killpg(os.getpgid(0), signal.SIGKILL)
 shards.write_shard = write_then_die
 from twincar.predict import main
