@@ -150,3 +150,17 @@ def test_predict_shards_are_the_jobs_own(tiny_export, car_images, tmp_path, capl
     assert not plain.exists()
     predict_files(car_images, tiny_export, output=plain, progress=False)
     assert plain.is_file() and not shard_dir(plain).exists()
+
+
+@pytest.mark.slow  # the session's trained run
+def test_the_docs_export_recipe_keeps_the_unknown_answer(trained_run, tmp_path):
+    """docs/deploy.md exports RUN/model.pth: the export carries the run's calibration (temperature and unknown
+    threshold), so it still answers "not one of the known classes"."""
+    from twincar.export import export_model
+
+    run_card = json.loads((trained_run / "model_card.json").read_text())
+    for fmt in ("safetensors", "hf"):
+        weights = export_model(trained_run / "model.pth", fmt, tmp_path / fmt)
+        p = Predictor.load(f"local-dir:{weights.parent}" if fmt == "hf" else weights, device="cpu")
+        assert p.unknown_threshold == run_card["calibration"]["threshold"] is not None
+        assert p.temperature == run_card["calibration"]["temperature"]
