@@ -56,7 +56,8 @@ def create_app(folder: str | Path = HERE):
     """The demo app over the model file (with ``index/`` and ``examples/``) in ``folder``."""
     folder = Path(folder)
     predictor = load_predictor(folder)
-    index = None if predictor.is_onnx else find_index(folder / "model", class_names=predictor.class_names)  # index/
+    index = None if predictor.is_onnx else find_index(folder / "model", class_names=predictor.class_names,
+                                                      fingerprint=predictor.fingerprint)  # index/
     return build_app(predictor, examples=example_images(folder / "examples"), title="TwinCar", index=index)
 
 

@@ -52,15 +52,17 @@ def example_images(folder: str | Path | None) -> list[str]:
     return [str(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in EXAMPLE_SUFFIXES]
 
 
-def find_index(model: str | Path, index: str | Path | None = None, class_names: list[str] | None = None):
+def find_index(model: str | Path, index: str | Path | None = None, class_names: list[str] | None = None,
+               fingerprint: str | None = None):
     """The neighbour index ``index`` names, or the ``index/`` folder beside ``model`` when there is one; None when
-    there is none. Given the model's ``class_names``, an index of other classes is refused."""
+    there is none. Given the model's ``class_names`` (``fingerprint``), an index of other classes (of another
+    model's embeddings) is refused."""
     from twincar.evaluation.neighbours import INDEX_META, NeighbourIndex
 
     folder = Path(index) if index else Path(model).expanduser().parent / "index"
     if index is None and not (folder / INDEX_META).is_file():
         return None
-    return NeighbourIndex.load(folder, class_names)
+    return NeighbourIndex.load(folder, class_names, fingerprint)
 
 
 def thumbnail(path: str, side: int = THUMBNAIL_SIDE):
@@ -262,8 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         predictor = Predictor.load(args.model, args.classes, device=args.device)
-        index = None if predictor.is_onnx or args.neighbours < 1 else find_index(args.model, args.index,
-                                                                                 predictor.class_names)
+        index = None if predictor.is_onnx or args.neighbours < 1 else find_index(
+            args.model, args.index, predictor.class_names, predictor.fingerprint)
     except TwinCarError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ from torch import nn
 from twincar.data.images import NoImagesError, find_images
 from twincar.errors import TwinCarError, exit_on_user_error, run_hydra_tool
 from twincar.files import atomic_path, check_writable_dir, write_json, write_text
-from twincar.models.card import MODEL_CARD, build_model_card, write_model_card
+from twincar.models.card import CALIBRATION, FINGERPRINT, MODEL_CARD, build_model_card, write_model_card
 from twincar.models.checkpoint import export_safetensors, export_state_dict
 from twincar.models.hub import HUB_CONFIG, HUB_README, hub_config, hub_readme
 from twincar.models.loading import load_model
@@ -195,6 +195,7 @@ def export_model(
     if not isinstance(loaded.model, nn.Module) or not list(loaded.model.parameters()):
         raise ExportError(f"ckpt={ckpt} is not a PyTorch model: export from the .ckpt, .pth or .safetensors")
     out = Path(out)
+    calibration = _calibration_kept(out, loaded, ckpt)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / ("model.safetensors" if fmt == "hf" else f"model.{fmt}")
     if fmt == "hf":
@@ -227,7 +228,7 @@ def export_model(
     else:  # converting exported weights: keep what their card says
         metrics, config = loaded.card.get("metrics"), loaded.card.get("config")
     card = build_model_card(loaded.class_names, loaded.preprocess, loaded.architecture, metrics=metrics,
-                            config=config, source=ckpt.name, calibration=loaded.calibration)
+                            config=config, source=ckpt.name, calibration=calibration, fingerprint=loaded.fingerprint)
     if quantization:
         card["quantization"] = quantization
     write_model_card(out, card)
@@ -237,6 +238,35 @@ def export_model(
     if push_to_hub:
         upload_to_hub(out, push_to_hub)
     return weights
+
+
+def _calibration_kept(out: Path, loaded, ckpt: Path) -> dict | None:
+    """The calibration the export's card carries: the model's own; else, when ``out`` already holds this model's
+    card (the same fingerprint), that card's. A card of another model in ``out`` (a run folder's, say: the only
+    place its ``model.pth`` keeps its calibration) is never replaced: one sentence. An uncalibrated export is one
+    line of warning saying how to calibrate it."""
+    import json
+
+    calibration = loaded.calibration
+    existing = out / MODEL_CARD
+    if existing.is_file():
+        try:
+            card = json.loads(existing.read_text("utf-8"))
+        except (OSError, ValueError):
+            card = None
+        recorded = card.get(FINGERPRINT) if isinstance(card, dict) else None
+        own_card = recorded is None and ckpt.suffix != ".ckpt" and out.resolve() == ckpt.parent.resolve()
+        if recorded != loaded.fingerprint and not own_card:  # own_card: the weights' own card, before fingerprints
+            raise ExportError(f"out={out} already holds the {MODEL_CARD} of another model (fingerprint "
+                              f"{recorded or 'not recorded'}; ckpt={ckpt} is {loaded.fingerprint}): exporting there "
+                              "would replace it, and with it that model's calibration; pass another folder as out=")
+        if calibration is None and isinstance(card, dict) and isinstance(card.get(CALIBRATION), dict):
+            calibration = card[CALIBRATION]  # this model's, fitted on its export: kept
+    if calibration is None:
+        log.warning("ckpt=%s carries no calibration: the export names every car, never 'unknown' (export the run's "
+                    "model.pth or its best checkpoint, which training calibrates, or run python -m twincar.calibrate "
+                    "ckpt=%s first)", ckpt, ckpt)
+    return calibration
 
 
 def upload_to_hub(folder: Path, repo: str) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from twincar.errors import TwinCarError
 from twincar.files import check_writable
-from twincar.inference.writers import FORMATS, write_predictions
+from twincar.inference.writers import FORMATS, job_lock, shard_dir, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,11 @@ def predict_files(
         from twincar.evaluation.neighbours import INDEX_TENSORS, NeighbourIndex
 
         neighbour_folder = Path(index) if index else Path(model).expanduser().parent / "index"
-        neighbour_index = NeighbourIndex.load(neighbour_folder, predictor.class_names)
+        neighbour_index = NeighbourIndex.load(neighbour_folder, predictor.class_names, predictor.fingerprint)
+        if neighbours > len(neighbour_index.paths):
+            log.warning("--neighbours %d is more than the %d images of %s: each row gets those %d", neighbours,
+                        len(neighbour_index.paths), neighbour_folder, len(neighbour_index.paths))
+            neighbours = len(neighbour_index.paths)
         search = partial(neighbour_index.search, k=neighbours)
     if unknown == "auto" and predictor.unknown_threshold is None:
         log.info("%s carries no unknown threshold (python -m twincar.calibrate fits one): every car is named", model)
@@ -152,9 +156,10 @@ def predict_files(
         workers = default_workers(predictor.device) if num_workers is None else num_workers
         stream = predictor.iter_predict(files, batch_size=batch_size, topk=topk, neighbours=search,
                                         num_workers=min(workers, max(0, len(files) // batch_size)))
-        return _write(output, _with_progress(stream, len(files), progress), fmt, topk, start,
-                      neighbours=neighbours, open_set=predictor.unknown_threshold is not None)
-    from twincar.inference.shards import job_lock, job_options, predict_sharded, remove_shards, shard_dir
+        with job_lock(shard_dir(output)):  # a sharded job writing this output would overwrite it when it merges
+            return _write(output, _with_progress(stream, len(files), progress), fmt, topk, start,
+                          neighbours=neighbours, open_set=predictor.unknown_threshold is not None)
+    from twincar.inference.shards import job_options, job_runs, predict_sharded, remove_shards
 
     options = job_options(model, predictor, topk=topk, neighbours=neighbours, precision=precision,
                           accelerator=processes.accelerator,
@@ -170,7 +175,7 @@ def predict_files(
         predictions, resumed = done
         summary = _write(output, predictions, fmt, topk, start, resumed, neighbours=neighbours,
                          open_set=predictor.unknown_threshold is not None)
-        remove_shards(shard_dir(output))  # the job is complete: its shards are in the output
+        remove_shards(shard_dir(output), job_runs(shard_dir(output)))  # complete: its own shards are in the output
     return summary
 
 

@@ -28,12 +28,12 @@ from twincar.inference.shards import (
     JOB_FILE,
     file_key,
     merged,
-    shard_dir,
     shard_files,
     shard_keys,
     to_record,
     write_shard,
 )
+from twincar.inference.writers import shard_dir
 from twincar.predict import predict_files
 
 TWO_CPU_PROCESSES = ["--devices", "2", "--accelerator", "cpu", "--no-progress"]
@@ -107,8 +107,8 @@ HARNESS = '''"""python harness.py ARGS: twincar-predict, SIGKILLed (all its proc
 import os, signal, sys
 import twincar.inference.shards as shards
 write = shards.write_shard
-def write_then_die(path, records):
-    write(path, records)
+def write_then_die(path, records, *fingerprint):
+    write(path, records, *fingerprint)
     os.killpg(os.getpgid(0), signal.SIGKILL)
 shards.write_shard = write_then_die
 from twincar.predict import main
@@ -305,7 +305,7 @@ def test_processes_started_by_srun_or_torchrun_are_taken_and_a_disagreeing_flag_
 
 def test_a_second_job_into_the_same_output_stops_before_touching_the_first_ones_shards(tiny_export, car_images,
                                                                                       tmp_path):
-    from twincar.inference.shards import job_lock
+    from twincar.inference.writers import job_lock
 
     out = tmp_path / "predictions.csv"
     with job_lock(shard_dir(out)):  # a job running (this process: alive)
@@ -327,7 +327,7 @@ def test_processes_that_list_other_images_or_cannot_see_the_folder_all_stop_in_o
     from twincar.inference.shards import ShardWriter, start_job
 
     folder = tmp_path / "out.csv.shards"
-    start_job(folder, {})
+    start_job(folder, {}, "abcd1234")
     writer = ShardWriter(folder, ["a.jpg"], [("/p/a.jpg", 1, 2)], predictor=None, shard_size=10)
 
     def gather(others):  # what the other process reports, as all_gather_object fills it in

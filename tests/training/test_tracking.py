@@ -155,3 +155,27 @@ def test_one_run_logs_to_an_mlflow_server_and_an_offline_wandb_folder_beside_ten
     for name in (b"val/acc", b"train/loss", b"lr/head", b"choice/optimizer"):
         assert name in data, name
     assert list(tmp_path.glob("outputs/runs/*/tensorboard/events.out.tfevents.*"))  # and TensorBoard beside them
+
+
+@pytest.mark.slow  # 7 s of imports (MLflow, W&B, Optuna, SQLAlchemy); trains nothing
+def test_outside_services_are_checked_before_training_in_one_sentence(tmp_path):
+    """Issue 26's probes: an MLflow server that does not answer, a W&B save_dir or an Optuna storage under a file,
+    a storage file that is not a database: each one sentence from the step that builds it, before training."""
+    from twincar.errors import TwinCarError
+    from twincar.training.search import open_storage
+    from twincar.training.steps import instantiate_all
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "bad.db").write_text("not a database")
+    loggers = compose_train("logger=mlflow", "logger.mlflow.tracking_uri=http://127.0.0.1:9").logger
+    with pytest.raises(TwinCarError, match=r"^logger.mlflow.tracking_uri=http://127.0.0.1:9: no MLflow server answers "
+                                           r"there within 10 s .*training did not start"):
+        instantiate_all({"mlflow": loggers.mlflow})
+    wandb = compose_train("logger=wandb", f"logger.wandb.save_dir={tmp_path / 'file' / 'w'}").logger.wandb
+    with pytest.raises(TwinCarError, match=rf"^logger.wandb.save_dir=.*: {tmp_path / 'file'} is a file, not a folder"):
+        instantiate_all({"wandb": wandb})
+    for url in (f"journal:{tmp_path / 'file' / 'j.log'}", f"sqlite:///{tmp_path / 'file' / 'x.db'}"):
+        with pytest.raises(TwinCarError, match=rf"^hydra.sweeper.storage=.*{tmp_path / 'file'} is a file, not a"):
+            open_storage(url)
+    with pytest.raises(TwinCarError, match=r"bad.db cannot be opened as an Optuna storage \(.*file is not a database"):
+        open_storage(f"sqlite:///{tmp_path / 'bad.db'}")

@@ -26,6 +26,7 @@ import torch
 
 from twincar.errors import TwinCarError
 from twincar.files import atomic_path, write_json
+from twincar.models.card import FINGERPRINT, check_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class NeighbourIndex:
     class_names: list[str]  # what the labels name
     backend: str = "auto"  # how it is searched (BACKENDS)
     thumbnails: list[bytes] | None = None  # a small JPEG of each image (None: the index keeps none)
+    fingerprint: str | None = None  # the fingerprint of the model whose embeddings these are
     _faiss: object = field(default=None, init=False, repr=False, compare=False)  # the faiss index, built once
     _rows: dict | None = field(default=None, init=False, repr=False, compare=False)  # path -> row, built once
 
@@ -169,14 +171,16 @@ class NeighbourIndex:
             (folder / INDEX_THUMBNAILS).unlink(missing_ok=True)  # an older index's, of other images
         write_json(folder / INDEX_META, {"paths": self.paths, "class_names": self.class_names, "backend": self.backend,
                                          "images": len(self.paths), "dim": int(self.embeddings.shape[1]),
-                                         "thumbnails": bool(self.thumbnails)})
+                                         "thumbnails": bool(self.thumbnails), FINGERPRINT: self.fingerprint})
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, class_names: Sequence[str] | None = None) -> NeighbourIndex:
+    def load(cls, folder: str | Path, class_names: Sequence[str] | None = None,
+             fingerprint: str | None = None) -> NeighbourIndex:
         """An index written by :meth:`save` (safetensors: nothing unpickled); given the model's ``class_names``, an
         index built for other classes (another model, another holdout) is refused in one sentence, as is one whose
-        files disagree (a build killed between them)."""
+        files disagree (a build killed between them) or cannot be read; given the model's ``fingerprint``, one built
+        with another model's embeddings (:func:`~twincar.models.card.check_fingerprint`)."""
         from safetensors.torch import load_file
 
         from twincar.data.classes import class_names_difference
@@ -186,8 +190,21 @@ class NeighbourIndex:
         if not (folder / INDEX_TENSORS).is_file() or not (folder / INDEX_META).is_file():
             raise TwinCarError(f"{folder} holds no neighbour index ({INDEX_TENSORS} + {INDEX_META}): build one with "
                                "python -m twincar.index ckpt=MODEL")
-        tensors = load_file(str(folder / INDEX_TENSORS))
-        meta = json.loads((folder / INDEX_META).read_text("utf-8"))
+        try:
+            tensors = load_file(str(folder / INDEX_TENSORS))
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise TwinCarError(f"{folder / INDEX_TENSORS} cannot be read ({str(e).strip().splitlines()[0]}): "
+                               f"{rebuild}") from e
+        try:
+            meta = json.loads((folder / INDEX_META).read_text("utf-8"))
+        except (OSError, ValueError) as e:
+            raise TwinCarError(f"{folder / INDEX_META} is not valid JSON ({e}): {rebuild}") from e
+        if not (isinstance(meta, dict) and isinstance(meta.get("paths"), list)
+                and isinstance(meta.get("class_names"), list)
+                and {"embeddings", "labels"} <= set(tensors)):
+            raise TwinCarError(f"{folder} is not a neighbour index TwinCar wrote (paths, class_names, embeddings, "
+                               f"labels): {rebuild}")
+        check_fingerprint(meta.get(FINGERPRINT), fingerprint, folder, rebuild)
         paths = list(meta["paths"])
         if not len(paths) == len(tensors["embeddings"]) == len(tensors["labels"]):
             raise TwinCarError(f"{folder}: {INDEX_META} names {len(paths)} images but {INDEX_TENSORS} holds "
@@ -195,7 +212,8 @@ class NeighbourIndex:
         if class_names is not None and (diff := class_names_difference(list(meta["class_names"]), list(class_names))):
             raise TwinCarError(f"{folder} was built for other classes than the model's ({diff}): {rebuild}")
         return cls(tensors["embeddings"], tensors["labels"], paths, list(meta["class_names"]),
-                   str(meta.get("backend", "auto")), _load_thumbnails(folder / INDEX_THUMBNAILS, paths))
+                   str(meta.get("backend", "auto")), _load_thumbnails(folder / INDEX_THUMBNAILS, paths),
+                   meta.get(FINGERPRINT))
 
 
 def _load_thumbnails(path: Path, paths: list[str]) -> list[bytes] | None:
@@ -259,7 +277,8 @@ def build_index(predictor, samples: Sequence, *, batch_size: int = 64, bbox_marg
         raise TwinCarError(f"none of the {len(samples)} images could be read to build the index")
     return NeighbourIndex(torch.cat(feats), torch.tensor([samples[i].label for i in kept]),
                           [sample_label(samples[i]) for i in kept], list(predictor.class_names), backend,
-                          [thumbnail_jpeg(samples[i], thumbnails) for i in kept] if thumbnails > 0 else None)
+                          [thumbnail_jpeg(samples[i], thumbnails) for i in kept] if thumbnails > 0 else None,
+                          predictor.fingerprint)
 
 
 def knn_metrics(index: NeighbourIndex, queries: torch.Tensor, labels: torch.Tensor, prefix: str = "test/"

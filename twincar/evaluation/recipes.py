@@ -31,6 +31,7 @@ from twincar.runs import resolve_launch_paths
 log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip")
+MIN_CALIBRATION_IMAGES = 5  # fewer labelled images are refused by twincar.calibrate (docs/reliability.md)
 
 
 # -- eval -----------------------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("index"):  # checked before any image is read
         from twincar.evaluation.neighbours import NeighbourIndex
 
-        index = NeighbourIndex.load(cfg.index, predictor.class_names)
+        index = NeighbourIndex.load(cfg.index, predictor.class_names, predictor.fingerprint)
     data, split = data_config(cfg)
     out_dir = Path(cfg.paths.output_dir) / "reports"
     if "skipped_file" in data:  # on_corrupt=skip names what it leaves out here, not in the training run
@@ -179,8 +180,9 @@ def calibrate_model(cfg: DictConfig) -> Calibration:
         raise EvalError(f"tta={cfg.tta} is not supported: use tta=none or tta=flip")
     out_dir = Path(cfg.paths.output_dir)
     check_writable_dir(out_dir, "paths.output_dir")
-    predictor = Predictor.load(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"), tta=str(cfg.tta),
-                               calibration=None)  # fitted on raw logits, whatever the file carried before
+    loaded = Predictor.load(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"), tta=str(cfg.tta))
+    previous = loaded.calibration
+    predictor = loaded.with_calibration(None)  # fitted on raw logits, whatever the file carried before
     data, split = data_config(cfg)
     if "skipped_file" in data:
         data["skipped_file"] = str(out_dir / "skipped.txt")
@@ -189,11 +191,21 @@ def calibrate_model(cfg: DictConfig) -> Calibration:
     out = collect_logits(predictor, samples, bbox_margin=margin, batch_size=batch_size,
                          num_workers=min(int(data.get("num_workers") or 0), default_workers(predictor.device)),
                          progress=bool(cfg.get("progress", True)))
+    check_calibration_split(out.labels, split, cfg.ckpt)
     calibration = calibrate(out.logits, out.labels, score=str(cfg.score), tpr=float(cfg.tpr),
                             fitted_on=f"{split} ({len(out.labels)} images of {data.get('root')})", tta=predictor.tta)
-    stored = None if cfg.get("dry_run") else write_calibration(cfg.ckpt, calibration.to_dict())
+    if not calibration.nll < calibration.nll_raw:
+        raise EvalError(f"the temperature fitted on the {split} split does not lower its NLL ({calibration.nll_raw:.4f}"
+                        f" -> {calibration.nll:.4f}): nothing stored, {cfg.ckpt} keeps its calibration; calibrate on "
+                        "a larger split of labelled images")
+    backup = None if cfg.get("dry_run") or not previous else backup_calibration(cfg.ckpt, previous)
+    stored = None if cfg.get("dry_run") else write_calibration(cfg.ckpt, calibration.to_dict(), predictor.fingerprint)
     write_json(out_dir / "calibration.json", {**calibration.to_dict(), "checkpoint": str(cfg.ckpt),
-                                              "stored_in": str(stored) if stored else None, "tta": str(cfg.tta)})
+                                              "stored_in": str(stored) if stored else None, "tta": str(cfg.tta),
+                                              "previous": previous, "previous_backup": str(backup) if backup else None})
+    if previous:
+        log.info("previous calibration: temperature %s, unknown threshold %s (kept in %s)",
+                 previous.get("temperature"), previous.get("threshold"), backup or "no file: dry run")
     reliability_diagram(reliability_bins(out.logits / calibration.temperature, out.labels),
                         out_dir / "reliability.png", raw_bins=reliability_bins(out.logits, out.labels))
     log.info("temperature %.3f on %d %s images: ECE %.3f -> %.3f, NLL %.3f -> %.3f; unknown threshold %.4g (%s, "
@@ -202,6 +214,26 @@ def calibrate_model(cfg: DictConfig) -> Calibration:
              calibration.score, 100 * calibration.target_tpr,
              f"; stored in {stored}" if stored else " (dry run: nothing stored)")
     return calibration
+
+
+def check_calibration_split(labels: torch.Tensor, split: str, model: object) -> None:
+    """A split a calibration can be fitted on: at least :data:`MIN_CALIBRATION_IMAGES` labelled images of at least
+    two classes (one class alone fits a temperature that only sharpens, and a threshold that names nothing else);
+    else one sentence, before anything is stored."""
+    classes = len(torch.unique(labels)) if len(labels) else 0
+    if len(labels) < MIN_CALIBRATION_IMAGES or classes < 2:
+        raise EvalError(f"the {split} split has {len(labels)} labelled image(s) of {classes} class(es): a calibration "
+                        f"needs at least {MIN_CALIBRATION_IMAGES} images of at least 2 classes (hundreds give a "
+                        f"reliable one); nothing stored, {model} keeps its calibration")
+
+
+def backup_calibration(model: str | Path, previous: dict) -> Path:
+    """Keep a model's calibration before it is replaced: ``NAME.calibration-<UTC time>.json`` beside it."""
+    from datetime import datetime, timezone
+
+    model = Path(model).expanduser()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return write_json(model.with_name(f"{model.stem}.calibration-{stamp}.json"), previous)
 
 
 # -- index ---------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from twincar.inference.engines import ModelError, OnnxEngine, TorchEngine
 from twincar.inference.preprocess import ImageInput, input_preprocess, prepare
 from twincar.inference.results import (
     DEFAULT_SCORE,
+    SCORES,
     Prediction,
     check_calibration,
     check_tta,
@@ -80,7 +81,18 @@ class Predictor:
             raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
         self.engine = model if isinstance(model, (OnnxEngine, TorchEngine)) else TorchEngine(
             model, self.preprocess, device=device, channels_last=channels_last, precision=precision)
+        self._fingerprint: str | None = None  # set by load; else computed from the torch network when asked
         self._set_calibration(calibration, unknown)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The model's fingerprint (:func:`twincar.models.checkpoint.state_fingerprint`; an ONNX model's from its
+        card, else of the file): what its neighbour index and predict's shards record."""
+        if self._fingerprint is None and not self.is_onnx:
+            from twincar.models.checkpoint import state_fingerprint
+
+            self._fingerprint = state_fingerprint(self.engine.model.state_dict())
+        return self._fingerprint
 
     def _set_calibration(self, calibration, unknown: str | float | None) -> None:
         """The temperature and the unknown threshold (``unknown`` as ``--unknown`` takes it) of ``calibration``."""
@@ -131,20 +143,24 @@ class Predictor:
         but inside a training run, that run's architecture and preprocessing (its ``config.yaml``).
         ``local-dir:DIR`` and ``hf-hub:USER/REPO`` name a timm hub folder or repository (``export format=hf``)."""
         if str(path).endswith(".onnx"):
-            engine, names, pre, calibration = _load_onnx(Path(path).expanduser(), classes, device, preprocess,
-                                                         image_size, resize_mode, threads)
+            engine, names, pre, calibration, fingerprint = _load_onnx(Path(path).expanduser(), classes, device,
+                                                                      preprocess, image_size, resize_mode, threads)
             kwargs.setdefault("calibration", calibration)
-            return cls(engine, names, pre, **kwargs)
+            predictor = cls(engine, names, pre, **kwargs)
+            predictor._fingerprint = fingerprint
+            return predictor
         from twincar.models.factory import min_input_size
 
-        model, names, pre, calibration, arch = _load_torch(path, classes, preprocess, architecture)
+        model, names, pre, calibration, arch, fingerprint = _load_torch(path, classes, preprocess, architecture)
         spec = input_preprocess(pre, image_size, resize_mode)
         smallest = min_input_size(model)
         if spec.image_size < smallest:
             raise TwinCarError(f"--img-size {spec.image_size} is smaller than {arch} takes: its features "
                                f"are {smallest}x smaller than the input, so give at least {smallest} pixels")
         kwargs.setdefault("calibration", calibration)
-        return cls(model, names, spec, device=device, **kwargs)
+        predictor = cls(model, names, spec, device=device, **kwargs)
+        predictor._fingerprint = fingerprint
+        return predictor
 
     def with_calibration(self, calibration, unknown: str | float = "auto") -> Predictor:
         """This predictor (same engine, no copy) with another calibration: ``calibration`` None is raw softmax."""
@@ -317,8 +333,9 @@ def _load_torch(path, classes, preprocess, architecture: str | None) -> tuple:
         run_arch, run_pre = _run_model_config(path)
         architecture = architecture or run_arch
         preprocess = preprocess or run_pre
-    loaded = load_model(path, classes, architecture=architecture, preprocess=preprocess)
-    return loaded.model, loaded.class_names, loaded.preprocess, loaded.calibration, loaded.architecture
+    loaded = load_model(path, classes, architecture=architecture, preprocess=preprocess, scores=SCORES)
+    return (loaded.model, loaded.class_names, loaded.preprocess, loaded.calibration, loaded.architecture,
+            loaded.fingerprint)
 
 
 def _run_model_config(path: Path) -> tuple[str | None, object]:
@@ -338,18 +355,26 @@ def _run_model_config(path: Path) -> tuple[str | None, object]:
 
 
 def _load_onnx(path: Path, classes, device, preprocess, image_size: int | None, resize_mode: str | None,
-               threads: int | None) -> tuple[OnnxEngine, list[str], Preprocess, dict | None]:
-    """An ``.onnx`` export, its class names, preprocessing and calibration, from its model card (and a
-    ``NAME.calibration.json`` sidecar: :mod:`twincar.models.card`, torch-free); numpy, PIL and onnxruntime only."""
-    from twincar.models.card import model_class_names, read_calibration, read_model_card
+               threads: int | None) -> tuple[OnnxEngine, list[str], Preprocess, dict | None, str]:
+    """An ``.onnx`` export, its class names, preprocessing, calibration and fingerprint, from its model card
+    (checked as the PyTorch loader checks it) and a ``NAME.calibration.json`` sidecar (:mod:`twincar.models.card`,
+    torch-free); numpy, PIL and onnxruntime only."""
+    from twincar.models.card import (
+        FINGERPRINT,
+        file_fingerprint,
+        model_class_names,
+        read_calibration,
+        read_model_card,
+    )
 
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist: give the path of an exported .onnx model")
-    card = read_model_card(path)
+    card = read_model_card(path, SCORES)
     spec = input_preprocess(preprocess or card.get("preprocess"), image_size, resize_mode)
     engine = OnnxEngine(path, spec, device=device, threads=threads)
     if engine.image_size not in (None, spec.image_size):
         raise ModelError(f"{path} takes {engine.image_size}x{engine.image_size} inputs, not {spec.image_size}: "
                          "leave --img-size out for this ONNX model")
     names = model_class_names(path, card.get("class_names"), classes, engine.num_outputs)
-    return engine, names, spec, read_calibration(path, card)
+    fingerprint = card.get(FINGERPRINT) or file_fingerprint(path)
+    return engine, names, spec, read_calibration(path, card, SCORES, fingerprint), fingerprint

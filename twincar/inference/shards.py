@@ -10,12 +10,11 @@ rank 0 merges the shards into the one output, in input order, and removes them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import heapq
 import itertools
 import logging
-import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -27,12 +26,14 @@ import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from twincar.cluster import is_launching_process, run_lock
+from twincar.cluster import is_launching_process
 from twincar.errors import TwinCarError
 from twincar.files import atomic_path, read_json_object, remove_stale_temp_files, write_json
 from twincar.inference.batches import BatchOutputs, source_name
 from twincar.inference.predictor import Predictor
 from twincar.inference.results import Prediction
+from twincar.inference.writers import shard_dir
+from twincar.models.card import FINGERPRINT, check_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,28 @@ SCHEMA = pa.schema([
 ])
 
 
-def shard_dir(output: str | Path) -> Path:
-    """The folder of ``output``'s shards: ``OUTPUT.shards`` beside it."""
-    output = Path(output)
-    return output.with_name(output.name + ".shards")
+SHARD_NAME = re.compile(r"(?P<run>[A-Za-z0-9]+)-\d{5}-\d{6}\.parquet")  # <run>-<rank>-<n>.parquet (shard_name)
 
 
-def shard_files(folder: Path) -> list[Path]:
-    """The finished shards in ``folder`` (temporary files of a killed writer are not among them)."""
-    return sorted(folder.glob("[!.]*.parquet")) if folder.is_dir() else []
+def shard_files(folder: Path, runs: Sequence[str] | None = None) -> list[Path]:
+    """The finished shards in ``folder``: files named as :func:`shard_name` names them (temporary files of a killed
+    writer, and any other file, a user's own ``.parquet`` included, are not among them); with ``runs``, only those of
+    these runs (a job's: its ``job.json`` lists them)."""
+    if not folder.is_dir():
+        return []
+    found = [(p, m) for p in folder.glob("*.parquet") if (m := SHARD_NAME.fullmatch(p.name))]
+    return sorted(p for p, m in found if runs is None or m["run"] in runs)
+
+
+def job_runs(folder: Path) -> list[str] | None:
+    """The runs whose shards are the job's own (its ``job.json``): none when it has no readable one, None (every
+    shard) for a job written before runs were recorded."""
+    try:
+        job = read_json_object(folder / JOB_FILE, "shard job file")
+    except (OSError, TwinCarError):
+        return []
+    runs = job.get("runs")
+    return [str(r) for r in runs] if isinstance(runs, list) else None
 
 
 SHARD_VISIBLE_TIMEOUT_S = 120.0  # how long rank 0 waits for another node's shards to appear (NFS caches listings)
@@ -109,10 +123,15 @@ def from_record(r: dict) -> Prediction:
     )
 
 
-def write_shard(path: Path, records: Sequence[dict]) -> Path:
-    """Write one shard atomically (temporary file beside it, fsync, rename)."""
+SHARD_FINGERPRINT = b"twincar_fingerprint"  # the Parquet metadata key of the model that predicted a shard
+
+
+def write_shard(path: Path, records: Sequence[dict], fingerprint: str | None = None) -> Path:
+    """Write one shard atomically (temporary file beside it, fsync, rename), with the ``fingerprint`` of the model
+    that predicted it in its metadata."""
+    schema = SCHEMA.with_metadata({SHARD_FINGERPRINT: fingerprint.encode()}) if fingerprint else SCHEMA
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(list(records), schema=SCHEMA), tmp)
+        pq.write_table(pa.Table.from_pylist(list(records), schema=schema), tmp)
     return path
 
 
@@ -123,18 +142,25 @@ def _key(r: dict) -> Key:
     return r["key_path"], r["key_size"], r["key_mtime_ns"]
 
 
-def shard_keys(folder: Path, *, predicted_only: bool = False) -> dict[Path, list[Key]]:
+def shard_keys(folder: Path, *, predicted_only: bool = False, runs: Sequence[str] | None = None,
+               fingerprint: str | None = None) -> dict[Path, list[Key]]:
     """The image keys of each finished shard in ``folder``, in its row order (the key columns only are read); with
     ``predicted_only``, those of the rows that are not an unreadable image's error (``--resume`` tries those
-    again: the error may have passed). A shard that cannot be read is named in a warning and left out (its images
-    are predicted again)."""
+    again: the error may have passed). A shard that cannot be read, or that records another model's ``fingerprint``,
+    is named in a warning and left out (its images are predicted again)."""
     keys: dict[Path, list[Key]] = {}
-    for path in shard_files(folder):
+    for path in shard_files(folder, runs):
         try:
-            rows = pq.read_table(path, columns=[*KEY_COLUMNS, "error"]).to_pylist()
+            table = pq.read_table(path, columns=[*KEY_COLUMNS, "error"])
         except (OSError, pa.ArrowException) as e:
             log.warning("shard %s cannot be read (%s): its images are predicted again", path, e)
             continue
+        recorded = (table.schema.metadata or {}).get(SHARD_FINGERPRINT)
+        if fingerprint and recorded and recorded.decode() != fingerprint:
+            log.warning("shard %s was predicted by another model (fingerprint %s, this one's is %s): ignored, its "
+                        "images are predicted again", path, recorded.decode(), fingerprint)
+            continue
+        rows = table.to_pylist()
         keys[path] = [_key(r) for r in rows if not (predicted_only and r["error"] is not None)]
     return keys
 
@@ -149,12 +175,15 @@ def read_shard(path: Path) -> list[tuple[Key, Prediction]]:
     return [(_key(r), from_record(r)) for r in rows]
 
 
-def merged(folder: Path, keys: Sequence[Key]) -> Iterator[Prediction]:
+def merged(folder: Path, keys: Sequence[Key], runs: Sequence[str] | None = None,
+           fingerprint: str | None = None) -> Iterator[Prediction]:
     """The prediction of every image, in input order (``keys``: the images' keys), streamed from ``folder``'s
     shards: each image appears once, and a shard is read only when the first of its images is due, so rank 0
     holds the rows of about one shard per process that wrote them, not the job's (each image's key and position it
-    holds for the whole job). An image that no shard holds is refused before anything is returned."""
-    written = shard_keys(folder)
+    holds for the whole job). An image that no shard holds is refused before anything is returned. ``runs``: the
+    job's own (:func:`job_runs`); another file in the folder is never read, nor a shard of another model's
+    ``fingerprint``."""
+    written = shard_keys(folder, runs=runs, fingerprint=fingerprint)
     covered = {k for shard in written.values() for k in shard}
     missing = [k[0] for k in keys if k not in covered]
     if missing:
@@ -218,9 +247,10 @@ class ShardWriter(BasePredictionWriter):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        run_id = new_run_id()
         if trainer.is_global_zero:
-            start_job(self.folder, self.options)
-        self.run_id = trainer.strategy.broadcast(new_run_id())  # one name for the run's shards, after start_job
+            start_job(self.folder, self.options, run_id)
+        self.run_id = trainer.strategy.broadcast(run_id)  # rank 0's: one name for the run's shards, after start_job
         self.rank = trainer.global_rank
         if trainer.world_size > 1:
             self._check_same_inputs(trainer.world_size)
@@ -258,7 +288,8 @@ class ShardWriter(BasePredictionWriter):
     def flush(self) -> None:
         """Write the pending rows as this process's next shard."""
         if self.pending:
-            path = write_shard(self.folder / shard_name(self.run_id, self.rank, self.count), self.pending)
+            path = write_shard(self.folder / shard_name(self.run_id, self.rank, self.count), self.pending,
+                               self.options.get(FINGERPRINT))
             self.written.append(path.name)
             self.count += 1
             self.pending = []
@@ -293,32 +324,20 @@ def shard_name(run_id: str, rank: int, count: int) -> str:
     return f"{run_id}-{rank:05d}-{count:06d}.parquet"
 
 
-def start_job(folder: Path, options: dict) -> None:
-    """Make the shards' folder, drop a killed writer's temporary files and record the job's options."""
+def start_job(folder: Path, options: dict, run_id: str) -> None:
+    """Make the shards' folder, drop a killed writer's temporary files and record the job's options and its runs:
+    ``run_id`` after those of the runs it resumes (``options["runs"]``), so the job's shards are known by name."""
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(folder)  # a killed writer's half shard
-    write_json(folder / JOB_FILE, options)
+    write_json(folder / JOB_FILE, {**options, "runs": [*(options.get("runs") or []), run_id]})
 
 
-def remove_shards(folder: Path) -> None:
-    """Remove a merged job's shards (the folder goes when :func:`job_lock` releases it)."""
-    for path in [*shard_files(folder), folder / JOB_FILE]:
+def remove_shards(folder: Path, runs: Sequence[str] | None) -> None:
+    """Remove a merged job's own shards (those of its ``runs``) and its ``job.json``; any other file stays (the
+    folder goes when :func:`~twincar.inference.writers.job_lock` releases it, if nothing else is left)."""
+    for path in [*shard_files(folder, runs), folder / JOB_FILE]:
         path.unlink(missing_ok=True)
     remove_stale_temp_files(folder)
-
-
-@contextlib.contextmanager
-def job_lock(folder: Path) -> Iterator[None]:
-    """Hold the lock of a job's shards folder inside the block (the launching process; the others run under it),
-    so a second job into the same output stops in one sentence instead of removing the first one's shards; the
-    folder is removed at the end when nothing is left in it."""
-    launching = is_launching_process()
-    if launching:
-        folder.mkdir(parents=True, exist_ok=True)
-    with run_lock(folder, ("predict job", "predict into another --output")):
-        yield
-    if launching and folder.is_dir() and not any(folder.iterdir()):
-        os.rmdir(folder)
 
 
 JOB_FILE = "job.json"  # the options the shards were predicted with: --resume refuses others
@@ -332,7 +351,8 @@ def job_options(model: str | Path, predictor: Predictor, *, topk: int, neighbour
     that changes a row (``precision`` ``auto`` with the ``accelerator``, which resolves it)."""
     path = Path(model).expanduser()
     names = hashlib.sha256("\n".join(predictor.class_names).encode()).hexdigest()[:16]
-    return {"model": list(file_key(path)) if path.is_file() else str(model), "classes": names, "topk": topk,
+    return {"model": list(file_key(path)) if path.is_file() else str(model), FINGERPRINT: predictor.fingerprint,
+            "classes": names, "topk": topk,
             "tta": predictor.tta, "image_size": predictor.preprocess.image_size,
             "resize_mode": predictor.preprocess.resize_mode, "unknown": predictor.unknown_threshold,
             "temperature": predictor.temperature, "neighbours": neighbours,
@@ -340,10 +360,13 @@ def job_options(model: str | Path, predictor: Predictor, *, topk: int, neighbour
             "precision": precision, "accelerator": accelerator}
 
 
-def check_job(folder: Path, options: dict, resume: bool) -> None:
-    """Before a run into ``folder``: an unfinished job's shards are continued only with ``--resume`` and its options."""
+def check_job(folder: Path, options: dict, resume: bool) -> list[str]:
+    """Before a run into ``folder``: an unfinished job's shards are continued only with ``--resume``, its options
+    and its model (fingerprint: :func:`~twincar.models.card.check_fingerprint`). Returns the runs whose shards are
+    the job's (none for a new job); shard files of no run of the job (another job's, copied in) are named and
+    ignored."""
     if not shard_files(folder):
-        return
+        return []
     if not resume:
         raise TwinCarError(f"{folder} holds the shards of an unfinished run: pass --resume to finish it, or remove "
                            "the folder to start again")
@@ -352,11 +375,20 @@ def check_job(folder: Path, options: dict, resume: bool) -> None:
         raise TwinCarError(f"{folder} holds shards but no {JOB_FILE} saying what they were predicted with: remove the "
                            "folder to start again")
     earlier = read_json_object(job, "shard job file")
-    changed = sorted(k for k in options if k in earlier and earlier[k] != options[k])
+    check_fingerprint(earlier.get(FINGERPRINT), options.get(FINGERPRINT), job,
+                      "resume with the model that started the job, or remove the folder to start again")
+    changed = sorted(k for k in options if k in earlier and k != FINGERPRINT and earlier[k] != options[k])
     if changed:
         raise TwinCarError(f"{folder} was predicted with other options ("
                            + ", ".join(f"{k}: {earlier[k]!r} then, {options[k]!r} now" for k in changed)
                            + "): resume with the same ones, or remove the folder to start again")
+    runs = job_runs(folder)
+    if runs is None:  # a job written before runs were recorded: every shard in its folder is its own
+        runs = sorted({SHARD_NAME.fullmatch(p.name)["run"] for p in shard_files(folder)})
+    if foreign := sorted(set(shard_files(folder)) - set(shard_files(folder, runs))):
+        log.warning("%d shard file(s) in %s are not this job's (%s not among its runs in %s): ignored, and left in "
+                    "place", len(foreign), folder, ", ".join(p.name for p in foreign[:3]), JOB_FILE)
+    return runs
 
 
 def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, processes, *, options: dict,
@@ -371,9 +403,11 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
     from twincar.inference.parallel import run_inference
 
     folder = shard_dir(output)
-    check_job(folder, options, resume)
+    runs = check_job(folder, options, resume)
+    options = {**options, "runs": runs}
     keys = [file_key(f) for f in files]
-    written = shard_keys(folder, predicted_only=True) if resume else {}
+    fingerprint = options.get(FINGERPRINT)
+    written = shard_keys(folder, predicted_only=True, runs=runs, fingerprint=fingerprint) if resume else {}
     done = {k for shard in written.values() for k in shard}  # an image's error row: it is tried again
     todo = [i for i, k in enumerate(keys) if k not in done]
     resumed = len(keys) - len(todo)
@@ -385,10 +419,11 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
         log.info("%d image(s) left for %d processes: rank 0 predicts them alone", len(todo), processes.world_size)
         if not is_launching_process():
             return None
-        start_job(folder, options)
+        run_id = new_run_id()
+        start_job(folder, options, run_id)
         predictions = predictor.iter_predict(images, batch_size=batch_size, topk=topk, neighbours=neighbours)
-        write_shard(folder / shard_name(new_run_id(), 0, 0),
-                    [to_record(p, keys[i]) for i, p in zip(todo, predictions, strict=True)])
+        write_shard(folder / shard_name(run_id, 0, 0),
+                    [to_record(p, keys[i]) for i, p in zip(todo, predictions, strict=True)], fingerprint)
     elif todo:
         log.info("predicting %d image(s) on %d process(es) (%d node(s) x %d %s), shards of %d in %s", len(todo),
                  processes.world_size, processes.num_nodes, processes.devices, processes.accelerator, shard_size,
@@ -402,4 +437,4 @@ def predict_sharded(predictor: Predictor, files: Sequence[str], output: Path, pr
             return None
     elif not is_launching_process():  # nothing left to predict: rank 0 alone merges
         return None
-    return _named(files, merged(folder, keys)), resumed
+    return _named(files, merged(folder, keys, job_runs(folder), fingerprint)), resumed

@@ -8,11 +8,14 @@ here (the ONNX runtime writes through it too); pyarrow is imported for Parquet o
 
 from __future__ import annotations
 
+import contextlib
 import csv
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from twincar.cluster import is_launching_process, run_lock
 from twincar.files import atomic_path, dumps
 from twincar.inference.results import Prediction
 
@@ -117,3 +120,24 @@ def _parquet_type(column: str, pa):
     if column in ("confidence", "unknown_score") or column.endswith(("_prob", "_similarity")):
         return pa.float64()
     return pa.string()
+
+
+def shard_dir(output: str | Path) -> Path:
+    """The folder of ``output``'s shards (:mod:`twincar.inference.shards`) and of its lock: ``OUTPUT.shards``."""
+    output = Path(output)
+    return output.with_name(output.name + ".shards")
+
+
+@contextlib.contextmanager
+def job_lock(folder: Path) -> Iterator[None]:
+    """Hold the lock of an output's shards folder (:func:`shard_dir`) inside the block (the launching process; the
+    others run under it). Every predict takes it, one process or many, so a second job into the same output stops
+    in one sentence instead of removing the first one's shards or overwriting its file; the folder is removed at
+    the end when nothing is left in it. No torch: the ONNX runtime takes it too."""
+    launching = is_launching_process()
+    if launching:
+        folder.mkdir(parents=True, exist_ok=True)
+    with run_lock(folder, ("predict job", "predict into another --output")):
+        yield
+    if launching and folder.is_dir() and not any(folder.iterdir()):
+        os.rmdir(folder)

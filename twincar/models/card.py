@@ -9,19 +9,26 @@ runtime both read cards with :func:`read_model_card`. Calibration is written by
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 
-from twincar.data.classes import class_names_difference, read_class_names
-from twincar.data.preprocess import Preprocess
+from twincar.data.classes import class_names_difference, name_key, read_class_names
+from twincar.data.preprocess import RESIZE_MODES, Preprocess
 from twincar.files import ReadError, read_json_object, write_json
 from twincar.models import WeightsError
 from twincar.models.hub import HUB_CONFIG, card_from_hub_config
 
+log = logging.getLogger(__name__)
+
 MODEL_CARD = "model_card.json"  # written beside exported weights: architecture, class names, preprocessing
 CALIBRATION = "calibration"  # the key of the calibration in checkpoint hyper-parameters and model cards
+FINGERPRINT = "fingerprint"  # the key of the weights' fingerprint in cards and every artefact derived from a model
+IMAGE_SIZE_BOUNDS = (8, 2048)  # the input sides a card may name (pixels): 100000 would allocate tens of GB
 
 
 def _twincar_version() -> str | None:
@@ -72,9 +79,11 @@ def build_model_card(
     config: dict | None = None,
     source: str | None = None,
     calibration: dict | None = None,
+    fingerprint: str | None = None,
 ) -> dict:
     """What a consumer of exported weights needs (class names, preprocessing, architecture) and what the run was
-    (metrics such as ``test/acc``, config group choices and overrides), and its ``calibration`` when fitted."""
+    (metrics such as ``test/acc``, config group choices and overrides), its ``calibration`` when fitted, and the
+    ``fingerprint`` of the weights it describes (:func:`twincar.models.checkpoint.state_fingerprint`)."""
     return {
         "architecture": architecture,
         "num_classes": len(class_names),
@@ -89,6 +98,7 @@ def build_model_card(
         "source": source,
         "twincar_version": _twincar_version(),
         **({CALIBRATION: dict(calibration)} if calibration else {}),
+        **({FINGERPRINT: fingerprint} if fingerprint else {}),
     }
 
 
@@ -97,10 +107,11 @@ def write_model_card(directory: str | Path, card: dict) -> Path:
     return write_json(Path(directory) / MODEL_CARD, card)
 
 
-def read_model_card(weights: str | Path) -> dict:
+def read_model_card(weights: str | Path, scores: Sequence[str] | None = None) -> dict:
     """The ``model_card.json`` beside ``weights`` (exported ``.pth``/``.safetensors``/``.onnx``), else for PyTorch
     weights a card made from a timm hub ``config.json`` beside them; ``{}`` when there is neither. A card that is
-    not a JSON object is a :class:`~twincar.models.WeightsError` naming the file."""
+    not a JSON object, or whose facts do not hold (:func:`check_model_card`; ``scores``: the known unknown scores),
+    is a :class:`~twincar.models.WeightsError` naming the file and the field."""
     weights = Path(weights)
     card_path = weights.with_name(MODEL_CARD)
     if not card_path.is_file():
@@ -111,12 +122,13 @@ def read_model_card(weights: str | Path) -> dict:
             except ValueError as e:
                 raise WeightsError(f"{hub} is not valid JSON: {e}") from e
             if isinstance(config, dict) and "architecture" in config:
-                return card_from_hub_config(config, hub)
+                return check_model_card(card_from_hub_config(config, hub), hub, scores)
         return {}
     try:
-        return read_json_object(card_path, "class_names, preprocess, architecture")
+        card = read_json_object(card_path, "class_names, preprocess, architecture")
     except ReadError as e:
         raise WeightsError(str(e)) from e
+    return check_model_card(card, card_path, scores)
 
 
 def calibration_sidecar(path: str | Path) -> Path:
@@ -125,9 +137,11 @@ def calibration_sidecar(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.calibration.json")
 
 
-def read_calibration(path: str | Path, card: dict | None = None) -> dict | None:
-    """The calibration a model file carries: in its checkpoint hyper-parameters or model card (``card``), else in
-    its sidecar file (:func:`calibration_sidecar`); None when it was never calibrated."""
+def read_calibration(path: str | Path, card: dict | None = None, scores: Sequence[str] | None = None,
+                     fingerprint: str | None = None) -> dict | None:
+    """The calibration a model file carries: in its checkpoint hyper-parameters or model card (``card``, already
+    checked), else in its sidecar file (:func:`calibration_sidecar`, checked here as a card's calibration is, and
+    refused when it records another ``fingerprint`` than the model's); None when it was never calibrated."""
     if card and isinstance(card.get(CALIBRATION), dict):
         return dict(card[CALIBRATION])
     sidecar = calibration_sidecar(path)
@@ -139,6 +153,9 @@ def read_calibration(path: str | Path, card: dict | None = None) -> dict | None:
         raise WeightsError(f"{sidecar} is not valid JSON: {e}; delete it or calibrate the model again") from e
     if not isinstance(value, dict):
         raise WeightsError(f"{sidecar} must hold a JSON object (temperature, score, threshold)")
+    check_calibration_fields(value, sidecar, scores)
+    check_fingerprint(value.get(FINGERPRINT), fingerprint, sidecar,
+                      f"delete it and run python -m twincar.calibrate ckpt={path}")
     return value
 
 
@@ -162,3 +179,132 @@ def model_class_names(path: Path, carried: Sequence[str] | None, classes: str | 
     if num_outputs is not None and len(names) != num_outputs:
         raise WeightsError(f"the class list has {len(names)} names but {path} has {num_outputs} outputs")
     return names
+
+
+# -- the one validator: every fact a card (or a checkpoint's hyper-parameters, or a sidecar) carries -------------
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rgb(value: object, positive: bool = False) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 3 and all(_finite(v) for v in value)
+            and (not positive or all(v > 0 for v in value)))
+
+
+def _image_size(value: object) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and IMAGE_SIZE_BOUNDS[0] <= value <= IMAGE_SIZE_BOUNDS[1])
+
+
+Field = tuple[Callable[[object], bool], str]  # (the test a value passes, what the value must be)
+
+# The fields of each section and what each must be: a consumer reads nothing these tests did not pass. New fields
+# (of a calibration, say) are one row here.
+PREPROCESS_FIELDS: dict[str, Field] = {
+    "image_size": (_image_size, f"a whole number of pixels from {IMAGE_SIZE_BOUNDS[0]} to {IMAGE_SIZE_BOUNDS[1]}"),
+    "eval_crop_pct": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "mean": (_rgb, "3 finite numbers (R, G, B)"),
+    "std": (lambda v: _rgb(v, positive=True), "3 finite numbers above 0 (R, G, B)"),
+    "resize_mode": (lambda v: v in RESIZE_MODES, f"one of {', '.join(RESIZE_MODES)}"),
+}
+CALIBRATION_FIELDS: dict[str, Field] = {
+    "temperature": (lambda v: _finite(v) and v > 0, "a finite number above 0"),
+    "threshold": (lambda v: v is None or _finite(v), "a finite number (or null: no unknown answer)"),
+    "score": (lambda v: isinstance(v, str), "the name of an unknown score"),
+    "tta": (lambda v: v in (None, "none", "flip"), "none or flip"),
+    FINGERPRINT: (lambda v: v is None or isinstance(v, str), "the fingerprint of the model's weights"),
+}
+
+
+def _refuse(source: object, where: str, value: object, what: str) -> WeightsError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return WeightsError(f"{source}: {where} is {shown} but must be {what}: export or calibrate the model again, or "
+                        "correct the file")
+
+
+def _check_fields(values: object, fields: dict[str, Field], source: object, section: str,
+                  unknown_allowed: bool) -> None:
+    if not isinstance(values, dict):
+        raise WeightsError(f"{source}: {section} must be a JSON object ({', '.join(fields)}), got {values!r}")
+    for key, value in values.items():
+        if key not in fields:
+            if unknown_allowed:
+                continue
+            raise WeightsError(f"{source}: {section}.{key} is not a {section} field (those are "
+                               f"{', '.join(fields)})")
+        test, what = fields[key]
+        if not test(value):
+            raise _refuse(source, f"{section}.{key}", value, what)
+
+
+def check_calibration_fields(calibration: object, source: object, scores: Sequence[str] | None = None) -> dict:
+    """A calibration (a card's, a checkpoint's or a sidecar's) whose every field passes :data:`CALIBRATION_FIELDS`,
+    and whose ``score`` is one of ``scores`` when given; else one sentence naming ``source`` and the field."""
+    _check_fields(calibration, CALIBRATION_FIELDS, source, CALIBRATION, unknown_allowed=True)
+    score = calibration.get("score")
+    if scores is not None and score is not None and score not in scores:
+        raise _refuse(source, f"{CALIBRATION}.score", score, f"one of {', '.join(scores)}")
+    return dict(calibration)
+
+
+def check_model_card(card: dict, source: object, scores: Sequence[str] | None = None) -> dict:
+    """``card`` (a ``model_card.json``, a hub ``config.json``'s card or a checkpoint's hyper-parameters) when every
+    fact a consumer reads from it holds: the class names (a list of names, no class twice by
+    :func:`~twincar.data.classes.name_key`, as many as ``num_classes``), the input (:data:`PREPROCESS_FIELDS`) and
+    the calibration (:func:`check_calibration_fields`). Else one sentence naming ``source`` and the field. The one
+    validator: the PyTorch loader, the ONNX runtime (so the demo, the Space and the server) and hub import use it."""
+    names = card.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise _refuse(source, "class_names", names, "a list of class names")
+        seen: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if (first := seen.setdefault(name_key(name), i)) != i:
+                raise WeightsError(f"{source}: class_names lists {name!r} twice (labels {first} and {i}): every "
+                                   "class needs its own name")
+        count = card.get("num_classes")
+        if count is not None and count != len(names):
+            raise _refuse(source, "num_classes", count, f"the number of class_names ({len(names)})")
+    if card.get("preprocess") is not None:
+        _check_fields(card["preprocess"], PREPROCESS_FIELDS, source, "preprocess", unknown_allowed=False)
+    if card.get(CALIBRATION) is not None:
+        check_calibration_fields(card[CALIBRATION], source, scores)
+    if card.get(FINGERPRINT) is not None and not isinstance(card[FINGERPRINT], str):
+        raise _refuse(source, FINGERPRINT, card[FINGERPRINT], "the fingerprint of the model's weights")
+    return card
+
+
+# -- fingerprints: which model an artefact belongs to -----------------------------------------------------------
+def fingerprint_of(chunks: Iterable[tuple[str, bytes | memoryview]]) -> str:
+    """A short hash (16 hex digits, BLAKE2b) of named byte chunks: a model's fingerprint is that of its tensors in
+    name order (:func:`twincar.models.checkpoint.state_fingerprint`), the same whatever file holds them."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, data in chunks:
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(data)
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """The fingerprint of a file's bytes (an ONNX model whose card records none)."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_fingerprint(recorded: object, model: str | None, artefact: object, fix: str) -> None:
+    """An artefact (a calibration, an index, a predict job) that records another model's fingerprint than
+    ``model`` is one sentence naming it and what to do (``fix``); one written before fingerprints (``recorded``
+    None) is used with a one-line warning."""
+    if model is None:
+        return
+    if recorded is None:
+        log.warning("%s records no model fingerprint (written before fingerprints): it is assumed to be this "
+                    "model's (%s)", artefact, fix)
+    elif recorded != model:
+        raise WeightsError(f"{artefact} belongs to another model (fingerprint {recorded}; this model's is {model}): "
+                           f"{fix}")

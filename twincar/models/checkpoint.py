@@ -17,6 +17,7 @@ from torch import nn
 
 from twincar.files import atomic_path
 from twincar.models import WeightsError
+from twincar.models.card import fingerprint_of
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,17 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors, detached, on the CPU and contiguous (for resnet50: the torchvision key names)."""
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """The model's fingerprint (:func:`twincar.models.card.fingerprint_of`): a short hash of its tensors' names,
+    dtypes, shapes and bytes in name order, so a ``.ckpt``, the ``model.pth`` and the ``model.safetensors`` of the
+    same weights share it. Cards, calibrations, neighbour indexes and predict jobs record it."""
+    def chunks():
+        for name in sorted(state):
+            t = state[name].detach().cpu().contiguous().reshape(-1)
+            yield f"{name}:{t.dtype}:{tuple(state[name].shape)}", t.view(torch.uint8).numpy().data
+    return fingerprint_of(chunks())
 
 
 def export_state_dict(model: nn.Module, path: str | Path) -> Path:

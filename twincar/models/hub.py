@@ -155,7 +155,11 @@ def preprocess_from_timm(pretrained_cfg: dict, source: object) -> Preprocess:
     the same input size, resize (timm's ``floor`` rounding kept), crop, mean and std. TwinCar resizes bilinear
     only: another interpolation is used as bilinear, with a warning naming ``source``."""
     size = pretrained_cfg.get("input_size", [3, 224, 224])
-    if len(size) != 3 or size[1] != size[2]:
+    if not (isinstance(size, list) and len(size) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise WeightsError(f"{source}: pretrained_cfg.input_size is {size!r} but must be [3, SIZE, SIZE], whole "
+                           "numbers above 0: correct the file")
+    if size[1] != size[2]:
         raise WeightsError(f"{source}: input_size {list(size)} is not square: TwinCar takes square inputs only")
     mode = pretrained_cfg.get("crop_mode") or "center"
     if mode not in ("center", "squash"):
@@ -163,13 +167,16 @@ def preprocess_from_timm(pretrained_cfg: dict, source: object) -> Preprocess:
     if pretrained_cfg.get("interpolation", "bilinear") != "bilinear":
         log.warning("%s: trained with %s resizing; TwinCar resizes bilinear (answers may differ slightly)",
                     source, pretrained_cfg["interpolation"])
-    crop = float(pretrained_cfg.get("crop_pct") or 0.875)
+    crop = pretrained_cfg.get("crop_pct") or 0.875
+    if not (isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop <= 1):
+        raise WeightsError(f"{source}: pretrained_cfg.crop_pct is {crop!r} but must be a number in (0, 1]: correct "
+                           "the file")
     image_size = int(size[-1])
     pre = {"image_size": image_size, "resize_mode": "squash" if mode == "squash" else "crop",
            "eval_crop_pct": 1.0 if mode == "squash" else image_size / math.floor(image_size / crop)}
     for key in ("mean", "std"):
         if pretrained_cfg.get(key):
-            pre[key] = tuple(float(v) for v in pretrained_cfg[key])
+            pre[key] = pretrained_cfg[key]  # checked with the card (twincar.models.card.check_model_card)
     return Preprocess(**pre)
 
 

@@ -9,6 +9,7 @@ Face Hub repository (``hf-hub:USER/REPO``). :func:`write_calibration` stores a f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,14 +21,23 @@ from twincar.files import write_json
 from twincar.models import WeightsError
 from twincar.models.card import (
     CALIBRATION,
+    FINGERPRINT,
     MODEL_CARD,
     calibration_sidecar,
+    check_fingerprint,
+    check_model_card,
     model_class_names,
     read_calibration,
     read_model_card,
     write_model_card,
 )
-from twincar.models.checkpoint import read_state_dict, safe_torch_load, save_torch, strip_prefix
+from twincar.models.checkpoint import (
+    read_state_dict,
+    safe_torch_load,
+    save_torch,
+    state_fingerprint,
+    strip_prefix,
+)
 from twincar.models.factory import build_model
 from twincar.models.hub import HUB_CONFIG, HUB_WEIGHTS
 
@@ -43,6 +53,7 @@ class LoadedModel:
     source: Path
     card: dict = field(default_factory=dict)  # the model card or checkpoint hparams it came with
     calibration: dict | None = None  # temperature and unknown threshold (twincar.evaluation.calibration), when fitted
+    fingerprint: str | None = None  # the weights' fingerprint (state_fingerprint): which model its artefacts are
 
 
 def _hub_weights(folder: Path, spec: str) -> Path:
@@ -97,6 +108,7 @@ def load_model(
     *,
     architecture: str | None = None,
     preprocess: Preprocess | None = None,
+    scores: Sequence[str] | None = None,
 ) -> LoadedModel:
     """The one way PyTorch weights come in, for predict, eval, explain, export and the demo (an ``.onnx`` model is
     :meth:`~twincar.inference.predictor.Predictor.load`'s, run by its onnxruntime engine).
@@ -107,7 +119,9 @@ def load_model(
     or a bare state dict such as the original TwinCars ``.pth`` (a torchvision resnet50 with a K-way ``fc``),
     which needs ``classes`` and gets the original preprocessing (224x224 squash, ImageNet mean/std) unless
     ``preprocess`` is given.
-    Every file is read with ``weights_only=True`` or safetensors: nothing is unpickled.
+    Every file is read with ``weights_only=True`` or safetensors: nothing is unpickled. Every fact the file carries
+    is checked (:func:`~twincar.models.card.check_model_card`; ``scores``: the known unknown scores), and a card or
+    calibration that records another model's fingerprint is refused.
     """
     path = resolve_model_source(path)
     if not path.is_file():
@@ -121,36 +135,49 @@ def load_model(
         ckpt = safe_torch_load(path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise WeightsError(f"{path} is not a Lightning checkpoint (no state_dict)")
-        card = dict(ckpt.get("hyper_parameters") or {})
+        card = check_model_card(dict(ckpt.get("hyper_parameters") or {}), path, scores)
         state = strip_prefix(ckpt["state_dict"], "model.")
         arch = card.get("name", architecture or "resnet50")
         carried = card.get("class_names")
         pre = Preprocess.from_dict(card.get("preprocess"))
     else:
         state = read_state_dict(path)
-        card = read_model_card(path)
+        card = read_model_card(path, scores)
         arch = card.get("architecture", architecture or "resnet50")
         carried = card.get("class_names")
         pre = Preprocess.from_dict(card["preprocess"]) if "preprocess" in card else TWINCARS_PREPROCESS
     names = model_class_names(path, carried, classes, _head_outputs(state, path))
+    fingerprint = state_fingerprint(state)
+    if path.suffix != ".ckpt" and card.get(FINGERPRINT):
+        check_fingerprint(card[FINGERPRINT], fingerprint, path.with_name(MODEL_CARD),
+                          f"it does not describe {path.name}: export the model again")
+    calibration = read_calibration(path, card, scores, fingerprint)
+    if calibration and card.get(CALIBRATION) and calibration.get(FINGERPRINT):  # a card's own, when it records one
+        check_fingerprint(calibration[FINGERPRINT], fingerprint, f"the calibration in {path}",
+                          f"calibrate it again: python -m twincar.calibrate ckpt={path}")
     return LoadedModel(build_model(arch, len(names), state, path), names, preprocess or pre, arch, path, card,
-                       read_calibration(path, card))
+                       calibration, fingerprint)
 
 
-def write_calibration(path: str | Path, calibration: dict) -> Path:
+def write_calibration(path: str | Path, calibration: dict, fingerprint: str | None = None) -> Path:
     """Store ``calibration`` with the model file at ``path``, atomically, where :func:`read_calibration` finds it:
     a ``.ckpt``'s hyper-parameters (the file is rewritten), the ``model_card.json`` beside exported weights, or
     else a sidecar ``NAME.calibration.json`` (the original TwinCars ``.pth``: the weights file is never touched).
-    Returns the file written."""
+    Returns the file written. ``fingerprint``: the model's (:func:`state_fingerprint`), recorded with the
+    calibration (read from the file when not given)."""
     path = Path(path).expanduser()
     if path.suffix == ".ckpt":
         ckpt = safe_torch_load(path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise WeightsError(f"{path} is not a Lightning checkpoint (no state_dict)")
-        ckpt.setdefault("hyper_parameters", {})[CALIBRATION] = dict(calibration)
+        own = fingerprint or state_fingerprint(strip_prefix(ckpt["state_dict"], "model."))
+        calibration = {**calibration, FINGERPRINT: own}
+        ckpt.setdefault("hyper_parameters", {})[CALIBRATION] = calibration
         return save_torch(ckpt, path)
+    calibration = {**calibration, FINGERPRINT: fingerprint or state_fingerprint(read_state_dict(path))}
     card = read_model_card(path)
     if card:
-        card[CALIBRATION] = dict(calibration)
+        card[CALIBRATION] = calibration
         return write_model_card(path.parent, card)
-    return write_json(calibration_sidecar(path), dict(calibration))
+    return write_json(calibration_sidecar(path), calibration)
+

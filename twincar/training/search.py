@@ -32,16 +32,24 @@ def open_storage(url: str):
     an RDB URL (``sqlite:///PATH.db``, whose folder is created, ``postgresql://...``, ``mysql://...``)."""
     import optuna
 
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
+    from twincar.files import check_writable_dir
 
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
+    for prefix in ("journal:", "sqlite:///"):
+        if url.startswith(prefix):  # a file under a file, or in a folder that cannot be written: one sentence
+            check_writable_dir(Path(url.removeprefix(prefix)).parent, "hydra.sweeper.storage").mkdir(
+                parents=True, exist_ok=True)
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        if url.startswith("sqlite:///"):
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.storages.RDBStorage(url)
+    except Exception as e:  # sqlalchemy and optuna raise many types for a file that is not their database
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TwinCarError(f"hydra.sweeper.storage={url} cannot be opened as an Optuna storage ({first}): pass a "
+                           "new file, or the study's own database") from e
 
 
 def absolute_storage(url: str) -> str:

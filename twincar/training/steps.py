@@ -23,7 +23,7 @@ from twincar.evaluation.figures import plot_curves
 from twincar.evaluation.open_set import open_set_metrics
 from twincar.files import write_json, write_text
 from twincar.models.card import build_model_card, write_model_card
-from twincar.models.checkpoint import checkpoint_class_names, export_state_dict
+from twincar.models.checkpoint import checkpoint_class_names, export_state_dict, state_fingerprint
 from twincar.models.classifier import CarClassifier
 from twincar.models.factory import min_input_size
 from twincar.models.loading import write_calibration
@@ -114,12 +114,20 @@ def tracking_params(cfg: DictConfig) -> dict[str, str | int | float | bool]:
 
 
 def instantiate_all(section: DictConfig | None) -> list:
-    """Instantiate every ``_target_`` entry of a config mapping (callbacks, loggers), logging each."""
+    """Instantiate every ``_target_`` entry of a config mapping (callbacks, loggers), logging each; a user error
+    of one (an MLflow server that does not answer) is its own sentence, not Hydra's wrapper around it."""
+    from hydra.errors import InstantiationException
+
     objects = []
     for name, conf in (section or {}).items():
         if conf is not None and "_target_" in conf:
             log.info("instantiating %s <%s>", name, conf._target_)
-            objects.append(hydra.utils.instantiate(conf))
+            try:
+                objects.append(hydra.utils.instantiate(conf))
+            except InstantiationException as e:
+                if isinstance(e.__cause__, TwinCarError):
+                    raise e.__cause__ from None
+                raise
     return objects
 
 
@@ -311,10 +319,22 @@ def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], 
     model.hparams["calibration"] = calibration.to_dict()
     if best:
         write_calibration(best, calibration.to_dict())
+        calibrate_last_too(Path(best), calibration.to_dict())
     log.info("temperature %.3f fitted on %d validation images: ECE %.3f -> %.3f; unknown threshold %.3f (%s)",
              calibration.temperature, calibration.images, calibration.ece_raw, calibration.ece,
              calibration.threshold, calibration.score)
     return calibration
+
+
+def calibrate_last_too(best: Path, calibration: dict) -> None:
+    """``last.ckpt`` gets the best checkpoint's calibration when it holds the same weights (the last epoch was the
+    best), so an export from either carries it; other weights keep none (an export from them says so)."""
+    from twincar.models.checkpoint import read_state_dict
+
+    last = best.with_name("last.ckpt")
+    if last.is_file() and last != best and state_fingerprint(read_state_dict(last)) == \
+            state_fingerprint(read_state_dict(best)):
+        write_calibration(last, calibration)
 
 
 def write_curves(out_dir: Path) -> None:
@@ -335,7 +355,9 @@ def write_artefacts(cfg: DictConfig, trainer: L.Trainer, model: CarClassifier, d
     if cfg.get("export"):
         export_state_dict(model.model, out_dir / "model.pth")
         write_classes_txt(model.class_names, out_dir / "classes.txt")
+        fingerprint = state_fingerprint(model.model.state_dict())  # the calibration records it, as in the checkpoint
         write_model_card(out_dir, build_model_card(
             model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),
-            source="model.pth", calibration=calibration.to_dict() if calibration else None))
+            source="model.pth", calibration={**calibration.to_dict(), "fingerprint": fingerprint} if calibration
+            else None, fingerprint=fingerprint))
     log_artefacts(trainer.loggers, best, out_dir)  # MLflow, W&B: the best checkpoint and the model card

@@ -12,6 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from twincar.errors import TwinCarError
+
 log = logging.getLogger(__name__)
 
 
@@ -62,10 +64,41 @@ def overrides_name() -> str | None:
     return HydraConfig.get().job.override_dirname or None
 
 
+MLFLOW_CONNECT_TIMEOUT_S = 10.0  # how long an MLflow server gets to answer before training starts
+
+
+def check_tracking_uri(uri: str | None, timeout: float = MLFLOW_CONNECT_TIMEOUT_S) -> None:
+    """Before training starts: an MLflow server (``http(s)://`` URI) that does not accept a connection within
+    ``timeout`` seconds is one sentence (MLflow itself retries for minutes, then fails mid-run); a local store's
+    folder that cannot be created is one sentence too."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from twincar.files import check_writable_dir
+
+    if not uri:
+        return
+    if uri.startswith("sqlite:///"):
+        check_writable_dir(Path(uri.removeprefix("sqlite:///")).parent, "logger.mlflow.tracking_uri")
+        return
+    if not uri.startswith(("http://", "https://")):
+        return
+    parts = urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise TwinCarError(f"logger.mlflow.tracking_uri={uri}: no MLflow server answers there within {timeout:.0f} s "
+                           f"({getattr(e, 'strerror', None) or e}): start it or correct the URI (or train with "
+                           "logger=default); training did not start") from e
+
+
 def mlflow_logger(*, run_name: str | None = None, **kwargs):
-    """Lightning's ``MLFlowLogger``, its run named after the command-line overrides unless ``run_name`` is given."""
+    """Lightning's ``MLFlowLogger``, its run named after the command-line overrides unless ``run_name`` is given;
+    its server is checked first (:func:`check_tracking_uri`)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
+    check_tracking_uri(kwargs.get("tracking_uri"))
     return MLFlowLogger(run_name=run_name or overrides_name(), **kwargs)
 
 
@@ -84,7 +117,9 @@ def wandb_logger(*, offline: bool | str = "auto", name: str | None = None, **kwa
     if offline:
         log.info("W&B offline (no API key): the run is kept under %s/wandb; upload it with `wandb sync`",
                  kwargs.get("save_dir", "."))
-    Path(kwargs.get("save_dir") or ".").mkdir(parents=True, exist_ok=True)
+    from twincar.files import check_writable_dir
+
+    check_writable_dir(kwargs.get("save_dir") or ".", "logger.wandb.save_dir").mkdir(parents=True, exist_ok=True)
     return WandbLogger(offline=bool(offline), name=name or overrides_name(), **kwargs)
 
 
