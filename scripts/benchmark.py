@@ -25,6 +25,10 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
   ``--devices 2 --accelerator cpu`` (Lightning ``Trainer.predict``, two gloo processes, sharded output); also one
   process through the sharded path (``--resume``). Start-up is measured on one image and reported apart. On a
   2-core machine two processes share the same cores, so the ratio is bound near 1: it measures the overhead.
+* ``serve``: ``python -m twincar.serve`` (a real server on 127.0.0.1; JPEG bodies POSTed by 1, 4 and 16 concurrent
+  clients, with batching on, ``--max-batch-size 16``, and off, 1): requests/s, p50/p95 latency and the largest batch,
+  against predict's own img/s in-process (``Predictor.predict``, batch 16) on the same weights and images: the
+  server's overhead. ``serve_onnx``: the same on the fp32 ONNX export (torch-free).
 * ``shard_merge``: rank 0's end of a many-process predict job, 100,000 rows in shards of 5,000 written by 4
   processes, into one CSV: every row read into memory, then written (the reference) vs the streamed merge
   (``twincar.inference.shards.merged``: a shard is read when its first row is due) into the row-by-row writer
@@ -90,7 +94,7 @@ from twincar.data.transforms import (  # noqa: E402
     train_decode_min_side,
 )
 
-MEASURES = ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "cpu_predict", "predict_scaling",
+MEASURES = ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "cpu_predict", "predict_scaling", "serve",
             "shard_merge", "open_set_cost", "train_step", "gpu_train", "gpu_predict")
 MERGE_ROWS = 100_000  # shard_merge: rows of a many-process predict job (quick: 2,000)
 INDEX_IMAGES = 8144  # open_set_cost's index: as many images as Stanford Cars' training split
@@ -463,6 +467,107 @@ def predict_scaling(paths: Sequence[Path], work: Path, model: Path | None, class
                   **{f"{k}_startup_s": round(wall[k, "one"], 2) for k in variants if (k, "one") in wall},
                   **{f"{k}_wall_s": round(wall[k, "all"], 2) for k in variants},
                   same_predictions=same, note="2 processes share this machine's cores: the ratio is the overhead")
+
+
+def _serve_requests(url: str, bodies: Sequence[bytes], clients: int) -> dict:
+    """Every body POSTed once to ``url`` by ``clients`` threads at once: requests/s, p50/p95 latency (ms), largest
+    batch the server reported (``X-Batch-Size``)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    todo, lock, times, batches = list(range(len(bodies))), threading.Lock(), [], []
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as c:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop()
+                start = time.perf_counter()
+                r = c.post(url, content=bodies[i], headers={"Content-Type": "image/jpeg"})
+                r.raise_for_status()
+                with lock:
+                    times.append(time.perf_counter() - start)
+                    batches.append(int(r.headers.get("x-batch-size", 1)))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(client) for _ in range(clients)]:
+            f.result()
+    wall = time.perf_counter() - start
+    p50, p95 = np.percentile(np.array(times) * 1000, [50, 95])
+    return {"req_s": round(len(bodies) / wall, 2), "p50_ms": round(float(p50), 1), "p95_ms": round(float(p95), 1),
+            "max_batch": max(batches)}
+
+
+def serve(paths: Sequence[Path], work: Path, model: Path | None, classes: Path | None, quick: bool,
+          clients: Sequence[int] = (1, 4, 16)) -> dict[str, dict]:
+    """``python -m twincar.serve`` (a real server on 127.0.0.1, JPEG bodies POSTed by 1, 4 and 16 concurrent
+    clients; batching on: ``--max-batch-size 16``, and off: 1) vs predict's own throughput in-process
+    (``Predictor.predict`` over the same files, batch 16, after a warm-up) on the same weights: the server's
+    overhead over predict. ``serve`` on the ``.pth`` (PyTorch), ``serve_onnx`` on its fp32 ONNX export."""
+    import signal
+    import socket
+
+    import httpx
+
+    from twincar.export import export_model
+    from twincar.inference.predictor import Predictor
+
+    weights, arch = _predict_weights(work, model, classes, quick)
+    models = {"serve": weights}
+    if not quick:
+        models["serve_onnx"] = export_model(weights, "onnx", work / "serve_onnx")
+    bodies = [p.read_bytes() for p in paths]
+    clients = (1, 4) if quick else clients
+    out = {}
+    for name, path in models.items():
+        predictor = Predictor.load(path, device="cpu")
+        predictor.predict(list(paths[:4]), batch_size=16)  # warm-up
+        start = time.perf_counter()
+        predictor.predict(list(paths), batch_size=16)
+        reference = len(paths) / (time.perf_counter() - start)
+        del predictor
+        runs = {}
+        for batch in (16, 1):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1",
+                   "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+            log = (work / f"{name}_{batch}.log").open("w")
+            proc = subprocess.Popen([sys.executable, "-m", "twincar.serve", "--model", str(path), "--port", str(port),
+                                     "--max-batch-size", str(batch), "--log-level", "warning"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                deadline = time.monotonic() + 300
+                while True:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the server did not start: {(work / f'{name}_{batch}.log').read_text()}")
+                    with contextlib.suppress(httpx.TransportError):
+                        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                            break
+                    time.sleep(0.3)
+                url = f"http://127.0.0.1:{port}/predict"
+                _serve_requests(url, bodies[:4], 1)  # warm-up
+                for c in clients:
+                    runs[f"batch{batch}_clients{c}"] = _serve_requests(url, bodies, c)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                log.close()
+        best = runs[f"batch16_clients{max(clients)}"]["req_s"]
+        out[name] = result(reference, best, images=len(paths), model=arch, engine="onnx" if name.endswith("onnx")
+                           else "torch", note=f"reference: predict in-process img/s; twincar: the server's req/s at "
+                           f"{max(clients)} clients, batching on", **runs)
+    return out
 
 
 def shard_merge(work: Path, quick: bool, rounds: int) -> dict:
@@ -891,7 +996,7 @@ def run(args: argparse.Namespace) -> dict:
         predict_paths = paths[:args.predict_images] if args.predict_images else paths
     else:  # cpu_predict wants more images (start-up is a fixed cost): the pipelines take the first 64
         count = 6 if args.quick else 64
-        if {"cpu_predict", "predict_scaling"} & set(only) and not args.quick:
+        if {"cpu_predict", "predict_scaling", "serve"} & set(only) and not args.quick:
             count = max(count, args.predict_images or PREDICT_IMAGES)
         generated = make_images(work / "images", count, quick=args.quick)
         paths, predict_paths = generated[:6 if args.quick else 64], generated
@@ -933,6 +1038,8 @@ def run(args: argparse.Namespace) -> dict:
         elif name == "predict_scaling":
             out[name] = predict_scaling(predict_paths, work, args.model, args.classes, args.quick,
                                         repeats=1 if args.quick else args.predict_repeats)
+        elif name == "serve":
+            out.update(serve(predict_paths, work, args.model, args.classes, args.quick))
         elif name == "shard_merge":
             out[name] = shard_merge(work, args.quick, rounds)
         elif name == "gpu_predict":

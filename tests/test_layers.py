@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "twincar"
 
 TOOLS = {"twincar.train", "twincar.eval", "twincar.predict", "twincar.explain", "twincar.export", "twincar.demo",
          "twincar.compare", "twincar.report", "twincar.ablation", "twincar.calibrate", "twincar.index",
-         "twincar.check", "twincar.cache", "twincar.classes", "twincar.synthetic"}
+         "twincar.check", "twincar.cache", "twincar.classes", "twincar.synthetic", "twincar.serve"}
 FOUNDATION = {"twincar.errors", "twincar.files", "twincar.runs", "twincar.cluster", "twincar.compat"}
 # What each layer may import, besides itself. The tools (command-line entry points) may import any library layer,
 # and no other tool. ``twincar`` (the package's __init__) is the facade: ``from twincar import Predictor``.

@@ -51,8 +51,9 @@ def write_predictions(output: str | Path, predictions: Iterable[Prediction], fmt
                       neighbours: int = 0, open_set: bool = False) -> Written:
     """Write the rows of ``predictions`` (any iterable: consumed once, row by row) to ``output`` atomically.
 
-    CSV: a header, then one row per image. JSON: a list with one object per line, its ``topk`` a list of
-    ``{"class", "prob"}``. Parquet: the CSV's columns, typed (an empty cell is null, ``known`` a boolean). ``topk``
+    CSV: a header, then one row per image. Parquet: the CSV's columns, typed (:func:`typed_row`: an empty cell is
+    null, ``known`` a boolean). JSON: a list with one typed object per line (:func:`json_record`), its ``topk`` a list
+    of ``{"class", "prob"}``. ``topk``
     class and ``neighbours`` neighbour columns; ``open_set``: the ``known`` and ``unknown_score`` columns (a model
     with an unknown threshold). When no image could be read and ``output`` exists, it is left as it was.
     """
@@ -85,13 +86,25 @@ def _write_csv(path: Path, predictions, fields: list[str], topk: int, neighbours
             writer.writerow(p.to_row(topk, open_set, neighbours))
 
 
+def typed_row(p: Prediction, topk: int, open_set: bool = False, neighbours: int = 0) -> dict[str, object]:
+    """:meth:`Prediction.to_row` typed: an empty cell is None, ``known`` a boolean (Parquet's and JSON's cells)."""
+    return {k: None if v == "" else v == "true" if k == "known" else v
+            for k, v in p.to_row(topk, open_set, neighbours).items()}
+
+
+def json_record(p: Prediction, open_set: bool = False, neighbours: int = 0) -> dict[str, object]:
+    """One prediction as predict's JSON writes it (and the server answers it): the typed row without the top-k
+    columns, its ``topk`` a list of ``{"class", "prob"}``, most likely first."""
+    record = typed_row(p, 0, open_set, neighbours)
+    record["topk"] = [{"class": n, "prob": round(q, 6)} for n, q in p.topk]
+    return record
+
+
 def _write_json(path: Path, predictions, fields: list[str], topk: int, neighbours: int, open_set: bool) -> None:
     with path.open("w", encoding="utf-8") as f:
         f.write("[")
         for i, p in enumerate(predictions):
-            row = p.to_row(0, open_set, neighbours)
-            row["topk"] = [{"class": n, "prob": round(q, 6)} for n, q in p.topk]
-            f.write(("," if i else "") + "\n" + dumps(row, indent=None))
+            f.write(("," if i else "") + "\n" + dumps(json_record(p, open_set, neighbours), indent=None))
         f.write("\n]\n")
 
 
@@ -103,8 +116,7 @@ def _write_parquet(path: Path, predictions, fields: list[str], topk: int, neighb
     rows: list[dict] = []
     with pq.ParquetWriter(path, schema) as writer:
         for p in predictions:
-            rows.append({k: None if v == "" else v == "true" if k == "known" else v
-                         for k, v in p.to_row(topk, open_set, neighbours).items()})
+            rows.append(typed_row(p, topk, open_set, neighbours))
             if len(rows) >= PARQUET_ROW_GROUP:
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema))
                 rows = []
