@@ -16,7 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from twincar.demo import build_app, example_images, find_index, launch  # noqa: E402
+from twincar.demo import build_app, example_images, launch  # noqa: E402
+from twincar.evaluation.neighbours import find_index  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TORCH_FILES = ("model.safetensors", "model.pth", "model.ckpt")  # PyTorch weights: Grad-CAM possible

@@ -52,19 +52,6 @@ def example_images(folder: str | Path | None) -> list[str]:
     return [str(p) for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in EXAMPLE_SUFFIXES]
 
 
-def find_index(model: str | Path, index: str | Path | None = None, class_names: list[str] | None = None,
-               fingerprint: str | None = None):
-    """The neighbour index ``index`` names, or the ``index/`` folder beside ``model`` when there is one; None when
-    there is none. Given the model's ``class_names`` (``fingerprint``), an index of other classes (of another
-    model's embeddings) is refused."""
-    from twincar.evaluation.neighbours import INDEX_META, NeighbourIndex
-
-    folder = Path(index) if index else Path(model).expanduser().parent / "index"
-    if index is None and not (folder / INDEX_META).is_file():
-        return None
-    return NeighbourIndex.load(folder, class_names, fingerprint)
-
-
 def thumbnail(path: str, side: int = THUMBNAIL_SIDE):
     """An (H, W, 3) uint8 thumbnail of an image file, its longer side ``side``; None when it cannot be read."""
     import numpy as np
@@ -260,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    from twincar.evaluation.neighbours import find_index
     from twincar.inference.predictor import Predictor
 
     try:

@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from twincar.errors import TwinCarError
@@ -136,15 +135,12 @@ def predict_files(
     )
     search, neighbour_folder = None, None
     if neighbours:
-        from twincar.evaluation.neighbours import INDEX_TENSORS, NeighbourIndex
+        from twincar.evaluation.neighbours import INDEX_TENSORS, find_index, index_folder
 
-        neighbour_folder = Path(index) if index else Path(model).expanduser().parent / "index"
-        neighbour_index = NeighbourIndex.load(neighbour_folder, predictor.class_names, predictor.fingerprint)
-        if neighbours > len(neighbour_index.paths):
-            log.warning("--neighbours %d is more than the %d images of %s: each row gets those %d", neighbours,
-                        len(neighbour_index.paths), neighbour_folder, len(neighbour_index.paths))
-            neighbours = len(neighbour_index.paths)
-        search = partial(neighbour_index.search, k=neighbours)
+        neighbour_folder = index_folder(model, index)
+        search = find_index(model, index, predictor.class_names, predictor.fingerprint, required=True).searcher(
+            neighbours)
+        neighbours = search.keywords["k"]  # at most the index's images
     if unknown == "auto" and predictor.unknown_threshold is None:
         log.info("%s carries no unknown threshold (python -m twincar.calibrate fits one): every car is named", model)
     files = find_images(images)

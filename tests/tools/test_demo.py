@@ -44,9 +44,9 @@ def server(tiny_export, car_images):
 def open_set_server(tiny_export, car_images, tmp_path_factory):
     """The demo over a copy of the tiny model whose calibrated threshold lies between its scores of the photos (the
     lowest-scoring one is not one of its cars), with a neighbour index of the photos in index/ beside it."""
-    from twincar.demo import build_app, find_index, launch
+    from twincar.demo import build_app, launch
     from twincar.evaluation.calibration import unknown_scores
-    from twincar.evaluation.neighbours import NeighbourIndex
+    from twincar.evaluation.neighbours import NeighbourIndex, find_index
     from twincar.models.loading import write_calibration
 
     folder = tmp_path_factory.mktemp("open_set_model")
@@ -71,7 +71,8 @@ def test_the_gallery_shows_the_nearest_training_cars_with_their_class_and_simila
     from gradio_client import Client, handle_file
     from PIL import Image
 
-    from twincar.demo import find_index, thumbnail
+    from twincar.demo import thumbnail
+    from twincar.evaluation.neighbours import find_index
 
     url, predictor, index, unknown = open_set_server
     client = Client(url, verbose=False)
@@ -110,8 +111,8 @@ def test_an_index_keeps_thumbnails_so_the_gallery_needs_no_training_images(tiny_
                                                                           caplog):
     from PIL import Image
 
-    from twincar.demo import Answerer, find_index
-    from twincar.evaluation.neighbours import INDEX_THUMBNAILS, NeighbourIndex
+    from twincar.demo import Answerer
+    from twincar.evaluation.neighbours import INDEX_THUMBNAILS, NeighbourIndex, find_index
 
     shutil.copy(tiny_export, tmp_path / "model.pth")
     shutil.copy(tiny_export.with_name("model_card.json"), tmp_path / "model_card.json")

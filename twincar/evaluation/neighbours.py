@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,14 @@ class NeighbourIndex:
         if resolve_backend(self.backend) == "faiss" and self._faiss is None:
             self._faiss = flat_ip_index(self.embeddings)
         return top_k_similar(queries, self.embeddings, k, backend=self.backend, faiss_index=self._faiss)
+
+    def searcher(self, k: int) -> Callable[[torch.Tensor | np.ndarray], list[list[tuple[str, str, float]]]]:
+        """:meth:`search` for ``k`` neighbours, or every indexed image when the index holds fewer (one warning)."""
+        if k > len(self.paths):
+            log.warning("--neighbours %d is more than the %d images of the index: each answer gets those %d", k,
+                        len(self.paths), len(self.paths))
+            k = len(self.paths)
+        return partial(self.search, k=k)
 
     def search(self, queries: torch.Tensor | np.ndarray, k: int = 3) -> list[list[tuple[str, str, float]]]:
         """Per query (rows of ``queries``, normalised embeddings): its ``k`` nearest indexed images as
@@ -290,3 +299,20 @@ def knn_metrics(index: NeighbourIndex, queries: torch.Tensor, labels: torch.Tens
     _, other = top_k_similar(queries, queries, 1, exclude_self=True, backend=index.backend)
     recall = float((labels[other[:, 0]] == labels).double().mean())
     return {f"{prefix}knn_acc": knn, f"{prefix}recall_at_1": recall}
+
+
+def index_folder(model: str | Path, index: str | Path | None = None) -> Path:
+    """Where the neighbour index of ``model`` is: ``index``, else the ``index/`` folder beside the model file."""
+    return Path(index) if index else Path(model).expanduser().parent / "index"
+
+
+def find_index(model: str | Path, index: str | Path | None = None, class_names: Sequence[str] | None = None,
+               fingerprint: str | None = None, *, required: bool = False) -> NeighbourIndex | None:
+    """The neighbour index ``index`` names, or the ``index/`` folder beside ``model``; when neither is given and
+    there is none beside the model, None (or, if ``required``, the one-sentence error of :meth:`NeighbourIndex.load`).
+    Given the model's ``class_names`` (``fingerprint``), an index of other classes (of another model's embeddings)
+    is refused."""
+    folder = index_folder(model, index)
+    if index is None and not required and not (folder / INDEX_META).is_file():
+        return None
+    return NeighbourIndex.load(folder, class_names, fingerprint)
