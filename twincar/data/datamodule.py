@@ -311,8 +311,9 @@ class CarsDataModule(L.LightningDataModule):
         )
 
     def _setup_stream(self) -> None:
-        """``data.pipeline=stream``: the pack's train, val and test shards, through the same decode, crop and
-        transforms as ``files`` (images were checked when packed)."""
+        """``data.pipeline=stream``: the pack's train shards streamed (``litdata.StreamingDataset``), its val and
+        test items read one by one as samples (:func:`~twincar.data.stream.split_samples`), through the same
+        decode, crop and transforms as ``files`` (images were checked when packed)."""
         hp, pack = self.hparams, self.stream_pack
         if hp.crop_to_bbox and not pack.meta.get("boxes"):
             raise DatasetFormatError(f"data.crop_to_bbox=true needs a car box for every image, but the pack at "
@@ -323,17 +324,15 @@ class CarsDataModule(L.LightningDataModule):
         if hp.cache_dir and is_url(pack.location):  # remote chunks are downloaded here
             cache = str(Path(hp.cache_dir) / "stream" / hashlib.sha1(pack.location.encode()).hexdigest()[:12])
         train_item = StreamItem(train_tf, margin, train_decode_min_side(self.preprocess, self.aug))
-        eval_item = StreamItem(eval_tf, margin, self.preprocess.decode_min_side)
         self.split = pack.split
         self.train_set = open_split(pack.location, "train", train_item, shuffle=True, seed=hp.split_seed,
                                     cache_dir=cache)
-        self.val_set = open_split(pack.location, "val", eval_item, shuffle=False, seed=hp.split_seed, cache_dir=cache)
+        # val and test: every image once over the ranks (eval_sampler), each item read from its shard
+        eval_reader = partial(load_sample, min_side=self.preprocess.decode_min_side)
         counts = pack.meta.get("splits", {})
-        self.test_set = (open_split(pack.location, "test", eval_item, shuffle=False, seed=hp.split_seed,
-                                    cache_dir=cache) if counts.get("test") else None)
-        for dataset, split in ((self.val_set, "val"), (self.test_set, "test")):
-            if dataset is not None:  # what the evaluation loop and calibration read, as for the other pipelines
-                dataset.samples, dataset.bbox_margin = split_samples(pack.location, split), margin
+        self.val_set, self.test_set = (
+            CarsDataset(split_samples(pack.location, part), eval_tf, margin, eval_reader) if counts.get(part) else None
+            for part in ("val", "test"))
         self.train_batch_transform = BatchTransform(self.preprocess, self.aug, num_classes=self.num_classes)
         log.info("%s (stream): %d classes, %d train / %d val / %d test images", pack.location, self.num_classes,
                  counts.get("train", 0), counts.get("val", 0), counts.get("test", 0))
@@ -388,7 +387,7 @@ class CarsDataModule(L.LightningDataModule):
         sampler = None if train else eval_sampler(dataset, world, rank)  # train: Lightning's DistributedSampler
         collate = collate_readable
         workers = hp.num_workers
-        if self.pipeline == "stream":  # LitData gives each rank and worker its part: no sampler
+        if self.pipeline == "stream" and train:  # LitData gives each rank and worker its part: no sampler
             return streaming_loader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                     pin_memory=hp.pin_memory and torch.cuda.is_available(),
                                     drop_last=train and self.aug.mixes)

@@ -204,9 +204,8 @@ def split_samples(location: str, split: str) -> list[Sample]:
 
 def open_split(location: str, split: str, transform, *, shuffle: bool, seed: int, cache_dir: str | None = None):
     """The ``litdata.StreamingDataset`` of one split of the pack at ``location``; ``transform`` maps each item.
-    ``shuffle``: a new order each epoch (seeded); every rank keeps all its items (no drop) unless shuffled for
-    training (each rank then gets the same number, a few images of an epoch left out when the split does not divide
-    evenly); val and test keep every image."""
+    ``shuffle`` (training): a new order each epoch, seeded, and the same number of items on every rank (LitData
+    leaves out the few that would make ranks uneven); without it, every item once in pack order."""
     litdata = require_litdata()
     url = f"{location.rstrip('/')}/{split}"
     if not is_url(url) and not (Path(url) / "index.json").is_file():

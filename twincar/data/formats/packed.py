@@ -4,6 +4,7 @@ index=i)`` is item ``i`` of the split at ``SPLIT`` (:func:`twincar.data.images.s
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 
@@ -15,9 +16,14 @@ def pack_location(path: str | Path) -> str:
     return f"{m[1]}://{m[2]}" if m and len(m[1]) > 1 else text
 
 
-@functools.lru_cache(maxsize=8)
 def split_items(location: str):
-    """The raw items of one split (no transform): one ``StreamingDataset`` per split and process."""
+    """The raw items of one split (no transform): one ``StreamingDataset`` per split and process (a DataLoader
+    worker opens its own, never its parent's copy)."""
+    return _split_items(location, os.getpid())
+
+
+@functools.lru_cache(maxsize=8)
+def _split_items(location: str, pid: int):
     import litdata  # only a pack's items come here: the stream pipeline checked it is installed
 
     return litdata.StreamingDataset(location)
