@@ -188,3 +188,30 @@ def test_training_from_packed_compcars_shards_has_its_classes(packed, tmp_path):
     names, cars = read_classes_csv(run / "classes.csv")
     assert names == dm.class_names and _rows(cars) == CAR_CLASSES["compcars"]
     assert (run / "model.pth").is_file()
+
+
+@pytest.mark.slow
+def test_a_stream_loader_resumed_from_its_state_yields_the_rest_of_the_epoch(packed):
+    out, dm = packed
+
+    def loader():
+        stream = CarsDataModule(root="/nonexistent", pipeline="stream", stream=str(out), num_workers=0, batch_size=4,
+                                image_size=32)
+        stream.setup()
+        stream.train_set.transform = [_named]  # the image's name in place of its pixels: which images came
+        return stream.train_dataloader()
+
+    first = loader()
+    batches = iter(first)
+    seen = [name for _ in range(2) for name in next(batches)[0]]
+    state = first.state_dict()  # what Lightning stores in a checkpoint
+    assert state["num_samples_yielded"] == 8 and state["current_epoch"] == 1
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [name for batch in resumed for name in batch[0]]
+    assert len(seen) == 8 and len(rest) == 12
+    assert sorted(seen + rest) == sorted(s.name for s in dm.train_set.samples)  # the rest of the epoch, none twice
+
+
+def _named(item: dict) -> tuple[str, int]:
+    return item["name"], int(item["label"])
