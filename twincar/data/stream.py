@@ -80,6 +80,8 @@ class PackItem:
     short_side: int | None = None
 
     def __call__(self, i: int) -> dict:
+        if torch.get_num_threads() > 1:  # a forked worker: torch's thread pool may be the parent's (OpenMP hangs)
+            torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
         sample = self.samples[i]
         if self.short_side is None:
             source = sample_source(sample)
@@ -97,7 +99,8 @@ def pack(splits: dict[str, Sequence[Sample]], out: str | Path, class_names: list
          chunk_bytes: str = CHUNK_BYTES) -> Path:
     """Write each split of ``splits`` (``train``, ``val``, ``test``) as LitData shards in ``out/<split>``, and the
     class tables, ``split`` (``split.json``) and ``pack.json`` beside them. A split already written (its
-    ``index.json`` there) is kept: a rerun after a kill writes only what is missing."""
+    ``index.json`` there) is kept: a rerun after a kill writes only what is missing. Workers are forked (LitData
+    would otherwise set this whole process's start method to spawn), one torch thread each."""
     litdata = require_litdata()
     out = Path(out)
     if is_url(out):
@@ -118,7 +121,7 @@ def pack(splits: dict[str, Sequence[Sample]], out: str | Path, class_names: list
         log.info("pack: %d %s images -> %s (%d workers)", len(samples), name, target, workers)
         litdata.optimize(fn=PackItem(tuple(samples), short_side), inputs=list(range(len(samples))),
                          output_dir=str(target), chunk_bytes=chunk_bytes, num_workers=min(workers, len(samples)),
-                         mode="overwrite", verbose=False, start_method="fork", reorder_files=False)
+                         mode="overwrite", verbose=False, reorder_files=False, start_method="fork")
     write_class_tables(class_names, out / "classes.txt", cars)
     write_json(out / "split.json", split)
     write_json(out / META, {"splits": counts, "short_side": short_side, "classes": len(class_names),
