@@ -17,7 +17,7 @@ from tests.layouts import (
     build_dvm,
 )
 from tests.trained import compose
-from twincar.data.classes import read_classes_csv, write_classes_csv
+from twincar.data.classes import read_classes_csv
 from twincar.data.datamodule import CarsDataModule
 from twincar.data.formats import detect, load_dataset
 
@@ -69,10 +69,13 @@ def test_compcars_unknown_years_are_left_out_and_a_missing_file_is_kept_for_on_c
     assert data.train[0].bbox == (3, 4, 40, 36)
 
 
-def test_classes_csv_is_the_make_model_year_table(trees, tmp_path):
+def test_classes_csv_is_the_make_model_year_table(trees, tmp_path, capsys):
+    from twincar.classes import main
+
     for layout, expected in CAR_CLASSES.items():
         data = load_dataset(trees[layout])
-        write_classes_csv(data.class_names, tmp_path / f"{layout}.csv", data.car_names)
+        assert main(["--from", str(trees[layout]), "--out", str(tmp_path / f"{layout}.txt")]) == 0
+        assert "4 classes" in capsys.readouterr().out
         with open(tmp_path / f"{layout}.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert [(r["make"], r["model"], int(r["year"])) for r in rows] == expected

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from twincar.data.classes import CarName, parse_car_name
 from twincar.data.formats import compcars, dvm, full, kaggle, parquet, vmmrdb
 from twincar.data.formats.common import UNLABELED, CarsData, DatasetFormatError, Sample, read_names_mat
 from twincar.data.formats.devkit import (
@@ -117,30 +118,34 @@ def load_stanford_cars(root: str | Path, split: str, format: str = "auto") -> tu
     return (data.train if split == "train" else data.test), data.class_names
 
 
-def read_class_names_from(path: str | Path) -> list[str]:
-    """Class names in label order from a dataset root of any layout, or one ``cars_meta.mat``,
-    ``cars_annos.mat``, ``names.csv`` or ``.parquet`` file."""
+def read_classes_from(path: str | Path) -> tuple[list[str], list[CarName]]:
+    """Class names in label order and each class's make, model and year, from a dataset root of any layout (its
+    metadata's make/model/year where it has them, :attr:`CarsData.car_names`), or from one ``cars_meta.mat``,
+    ``cars_annos.mat``, ``names.csv`` or ``.parquet`` file (parsed from the names)."""
     path = Path(path).expanduser()
     if path.is_dir():
         layout, base = detect(path)
-        return layout.read(base).class_names
+        data = layout.read(base)
+        return data.class_names, data.car_names
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DatasetFormatError(f"{path} does not exist: pass a dataset root or a class-name file")
     if suffix == ".mat":
-        return read_names_mat(path)
-    if suffix == ".csv":
-        return kaggle.read_names_csv(path)
-    if suffix == ".parquet":
-        return parquet.read_class_names(path)
-    raise DatasetFormatError(
-        f"{path}: cannot read class names from a {suffix or 'suffix-less'} file "
-        "(use a dataset root, cars_meta.mat, cars_annos.mat, names.csv or a .parquet file)"
-    )
+        names = read_names_mat(path)
+    elif suffix == ".csv":
+        names = kaggle.read_names_csv(path)
+    elif suffix == ".parquet":
+        names = parquet.read_class_names(path)
+    else:
+        raise DatasetFormatError(
+            f"{path}: cannot read class names from a {suffix or 'suffix-less'} file "
+            "(use a dataset root, cars_meta.mat, cars_annos.mat, names.csv or a .parquet file)"
+        )
+    return names, [parse_car_name(n) for n in names]
 
 
 __all__ = [
     "FORMATS", "LAYOUTS", "TEST_LABELS_FILE", "UNLABELED", "CarsData", "DatasetFormatError", "Layout", "Sample",
-    "detect", "load_dataset", "load_stanford_cars", "read_annotations", "read_class_names_from",
+    "detect", "load_dataset", "load_stanford_cars", "read_annotations", "read_classes_from",
     "read_meta", "write_annotations", "write_meta",
 ]
