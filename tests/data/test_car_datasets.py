@@ -148,6 +148,19 @@ def packed(trees, tmp_path_factory) -> tuple[Path, CarsDataModule]:
     return out, dm
 
 
+@pytest.mark.slow
+def test_a_pack_rerun_keeps_the_splits_already_written(packed, trees, tmp_path, caplog):
+    from twincar.cache import main
+
+    out, _ = packed
+    chunks = {p: p.stat().st_mtime_ns for p in out.rglob("*.bin")}
+    overrides = ["data=cars", f"data.root={trees['compcars']}", f"paths.data_dir={tmp_path}", "data.num_workers=0"]
+    with caplog.at_level(logging.INFO):
+        assert main(["pack", f"out={out}", "workers=1", *overrides]) == 0
+    assert f"pack: {out / 'train'} already written, kept" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.bin")} == chunks
+
+
 def _names(item: dict) -> str:
     return item["name"]
 
@@ -174,6 +187,7 @@ def test_packed_shards_hold_each_split_once_and_ranks_see_disjoint_parts(packed,
     assert epochs[0] != epochs[1]
     val = open_split(str(out), "val", _names, shuffle=False, seed=0)
     assert sorted(val) == sorted(s.name for s in dm.val_set.samples)
+    assert (out / "split.json").is_file() and (out / "classes.csv").read_text().startswith("label,name,make,model,year")
     parts = []
     for rank in (0, 1):  # two ranks (as DDP gives them): disjoint parts of one epoch
         monkeypatch.setattr(litdata_dataset._DistributedEnv, "detect",
