@@ -194,6 +194,7 @@ def _car_jpeg(rng: np.random.Generator, label: int) -> bytes:
 # its folder names name it.
 DVM_FOLDERS = [("Land Rover", "Range Rover", "41_3", 2016), ("Land Rover", "Range Rover", "41_3", 2017),
                ("Mercedes-Benz", "C Class", "59_8", 2015), ("Alfa Romeo", "Giulia", "2_1", 2017)]
+DVM_VIEWS = (0, 45, 90)  # Image_table.csv's Predicted_viewpoint of image k: DVM_VIEWS[k % 3]
 DVM_CLASSES = [("Alfa Romeo", "Giulia", 2017), ("Land Rover", "Range Rover Sport", 2016),
                ("Land Rover", "Range Rover Sport", 2017), ("Mercedes-Benz", "C-Class", 2015)]
 
@@ -203,17 +204,20 @@ def build_dvm(root: Path, doubled: bool = True) -> Path:
     table spells two models unlike their folders ("Range Rover Sport", "C-Class")."""
     rng = np.random.default_rng(1)
     base = root / ("resized_DVM_clean/resized_DVM_clean" if doubled else "resized_DVM")
+    rows = []
     for maker, genmodel, gid, year in DVM_FOLDERS:
         label = [(m, y) for m, _, y in DVM_CLASSES].index((maker, year))
         for k in range(PER_CLASS):
             colour = ("Black", "White")[k % 2]
             name = f"{maker}$${genmodel}$${year}$${colour}$${gid}$${k}$$image_{k}.jpg"
             _write(base / maker / genmodel / str(year) / colour / name, _car_jpeg(rng, label))
+            if k < PER_CLASS - 1:  # the last image of each class is not in the table
+                rows.append(f"{gid}, {gid}$${k}, {name}, {DVM_VIEWS[k % len(DVM_VIEWS)]}, \n")
     (root / "Basic_table.csv").write_text(
         "Automaker, Automaker_ID, Genmodel, Genmodel_ID\nLand Rover, 41, Range Rover Sport, 41_3\n"
         "Mercedes-Benz, 59, C-Class , 59_8\n")
     (root / "Image_table.csv").write_text(" Genmodel_ID, Image_ID, Image_name, Predicted_viewpoint, Quality_check\n"
-                                          "41_3, 41_3$$1$$0, x.jpg, 0, P\n")
+                                          + "".join(rows))
     return root
 
 

@@ -51,6 +51,17 @@ def test_dvm_doubled_folder_stray_spaces_and_table_names(trees, tmp_path):
     assert single.root.name == "resized_DVM" and single.class_names == data.class_names
 
 
+def test_dvm_views_keep_the_images_of_those_viewpoints(trees, tmp_path):
+    from twincar.data.formats.common import DatasetFormatError
+
+    dm = _module(trees["dvm"], tmp_path, views=[0, 45])
+    kept = dm.data.train + dm.data.test
+    # per class: images 0..4 are in Image_table.csv at 0, 45, 90, 0, 45 degrees; image 5 is not in it
+    assert len(kept) == 4 * 4 and {s.path.name.split("$$")[5] for s in kept} == {"0", "1", "3", "4"}
+    with pytest.raises(DatasetFormatError, match="data.views keeps DVM-CAR images of some viewpoints; the vmmrdb copy"):
+        _module(trees["vmmrdb"], tmp_path, views=[0]).setup()
+
+
 def test_vmmrdb_merges_spellings_of_one_class_and_ignores_stray_folders(trees):
     data = load_dataset(trees["vmmrdb"], "vmmrdb")
     land_rover = data.class_names.index("Land Rover Range Rover 2016")

@@ -21,7 +21,7 @@ from twincar.data.check import find_unreadable
 from twincar.data.classes import CarName
 from twincar.data.datasets import CarsDataset, DeviceRefDataset, collate_readable
 from twincar.data.device import DeviceCache, DeviceImages, ImageRefs, cache_ref, read_encoded
-from twincar.data.formats import FORMATS, UNLABELED, CarsData, DatasetFormatError, Sample, load_dataset
+from twincar.data.formats import FORMATS, UNLABELED, CarsData, DatasetFormatError, Sample, dvm, load_dataset
 from twincar.data.images import load_sample, sample_label
 from twincar.data.open_set import OpenSetSplit, check_open_set, holdout_labels, split_open_set
 from twincar.data.pipeline import READS_CACHE, REMOVED, check_pipeline, refuse_removed_flags
@@ -134,6 +134,7 @@ class CarsDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         cache_format: str = "raw",
         stream: str | None = None,
+        views: list[int] | None = None,
         open_set: dict | None = None,
         **unknown: object,
     ):
@@ -204,6 +205,11 @@ class CarsDataModule(L.LightningDataModule):
         if self._data is None:
             data = load_dataset(self.root, self.hparams.format)
             log.info("%s: %s layout", data.root, data.format)
+            if self.hparams.views is not None:
+                if data.format != "dvm":
+                    raise DatasetFormatError(f"data.views keeps DVM-CAR images of some viewpoints; the {data.format} "
+                                             f"copy at {data.root} has no viewpoints: set data.views=null")
+                data = dvm.keep_views(data, self.hparams.views)
             if not data.official_test:
                 data = self._hold_out_test(data)
             if self.open_set["holdout"] is not None:

@@ -6,7 +6,8 @@ Genmodel, Genmodel_ID``) when the table is there, else the ``{Maker}`` and ``{Ge
 year is the ``{Year}`` folder. The CSVs have stray spaces after commas and in the headers: every field and
 header is stripped. Some copies unpack as ``resized_DVM_clean/resized_DVM_clean/``: both levels are looked in.
 DVM-CAR has no test split (``CarsData.official_test`` is False: the datamodule holds a seeded stratified share
-of each class out as test).
+of each class out as test). :func:`keep_views` keeps the images of some viewpoints only (``Image_table.csv``'s
+``Predicted_viewpoint``, an angle in degrees: 0, 45, ..., 315; ``data.views``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ FOLDERS = ("resized_DVM", "resized_DVM_clean/resized_DVM_clean", "resized_DVM_cl
 EXPECTS = "resized_DVM/<Maker>/<Genmodel>/<Year>/<Color>/*.jpg (or resized_DVM_clean/[resized_DVM_clean/]) " \
           "with Basic_table.csv"
 BASIC_TABLE = "Basic_table.csv"
+IMAGE_TABLE = "Image_table.csv"
 
 
 def find_dvm(root: Path) -> Path | None:
@@ -82,3 +84,31 @@ def read_dvm(base: Path) -> CarsData:
     cars, members = car_classes(found)
     train = [Sample(p, label, name=p.relative_to(base).as_posix()) for label, ps in enumerate(members) for p in ps]
     return CarsData("dvm", base, [c.full for c in cars], train, [], cars, official_test=False)
+
+
+def read_viewpoints(base: Path) -> dict[str, int]:
+    """``Image_name`` -> ``Predicted_viewpoint`` (degrees) from ``Image_table.csv`` beside the copy at ``base``."""
+    path = first_existing(*(d / IMAGE_TABLE for d in (base, base.parent, base.parent.parent)))
+    if path is None:
+        raise DatasetFormatError(f"no {IMAGE_TABLE} in {base} or the two folders above it: data.views needs "
+                                 "DVM-CAR's image table (its Predicted_viewpoint column)")
+    views = {}
+    for n, row in enumerate(read_table(path), 2):
+        try:
+            views[row["Image_name"]] = int(float(row["Predicted_viewpoint"]))
+        except (KeyError, ValueError) as e:
+            raise DatasetFormatError(f"{path}, line {n}: expected Image_name and a numeric Predicted_viewpoint "
+                                     f"({e})") from e
+    return views
+
+
+def keep_views(data: CarsData, views: list[int]) -> CarsData:
+    """``data`` with only the images whose viewpoint (``Image_table.csv``) is one of ``views``; an image not in the
+    table is left out too (both counted in the log). Classes left without an image are one error naming them."""
+    table = read_viewpoints(data.root)
+    wanted = {int(v) for v in views}
+    kept = [s for s in data.train if table.get(s.path.name) in wanted]
+    unlisted = sum(s.path.name not in table for s in data.train)
+    log.info("%s: data.views=%s keeps %d of %d images (%d not in %s)", data.root, sorted(wanted), len(kept),
+             len(data.train), unlisted, IMAGE_TABLE)
+    return CarsData(data.format, data.root, data.class_names, kept, [], data.cars, data.official_test).validate()
