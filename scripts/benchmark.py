@@ -11,6 +11,9 @@ Measures (each prints img/s of the reference and of TwinCar, and their ratio):
   vs TwinCar's worker side from the same JPEGs. TwinCar's per-batch device work (jitter, blur, normalise,
   Mixup/CutMix) is timed apart, as ms per batch on this machine's device.
 * ``train_pipeline_cached``: the same with ``data.pipeline=cache`` (pre-resized raw copy, memory-mapped).
+* ``train_pipeline_stream``: the same with ``data.pipeline=stream``: the images packed once as LitData shards
+  (``python -m twincar.cache pack``, JPEGs pre-resized to the cache's short side; packing time per image on one
+  core reported), read back through ``litdata.StreamingDataset`` on one core. Skipped without LitData.
 * ``eval_pipeline``: one core: decode, Resize((224, 224)), ToTensor, Normalize vs TwinCar's eval
   preprocessing (reduced-size decode, resize, crop, per-batch normalise); from the cache as an extra field.
 * ``cpu_predict``: whole processes on 2 cores, JPEG files to a CSV (512 generated images unless ``--images``):
@@ -94,8 +97,8 @@ from twincar.data.transforms import (  # noqa: E402
     train_decode_min_side,
 )
 
-MEASURES = ("train_pipeline", "train_pipeline_cached", "eval_pipeline", "cpu_predict", "predict_scaling", "serve",
-            "shard_merge", "open_set_cost", "train_step", "gpu_train", "gpu_predict")
+MEASURES = ("train_pipeline", "train_pipeline_cached", "train_pipeline_stream", "eval_pipeline", "cpu_predict",
+            "predict_scaling", "serve", "shard_merge", "open_set_cost", "train_step", "gpu_train", "gpu_predict")
 MERGE_ROWS = 100_000  # shard_merge: rows of a many-process predict job (quick: 2,000)
 INDEX_IMAGES = 8144  # open_set_cost's index: as many images as Stanford Cars' training split
 PREDICT_IMAGES = 512  # cpu_predict's generated set: enough that per-image work, not start-up, sets the ratio
@@ -237,6 +240,36 @@ def train_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None) ->
             "twincar": lambda: sum(1 for s in samples if twincar(_tensor(read(s))) is not None),
         }, rounds)
     return result(speed["reference"], speed["twincar"], image_size=size, images=len(paths))
+
+
+def train_pipeline_stream(paths: Sequence[Path], work: Path, size: int, rounds: int) -> dict:
+    """``train_pipeline`` from LitData shards of the same images (pre-resized to the cache's short side), and the
+    packing cost per image on one core."""
+    try:
+        import litdata  # noqa: F401
+    except ImportError:
+        return {"skipped": "LitData is not installed (pip install 'twincar[stream]')"}
+    from twincar.data.classes import CarName
+    from twincar.data.stream import StreamItem, open_split, pack
+
+    pre = Preprocess(image_size=size)
+    short_side = cache_short_side(pre)
+    start = time.perf_counter()
+    pack({"train": [Sample(p, 0, name=p.name) for p in paths]}, work / "stream", ["car"],
+         [CarName("car", "car", "", None)], {}, short_side=short_side, workers=1)
+    pack_s = time.perf_counter() - start
+    reference = reference_train_transform(size)
+    item = StreamItem(TrainImageTransform(pre, SEED_AUG), None, train_decode_min_side(pre, SEED_AUG))
+    stream = open_split(str(work / "stream"), "train", item, shuffle=False, seed=0)
+    with one_thread():
+        speed = interleaved({
+            "reference": lambda: sum(1 for p in paths if reference(_pil_rgb(p)) is not None),
+            "twincar": lambda: sum(1 for x, _ in stream if x is not None),
+        }, rounds)
+    shard_mb = sum(f.stat().st_size for f in (work / "stream" / "train").glob("*.bin")) / 2**20
+    return result(speed["reference"], speed["twincar"], image_size=size, images=len(paths), short_side=short_side,
+                  pack_s_per_image=round(pack_s / len(paths), 4),
+                  shard_kb_per_image=round(shard_mb * 1024 / len(paths), 1))
 
 
 def eval_pipeline(paths: Sequence[Path], size: int, rounds: int, cache=None, batch: int = 32) -> dict:
@@ -1023,6 +1056,8 @@ def run(args: argparse.Namespace) -> dict:
                              cache_build_s_per_image=round(cache_build_s / len(paths), 4),
                              cache_mb_per_image=round((cache.directory / "images.bin").stat().st_size / 2**20
                                                       / len(paths), 3))
+        elif name == "train_pipeline_stream":
+            out[name] = train_pipeline_stream(paths, work, size, rounds)
         elif name == "eval_pipeline":
             out[name] = eval_pipeline(paths, size, rounds, cache=cache)
         elif name == "cpu_predict":

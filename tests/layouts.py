@@ -176,3 +176,106 @@ BUILDERS = {"devkit": build_devkit, "full": build_full, "kaggle_folders": build_
 def build(layout: str, root: Path, images: list[Img] | None = None) -> Path:
     """A copy of ``images`` (default :func:`make_images`) in ``layout`` under ``root``; returns the root to pass."""
     return BUILDERS[layout](root, images if images is not None else make_images())
+
+
+# -- the other car datasets: DVM-CAR, VMMRdb, CompCars, with the quirks of the real copies -----------------------
+CAR_LAYOUTS = ("dvm", "vmmrdb", "compcars")
+PER_CLASS = 6  # images per class (CompCars: train; 2 more per class in test)
+
+
+def _car_jpeg(rng: np.random.Generator, label: int) -> bytes:
+    arr = np.zeros((40, 48, 3), np.uint8)
+    arr[:] = rng.integers(0, 60, 3)
+    arr[5:35, 4:44] = (np.array([(label * 70) % 256, (label * 150) % 256, 200 - 40 * label]) + rng.integers(0, 30, 3))
+    return _encode(arr.astype(np.uint8), "RGB")
+
+
+# (Maker folder, Genmodel folder, Genmodel_ID, year) -> the class it is. Alfa Romeo is not in Basic_table.csv:
+# its folder names name it.
+DVM_FOLDERS = [("Land Rover", "Range Rover", "41_3", 2016), ("Land Rover", "Range Rover", "41_3", 2017),
+               ("Mercedes-Benz", "C Class", "59_8", 2015), ("Alfa Romeo", "Giulia", "2_1", 2017)]
+DVM_VIEWS = (0, 45, 90)  # Image_table.csv's Predicted_viewpoint of image k: DVM_VIEWS[k % 3]
+DVM_CLASSES = [("Alfa Romeo", "Giulia", 2017), ("Land Rover", "Range Rover Sport", 2016),
+               ("Land Rover", "Range Rover Sport", 2017), ("Mercedes-Benz", "C-Class", 2015)]
+
+
+def build_dvm(root: Path, doubled: bool = True) -> Path:
+    """DVM-CAR as some copies unpack (``resized_DVM_clean/resized_DVM_clean/``), CSVs with stray spaces; the
+    table spells two models unlike their folders ("Range Rover Sport", "C-Class")."""
+    rng = np.random.default_rng(1)
+    base = root / ("resized_DVM_clean/resized_DVM_clean" if doubled else "resized_DVM")
+    rows = []
+    for maker, genmodel, gid, year in DVM_FOLDERS:
+        label = [(m, y) for m, _, y in DVM_CLASSES].index((maker, year))
+        for k in range(PER_CLASS):
+            colour = ("Black", "White")[k % 2]
+            name = f"{maker}$${genmodel}$${year}$${colour}$${gid}$${k}$$image_{k}.jpg"
+            _write(base / maker / genmodel / str(year) / colour / name, _car_jpeg(rng, label))
+            if k < PER_CLASS - 1:  # the last image of each class is not in the table
+                rows.append(f"{gid}, {gid}$${k}, {name}, {DVM_VIEWS[k % len(DVM_VIEWS)]}, \n")
+    (root / "Basic_table.csv").write_text(
+        "Automaker, Automaker_ID, Genmodel, Genmodel_ID\nLand Rover, 41, Range Rover Sport, 41_3\n"
+        "Mercedes-Benz, 59, C-Class , 59_8\n")
+    (root / "Image_table.csv").write_text(" Genmodel_ID, Image_ID, Image_name, Predicted_viewpoint, Quality_check\n"
+                                          + "".join(rows))
+    return root
+
+
+VMMRDB_FOLDERS = {"alfa_romeo_giulia_2017": 0, "honda_civic_2005": 1, "land rover_range rover_2016": 2,
+                  "land_rover_range_rover_2016": 2, "mercedes_benz_c-class_2015": 3}
+VMMRDB_CLASSES = [("Alfa Romeo", "Giulia", 2017), ("Honda", "Civic", 2005), ("Land Rover", "Range Rover", 2016),
+                  ("Mercedes-Benz", "C-class", 2015)]
+
+
+def build_vmmrdb(root: Path) -> Path:
+    """VMMRdb's class folders: two-token makes, spaces in names, two spellings of one class, a stray folder."""
+    rng = np.random.default_rng(2)
+    for folder, label in VMMRDB_FOLDERS.items():
+        n = PER_CLASS // 2 if label == 2 else PER_CLASS  # the two Land Rover folders make one class
+        for k in range(n):
+            _write(root / folder / f"{folder.replace(' ', '')}_{k}.jpg", _car_jpeg(rng, label))
+    (root / "readme").mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# (make_id, model_id, year); make 2 and model 2 have empty names in make_model_name.mat
+COMPCARS_IDS = [(1, 1, 2014), (1, 1, 2015), (1, 2, 2014), (2, 3, 2012)]
+COMPCARS_CLASSES = [("Audi", "A4", 2014), ("Audi", "A4", 2015), ("Audi", "Model 2", 2014), ("Make 2", "Q5", 2012)]
+COMPCARS_MISSING = "1/1/2014/missing0.jpg"
+
+
+def build_compcars(root: Path) -> Path:
+    """CompCars web-nature: empty make and model names, ``unknown`` years, a listed image that is missing, boxes."""
+    rng = np.random.default_rng(3)
+    data = root / "data"
+    lines: dict[str, list[str]] = {"train": [], "test": []}
+    for label, (make, model, year) in enumerate(COMPCARS_IDS):
+        for split, n in (("train", PER_CLASS), ("test", 2)):
+            for k in range(n):
+                rel = f"{make}/{model}/{year}/{split}{label}{k:02d}.jpg"
+                _write(data / "image" / rel, _car_jpeg(rng, label))
+                _write((data / "label" / rel).with_suffix(".txt"), b"2\n1\n3 4 40 36\n")
+                lines[split].append(rel)
+    for split in ("train", "test"):  # an unknown year in each split
+        rel = f"1/1/unknown/{split}x.jpg"
+        _write(data / "image" / rel, _car_jpeg(rng, 0))
+        lines[split].append(rel)
+    lines["train"].append(COMPCARS_MISSING)
+    (data / "train_test_split" / "classification").mkdir(parents=True)
+    for split, rels in lines.items():
+        (data / "train_test_split" / "classification" / f"{split}.txt").write_text("\n".join(rels) + "\n")
+    (data / "misc").mkdir()
+
+    def cells(names: list[str]) -> np.ndarray:
+        out = np.empty((len(names), 1), dtype=object)
+        for i, n in enumerate(names):
+            out[i, 0] = np.array([n]) if n else np.zeros((0, 0))
+        return out
+
+    scipy.io.savemat(str(data / "misc" / "make_model_name.mat"),
+                     {"make_names": cells(["Audi", ""]), "model_names": cells(["A4", "", "Q5"])})
+    return root
+
+
+CAR_BUILDERS = {"dvm": build_dvm, "vmmrdb": build_vmmrdb, "compcars": build_compcars}
+CAR_CLASSES = {"dvm": DVM_CLASSES, "vmmrdb": VMMRDB_CLASSES, "compcars": COMPCARS_CLASSES}

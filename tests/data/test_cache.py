@@ -145,7 +145,7 @@ def test_cache_command_error_is_one_sentence(tmp_path, capsys):
     assert err.startswith("error: dataset root") and "absent" in err and "Traceback" not in err
     assert main([f"paths.data_dir={tmp_path}", "data.cache=true"]) == 2  # a removed flag: its replacement
     assert capsys.readouterr().err == ("error: data.cache=true was removed: use data.pipeline=cache "
-                                       "(one of files, cache, gpu_decode, gpu_cache)\n")
+                                       "(one of files, cache, gpu_decode, gpu_cache, stream)\n")
     assert not (tmp_path / "cache").exists()
 
 

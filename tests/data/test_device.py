@@ -160,7 +160,8 @@ def test_wrong_settings_say_what_to_set(small_root, tmp_path, monkeypatch):
             make_dm(small_root, tmp_path, **DECODE).train_dataloader()
         with pytest.raises(TwinCarError, match="^data.pipeline=gpu_cache needs a CUDA GPU"):
             check_cuda("data.pipeline=gpu_cache")
-    with pytest.raises(TwinCarError, match="^data.pipeline=gpu is not one of files, cache, gpu_decode, gpu_cache$"):
+    with pytest.raises(TwinCarError,
+                       match="^data.pipeline=gpu is not one of files, cache, gpu_decode, gpu_cache, stream$"):
         CarsDataModule(root=str(small_root), pipeline="gpu")
     with pytest.raises(TwinCarError, match="^data.frobnicate is not an option of the data config"):
         CarsDataModule(root=str(small_root), frobnicate=1)
@@ -170,7 +171,7 @@ def test_wrong_settings_say_what_to_set(small_root, tmp_path, monkeypatch):
         check_fits(4 * 2**30, 5 * 2**30, 8 * 2**30, "cuda:0")
 
 
-EVERY_PIPELINE = r" \(one of files, cache, gpu_decode, gpu_cache\)$"
+EVERY_PIPELINE = r" \(one of files, cache, gpu_decode, gpu_cache, stream\)$"
 
 
 @pytest.mark.parametrize("flag, value, pipeline", [("cache", True, "cache"), ("decode_device", "cuda", "gpu_decode"),

@@ -76,7 +76,7 @@ def test_written_files_read_back_with_real_structure(tmp_path):
 def test_missing_root_and_files_give_clear_errors(tmp_path):
     with pytest.raises(DatasetFormatError, match="does not exist: pass data.root=PATH"):
         load_stanford_cars(tmp_path / "nowhere", "train")
-    with pytest.raises(DatasetFormatError, match=r"matches no Stanford Cars layout; tried devkit: devkit/cars_meta"):
+    with pytest.raises(DatasetFormatError, match=r"matches no known dataset layout; tried devkit: devkit/cars_meta"):
         load_stanford_cars(tmp_path, "train")
 
 

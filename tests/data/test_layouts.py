@@ -92,7 +92,7 @@ def test_a_root_of_no_layout_lists_every_layout_tried(tmp_path):
     with pytest.raises(DatasetFormatError) as e:
         load_dataset(tmp_path)
     message = str(e.value)
-    assert message.startswith(f"{tmp_path} matches no Stanford Cars layout; tried devkit: devkit/cars_meta.mat")
+    assert message.startswith(f"{tmp_path} matches no known dataset layout; tried devkit: devkit/cars_meta.mat")
     for name, expects in [("kaggle_devkit", "cars_train/cars_train"), ("full", "cars_annos.mat and car_ims"),
                           ("kaggle_folders", "names.csv"), ("parquet", "train-*.parquet")]:
         assert f"{name}: " in message and expects in message

@@ -41,7 +41,7 @@ def test_every_group_has_options():
     assert options("augmentation") == ["none", "seed", "strong"]
     assert options("precision") == ["16-mixed", "32-true", "bf16-mixed"]
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
-    assert options("data") == ["stanford_cars", "synthetic"]
+    assert options("data") == ["cars", "stanford_cars", "synthetic"]
     assert {"recipe448", "seed_twincars", "smoke", "abl_base", "abl_96"} <= set(options("experiment"))
     assert options("debug") == ["default", "fdr", "limit", "overfit", "profiler"]
     assert options("tune") == ["lr_find"]
@@ -196,4 +196,4 @@ def test_every_tool_that_reads_data_refuses_a_removed_flag_before_composing(tool
         importlib.import_module(f"twincar.{tool}").main()
     assert stop.value.code == 1
     assert caplog.messages == ["data.decode_device=cuda was removed: use data.pipeline=gpu_decode "
-                               "(one of files, cache, gpu_decode, gpu_cache)"]
+                               "(one of files, cache, gpu_decode, gpu_cache, stream)"]

@@ -82,7 +82,8 @@ def sample_key(sample: Sample) -> str:
     return key if sample.index is None else f"{key}#{sample.index}"
 
 
-def _resized(sample: Sample, short_side: int) -> torch.Tensor:
+def resized_sample(sample: Sample, short_side: int) -> torch.Tensor:
+    """A sample's image as a uint8 (3, H, W) tensor whose short side is at most ``short_side`` (shrunk only)."""
     img = to_tensor(load_sample(sample, min_side=short_side))  # a parquet row is decoded in full
     if min(img.shape[1:]) > short_side:  # shrink only: a small image is kept as it is
         img = TF.resize(img, short_side, antialias=True)
@@ -114,7 +115,7 @@ def build_cache(
             try:
                 header = sample_header(unique[path])
                 orig = (header.height, header.width) if header.orientation >= 5 else (header.width, header.height)
-                img = _resized(unique[path], short_side)
+                img = resized_sample(unique[path], short_side)
             except ImageReadError as e:
                 return path, None, None, str(e)
             data = encode_jpeg(img, quality=JPEG_QUALITY).numpy().tobytes() if fmt == "jpeg" else img.numpy().tobytes()

@@ -161,21 +161,44 @@ def same_class_names(a: list[str], b: list[str]) -> bool:
     return class_names_difference(a, b) is None
 
 
-def write_classes_csv(names: list[str], path: str | Path) -> Path:
-    """Write ``label,name,make,model,year`` for each class, in label order."""
+def write_classes_csv(names: list[str], path: str | Path, cars: list[CarName] | None = None) -> Path:
+    """Write ``label,name,make,model,year`` for each class, in label order. ``cars``: each class's make, model
+    and year as its dataset gives them (DVM-CAR, VMMRdb, CompCars); None: parsed from the name."""
+    if cars is not None and len(cars) != len(names):
+        raise ValueError(f"{len(cars)} make/model/year rows for {len(names)} class names")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["label", "name", "make", "model", "year"])
     for i, name in enumerate(names):
-        car = parse_car_name(name)
-        writer.writerow([i, car.full, car.make, car.model, car.year or ""])
+        car = parse_car_name(name) if cars is None else cars[i]
+        writer.writerow([i, " ".join(name.split()), car.make, car.model, car.year or ""])
     return write_text(path, buf.getvalue())
 
 
-def write_class_tables(names: list[str], out: str | Path) -> tuple[Path, Path]:
-    """``classes.txt`` at ``out`` and ``classes.csv`` beside it; returns both paths."""
+def read_classes_csv(path: str | Path, text: str | None = None) -> tuple[list[str], list[CarName]]:
+    """Class names and each class's make, model and year from a ``classes.csv`` (:func:`write_classes_csv`), in
+    label order; a row without a make is parsed from its name. ``text``: the file's text, already read (``path``
+    then only names it in errors)."""
+    reader = csv.DictReader(io.StringIO(_read_text(Path(path)) if text is None else text, newline=""))
+    rows = [(row, reader.line_num) for row in reader]
+    if not rows or "name" not in rows[0][0]:
+        raise ClassListError(f"class list {path} needs a 'name' column (label,name,make,model,year)")
+    try:
+        if "label" in rows[0][0]:
+            rows.sort(key=lambda r: int(r[0]["label"]))
+        cars = [CarName(" ".join(r["name"].split()), r["make"].strip(), (r.get("model") or "").strip(),
+                        int(r["year"]) if (r.get("year") or "").strip() else None)
+                if (r.get("make") or "").strip() else parse_car_name(r["name"] or "") for r, _ in rows]
+    except (TypeError, ValueError) as e:
+        raise ClassListError(f"class list {path}: every 'label' and 'year' must be a whole number ({e})") from e
+    names = _unique([(r["name"] or "").strip() for r, _ in rows], [line for _, line in rows], Path(path))
+    return names, cars
+
+
+def write_class_tables(names: list[str], out: str | Path, cars: list[CarName] | None = None) -> tuple[Path, Path]:
+    """``classes.txt`` at ``out`` and ``classes.csv`` beside it (``cars``: see :func:`write_classes_csv`)."""
     out = Path(out)
-    return write_classes_txt(names, out), write_classes_csv(names, out.with_suffix(".csv"))
+    return write_classes_txt(names, out), write_classes_csv(names, out.with_suffix(".csv"), cars)
 
 
 if __name__ == "__main__":

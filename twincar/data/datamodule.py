@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -17,14 +18,16 @@ from torch.utils.data import DataLoader
 from twincar.data import device as device_paths
 from twincar.data.cache import ImageCache, open_cache
 from twincar.data.check import find_unreadable
+from twincar.data.classes import CarName
 from twincar.data.datasets import CarsDataset, DeviceRefDataset, collate_readable
 from twincar.data.device import DeviceCache, DeviceImages, ImageRefs, cache_ref, read_encoded
-from twincar.data.formats import FORMATS, UNLABELED, CarsData, DatasetFormatError, Sample, load_dataset
+from twincar.data.formats import FORMATS, UNLABELED, CarsData, DatasetFormatError, Sample, dvm, load_dataset
 from twincar.data.images import load_sample, sample_label
 from twincar.data.open_set import OpenSetSplit, check_open_set, holdout_labels, split_open_set
 from twincar.data.pipeline import READS_CACHE, REMOVED, check_pipeline, refuse_removed_flags
 from twincar.data.preprocess import Preprocess
 from twincar.data.sampling import eval_sampler, per_device_batch_size
+from twincar.data.stream import Pack, StreamItem, is_url, open_split, split_samples, streaming_loader
 from twincar.data.synthetic import SyntheticSpec, generate
 from twincar.data.transforms import (
     Augmentation,
@@ -117,6 +120,7 @@ class CarsDataModule(L.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
         split_seed: int = 42,
         split_dir: str | None = None,
         augmentation: dict | None = None,
@@ -129,6 +133,8 @@ class CarsDataModule(L.LightningDataModule):
         pipeline: str = "files",
         cache_dir: str | None = None,
         cache_format: str = "raw",
+        stream: str | None = None,
+        views: list[int] | None = None,
         open_set: dict | None = None,
         **unknown: object,
     ):
@@ -153,13 +159,18 @@ class CarsDataModule(L.LightningDataModule):
             raise DatasetFormatError(f"data.on_corrupt={on_corrupt} is not one of {', '.join(ON_CORRUPT)}")
         if bbox_margin < 0:
             raise DatasetFormatError(f"data.bbox_margin={bbox_margin} must be >= 0 (a fraction of the box size)")
-        self.pipeline = check_pipeline(pipeline, cache_format=cache_format)
+        self.pipeline = check_pipeline(pipeline, cache_format=cache_format, stream=stream)
         self.spec = SyntheticSpec(**synthetic) if synthetic is not None else None
         self.root = Path(root) / self.spec.fingerprint() if self.spec else Path(root)
         self.open_set = check_open_set(open_set)
+        if self.pipeline == "stream" and self.open_set["holdout"] is not None:
+            raise DatasetFormatError("data.open_set.holdout splits a dataset on disk: it is not available with "
+                                     "data.pipeline=stream (the pack holds the split it was packed with)")
         self._open_set_split: OpenSetSplit | None = None  # with data.open_set.holdout: the held-out classes
         self.split: dict | None = None  # the train/val file names in use, saved next to the run
         self._data: CarsData | None = None
+        self._pack: Pack | None = None  # data.pipeline=stream: the pack at data.stream
+        self._test_names: list[str] | None = None  # the test split this module made (a dataset without one)
         self.skipped: list[str] = []  # images left out under on_corrupt=skip, as named to the user
         self.train_set = self.val_set = self.test_set = None
         self.train_batch_transform: BatchTransform | None = None
@@ -188,9 +199,19 @@ class CarsDataModule(L.LightningDataModule):
     @property
     def data(self) -> CarsData:
         """The copy at ``root`` as read by its layout's reader (read once)."""
+        if self._data is None and self.pipeline == "stream":  # the pack's classes; its images are in the shards
+            pack = self.stream_pack
+            self._data = CarsData("stream", Path(pack.location), pack.class_names, [], [], pack.cars)
         if self._data is None:
             data = load_dataset(self.root, self.hparams.format)
             log.info("%s: %s layout", data.root, data.format)
+            if self.hparams.views is not None:
+                if data.format != "dvm":
+                    raise DatasetFormatError(f"data.views keeps DVM-CAR images of some viewpoints; the {data.format} "
+                                             f"copy at {data.root} has no viewpoints: set data.views=null")
+                data = dvm.keep_views(data, self.hparams.views)
+            if not data.official_test:
+                data = self._hold_out_test(data)
             if self.open_set["holdout"] is not None:
                 held = holdout_labels(self.open_set["holdout"], data.class_names, self.open_set["seed"])
                 split = self._open_set_split = split_open_set(data, held)
@@ -200,6 +221,24 @@ class CarsDataModule(L.LightningDataModule):
                          ", ".join(split.held_out))
             self._data = data
         return self._data
+
+    def _hold_out_test(self, data: CarsData) -> CarsData:
+        """A dataset with no test split (DVM-CAR, VMMRdb): ``data.test_fraction`` of each class held out as test,
+        stratified, seeded by ``data.split_seed`` and persisted like the val split (:func:`load_or_make_split`)."""
+        hp = self.hparams
+        split = load_or_make_split(data.train, hp.test_fraction, hp.split_seed, hp.split_dir)
+        index = {s.name: s for s in data.train}
+        self._test_names = split["val"]
+        log.info("%s has no test split: %d of %d images held out as test (data.test_fraction=%g, seed %d)",
+                 data.root, len(split["val"]), len(data.train), hp.test_fraction, hp.split_seed)
+        return replace(data, train=[index[n] for n in split["train"]], test=[index[n] for n in split["val"]])
+
+    @property
+    def stream_pack(self) -> Pack:
+        """The pack ``data.pipeline=stream`` reads (``data.stream``): its classes, split and ``pack.json``."""
+        if self._pack is None:
+            self._pack = Pack.open(self.hparams.stream)
+        return self._pack
 
     @property
     def held_out_names(self) -> list[str]:
@@ -217,18 +256,20 @@ class CarsDataModule(L.LightningDataModule):
         return self.data.class_names
 
     @property
+    def car_names(self) -> list[CarName]:
+        """Make, model and year of each class (label order), from the dataset's own metadata where it has some."""
+        return self.data.car_names
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if self.pipeline == "stream":
+            return self._setup_stream()
         hp, data = self.hparams, self.data
-        if hp.crop_to_bbox and not data.has_boxes:
-            raise DatasetFormatError(
-                f"data.crop_to_bbox=true needs a car box for every image, but the {data.format} copy at {data.root} "
-                "has none (or not for every image): set data.crop_to_bbox=false"
-            )
         split = load_or_make_split(data.train, hp.val_fraction, hp.split_seed, hp.split_dir)
         index = {s.name: i for i, s in enumerate(data.train)}
         train, val = ([data.train[index[n]] for n in split[k]] for k in ("train", "val"))
@@ -239,6 +280,13 @@ class CarsDataModule(L.LightningDataModule):
             split = {**split, "train": [s.name for s in train], "val": [s.name for s in val],
                      "skipped": sorted(sample_label(s) for s in bad)}
             CarsData(data.format, data.root, data.class_names, train, []).validate()  # still every class
+        if hp.crop_to_bbox and any(s.bbox is None for s in train + val + test):  # (the unreadable ones left out)
+            raise DatasetFormatError(
+                f"data.crop_to_bbox=true needs a car box for every image, but the {data.format} copy at {data.root} "
+                "has none (or not for every image): set data.crop_to_bbox=false"
+            )
+        if self._test_names is not None:
+            split = {**split, "test": self._test_names}
         if self.held_out_names:
             split = {**split, "held_out": self.held_out_names}
         self.split = split
@@ -267,6 +315,33 @@ class CarsDataModule(L.LightningDataModule):
             data.root, self.num_classes, len(train), len(val), len(test),
             f", cropped to the car box (+{hp.bbox_margin:g} per side)" if margin is not None else "",
         )
+
+    def _setup_stream(self) -> None:
+        """``data.pipeline=stream``: the pack's train shards streamed (``litdata.StreamingDataset``), its val and
+        test items read one by one as samples (:func:`~twincar.data.stream.split_samples`), through the same
+        decode, crop and transforms as ``files`` (images were checked when packed)."""
+        hp, pack = self.hparams, self.stream_pack
+        if hp.crop_to_bbox and not pack.meta.get("boxes"):
+            raise DatasetFormatError(f"data.crop_to_bbox=true needs a car box for every image, but the pack at "
+                                     f"{pack.location} has none (or not for every image): set data.crop_to_bbox=false")
+        margin = hp.bbox_margin if hp.crop_to_bbox else None
+        train_tf, eval_tf = TrainImageTransform(self.preprocess, self.aug), EvalImageTransform(self.preprocess)
+        cache = None
+        if hp.cache_dir and is_url(pack.location):  # remote chunks are downloaded here
+            cache = str(Path(hp.cache_dir) / "stream" / hashlib.sha1(pack.location.encode()).hexdigest()[:12])
+        train_item = StreamItem(train_tf, margin, train_decode_min_side(self.preprocess, self.aug))
+        self.split = pack.split
+        self.train_set = open_split(pack.location, "train", train_item, shuffle=True, seed=hp.split_seed,
+                                    cache_dir=cache)
+        # val and test: every image once over the ranks (eval_sampler), each item read from its shard
+        eval_reader = partial(load_sample, min_side=self.preprocess.decode_min_side)
+        counts = pack.meta.get("splits", {})
+        self.val_set, self.test_set = (
+            CarsDataset(split_samples(pack.location, part), eval_tf, margin, eval_reader) if counts.get(part) else None
+            for part in ("val", "test"))
+        self.train_batch_transform = BatchTransform(self.preprocess, self.aug, num_classes=self.num_classes)
+        log.info("%s (stream): %d classes, %d train / %d val / %d test images", pack.location, self.num_classes,
+                 counts.get("train", 0), counts.get("val", 0), counts.get("test", 0))
 
     def _unreadable(self, samples: list[Sample]) -> list[Sample]:
         """Header-check every image; ``fail``: stop naming the bad ones, ``skip``: record and return them."""
@@ -318,6 +393,10 @@ class CarsDataModule(L.LightningDataModule):
         sampler = None if train else eval_sampler(dataset, world, rank)  # train: Lightning's DistributedSampler
         collate = collate_readable
         workers = hp.num_workers
+        if self.pipeline == "stream" and train:  # LitData gives each rank and worker its part: no sampler
+            return streaming_loader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                                    pin_memory=hp.pin_memory and torch.cuda.is_available(),
+                                    drop_last=train and self.aug.mixes)
         if self.device_images is not None:
             device_paths.check_cuda(f"data.pipeline={self.pipeline}")
             collate = partial(collate_readable, collate_images=ImageRefs)

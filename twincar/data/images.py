@@ -204,9 +204,14 @@ def sample_label(sample: Sample) -> str:
     return str(sample.path) if sample.index is None else f"{sample.path}#{sample.index}"
 
 
-def _source(sample: Sample) -> Path | bytes:
+def sample_source(sample: Sample) -> Path | bytes:
+    """A sample's image: its file's path, or the bytes of its row of a parquet file or item of a pack split."""
     if sample.index is None:
         return sample.path
+    if sample.path.suffix.lower() != ".parquet":  # an item of a LitData pack split (data.pipeline=stream)
+        from twincar.data.formats.packed import item_bytes
+
+        return item_bytes(sample.path, sample.index)
     from twincar.data.formats import parquet
 
     return parquet.image_bytes(sample.path, sample.index)
@@ -214,7 +219,7 @@ def _source(sample: Sample) -> Path | bytes:
 
 def sample_header(sample: Sample) -> ImageHeader:
     """Size, mode and EXIF orientation of a sample's image from its header; ImageReadError when it is unusable."""
-    return read_header(_source(sample), sample_label(sample))
+    return read_header(sample_source(sample), sample_label(sample))
 
 
 def load_sample(sample: Sample, *, min_side: int | None = None) -> np.ndarray:
@@ -222,7 +227,7 @@ def load_sample(sample: Sample, *, min_side: int | None = None) -> np.ndarray:
 
     ``min_side``: a large JPEG file is decoded at reduced size, never below it (see :func:`load_rgb`); a parquet
     row in full."""
-    source, name = _source(sample), sample_label(sample)
+    source, name = sample_source(sample), sample_label(sample)
     return np.array(_decode(source, name, read_header(source, name), min_side if sample.index is None else None))
 
 

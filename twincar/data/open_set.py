@@ -94,7 +94,8 @@ def split_open_set(data: CarsData, held: list[int]) -> OpenSetSplit:
                 if s.label in new_label or (keep_unlabelled and s.label == UNLABELED)]
 
     known_data = CarsData(data.format, data.root, [data.class_names[i] for i in known],
-                          relabel(data.train, False), relabel(data.test, True))
+                          relabel(data.train, False), relabel(data.test, True),
+                          None if data.cars is None else [data.cars[i] for i in known], data.official_test)
     unknown = [replace(s, label=unknown_label[s.label]) for s in data.test if s.label in unknown_label]
     return OpenSetSplit(known_data.validate(), [data.class_names[i] for i in sorted(held_set)], unknown)
 

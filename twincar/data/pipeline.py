@@ -5,6 +5,7 @@
 ``cache``      workers read a pre-resized decoded copy (``data.cache_format=raw|jpeg``, built once).
 ``gpu_decode`` workers only read the JPEG bytes; each batch is decoded, cropped and transformed on the GPU.
 ``gpu_cache``  the raw cache is held in GPU memory; nothing is read from disk after the first batch.
+``stream``     LitData shards (``data.stream``: a folder or ``s3://``), packed once; workers decode and transform.
 =============  ============================================================================================
 
 The flags it replaced (``data.cache``, ``data.decode_device``, ``data.cache_on_device``) are gone: setting one, on
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 from twincar.errors import TwinCarError
 
-PIPELINES = ("files", "cache", "gpu_decode", "gpu_cache")
+PIPELINES = ("files", "cache", "gpu_decode", "gpu_cache", "stream")
 READS_CACHE = ("cache", "gpu_cache")  # pipelines that read the pre-resized copy (built in prepare_data)
 ON_DEVICE = ("gpu_decode", "gpu_cache")  # pipelines whose per-image work runs on the training device
 # the removed flags and the pipeline each asked for
@@ -29,10 +30,14 @@ class PipelineError(TwinCarError, ValueError):
     """An input-pipeline choice that does not exist, contradicts another option, or uses a removed flag."""
 
 
-def check_pipeline(pipeline: str = "files", *, cache_format: str = "raw") -> str:
-    """``pipeline`` once checked against :data:`PIPELINES` and ``cache_format``; :class:`PipelineError` if not."""
+def check_pipeline(pipeline: str = "files", *, cache_format: str = "raw", stream: str | None = None) -> str:
+    """``pipeline`` once checked against :data:`PIPELINES`, ``cache_format`` and ``stream`` (the shards
+    ``data.pipeline=stream`` reads); :class:`PipelineError` if not."""
     if pipeline not in PIPELINES:
         raise PipelineError(f"data.pipeline={pipeline} is not one of {', '.join(PIPELINES)}")
+    if pipeline == "stream" and not stream:
+        raise PipelineError("data.pipeline=stream reads packed shards: set data.stream=DIR_OR_URL (written by "
+                            "python -m twincar.cache pack out=DIR)")
     if pipeline == "gpu_cache" and cache_format != "raw":
         raise PipelineError("data.pipeline=gpu_cache holds the raw image cache: set data.cache_format=raw")
     return pipeline

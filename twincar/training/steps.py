@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from twincar.data.classes import class_names_difference, write_classes_txt
+from twincar.data.classes import class_names_difference, write_class_tables
 from twincar.errors import TwinCarError
 from twincar.evaluation.calibration import Calibration, calibrate, ece_nll
 from twincar.evaluation.figures import plot_curves
@@ -348,13 +348,14 @@ def write_curves(out_dir: Path) -> None:
 
 def write_artefacts(cfg: DictConfig, trainer: L.Trainer, model: CarClassifier, datamodule, metrics: dict,
                     best: str, out_dir: Path, calibration: Calibration | None = None) -> None:
-    """``split.json``, ``metrics.json`` and, with ``export``, ``model.pth`` + ``classes.txt`` + ``model_card.json``
+    """``split.json``, ``metrics.json`` and, with ``export``, ``model.pth`` + ``classes.txt`` + ``classes.csv`` (make,
+    model and year of each class, from the dataset's metadata) + ``model_card.json``
     (so ``Predictor.load(RUN/model.pth)`` needs nothing else, its ``calibration`` included)."""
     write_json(out_dir / "split.json", datamodule.split)
     write_json(out_dir / "metrics.json", {**metrics, "best_checkpoint": best, "epochs": trainer.current_epoch})
     if cfg.get("export"):
         export_state_dict(model.model, out_dir / "model.pth")
-        write_classes_txt(model.class_names, out_dir / "classes.txt")
+        write_class_tables(model.class_names, out_dir / "classes.txt", datamodule.car_names)
         fingerprint = state_fingerprint(model.model.state_dict())  # the calibration records it, as in the checkpoint
         write_model_card(out_dir, build_model_card(
             model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from twincar.data.classes import CarName, parse_car_name
 from twincar.errors import TwinCarError
 
 UNLABELED = -1
@@ -42,13 +43,26 @@ class Sample:
 
 @dataclass
 class CarsData:
-    """A whole dataset copy as read by one layout reader: class names and both official splits."""
+    """A whole dataset copy as read by one layout reader: class names and both official splits.
+
+    ``cars``: each class's make, model and year as the dataset's own metadata gives them (DVM-CAR's tables, the
+    VMMRdb folder names, CompCars' ``.mat``); None for the Stanford Cars layouts, whose names are parsed
+    (:func:`~twincar.data.classes.parse_car_name`). ``official_test``: False when the dataset has no test split
+    (DVM-CAR, VMMRdb): every image is in ``train`` and the datamodule holds a seeded stratified test split out.
+    """
 
     format: str  # the layout it was read as (one of twincar.data.formats.FORMATS)
     root: Path  # the folder the layout was found in
     class_names: list[str]  # index = label
     train: list[Sample]
     test: list[Sample]  # labels are UNLABELED when the copy has no test labels
+    cars: list[CarName] | None = None  # index = label; None: parsed from the names
+    official_test: bool = True  # False: no test split in the dataset (the datamodule makes one)
+
+    @property
+    def car_names(self) -> list[CarName]:
+        """Make, model and year of each class (index = label): the dataset's own, else parsed from the name."""
+        return list(self.cars) if self.cars is not None else [parse_car_name(n) for n in self.class_names]
 
     @property
     def has_boxes(self) -> bool:
@@ -128,3 +142,18 @@ def read_struct(path: Path, required: tuple[str, ...], key: str = "annotations")
 def first_existing(*paths: Path) -> Path | None:
     """The first of ``paths`` that exists, or None."""
     return next((p for p in paths if p.exists()), None)
+
+
+def car_classes(items: list[tuple[str, str, int, object]]) -> tuple[list[CarName], list[list]]:
+    """Classes of ``(make, model, year, item)`` tuples: one per make, model and year (compared ignoring case and
+    runs of spaces, the first spelling kept), sorted by make, model, year; returns the classes (named
+    ``"Make Model Year"``) and each class's items in the order given."""
+    groups: dict[tuple[str, str, int], tuple[CarName, list]] = {}
+    for make, model, year, item in items:
+        make, model = " ".join(make.split()), " ".join(model.split())
+        key = (make.casefold(), model.casefold(), int(year))
+        if key not in groups:
+            groups[key] = (CarName(" ".join(f"{make} {model} {year}".split()), make, model, int(year)), [])
+        groups[key][1].append(item)
+    ordered = [groups[k] for k in sorted(groups)]
+    return [car for car, _ in ordered], [members for _, members in ordered]
