@@ -421,9 +421,12 @@ def test_the_index_of_a_run_gives_predict_its_nearest_training_cars_and_eval_its
 def test_the_far_ood_script_writes_the_same_images_of_no_car_for_a_seed(tmp_path):
     import runpy
 
+    from twincar.evaluation.unknown import write_far_images
+
     script = runpy.run_path(str(Path(__file__).parents[2] / "scripts" / "far_ood_images.py"))
-    first = script["write_far_ood"](tmp_path / "a", count=7, size=48)
-    again = script["write_far_ood"](tmp_path / "b", count=7, size=48)
+    script["main"]([str(tmp_path / "a"), "--count", "7", "--size", "48"])
+    first = sorted((tmp_path / "a").glob("*.jpg"), key=lambda p: p.name.split("_")[1])
+    again = write_far_images(tmp_path / "b", count=7, size=48)
     assert [p.name.split("_")[0] for p in first] == ["noise", "gradient", "shapes"] * 2 + ["noise"]
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
     with Image.open(first[1]) as image:
