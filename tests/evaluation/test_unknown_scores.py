@@ -129,7 +129,7 @@ def test_the_statistics_file_round_trips_and_another_models_is_refused(tmp_path)
 def test_training_stores_the_statistics_and_the_onnx_runtime_scores_as_torch_does(trained_run, tmp_path):
     """The trained run carries the statistics beside model.pth; predict, eval and the ONNX export use its default
     score, the ONNX runtime within 1e-4 of torch."""
-    from tests.trained import SMALL_DATA, compose
+    from tests.trained import compose
     from twincar.evaluation.recipes import evaluate
     from twincar.export import export_model
     from twincar.inference.predictor import Predictor
@@ -153,11 +153,12 @@ def test_training_stores_the_statistics_and_the_onnx_runtime_scores_as_torch_doe
         images = write_far_images(tmp_path / "far", count=6, size=64)
     a, b = torch_p.predict(images), onnx_p.predict(images)
     assert onnx_p.needs_features and all(p.unknown_score is not None for p in b)
-    np.testing.assert_allclose([p.unknown_score for p in b], [p.unknown_score for p in a], atol=1e-4)
+    # Mahalanobis distances are in the thousands: within 1e-4 of the score's scale (float32 features on two engines)
+    np.testing.assert_allclose([p.unknown_score for p in b], [p.unknown_score for p in a], rtol=1e-5, atol=1e-4)
     assert [p.known for p in b] == [p.known for p in a]
 
     m = evaluate(compose("eval", [f"ckpt={trained_run / 'model.pth'}", f"paths.output_dir={tmp_path / 'eval'}",
-                                  "progress=false", "ood=synthetic", *SMALL_DATA]))
+                                  "progress=false", "ood=synthetic"]))
     for score in ("max_logit", "mahalanobis", "rel_mahalanobis"):
         assert 0 <= m[f"ood/auroc_{score}"] <= 1
         assert (tmp_path / "eval" / "reports" / f"ood_scores_{score}.png").is_file()
