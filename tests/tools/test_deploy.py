@@ -327,7 +327,8 @@ def card_only_client(model_path: str, image_path: str) -> str:
         im = im.crop((left, top, left + size, top + size))
     x = (np.asarray(im, np.float32) / 255 - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {session.get_inputs()[0].name: x.transpose(2, 0, 1)[None].astype(np.float32)})
+    (logits,) = session.run([card["output"]["name"]],
+                            {session.get_inputs()[0].name: x.transpose(2, 0, 1)[None].astype(np.float32)})
     return card["class_names"][int(np.argmax(logits[0]))]
 
 

@@ -177,9 +177,7 @@ def calibrate_model(cfg: DictConfig) -> Calibration:
     if "skipped_file" in data:
         data["skipped_file"] = str(out_dir / "skipped.txt")
     samples, margin, _ = eval_samples(data, split, predictor.class_names)
-    train = None
-    if not predictor.is_onnx:  # the feature scores: the training images' statistics
-        train, _, _ = eval_samples(data, "train", predictor.class_names)
+    train, _, _ = eval_samples(data, "train", predictor.class_names)  # the feature scores: their statistics
     batch_size = int(data.get("eval_batch_size") or data.get("batch_size") or 64)
     ood = str(cfg.get("ood") or "none")
     with tempfile.TemporaryDirectory(prefix="twincar-far-") as far_dir:

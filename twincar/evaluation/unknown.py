@@ -143,10 +143,11 @@ def fit_model_unknown(predictor, val_samples: Sequence[Sample], *, train_samples
                       keep_knn: bool = False, k: int | None = None, tpr: float = DEFAULT_TPR,
                       fitted_on: str = "val", selected_on: str = ""):
     """Fit a model's unknown answer (module docstring) with ``predictor`` (uncalibrated): the training features'
-    statistics from ``train_samples`` (None, or a model without embeddings such as an ONNX one: the logit scores
-    only), the thresholds on ``val_samples``, the default score on ``unknown`` (samples and paths of images of no
+    statistics from ``train_samples`` (None, or a model without embeddings such as an ONNX file exported
+    without its ``features`` output: the logit scores only), the thresholds on ``val_samples``, the default score on ``unknown`` (samples and paths of images of no
     known class; none: ``score`` or max-logit). Returns ``(calibration, statistics or None, the val outputs)``."""
-    feats = bool(train_samples) and not predictor.is_onnx and hasattr(predictor.model, "forward_head")
+    feats = bool(train_samples) and (predictor.engine.has_features if predictor.is_onnx
+                                     else hasattr(predictor.model, "forward_head"))
     val = collect_logits(predictor, val_samples, bbox_margin=bbox_margin, batch_size=batch_size,
                          num_workers=num_workers, progress=progress, embeddings=feats)
     stats = None

@@ -117,7 +117,8 @@ class Predictor:
     # -- what runs it ----------------------------------------------------------------------------------------
     @property
     def is_onnx(self) -> bool:
-        """True on the onnxruntime engine (no embeddings, no Grad-CAM: those need the PyTorch weights)."""
+        """True on the onnxruntime engine (no Grad-CAM: it needs the PyTorch weights; embeddings when the export has
+        its ``features`` output)."""
         return self.engine.kind == "onnx"
 
     @property
@@ -214,7 +215,7 @@ class Predictor:
     def embeddings(self, batch) -> np.ndarray:
         """L2-normalised pre-logit features (N, D) float32 of a ``uint8`` batch of prepared images (timm's
         ``forward_head(forward_features(x), pre_logits=True)``); with flip TTA the normalised mean of the image's
-        and its mirror image's. The torch engine only."""
+        and its mirror image's. The torch engine, or an ONNX export with its ``features`` output."""
         return self.outputs_with_embeddings(batch)[2]
 
     def _normalised(self, feats: np.ndarray) -> np.ndarray:
