@@ -143,9 +143,10 @@ def fit_model_unknown(predictor, val_samples: Sequence[Sample], *, train_samples
                       keep_knn: bool = False, k: int | None = None, tpr: float = DEFAULT_TPR,
                       fitted_on: str = "val", selected_on: str = ""):
     """Fit a model's unknown answer (module docstring) with ``predictor`` (uncalibrated): the training features'
-    statistics from ``train_samples`` (None, or a model without embeddings such as an ONNX file exported
-    without its ``features`` output: the logit scores only), the thresholds on ``val_samples``, the default score on ``unknown`` (samples and paths of images of no
-    known class; none: ``score`` or max-logit). Returns ``(calibration, statistics or None, the val outputs)``."""
+    statistics from ``train_samples`` (None, or a model without embeddings such as an ONNX file exported without
+    its ``features`` output: the logit scores only), the thresholds on ``val_samples``, the default score on
+    ``unknown`` (samples and paths of images of no known class; none: ``score`` or max-logit). Returns
+    ``(calibration, statistics or None, the val outputs)``."""
     feats = bool(train_samples) and (predictor.engine.has_features if predictor.is_onnx
                                      else hasattr(predictor.model, "forward_head"))
     val = collect_logits(predictor, val_samples, bbox_margin=bbox_margin, batch_size=batch_size,
