@@ -104,7 +104,7 @@ class FeatureStats:
         """(N,) cosine similarity of each feature row to its ``k``-th most similar bank row."""
         if self.bank is None:
             raise TwinCarError("the knn score needs the training embeddings, which these statistics do not keep: "
-                               "python -m twincar.calibrate ckpt=MODEL scores=all keeps them")
+                               "python -m twincar.calibrate ckpt=MODEL keep_knn=true keeps them")
         x, k = x.astype(np.float32), min(self.k, len(self.bank))  # float32 products: cosines to 1e-7
         out = [np.partition(-(x[i:i + CHUNK] @ self.bank.T), k - 1, axis=1)[:, k - 1] for i in range(0, len(x), CHUNK)]
         return -np.concatenate(out).astype(np.float64) if out else np.empty(0)

@@ -104,7 +104,7 @@ class Predictor:
                                    "this model does not carry: python -m twincar.calibrate ckpt=MODEL fits them")
             if self.score == "knn" and self.feature_stats.bank is None:
                 raise TwinCarError("the knn unknown score needs the training embeddings, which this model's "
-                                   "statistics do not keep: python -m twincar.calibrate ckpt=MODEL scores=all")
+                                   "statistics do not keep: python -m twincar.calibrate ckpt=MODEL keep_knn=true")
             if self.feature_stats.classes != len(self.class_names):
                 raise TwinCarError(f"the unknown-score statistics are of {self.feature_stats.classes} classes but "
                                    f"the model has {len(self.class_names)}: they were fitted for another model")

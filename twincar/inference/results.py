@@ -155,9 +155,10 @@ def unknown_threshold(unknown: str | float | None, calibration: dict | None, tta
         else:
             threshold = (calibration.get("thresholds") or {}).get(score)
             if threshold is None and calibration:
-                raise TwinCarError(f"--unknown-score {score}: the model has no threshold for it (it has "
-                                   f"{', '.join(sorted(calibration.get('thresholds') or [calibration.get('score')]))}"
-                                   "): python -m twincar.calibrate ckpt=MODEL fits every score's")
+                have = ", ".join(sorted(calibration.get("thresholds") or [calibration.get("score")]))
+                raise TwinCarError(f"--unknown-score {score}: the model has no threshold for it (it has {have}): "
+                                   "python -m twincar.calibrate ckpt=MODEL fits every score's (keep_knn=true: knn's "
+                                   "too)")
         fitted = calibration.get("tta") or None
         if threshold is not None and fitted != (tta or None):
             log.warning("the unknown threshold was fitted with tta=%s and is used with tta=%s: the scores shift a "
