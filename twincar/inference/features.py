@@ -60,11 +60,12 @@ class FeatureStats:
             raise TwinCarError(f"feature statistics: the k-NN bank is {self.bank.shape}, not (N, {d})")
         if self.k < 1:
             raise TwinCarError(f"feature statistics: k must be at least 1, got {self.k}")
-        self._p = self.precision.astype(np.float64)  # float64 once: the scores agree across engines to 1e-6
-        self._bp = self.background_precision.astype(np.float64)
-        mu = self.means.astype(np.float64)
-        p_mu = self._p @ mu.T  # (D, C)
-        self._class_terms = (p_mu, np.einsum("cd,dc->c", mu, p_mu))
+        # float32 products with the D x D precisions (no float64 copies of them in memory), the rest in float64
+        self.precision = np.ascontiguousarray(self.precision, np.float32)
+        self.background_precision = np.ascontiguousarray(self.background_precision, np.float32)
+        self._mu = self.means.astype(np.float64)
+        self._mu_p_mu = np.einsum("cd,cd->c", self._mu, (self.means.astype(np.float32) @ self.precision).astype(
+            np.float64))
 
     @property
     def dim(self) -> int:
@@ -91,14 +92,14 @@ class FeatureStats:
 
     def class_distances(self, x: np.ndarray) -> np.ndarray:
         """(N, C) squared Mahalanobis distances of features to each class mean, with the shared precision:
-        ``x'Px - 2 x'P mu_c + mu_c'P mu_c``."""
-        p_mu, mu_p_mu = self._class_terms
-        return np.einsum("nd,nd->n", x @ self._p, x)[:, None] - 2 * x @ p_mu + mu_p_mu
+        ``x'Px - 2 (xP) mu_c + mu_c'P mu_c`` (P symmetric)."""
+        xp = (x.astype(np.float32) @ self.precision).astype(np.float64)
+        return np.einsum("nd,nd->n", xp, x)[:, None] - 2 * xp @ self._mu.T + self._mu_p_mu
 
     def background_distances(self, x: np.ndarray) -> np.ndarray:
         """(N,) squared Mahalanobis distances of features to the background Gaussian."""
         z = x - self.background_mean.astype(np.float64)
-        return np.einsum("nd,nd->n", z @ self._bp, z)
+        return np.einsum("nd,nd->n", (z.astype(np.float32) @ self.background_precision).astype(np.float64), z)
 
     def knn(self, x: np.ndarray) -> np.ndarray:
         """(N,) cosine similarity of each feature row to its ``k``-th most similar bank row."""
