@@ -155,7 +155,8 @@ class Predictor:
             engine, names, pre, calibration = _load_onnx(Path(path).expanduser(), classes, device, preprocess,
                                                          image_size, resize_mode, threads)
             kwargs.setdefault("calibration", calibration)
-            kwargs.setdefault("feature_stats", load_feature_stats(path, kwargs["calibration"], len(names)))
+            if kwargs.get("unknown", "auto") != "off":  # --unknown off needs no statistics file
+                kwargs.setdefault("feature_stats", load_feature_stats(path, kwargs["calibration"], len(names)))
             return cls(engine, names, pre, **kwargs)
         from twincar.models.factory import min_input_size
 
@@ -166,7 +167,9 @@ class Predictor:
             raise TwinCarError(f"--img-size {spec.image_size} is smaller than {arch} takes: its features "
                                f"are {smallest}x smaller than the input, so give at least {smallest} pixels")
         kwargs.setdefault("calibration", calibration)
-        kwargs.setdefault("feature_stats", load_feature_stats(resolved_source(path), kwargs["calibration"], len(names)))
+        if kwargs.get("unknown", "auto") != "off":  # --unknown off needs no statistics file
+            kwargs.setdefault("feature_stats", load_feature_stats(resolved_source(path), kwargs["calibration"],
+                                                                  len(names)))
         return cls(model, names, spec, device=device, **kwargs)
 
     def with_calibration(self, calibration, unknown: str | float = "auto", *, unknown_score: str | None = None,
