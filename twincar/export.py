@@ -28,7 +28,16 @@ from torch import nn
 from twincar.data.images import NoImagesError, find_images
 from twincar.errors import TwinCarError, exit_on_user_error, run_hydra_tool
 from twincar.files import atomic_path, check_writable_dir, write_json, write_text
-from twincar.models.card import CALIBRATION, FINGERPRINT, MODEL_CARD, build_model_card, write_model_card
+from twincar.inference.engines import FEATURES_OUTPUT
+from twincar.models.card import (
+    CALIBRATION,
+    FINGERPRINT,
+    MODEL_CARD,
+    build_model_card,
+    read_unknown_stats,
+    write_model_card,
+    write_unknown_stats,
+)
 from twincar.models.checkpoint import export_safetensors, export_state_dict
 from twincar.models.hub import HUB_CONFIG, HUB_README, hub_config, hub_readme
 from twincar.models.loading import load_model
@@ -47,27 +56,52 @@ class ExportError(TwinCarError, ValueError):
     """An export option is wrong or the model cannot be exported; the message says which."""
 
 
+class LogitsAndFeatures(nn.Module):
+    """A timm model's logits and its pre-logit features (``forward_head(forward_features(x), pre_logits=True)``) of
+    one pass: the two outputs of an ONNX export, so the ONNX runtime has the feature unknown scores too."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        return self.model.forward_head(features), self.model.forward_head(features, pre_logits=True).flatten(1)
+
+
 def export_onnx(model: nn.Module, path: Path, image_size: int) -> float:
-    """A single-file ONNX model (opset ``ONNX_OPSET``, dynamic batch); returns its largest absolute difference
-    from the eager model on a random batch, measured with onnxruntime."""
+    """A single-file ONNX model (opset ``ONNX_OPSET``, dynamic batch), its outputs ``logits`` and, for a timm model,
+    ``features`` (:class:`LogitsAndFeatures`); returns the largest absolute difference of its outputs from the eager
+    model's on a random batch, measured with onnxruntime."""
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise ExportError("format=onnx needs the onnx extra: pip install 'twincar[onnx]'") from e
     model = model.eval().float()
+    names = ["logits"]
+    if hasattr(model, "forward_head"):
+        model, names = LogitsAndFeatures(model).eval(), ["logits", FEATURES_OUTPUT]
     example = torch.randn(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     check = torch.randn(3, 3, image_size, image_size)
     with torch.inference_mode():
         expected = model(check)
+    expected = expected if isinstance(expected, tuple) else (expected,)
     with atomic_path(path) as tmp:
         torch.onnx.export(
-            model, (example,), str(tmp), input_names=["images"], output_names=["logits"], opset_version=ONNX_OPSET,
+            model, (example,), str(tmp), input_names=["images"], output_names=names, opset_version=ONNX_OPSET,
             dynamo=True, external_data=False, dynamic_shapes=({0: batch},),
         )
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        (got,) = session.run(None, {"images": check.numpy()})
-    return float((torch.from_numpy(got) - expected).abs().max())
+        got = session.run(names, {"images": check.numpy()})
+    return max(float((torch.from_numpy(g) - e).abs().max()) for g, e in zip(got, expected, strict=True))
+
+
+def onnx_outputs(path: Path) -> list[str]:
+    """The output names of the ONNX model at ``path``."""
+    import onnxruntime as ort
+
+    return [o.name for o in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_outputs()]
 
 
 def _int8_image_files(int8_images: Sequence[str | Path] | str | Path) -> list[Path]:
@@ -227,8 +261,16 @@ def export_model(
         metrics, config = run_record(ckpt)
     else:  # converting exported weights: keep what their card says
         metrics, config = loaded.card.get("metrics"), loaded.card.get("config")
+    calibration = loaded.calibration
+    stats = read_unknown_stats(loaded.source, calibration, len(loaded.class_names))
+    if stats is not None:  # the unknown-score statistics travel beside the weights, fingerprinted anew
+        calibration = {**calibration, "features": write_unknown_stats(weights, stats)}
     card = build_model_card(loaded.class_names, loaded.preprocess, loaded.architecture, metrics=metrics,
                             config=config, source=ckpt.name, calibration=calibration, fingerprint=loaded.fingerprint)
+    if fmt == "onnx" and FEATURES_OUTPUT in onnx_outputs(weights):
+        card["output"]["features"] = {"name": FEATURES_OUTPUT, "shape": ["N", "D"], "dtype": "float32",
+                                      "meaning": "pre-logit features of the same pass; L2-normalised they are the "
+                                                 "embeddings of the feature unknown scores"}
     if quantization:
         card["quantization"] = quantization
     write_model_card(out, card)

@@ -73,6 +73,7 @@ def predict_files(
     resize_mode: str | None = None,
     tta: str | None = None,
     unknown: str = "auto",
+    unknown_score: str | None = None,
     neighbours: int = 0,
     index: str | Path | None = None,
     progress: bool = True,
@@ -89,7 +90,8 @@ def predict_files(
     :class:`~twincar.inference.predictor.Predictor` (numpy, PIL and onnxruntime; torch is never imported), decoding
     in this process. ``unknown``: ``auto`` (the
     model's calibrated threshold, when it carries one), ``off`` or a threshold on its unknown score; a car below it
-    is "not one of the known classes". ``neighbours``: add the k nearest training images of each (from ``index``,
+    is "not one of the known classes"; ``unknown_score``: another of its scores than its default (``--unknown-score``).
+    ``neighbours``: add the k nearest training images of each (from ``index``,
     default ``index/`` beside the model: built by ``python -m twincar.index``; PyTorch models only).
 
     ``devices`` processes per node on ``num_nodes`` nodes (``accelerator`` cpu or gpu; left out under torchrun:
@@ -131,7 +133,7 @@ def predict_files(
         device = "cpu"  # Lightning moves the network to each process's own device
     predictor = Predictor.load(
         model, classes, device=device, precision=precision, image_size=image_size, resize_mode=resize_mode, tta=tta,
-        unknown=unknown,
+        unknown=unknown, unknown_score=unknown_score,
     )
     search, neighbour_folder = None, None
     if neighbours:
@@ -229,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: mark cars below the model's calibrated unknown threshold as not one of its classes "
                         "(python -m twincar.calibrate; training fits it); off: always name a class; VALUE: a threshold "
                         "on the unknown score (max-logit by default)")
+    parser.add_argument("--unknown-score", metavar="NAME",
+                        help="the unknown score to use instead of the model's default (chosen by calibration): "
+                        "max_logit, max_softmax, energy, knn, mahalanobis or rel_mahalanobis (one it has a threshold "
+                        "for)")
     parser.add_argument("--neighbours", type=int, default=0, metavar="K",
                         help="add the K nearest training images and their classes to each row (an index built by "
                         "python -m twincar.index)")
@@ -260,8 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.images, args.model, classes=args.classes, output=output, fmt=args.format, topk=args.topk,
             batch_size=args.batch_size, num_workers=args.workers, device=args.device, precision=args.precision,
             image_size=args.img_size, resize_mode=args.resize_mode, tta=args.tta, unknown=args.unknown,
-            neighbours=args.neighbours, index=args.index, progress=not args.no_progress, devices=args.devices,
-            num_nodes=args.num_nodes, accelerator=args.accelerator, resume=args.resume, shard_size=args.shard_size,
+            unknown_score=args.unknown_score, neighbours=args.neighbours, index=args.index,
+            progress=not args.no_progress, devices=args.devices, num_nodes=args.num_nodes,
+            accelerator=args.accelerator, resume=args.resume, shard_size=args.shard_size,
         )
     except TwinCarError as e:
         print(f"error: {e}", file=sys.stderr)

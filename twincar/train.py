@@ -76,8 +76,9 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         write_curves(out_dir)
     metrics, best = evaluate_best(fit.trainer, model, datamodule, bool(cfg.get("test")))
     if fit.trainer.is_global_zero:
-        calibration = calibrate_best(model, datamodule, metrics, best) if cfg.get("calibrate", True) else None
-        write_artefacts(cfg, fit.trainer, model, datamodule, metrics, best, out_dir, calibration)
+        calibration, stats = calibrate_best(model, datamodule, metrics, best) if cfg.get("calibrate", True) \
+            else (None, None)
+        write_artefacts(cfg, fit.trainer, model, datamodule, metrics, best, out_dir, calibration, stats)
         logdir = tensorboard_logdir(fit.trainer, cfg.paths.log_dir)  # the sweep's folder, outputs/ or the run's
         log.info("\n%s", summary(metrics, datamodule.num_classes, out_dir, logdir))
     return metrics

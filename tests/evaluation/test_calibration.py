@@ -189,6 +189,10 @@ def test_training_fits_a_temperature_that_lowers_the_ece_of_the_held_out_test_sp
     card = json.loads((run / "model_card.json").read_text())
     ckpt = Path(metrics["best_checkpoint"])
     stored = torch.load(ckpt, weights_only=True)["hyper_parameters"]["calibration"]
+    # each model file names its own statistics file beside it; the rest of the calibration is the same
+    assert card["calibration"].pop("features")["file"] == "model.unknown.npz"
+    assert stored.pop("features")["file"] == f"{ckpt.stem}.unknown.npz"
+    assert (ckpt.parent / f"{ckpt.stem}.unknown.npz").is_file()
     assert card["calibration"] == stored and stored["temperature"] == pytest.approx(metrics["val/temperature"])
     assert metrics["test/ece"] < metrics["test/ece_raw"] and metrics["test/nll"] < metrics["test/nll_raw"]
     # the threshold keeps 95% of the validation images it was fitted on, with the logits predict computes
@@ -203,7 +207,7 @@ def test_training_fits_a_temperature_that_lowers_the_ece_of_the_held_out_test_sp
     data, _ = data_config(cfg)
     samples, margin, _ = eval_samples(data, "val", p.class_names)
     val = collect_logits(p, samples, bbox_margin=margin, progress=False)
-    kept = float((p.unknown_scores(val.logits) >= p.unknown_threshold).mean())
+    kept = float((p.unknown_scores(val.logits, val.embeddings) >= p.unknown_threshold).mean())
     assert kept == pytest.approx(math.ceil(0.95 * len(samples)) / len(samples))
 
 
@@ -259,6 +263,10 @@ def test_calibrate_refits_an_exported_model_and_stores_it_in_its_card(run, tmp_p
     card = json.loads((d / "model_card.json").read_text())
     assert card["calibration"]["target_tpr"] == 0.5 and card["calibration"]["threshold"] == pytest.approx(c.threshold)
     assert json.loads((tmp_path / "out" / "calibration.json").read_text())["stored_in"] == str(d / "model_card.json")
+    # the training features' statistics beside it, every score's threshold, the default the best AUROC
+    assert card["calibration"]["features"]["file"] == "model.unknown.npz" and (d / "model.unknown.npz").is_file()
+    assert set(card["calibration"]["thresholds"]) >= {"max_logit", "mahalanobis", "rel_mahalanobis"}
+    assert c.score == max(c.auroc, key=c.auroc.get) and "generated images of no car" in c.selected_on
 
 
 def test_the_synthetic_unknown_classes_are_never_in_the_dataset_and_leave_it_unchanged(tmp_path):
@@ -421,9 +429,12 @@ def test_the_index_of_a_run_gives_predict_its_nearest_training_cars_and_eval_its
 def test_the_far_ood_script_writes_the_same_images_of_no_car_for_a_seed(tmp_path):
     import runpy
 
+    from twincar.evaluation.unknown import write_far_images
+
     script = runpy.run_path(str(Path(__file__).parents[2] / "scripts" / "far_ood_images.py"))
-    first = script["write_far_ood"](tmp_path / "a", count=7, size=48)
-    again = script["write_far_ood"](tmp_path / "b", count=7, size=48)
+    script["main"]([str(tmp_path / "a"), "--count", "7", "--size", "48"])
+    first = sorted((tmp_path / "a").glob("*.jpg"), key=lambda p: p.name.split("_")[1])
+    again = write_far_images(tmp_path / "b", count=7, size=48)
     assert [p.name.split("_")[0] for p in first] == ["noise", "gradient", "shapes"] * 2 + ["noise"]
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
     with Image.open(first[1]) as image:

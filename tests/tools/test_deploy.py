@@ -227,27 +227,51 @@ from twincar import Predictor
 for tta in ('none', 'flip'):
     p = Predictor.load(sys.argv[1], device='cpu', tta=tta)
     for r in p.predict(sys.argv[2:], batch_size=2):
-        print(tta, r.name, r.confidence, sep='|')
-print('torch' in sys.modules, p.is_onnx, sep='|')
+        print(tta, r.name, r.confidence, r.unknown_score, sep='|')
+print('torch' in sys.modules, p.is_onnx, p.score, sep='|')
 """
+
+
+def with_feature_statistics(model: Path, folder: Path) -> Path:
+    """A copy of an exported model calibrated with the mahalanobis unknown score: statistics of made-up training
+    features (512-d, as a ResNet-18's) beside it, named by its card."""
+    from twincar.inference.features import fit_feature_stats
+    from twincar.models.card import write_unknown_stats
+
+    folder.mkdir(parents=True)
+    for name in (model.name, "model_card.json", "classes.txt"):
+        shutil.copy(model.with_name(name), folder / name)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 512))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    entry = write_unknown_stats(folder / model.name, fit_feature_stats(x, np.arange(48) % 6, 6).arrays())
+    card = json.loads((folder / "model_card.json").read_text())
+    card["calibration"] = {"temperature": 1.0, "score": "mahalanobis", "threshold": -1e9, "features": entry}
+    write_model_card(folder, card)
+    return folder / model.name
 
 
 def test_predictor_load_onnx_is_the_torch_free_runtime(tiny_export, car_images, tmp_path):
     """``Predictor.load("model.onnx")`` predicts with torch unimportable, and gives the PyTorch engine's top-1 and
-    probabilities (within float noise) on the same images, without and with flip TTA."""
+    probabilities (within float noise) on the same images, without and with flip TTA, and its feature unknown score
+    (the export's features output, the statistics file copied beside it)."""
+    tiny_export = with_feature_statistics(tiny_export, tmp_path / "calibrated")
     onnx = export_model(tiny_export, "onnx", tmp_path / "onnx")
+    assert (tmp_path / "onnx" / "model.unknown.npz").is_file()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", ONNX_WITHOUT_TORCH, str(onnx), *map(str, car_images)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     *lines, last = proc.stdout.strip().splitlines()
-    assert last == "False|True"  # torch never imported; the ONNX engine ran
+    assert last == "False|True|mahalanobis"  # torch never imported; the ONNX engine ran, with the feature score
     for tta in ("none", "flip"):
         onnx_results = [line.split("|")[1:] for line in lines if line.startswith(f"{tta}|")]
         torch_results = Predictor.load(tiny_export, device="cpu", tta=tta).predict(car_images)
-        assert [name for name, _ in onnx_results] == [r.name for r in torch_results]
+        assert [name for name, _, _ in onnx_results] == [r.name for r in torch_results]
         assert max(abs(float(confidence) - r.confidence)
-                   for (_, confidence), r in zip(onnx_results, torch_results, strict=True)) <= 1e-4
+                   for (_, confidence, _), r in zip(onnx_results, torch_results, strict=True)) <= 1e-4
+        np.testing.assert_allclose([float(score) for _, _, score in onnx_results],
+                                   [r.unknown_score for r in torch_results], rtol=1e-5, atol=1e-4)
 
 
 # -- slow: a trained model, the embedded test images and large photos ------------------------------------
@@ -328,7 +352,8 @@ def card_only_client(model_path: str, image_path: str) -> str:
         im = im.crop((left, top, left + size, top + size))
     x = (np.asarray(im, np.float32) / 255 - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {session.get_inputs()[0].name: x.transpose(2, 0, 1)[None].astype(np.float32)})
+    (logits,) = session.run([card["output"]["name"]],
+                            {session.get_inputs()[0].name: x.transpose(2, 0, 1)[None].astype(np.float32)})
     return card["class_names"][int(np.argmax(logits[0]))]
 
 

@@ -62,8 +62,10 @@ def test_export_round_trips_in_all_three_formats(trained_run, data_dir, tmp_path
     eager = load_model(ckpt).model
     x = torch.randn(5, 3, 64, 64)  # a batch size the export never saw
     with torch.inference_mode():
-        (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        onnx_logits, onnx_features = session.run(["logits", "features"], {session.get_inputs()[0].name: x.numpy()})
         np.testing.assert_allclose(onnx_logits, eager(x).numpy(), atol=1e-4, rtol=0)
+        eager_features = eager.forward_head(eager.forward_features(x), pre_logits=True)
+        np.testing.assert_allclose(onnx_features, eager_features.numpy(), atol=1e-4, rtol=0)
     with pytest.raises(TwinCarError, match=r"model\.onnx is an ONNX model: Predictor\.load runs it"):
         load_model(tmp_path / "onnx" / "model.onnx")
     # the demo answers from the ONNX model too, and says why it shows no Grad-CAM for it

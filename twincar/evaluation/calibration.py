@@ -9,7 +9,9 @@
   rate) of known images passes, on the split it is fitted on.
 - :class:`Calibration`: the temperature and threshold a model carries (checkpoint hyper-parameters, model card or a
   sidecar file beside the weights: :func:`twincar.models.loading.write_calibration`), and :func:`calibrate`, which fits
-  both from a split's logits.
+  both from a split's logits: with the training features' statistics (:func:`fit_feature_stats`) and the split's
+  embeddings, every score's threshold, and with images of no known class, each score's AUROC and the default score,
+  the one of the best AUROC (:func:`choose_score`; :func:`twincar.evaluation.unknown.fit_unknown`).
 
 The logits are raw (temperature 1: :meth:`twincar.inference.predictor.Predictor.outputs`' first); with flip TTA, the
 average
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 
 from twincar.errors import TwinCarError
 from twincar.inference import results
-from twincar.inference.results import DEFAULT_SCORE
+from twincar.inference.features import FEATURE_SCORES, FeatureStats, fit_feature_stats
+from twincar.inference.results import DEFAULT_SCORE, SCORES
 
 DEFAULT_TPR = 0.95  # share of known images the threshold keeps, on the split it is fitted on
 
@@ -56,11 +59,31 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int
     return min(max(t, 0.01), 100.0) if math.isfinite(t) else 1.0
 
 
-def unknown_scores(logits: torch.Tensor, score: str = DEFAULT_SCORE, temperature: float = 1.0) -> torch.Tensor:
-    """(N,) scores of logits (N, K), higher = more like one of the known classes: the one definition,
-    :func:`twincar.inference.results.unknown_scores`, as a float32 tensor."""
+def unknown_scores(logits: torch.Tensor, score: str = DEFAULT_SCORE, temperature: float = 1.0, *,
+                   features: torch.Tensor | None = None, stats: FeatureStats | None = None) -> torch.Tensor:
+    """(N,) scores of logits (N, K) (and, for a feature score, the images' ``features`` with the training ``stats``),
+    higher = more like one of the known classes: the one definition,
+    :func:`twincar.inference.results.unknown_scores`, as a float64 tensor."""
     z = logits.detach().float().cpu().numpy()
-    return torch.from_numpy(results.unknown_scores(z, score, temperature).astype("float32"))
+    f = None if features is None else features.detach().float().cpu().numpy()
+    return torch.from_numpy(results.unknown_scores(z, score, temperature, features=f, stats=stats))
+
+
+def available_scores(stats: FeatureStats | None) -> list[str]:
+    """The scores a model can use: the logit scores, and with training-feature ``stats`` the feature scores
+    (``knn`` only when they keep the k-NN bank)."""
+    if stats is None:
+        return [s for s in SCORES if s not in FEATURE_SCORES]
+    return [s for s in SCORES if s != "knn" or stats.bank is not None]
+
+
+def choose_score(aurocs: dict[str, float]) -> str:
+    """The score of the highest AUROC (ties: the first in :data:`~twincar.inference.results.SCORES` order; NaN
+    never wins)."""
+    ranked = [s for s in SCORES if s in aurocs and math.isfinite(aurocs[s])]
+    if not ranked:
+        raise TwinCarError("no score has an AUROC to choose the default unknown score by")
+    return max(ranked, key=lambda s: (aurocs[s], -SCORES.index(s)))
 
 
 THRESHOLD_MARGIN = 1e-4  # relative: the threshold sits this far below the last kept score (float noise of a rerun)
@@ -106,6 +129,10 @@ class Calibration:
     nll_raw: float | None = None  # mean NLL before
     nll: float | None = None  # and after
     tta: str | None = None  # the test-time augmentation of the logits it was fitted on ("flip"; None: none)
+    thresholds: dict[str, float] | None = None  # every usable score's threshold (at target_tpr of the same images)
+    auroc: dict[str, float] | None = None  # every score's AUROC, known images against those of no known class
+    selected_on: str = ""  # the images of no known class the default score was chosen on ("": not chosen)
+    features: dict | None = None  # the training features' statistics file (write_calibration fills it in)
 
     def __post_init__(self):
         results.check_calibration(self.to_dict())  # the checks every consumer (the torch-free Predictor too) makes
@@ -122,19 +149,41 @@ class Calibration:
             raise TwinCarError(f"a calibration must be a mapping (temperature, score, threshold), got {d!r}")
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """The unknown scores of raw logits (N, K), with this temperature."""
-        return unknown_scores(logits, self.score, self.temperature)
+    def scores(self, logits: torch.Tensor, features: torch.Tensor | None = None,
+               stats: FeatureStats | None = None, score: str | None = None) -> torch.Tensor:
+        """The unknown scores (``score``, None: the default) of raw logits (N, K), with this temperature (and the
+        images' ``features`` with the training ``stats`` for a feature score)."""
+        return unknown_scores(logits, score or self.score, self.temperature, features=features, stats=stats)
+
+    def without_knn(self) -> Calibration:
+        """This calibration for statistics without the k-NN bank: no ``knn`` threshold (its AUROC stays)."""
+        thresholds = {k: v for k, v in (self.thresholds or {}).items() if k != "knn"}
+        return Calibration(**{**self.to_dict(), "thresholds": thresholds or None})
 
 
 def calibrate(logits: torch.Tensor, labels: torch.Tensor, *, score: str = DEFAULT_SCORE, tpr: float = DEFAULT_TPR,
-              fitted_on: str = "val", tta: str | None = None) -> Calibration:
+              fitted_on: str = "val", tta: str | None = None, features: torch.Tensor | None = None,
+              stats: FeatureStats | None = None) -> Calibration:
     """Fit the temperature (by NLL) and the unknown threshold (at ``tpr`` of these known images) on raw logits
-    (computed with the flip ``tta`` named)."""
+    (computed with the flip ``tta`` named); with these images' ``features`` and the training features' ``stats``,
+    every usable score's threshold (:func:`available_scores`), ``score`` the default.
+    (:func:`twincar.evaluation.unknown.fit_unknown` also chooses the default score.)"""
     t = fit_temperature(logits, labels)
-    scores = unknown_scores(logits, score, t)
+    names = available_scores(stats if features is not None else None)
+    if score not in names:
+        raise TwinCarError(f"score={score} cannot be fitted here: use one of {', '.join(names)}"
+                           + ("" if stats is not None else " (the feature scores need the training features)"))
+    thresholds = {s: fit_threshold(unknown_scores(logits, s, t, features=features, stats=stats), tpr) for s in names}
     ece_raw, nll_raw = ece_nll(logits, labels)
     ece, nll = ece_nll(logits, labels, t)
-    return Calibration(temperature=t, score=score, threshold=fit_threshold(scores, tpr), target_tpr=tpr,
+    return Calibration(temperature=t, score=score, threshold=thresholds[score], target_tpr=tpr,
                        fitted_on=fitted_on, images=len(labels), ece_raw=ece_raw, ece=ece, nll_raw=nll_raw, nll=nll,
-                       tta=tta)
+                       tta=tta, thresholds=thresholds)
+
+
+def fit_training_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                       k: int | None = None) -> FeatureStats:
+    """:func:`~twincar.inference.features.fit_feature_stats` of training embeddings (tensors), the k-NN bank kept
+    (:meth:`~twincar.inference.features.FeatureStats.without_bank` drops it where ``knn`` is not chosen)."""
+    return fit_feature_stats(features.detach().float().cpu().numpy(), labels.detach().cpu().numpy(), num_classes,
+                             k=k)

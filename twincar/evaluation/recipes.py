@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
-from twincar.data.formats import Sample
 from twincar.data.images import find_images
-from twincar.evaluation.calibration import Calibration, calibrate
+from twincar.evaluation.calibration import Calibration
 from twincar.evaluation.figures import reliability_diagram
 from twincar.evaluation.loop import EvalError, collect_logits, collect_logits_on, data_config, eval_samples
 from twincar.evaluation.report import open_set_report, summary, write_reports
@@ -24,7 +23,6 @@ from twincar.files import check_writable_dir, write_json
 from twincar.inference.engines import default_workers
 from twincar.inference.predictor import Predictor
 from twincar.inference.results import SCORES
-from twincar.models.loading import write_calibration
 from twincar.models.metrics import reliability_bins
 from twincar.runs import resolve_launch_paths
 
@@ -52,6 +50,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
         index = NeighbourIndex.load(cfg.index, predictor.class_names, predictor.fingerprint)
     data, split = data_config(cfg)
+    # the embeddings: for the neighbour index, and for the feature unknown scores where the model has their statistics
+    features = index is not None or (predictor.feature_stats is not None and ood_option(cfg, data) is not None
+                                     and (not predictor.is_onnx or predictor.engine.has_features))
     out_dir = Path(cfg.paths.output_dir) / "reports"
     if "skipped_file" in data:  # on_corrupt=skip names what it leaves out here, not in the training run
         data["skipped_file"] = str(out_dir / "skipped.txt")
@@ -64,13 +65,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                  cfg.tta)
         out = collect_logits(predictor, samples, bbox_margin=margin, batch_size=batch_size,
                              num_workers=min(workers, default_workers(predictor.device)), progress=progress,
-                             embeddings=index is not None)
+                             embeddings=features)
     else:
         log.info("evaluating %s on %d %s images (%d processes: %d node(s) x %d %s, tta=%s)", cfg.ckpt, len(samples),
                  split, processes.world_size, processes.num_nodes, processes.devices, processes.accelerator, cfg.tta)
         out = collect_logits_on(predictor, samples, processes, bbox_margin=margin, batch_size=batch_size,
                                 num_workers=workers if processes.accelerator == "gpu" else 0, progress=progress,
-                                embeddings=index is not None)
+                                embeddings=features)
         if out is None:  # not rank 0: rank 0 writes the reports
             return {}
     extra = {"checkpoint": str(cfg.ckpt), "split": split, "tta": str(cfg.tta), "images": len(out.samples),
@@ -84,8 +85,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         write_json(out_dir / "metrics.json", {**metrics, **extra})
     ood = ood_option(cfg, data)
     if ood:
-        unknown = unknown_images(predictor, ood_images(cfg, data), batch_size=batch_size, bbox_margin=margin)
-        metrics.update(open_set_report(predictor, out, unknown, out_dir))
+        from twincar.evaluation.unknown import image_outputs
+
+        unknown, unknown_features = image_outputs(predictor, ood_images(cfg, data), batch_size=batch_size,
+                                                  bbox_margin=margin, embeddings=features)
+        metrics.update(open_set_report(predictor, out, unknown, out_dir, unknown_features=unknown_features))
         write_json(out_dir / "metrics.json", {**metrics, **extra, "ood": ood})
     log.info("\n%s", summary(metrics, split, out_dir))
     return metrics
@@ -110,23 +114,6 @@ def eval_processes(cfg: DictConfig):
 
 
 # -- eval's open set: images of no known class ----------------------------------------------------------------
-def unknown_images(predictor: Predictor, images: list, *, batch_size: int = 64,
-                   bbox_margin: float | None = None) -> torch.Tensor:
-    """Raw logits (N, K) of images of no known class (paths, or samples read as the test images are: cropped to
-    their car box with ``bbox_margin``), unreadable ones left out."""
-    if images and isinstance(images[0], Sample):
-        return collect_logits(predictor, images, bbox_margin=bbox_margin, batch_size=batch_size, progress=False).logits
-    raw = []
-    for _, batch, errors in predictor.prepared_batches(images, batch_size=batch_size):
-        for message in errors.values():
-            log.warning("skipping unreadable out-of-distribution image: %s", message)
-        if batch is not None:
-            raw.append(torch.from_numpy(predictor.outputs(batch)[0]))
-    if not raw:
-        raise EvalError(f"none of the {len(images)} out-of-distribution image(s) could be read")
-    return torch.cat(raw)
-
-
 def ood_option(cfg: DictConfig, data: dict) -> str | None:
     """What ``ood=`` asks for; ``auto`` (the default) is ``holdout`` when the data holds classes out
     (``data.open_set.holdout``), else nothing; ``none`` (or null) is nothing."""
@@ -168,12 +155,18 @@ def ood_images(cfg: DictConfig, data: dict) -> list:
 
 # -- calibrate ---------------------------------------------------------------------------------------------
 def calibrate_model(cfg: DictConfig) -> Calibration:
-    """Fit ``cfg.ckpt``'s calibration (:func:`~twincar.evaluation.calibration.calibrate`) on ``cfg.data.split`` and
-    store it with the model file (unless ``dry_run``); writes ``calibration.json`` and ``reliability.png`` (before
-    and after) into ``cfg.paths.output_dir``."""
+    """Fit ``cfg.ckpt``'s calibration on ``cfg.data.split`` (:func:`~twincar.evaluation.unknown.fit_model_unknown`:
+    the temperature, the training features' statistics, every score's threshold, the default score chosen on the
+    images ``cfg.ood`` names) and store it with the model file (unless ``dry_run``); writes ``calibration.json`` and
+    ``reliability.png`` (before and after) into ``cfg.paths.output_dir``."""
+    import tempfile
+
+    from twincar.evaluation.unknown import fit_model_unknown, store_calibration, write_far_images
+
     resolve_launch_paths(cfg)
-    if str(cfg.score) not in SCORES:
-        raise EvalError(f"score={cfg.score} is not an unknown score: use one of {', '.join(SCORES)}")
+    score = str(cfg.get("score") or "auto")
+    if score != "auto" and score not in SCORES:
+        raise EvalError(f"score={score} is not an unknown score: use auto or one of {', '.join(SCORES)}")
     if not 0 < float(cfg.tpr) <= 1:
         raise EvalError(f"tpr={cfg.tpr} must be a share of images in (0, 1], e.g. tpr=0.95")
     if str(cfg.tta) not in TTA_MODES:
@@ -187,19 +180,35 @@ def calibrate_model(cfg: DictConfig) -> Calibration:
     if "skipped_file" in data:
         data["skipped_file"] = str(out_dir / "skipped.txt")
     samples, margin, _ = eval_samples(data, split, predictor.class_names)
+    train, _, _ = eval_samples(data, "train", predictor.class_names)  # the feature scores: their statistics
     batch_size = int(data.get("eval_batch_size") or data.get("batch_size") or 64)
-    out = collect_logits(predictor, samples, bbox_margin=margin, batch_size=batch_size,
-                         num_workers=min(int(data.get("num_workers") or 0), default_workers(predictor.device)),
-                         progress=bool(cfg.get("progress", True)))
-    check_calibration_split(out.labels, split, cfg.ckpt)
-    calibration = calibrate(out.logits, out.labels, score=str(cfg.score), tpr=float(cfg.tpr),
-                            fitted_on=f"{split} ({len(out.labels)} images of {data.get('root')})", tta=predictor.tta)
+    check_calibration_split(torch.tensor([sample.label for sample in samples]), split, cfg.ckpt)
+    ood = str(cfg.get("ood") or "none")
+    with tempfile.TemporaryDirectory(prefix="twincar-far-") as far_dir:
+        if ood == "auto":
+            unknown = calibration_unknown_images(cfg, data)
+            far = write_far_images(far_dir)
+            selected_on = f"{len(unknown)} images of unknown classes and {len(far)} generated images of no car"
+            unknown = [*unknown, *far]
+        elif ood == "none":
+            unknown, selected_on = [], ""
+        else:
+            unknown, selected_on = ood_images(cfg, data), f"the images of {ood}"
+        calibration, stats, out = fit_model_unknown(
+            predictor, samples, train_samples=train, unknown=unknown, bbox_margin=margin, batch_size=batch_size,
+            num_workers=min(int(data.get("num_workers") or 0), default_workers(predictor.device)),
+            progress=bool(cfg.get("progress", True)), score=None if score == "auto" else score,
+            keep_knn=bool(cfg.get("keep_knn")), k=cfg.get("knn_k"), tpr=float(cfg.tpr),
+            fitted_on=f"{split} ({len(samples)} images of {data.get('root')})", selected_on=selected_on)
+    check_calibration_split(out.labels, split, cfg.ckpt)  # the images that could be read
     if not calibration.nll < calibration.nll_raw:
         raise EvalError(f"the temperature fitted on the {split} split does not lower its NLL ({calibration.nll_raw:.4f}"
                         f" -> {calibration.nll:.4f}): nothing stored, {cfg.ckpt} keeps its calibration; calibrate on "
                         "a larger split of labelled images")
     backup = None if cfg.get("dry_run") or not previous else backup_calibration(cfg.ckpt, previous)
-    stored = None if cfg.get("dry_run") else write_calibration(cfg.ckpt, calibration.to_dict(), predictor.fingerprint)
+    stored = None
+    if not cfg.get("dry_run"):
+        calibration, stored = store_calibration(cfg.ckpt, calibration, stats, predictor.fingerprint)
     write_json(out_dir / "calibration.json", {**calibration.to_dict(), "checkpoint": str(cfg.ckpt),
                                               "stored_in": str(stored) if stored else None, "tta": str(cfg.tta),
                                               "previous": previous, "previous_backup": str(backup) if backup else None})
@@ -208,10 +217,10 @@ def calibrate_model(cfg: DictConfig) -> Calibration:
                  previous.get("temperature"), previous.get("threshold"), backup or "no file: dry run")
     reliability_diagram(reliability_bins(out.logits / calibration.temperature, out.labels),
                         out_dir / "reliability.png", raw_bins=reliability_bins(out.logits, out.labels))
-    log.info("temperature %.3f on %d %s images: ECE %.3f -> %.3f, NLL %.3f -> %.3f; unknown threshold %.4g (%s, "
-             "%.0f%% of these images kept)%s", calibration.temperature, calibration.images, split,
-             calibration.ece_raw, calibration.ece, calibration.nll_raw, calibration.nll, calibration.threshold,
-             calibration.score, 100 * calibration.target_tpr,
+    log.info("temperature %.3f on %d %s images: ECE %.3f -> %.3f, NLL %.3f -> %.3f; unknown score %s, threshold "
+             "%.4g (%.0f%% of these images kept)%s", calibration.temperature, calibration.images, split,
+             calibration.ece_raw, calibration.ece, calibration.nll_raw, calibration.nll, calibration.score,
+             calibration.threshold, 100 * calibration.target_tpr,
              f"; stored in {stored}" if stored else " (dry run: nothing stored)")
     return calibration
 
@@ -234,6 +243,20 @@ def backup_calibration(model: str | Path, previous: dict) -> Path:
     model = Path(model).expanduser()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return write_json(model.with_name(f"{model.stem}.calibration-{stamp}.json"), previous)
+
+
+def calibration_unknown_images(cfg: DictConfig, data: dict) -> list:
+    """The images of unknown classes calibrate chooses the default score on with ``ood=auto``: the held-out
+    classes' test images (``data.open_set.holdout``), or the embedded set's unknown classes; none for other data."""
+    if (data.get("open_set") or {}).get("holdout") is not None:
+        with open_dict(cfg):
+            cfg.ood = "holdout"
+        return ood_images(cfg, data)
+    if (data.get("synthetic") or {}).get("unknown_classes"):
+        with open_dict(cfg):
+            cfg.ood = "synthetic"
+        return ood_images(cfg, data)
+    return []
 
 
 # -- index ---------------------------------------------------------------------------------------------------

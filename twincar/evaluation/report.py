@@ -81,7 +81,7 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
     reliability_diagram(reliability_bins(out.calibrated, out.labels), out_dir / "reliability.png",
                         raw_bins=reliability_bins(out.logits, out.labels) if predictor.temperature != 1.0 else None)
 
-    scores = predictor.unknown_scores(out.logits) if predictor.unknown_threshold is not None else None
+    scores = predictor.unknown_scores(out.logits, out.embeddings) if predictor.unknown_threshold is not None else None
     results = predictor.results(out.calibrated, [sample_label(s) for s in out.samples], topk=5, scores=scores)
     loss = interp.losses
     _write_csv([{
@@ -94,18 +94,36 @@ def write_reports(out: EvalOutputs, predictor: Predictor, out_dir: Path, *, spli
 
 
 def open_set_report(predictor: Predictor, known: EvalOutputs, unknown_raw: torch.Tensor, out_dir: Path,
-                    tpr: float = 0.95) -> dict[str, float]:
+                    tpr: float = 0.95, unknown_features: torch.Tensor | None = None) -> dict[str, float]:
     """The ``ood/*`` metrics (:func:`~twincar.evaluation.open_set.open_set_metrics`) of the known images (their
-    outputs) against the unknown images' raw logits, at the model's own threshold; draws ``ood_scores.png``."""
-    known_scores, unknown = (torch.from_numpy(predictor.unknown_scores(x)) for x in (known.logits, unknown_raw))
+    outputs) against the unknown images' raw logits (and embeddings, for the feature scores), of the model's
+    unknown score at its own threshold; draws ``ood_scores.png``. Every other score the model can compute is
+    reported beside it, side by side (``ood/auroc_<score>``, ``ood/fpr95_<score>``, and at its stored threshold
+    ``ood/known_accepted_<score>``, ``ood/unknown_rejected_<score>``), each with its ``ood_scores_<score>.png``."""
+    from twincar.evaluation.calibration import available_scores
+
+    feats = known.embeddings is not None and unknown_features is not None
     threshold = predictor.unknown_threshold
     if threshold is None:
         log.warning("the model carries no unknown threshold (python -m twincar.calibrate): ood/known_accepted, "
                     "ood/unknown_rejected and ood/acc_accepted are not reported")
-    metrics = open_set_metrics(known_scores, unknown, threshold=threshold, tpr=tpr,
-                               known_correct=known.logits.argmax(1) == known.labels)
-    score_histogram(known_scores, unknown, out_dir / "ood_scores.png", threshold=threshold, score=predictor.score,
-                    auroc=metrics["ood/auroc"])
+    thresholds = dict((predictor.calibration or {}).get("thresholds") or {})
+    metrics: dict[str, float] = {}
+    for score in available_scores(predictor.feature_stats if feats else None):
+        known_scores, unknown = (torch.from_numpy(predictor.unknown_scores(x, f, score)) for x, f in (
+            (known.logits, known.embeddings), (unknown_raw, unknown_features)))
+        default = score == predictor.score
+        own = threshold if default else thresholds.get(score)
+        m = open_set_metrics(known_scores, unknown, threshold=own, tpr=tpr,
+                             known_correct=known.logits.argmax(1) == known.labels)
+        if default:
+            metrics.update(m)
+        metrics.update({f"{k}_{score}": v for k, v in m.items() if k not in ("ood/images", "ood/acc_accepted")})
+        score_histogram(known_scores, unknown, out_dir / f"ood_scores_{score}.png", threshold=own, score=score,
+                        auroc=m["ood/auroc"])
+        if default:
+            score_histogram(known_scores, unknown, out_dir / "ood_scores.png", threshold=own, score=score,
+                            auroc=m["ood/auroc"])
     return metrics
 
 
@@ -128,6 +146,8 @@ def summary(metrics: dict[str, float], split: str, out_dir: Path) -> str:
         *([f"  embedding: k-NN top-1 {f(m['knn_acc'])}, Recall@1 {f(m['recall_at_1'])}"] if "knn_acc" in m else []),
         *([f"  open set ({metrics['ood/images']:.0f} unknown images): AUROC {f(metrics['ood/auroc'])}, FPR95 "
            f"{f(metrics['ood/fpr95'])}"] if "ood/auroc" in metrics else []),
+        *(["  AUROC per score: " + ", ".join(f"{k.removeprefix('ood/auroc_')} {f(v)}" for k, v in metrics.items()
+                                               if k.startswith("ood/auroc_"))] if "ood/auroc" in metrics else []),
         *([f"  at the unknown threshold: known accepted {f(metrics['ood/known_accepted'])}, unknown rejected "
            f"{f(metrics['ood/unknown_rejected'])}, top-1 of the known cars still named "
            f"{f(metrics['ood/acc_accepted'])}"] if "ood/acc_accepted" in metrics else []),

@@ -274,8 +274,9 @@ class Explainer:
         if not ok:
             return [errors[i] for i in range(len(items))]
         batch = np.stack([prepared[i] for i in ok])  # uint8 (N, S, S, 3), as Predictor.predict batches them
-        raw, logits = p.outputs(batch)  # the predictor's own forward: predictions equal Predictor.predict
-        scores = p.unknown_scores(raw) if p.unknown_threshold is not None else None  # "not one of" as predict says
+        # the predictor's own forward (with the embeddings where its unknown score needs them): = Predictor.predict
+        raw, logits, *feats = p.outputs_with_embeddings(batch) if p.needs_features else p.outputs(batch)
+        scores = p.unknown_scores(raw, *feats) if p.unknown_threshold is not None else None  # "not one of" as predict
         preds = p.results(logits, [source_name(items[i]) for i in ok], scores=scores)
         idx = [self.resolve_target(targets[i], pr.label, labels[i]) for i, pr in zip(ok, preds, strict=True)]
         x = p.engine.input(batch).requires_grad_(True)  # the network's input; input grads work with frozen weights

@@ -26,6 +26,7 @@ from twincar.inference.preprocess import normalise, scale_shift
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16")
+FEATURES_OUTPUT = "features"  # the ONNX export's second output: the pre-logit features (N, D) of the same pass
 
 
 class ModelError(TwinCarError, ValueError):
@@ -202,6 +203,8 @@ class OnnxEngine:
         except Exception as e:  # onnxruntime raises its own exception types for a damaged file
             raise ModelError(f"cannot read ONNX model {path}: {str(e).strip().splitlines()[0]}") from e
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.has_features = FEATURES_OUTPUT in self.output_names  # an export of this version: features beside logits
         self.input_name = inp.name
         side = inp.shape[-1] if len(inp.shape) == 4 else None
         self.image_size: int | None = side if isinstance(side, int) else None  # None: any size
@@ -209,12 +212,15 @@ class OnnxEngine:
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
         self.preprocess = pre
 
-    def run(self, batch, flip: bool = False, *, embeddings: bool = False) -> tuple[np.ndarray, None]:
-        """``(logits, None)``: (N, K) float32 logits (2N with ``flip``) of one run; no embeddings."""
-        if embeddings:
-            raise TwinCarError("an ONNX model computes no embeddings: use the PyTorch weights (model.pth)")
+    def run(self, batch, flip: bool = False, *, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(logits, features)``: (N, K) float32 logits (2N with ``flip``) of one run, and with ``embeddings`` the
+        pre-logit features of the same run (the export's ``features`` output), else None."""
+        if embeddings and not self.has_features:
+            raise TwinCarError("this ONNX model has no features output (exported by an older TwinCar): export it "
+                               "again (python -m twincar.export format=onnx), or use the PyTorch weights")
         x = normalise(np.asarray(batch), self.preprocess)
         if flip:
             x = np.concatenate([x, np.ascontiguousarray(x[..., ::-1])])
-        (out,) = self.session.run(None, {self.input_name: x})
-        return out.astype(np.float32, copy=False), None
+        names = [self.output_names[0], FEATURES_OUTPUT] if embeddings else [self.output_names[0]]
+        out = self.session.run(names, {self.input_name: x})
+        return out[0].astype(np.float32, copy=False), (out[1].astype(np.float32, copy=False) if embeddings else None)

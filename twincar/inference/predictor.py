@@ -35,6 +35,7 @@ from twincar.errors import TwinCarError
 from twincar.inference import batches
 from twincar.inference.batches import Batch, BatchOutputs, source_name
 from twincar.inference.engines import ModelError, OnnxEngine, TorchEngine
+from twincar.inference.features import FEATURE_SCORES, FeatureStats
 from twincar.inference.preprocess import ImageInput, input_preprocess, prepare
 from twincar.inference.results import (
     DEFAULT_SCORE,
@@ -68,11 +69,16 @@ class Predictor:
             its temperature divides the logits; None: raw softmax, no unknown answer.
         unknown: ``"auto"`` (the calibration's threshold, when it has one), ``"off"`` (every image is one of the
             classes) or a number: the threshold on the calibration's score (max-logit by default).
+        unknown_score: the unknown score to use instead of the calibration's default (one of
+            :data:`~twincar.inference.results.SCORES` it has a threshold for; None: its default).
+        feature_stats: the training features' statistics the feature scores need
+            (:class:`~twincar.inference.features.FeatureStats`; :meth:`load` reads the file the calibration names).
     """
 
     def __init__(self, model, class_names: Sequence[str], preprocess=None, *, device="auto",
                  channels_last: bool = True, precision: str = "fp32", tta: str | None = None,
-                 calibration=None, unknown: str | float = "auto"):
+                 calibration=None, unknown: str | float = "auto", unknown_score: str | None = None,
+                 feature_stats: FeatureStats | None = None):
         self.tta = check_tta(tta)
         self.class_names = list(class_names)
         self.parsed = [parse_car_name(n) for n in self.class_names]  # make, model, year of each class
@@ -81,8 +87,9 @@ class Predictor:
             raise TwinCarError("an ONNX model runs in fp32 only: use --precision fp32 or auto with a .onnx model")
         self.engine = model if isinstance(model, (OnnxEngine, TorchEngine)) else TorchEngine(
             model, self.preprocess, device=device, channels_last=channels_last, precision=precision)
+        self.feature_stats = feature_stats
         self._fingerprint: str | None = None  # set by load; else computed from the torch network when asked
-        self._set_calibration(calibration, unknown)
+        self._set_calibration(calibration, unknown, unknown_score)
 
     @property
     def fingerprint(self) -> str | None:
@@ -94,17 +101,36 @@ class Predictor:
             self._fingerprint = state_fingerprint(self.engine.model.state_dict())
         return self._fingerprint
 
-    def _set_calibration(self, calibration, unknown: str | float | None) -> None:
-        """The temperature and the unknown threshold (``unknown`` as ``--unknown`` takes it) of ``calibration``."""
+    def _set_calibration(self, calibration, unknown: str | float | None, unknown_score: str | None = None) -> None:
+        """The temperature, the unknown score (``unknown_score``, None: the calibration's default) and its threshold
+        (``unknown`` as ``--unknown`` takes it) of ``calibration``."""
         self.calibration = check_calibration(calibration.to_dict() if hasattr(calibration, "to_dict")
                                              else calibration)
         self.temperature = float(self.calibration["temperature"]) if self.calibration else 1.0
-        self.unknown_threshold = unknown_threshold(unknown, self.calibration, self.tta)
+        self.score = unknown_score or (self.calibration or {}).get("score") or DEFAULT_SCORE
+        check_unknown_score(self.score)
+        self.unknown_threshold = unknown_threshold(unknown, self.calibration, self.tta, self.score)
+        if self.unknown_threshold is not None and self.score in FEATURE_SCORES:
+            if self.feature_stats is None:
+                raise TwinCarError(f"the {self.score} unknown score needs the training features' statistics, which "
+                                   "this model does not carry: python -m twincar.calibrate ckpt=MODEL fits them")
+            if self.score == "knn" and self.feature_stats.bank is None:
+                raise TwinCarError("the knn unknown score needs the training embeddings, which this model's "
+                                   "statistics do not keep: python -m twincar.calibrate ckpt=MODEL keep_knn=true")
+            if self.feature_stats.classes != len(self.class_names):
+                raise TwinCarError(f"the unknown-score statistics are of {self.feature_stats.classes} classes but "
+                                   f"the model has {len(self.class_names)}: they were fitted for another model")
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether the unknown answer needs the images' embeddings (a feature score with a threshold in use)."""
+        return self.unknown_threshold is not None and self.score in FEATURE_SCORES
 
     # -- what runs it ----------------------------------------------------------------------------------------
     @property
     def is_onnx(self) -> bool:
-        """True on the onnxruntime engine (no embeddings, no Grad-CAM: those need the PyTorch weights)."""
+        """True on the onnxruntime engine (no Grad-CAM: it needs the PyTorch weights; embeddings when the export has
+        its ``features`` output)."""
         return self.engine.kind == "onnx"
 
     @property
@@ -124,11 +150,6 @@ class Predictor:
         """The torch engine's autocast dtype (None: fp32)."""
         return getattr(self.engine, "autocast_dtype", None)
 
-    @property
-    def score(self) -> str:
-        """The unknown score in use (:data:`twincar.inference.results.SCORES`)."""
-        return (self.calibration or {}).get("score") or DEFAULT_SCORE
-
     @classmethod
     def load(cls, path: str | Path, classes: str | Path | list[str] | None = None, *, device="auto",
              preprocess=None, architecture: str | None = None, image_size: int | None = None,
@@ -146,6 +167,8 @@ class Predictor:
             engine, names, pre, calibration, fingerprint = _load_onnx(Path(path).expanduser(), classes, device,
                                                                       preprocess, image_size, resize_mode, threads)
             kwargs.setdefault("calibration", calibration)
+            if kwargs.get("unknown", "auto") != "off":  # --unknown off needs no statistics file
+                kwargs.setdefault("feature_stats", load_feature_stats(path, kwargs["calibration"], len(names)))
             predictor = cls(engine, names, pre, **kwargs)
             predictor._fingerprint = fingerprint
             return predictor
@@ -158,15 +181,22 @@ class Predictor:
             raise TwinCarError(f"--img-size {spec.image_size} is smaller than {arch} takes: its features "
                                f"are {smallest}x smaller than the input, so give at least {smallest} pixels")
         kwargs.setdefault("calibration", calibration)
+        if kwargs.get("unknown", "auto") != "off":  # --unknown off needs no statistics file
+            kwargs.setdefault("feature_stats", load_feature_stats(resolved_source(path), kwargs["calibration"],
+                                                                  len(names)))
         predictor = cls(model, names, spec, device=device, **kwargs)
         predictor._fingerprint = fingerprint
         return predictor
 
-    def with_calibration(self, calibration, unknown: str | float = "auto") -> Predictor:
-        """This predictor (same engine, no copy) with another calibration: ``calibration`` None is raw softmax."""
+    def with_calibration(self, calibration, unknown: str | float = "auto", *, unknown_score: str | None = None,
+                         feature_stats: FeatureStats | None = None) -> Predictor:
+        """This predictor (same engine, no copy) with another calibration (and its ``feature_stats``, None: these):
+        ``calibration`` None is raw softmax."""
         other = object.__new__(Predictor)
         other.__dict__.update(self.__dict__)
-        other._set_calibration(calibration, unknown)
+        if feature_stats is not None:
+            other.feature_stats = feature_stats
+        other._set_calibration(calibration, unknown, unknown_score)
         return other
 
     def to(self, device) -> Predictor:
@@ -204,7 +234,7 @@ class Predictor:
     def embeddings(self, batch) -> np.ndarray:
         """L2-normalised pre-logit features (N, D) float32 of a ``uint8`` batch of prepared images (timm's
         ``forward_head(forward_features(x), pre_logits=True)``); with flip TTA the normalised mean of the image's
-        and its mirror image's. The torch engine only."""
+        and its mirror image's. The torch engine, or an ONNX export with its ``features`` output."""
         return self.outputs_with_embeddings(batch)[2]
 
     def _normalised(self, feats: np.ndarray) -> np.ndarray:
@@ -227,9 +257,11 @@ class Predictor:
             out.append(self.embeddings(batch))
         return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 
-    def unknown_scores(self, raw_logits) -> np.ndarray:
-        """(N,) unknown scores of raw logits (:meth:`outputs`' first), higher = more like a known class."""
-        return unknown_scores(np.asarray(raw_logits), self.score, self.temperature)
+    def unknown_scores(self, raw_logits, features=None, score: str | None = None) -> np.ndarray:
+        """(N,) unknown scores (``score``, None: the one in use) of raw logits (:meth:`outputs`' first) and, for a
+        feature score, the images' embeddings, higher = more like a known class."""
+        return unknown_scores(np.asarray(raw_logits), score or self.score, self.temperature,
+                              features=None if features is None else np.asarray(features), stats=self.feature_stats)
 
     def results(self, logits, sources: Sequence[str], topk: int = 5, scores=None) -> list[Prediction]:
         """Turn (calibrated) logits into :class:`Prediction` objects (top-k names and probabilities, make/model/year);
@@ -264,7 +296,7 @@ class Predictor:
         indices, images, errors = batch
         if not indices:
             return BatchOutputs(indices, None, None, errors)
-        if embeddings:
+        if embeddings or self.needs_features:
             raw, calibrated, features = self.outputs_with_embeddings(images)
             return BatchOutputs(indices, raw, calibrated, errors, features)
         raw, calibrated = self.outputs(images)
@@ -278,7 +310,7 @@ class Predictor:
         the batch outputs must carry embeddings)."""
         done = {}
         if out.indices:
-            scores = self.unknown_scores(out.raw) if self.unknown_threshold is not None else None
+            scores = self.unknown_scores(out.raw, out.embeddings) if self.unknown_threshold is not None else None
             sources = [source_name(images[i]) for i in out.indices]
             done = dict(zip(out.indices, self.results(out.calibrated, sources, topk, scores), strict=True))
             if neighbours is not None:
@@ -317,6 +349,33 @@ class Predictor:
 def _single(images) -> bool:
     """True for one input (a path, a PIL image, an array or a tensor), False for a collection of them."""
     return isinstance(images, (str, Path, Image.Image, np.ndarray)) or type(images).__module__.startswith("torch")
+
+
+def check_unknown_score(score: str) -> None:
+    """A name that is not an unknown score is one sentence."""
+    from twincar.inference.results import SCORES
+
+    if score not in SCORES:
+        raise TwinCarError(f"--unknown-score {score} is not an unknown score: use one of {', '.join(SCORES)}")
+
+
+def resolved_source(path) -> Path:
+    """The weights file of a model argument (``local-dir:``/``hf-hub:`` resolved; a path as it is)."""
+    if str(path).startswith(("local-dir:", "hf-hub:")):
+        from twincar.models.loading import resolve_model_source
+
+        return resolve_model_source(path)
+    return Path(path).expanduser()
+
+
+def load_feature_stats(path, calibration, num_classes: int) -> FeatureStats | None:
+    """The training features' statistics that ``calibration`` (of the model file at ``path``) names, checked
+    against it (:func:`twincar.models.card.read_unknown_stats`); None when it names none."""
+    from twincar.models.card import read_unknown_stats
+
+    calibration = calibration.to_dict() if hasattr(calibration, "to_dict") else calibration
+    arrays = read_unknown_stats(path, calibration, num_classes)
+    return None if arrays is None else FeatureStats.from_arrays(arrays, str(path))
 
 
 def _load_torch(path, classes, preprocess, architecture: str | None) -> tuple:

@@ -6,10 +6,12 @@ temperature (:func:`flip_average`). Averaging logits (not probabilities) keeps c
 divides the averaged logits as it divides one view's, so it never changes the top-1, and the unknown score keeps its
 scale.
 
-The unknown score (:func:`unknown_scores`), higher = more like one of the known classes: ``max_logit`` (default;
-Vaze et al., ICLR 2022), ``max_softmax`` (of the calibrated probabilities) or ``energy`` (``T * logsumexp(logits /
-T)``, the negative free energy of Liu et al., 2020). :mod:`twincar.evaluation.calibration` fits its threshold on
-these scores.
+The unknown score (:func:`unknown_scores`), higher = more like one of the known classes: of the logits,
+``max_logit`` (Vaze et al., ICLR 2022), ``max_softmax`` (of the calibrated probabilities) or ``energy`` (``T *
+logsumexp(logits / T)``, the negative free energy of Liu et al., 2020); of the embeddings, with the training features'
+statistics (:mod:`twincar.inference.features`), ``knn``, ``mahalanobis`` or ``rel_mahalanobis``. Logit scores are
+known to fail far from the training images (a picture of no car can get a confident logit); feature scores hold
+better there. :mod:`twincar.evaluation.calibration` fits each score's threshold and chooses the model's default.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import numpy as np
 
 from twincar.data.classes import CarName, parse_car_name
 from twincar.errors import TwinCarError
+from twincar.inference.features import FEATURE_SCORES, FeatureStats
 
 log = logging.getLogger(__name__)
 
-SCORES = ("max_logit", "max_softmax", "energy")  # the unknown scores, higher = more like a known class
-DEFAULT_SCORE = "max_logit"
+LOGIT_SCORES = ("max_logit", "max_softmax", "energy")  # of the logits alone
+SCORES = (*LOGIT_SCORES, *FEATURE_SCORES)  # the unknown scores, higher = more like a known class
+DEFAULT_SCORE = "max_logit"  # of a model calibrated without feature statistics
 TTA_MODES = (None, "none", "flip")  # "none" and None are the same: one pass
 
 
@@ -113,11 +117,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def unknown_scores(logits: np.ndarray, score: str = DEFAULT_SCORE, temperature: float = 1.0) -> np.ndarray:
+def unknown_scores(logits: np.ndarray, score: str = DEFAULT_SCORE, temperature: float = 1.0, *,
+                   features: np.ndarray | None = None, stats: FeatureStats | None = None) -> np.ndarray:
     """(N,) unknown scores (float64) of raw logits (N, K), higher = more like one of the known classes (see the
-    module docstring)."""
+    module docstring); a feature score needs the images' L2-normalised ``features`` (N, D) and the training
+    features' ``stats``."""
     if score not in SCORES:
         raise TwinCarError(f"unknown score {score!r}: use one of {', '.join(SCORES)}")
+    if score in FEATURE_SCORES:
+        if stats is None:
+            raise TwinCarError(f"the {score} score needs the training features' statistics, which this model does "
+                               "not carry: python -m twincar.calibrate ckpt=MODEL fits them")
+        if features is None:
+            raise TwinCarError(f"the {score} score needs the images' embeddings")
+        return stats.scores(features, score)
     z = np.asarray(logits, np.float64)
     if score == "max_logit":
         return z.max(axis=1)
@@ -127,15 +140,26 @@ def unknown_scores(logits: np.ndarray, score: str = DEFAULT_SCORE, temperature: 
     return temperature * (m[:, 0] + np.log(np.exp(z / temperature - m).sum(axis=1)))
 
 
-def unknown_threshold(unknown: str | float | None, calibration: dict | None, tta: str | None = None) -> float | None:
-    """The unknown threshold ``--unknown`` asks for: ``auto`` -> the threshold of the model's ``calibration`` (None
-    when it has none), ``off`` (or None) -> None, a number -> that number. A threshold fitted with another flip TTA
-    than ``tta`` is used with a warning: averaging the views shifts the scores a little."""
+def unknown_threshold(unknown: str | float | None, calibration: dict | None, tta: str | None = None,
+                      score: str | None = None) -> float | None:
+    """The unknown threshold ``--unknown`` asks for: ``auto`` -> the threshold of the model's ``calibration`` for
+    ``score`` (None: its default score; None when it has none), ``off`` (or None) -> None, a number -> that number.
+    A threshold fitted with another flip TTA than ``tta`` is used with a warning: averaging the views shifts the
+    scores a little."""
     if unknown is None or unknown == "off":
         return None
     if unknown == "auto":
-        threshold = (calibration or {}).get("threshold")
-        fitted = (calibration or {}).get("tta") or None
+        calibration = calibration or {}
+        if score is None or score == calibration.get("score", DEFAULT_SCORE):
+            threshold = calibration.get("threshold")
+        else:
+            threshold = (calibration.get("thresholds") or {}).get(score)
+            if threshold is None and calibration:
+                have = ", ".join(sorted(calibration.get("thresholds") or [calibration.get("score")]))
+                raise TwinCarError(f"--unknown-score {score}: the model has no threshold for it (it has {have}): "
+                                   "python -m twincar.calibrate ckpt=MODEL fits every score's (keep_knn=true: knn's "
+                                   "too)")
+        fitted = calibration.get("tta") or None
         if threshold is not None and fitted != (tta or None):
             log.warning("the unknown threshold was fitted with tta=%s and is used with tta=%s: the scores shift a "
                         "little (python -m twincar.calibrate tta=%s refits it)", fitted or "none", tta or "none",
@@ -191,4 +215,11 @@ def check_calibration(calibration: dict | None) -> dict | None:
     score = calibration.get("score", DEFAULT_SCORE)
     if score not in SCORES:
         raise TwinCarError(f"calibration score {score!r} is not one of {', '.join(SCORES)}")
+    thresholds = calibration.get("thresholds") or {}
+    if not isinstance(thresholds, dict) or any(name not in SCORES for name in thresholds):
+        raise TwinCarError(f"calibration thresholds must map scores ({', '.join(SCORES)}) to numbers, got "
+                           f"{thresholds!r}")
+    features = calibration.get("features")
+    if features is not None and not (isinstance(features, dict) and isinstance(features.get("file"), str)):
+        raise TwinCarError(f"calibration features must name the statistics file beside the model, got {features!r}")
     return dict(calibration)

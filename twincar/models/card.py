@@ -1,6 +1,7 @@
 """The model card: the facts that travel with exported weights (``model_card.json``: architecture, class names,
 preprocessing, the input contract, metrics, calibration), and the calibration of a model file without one
-(``NAME.calibration.json`` beside it).
+(``NAME.calibration.json`` beside it), and the training features' statistics that the feature unknown scores need
+(``NAME.unknown.npz`` beside the model file, named and fingerprinted by its calibration).
 
 Torch-free, and the one card reader: the PyTorch loader (:func:`twincar.models.loading.load_model`) and the ONNX
 runtime both read cards with :func:`read_model_card`. Calibration is written by
@@ -17,9 +18,11 @@ from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from twincar.data.classes import class_names_difference, name_key, read_class_names
 from twincar.data.preprocess import RESIZE_MODES, Preprocess
-from twincar.files import ReadError, read_json_object, write_json
+from twincar.files import ReadError, atomic_path, read_json_object, write_json
 from twincar.models import WeightsError
 from twincar.models.hub import HUB_CONFIG, card_from_hub_config
 
@@ -29,6 +32,7 @@ MODEL_CARD = "model_card.json"  # written beside exported weights: architecture,
 CALIBRATION = "calibration"  # the key of the calibration in checkpoint hyper-parameters and model cards
 FINGERPRINT = "fingerprint"  # the key of the weights' fingerprint in cards and every artefact derived from a model
 IMAGE_SIZE_BOUNDS = (8, 2048)  # the input sides a card may name (pixels): 100000 would allocate tens of GB
+UNKNOWN_STATS_SUFFIX = ".unknown.npz"  # the training features' statistics of the feature unknown scores
 
 
 def _twincar_version() -> str | None:
@@ -157,6 +161,61 @@ def read_calibration(path: str | Path, card: dict | None = None, scores: Sequenc
     check_fingerprint(value.get(FINGERPRINT), fingerprint, sidecar,
                       f"delete it and run python -m twincar.calibrate ckpt={path}")
     return value
+
+
+def unknown_stats_path(path: str | Path) -> Path:
+    """Where the unknown-score statistics of the model file at ``path`` live: ``NAME.unknown.npz`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}{UNKNOWN_STATS_SUFFIX}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_unknown_stats(path: str | Path, arrays: dict[str, np.ndarray]) -> dict:
+    """Write the unknown-score statistics (:meth:`twincar.inference.features.FeatureStats.arrays`: plain arrays) of
+    the model file at ``path`` beside it (:func:`unknown_stats_path`, atomically, an uncompressed ``.npz``); returns
+    the calibration's ``features`` entry that names and fingerprints it (file name, SHA-256, sizes), so that a file
+    of another model put in its place is refused."""
+    target = unknown_stats_path(path)
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    means = arrays["means"]
+    return {"file": target.name, "sha256": _sha256(target), "classes": int(means.shape[0]), "dim": int(means.shape[1]),
+            "knn_bank": int(len(arrays["bank"])) if "bank" in arrays else 0, "knn_k": int(arrays["k"])}
+
+
+def read_unknown_stats(path: str | Path, calibration: dict | None, num_classes: int | None = None
+                       ) -> dict[str, np.ndarray] | None:
+    """The arrays of the unknown-score statistics the ``calibration`` of the model file at ``path`` names (None when
+    it names none), read without unpickling. A missing file, one whose fingerprint is not the one recorded (a file
+    of another model), or one fitted for another number of classes than ``num_classes`` is one sentence."""
+    entry = (calibration or {}).get("features")
+    if not entry:
+        return None
+    target = Path(path).with_name(str(entry["file"]))
+    again = "python -m twincar.calibrate ckpt=MODEL fits them again"
+    if not target.is_file():
+        raise WeightsError(f"{target} is missing: the calibration of {Path(path).name} names it (its unknown-score "
+                           f"statistics); copy it beside the model, or {again}")
+    if entry.get("sha256") and _sha256(target) != entry["sha256"]:
+        raise WeightsError(f"{target} is not the unknown-score statistics file {Path(path).name} was calibrated with "
+                           f"(another model's, or changed since): {again}")
+    try:
+        with np.load(target, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{target} cannot be read as unknown-score statistics ({e}): {again}") from e
+    means = arrays.get("means")
+    if num_classes is not None and means is not None and means.shape[0] != num_classes:
+        raise WeightsError(f"{target} holds statistics of {means.shape[0]} classes but {Path(path).name} has "
+                           f"{num_classes}: they were fitted for another model; {again}")
+    return arrays
 
 
 def model_class_names(path: Path, carried: Sequence[str] | None, classes: str | Path | Sequence[str] | None,

@@ -23,6 +23,7 @@ from twincar.models.card import (
     CALIBRATION,
     FINGERPRINT,
     MODEL_CARD,
+    UNKNOWN_STATS_SUFFIX,
     calibration_sidecar,
     check_fingerprint,
     check_model_card,
@@ -85,8 +86,8 @@ def resolve_model_source(spec: str | Path) -> Path:
     except ImportError as e:
         raise WeightsError(f"--model {spec} needs huggingface_hub: pip install huggingface_hub") from e
     try:
-        folder = Path(snapshot_download(repo, revision=revision or None,
-                                        allow_patterns=[HUB_CONFIG, MODEL_CARD, *HUB_WEIGHTS]))
+        patterns = [HUB_CONFIG, MODEL_CARD, *HUB_WEIGHTS, f"*{UNKNOWN_STATS_SUFFIX}"]
+        folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns))
     except Exception as e:  # hub, network and cache errors come in many types
         where = "in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
             "on the Hugging Face Hub or in the local cache"
@@ -164,7 +165,8 @@ def write_calibration(path: str | Path, calibration: dict, fingerprint: str | No
     a ``.ckpt``'s hyper-parameters (the file is rewritten), the ``model_card.json`` beside exported weights, or
     else a sidecar ``NAME.calibration.json`` (the original TwinCars ``.pth``: the weights file is never touched).
     Returns the file written. ``fingerprint``: the model's (:func:`state_fingerprint`), recorded with the
-    calibration (read from the file when not given)."""
+    calibration (read from the file when not given). (The training features' statistics a calibration names are
+    written beside the model first: :func:`~twincar.models.card.write_unknown_stats`.)"""
     path = Path(path).expanduser()
     if path.suffix == ".ckpt":
         ckpt = safe_torch_load(path)

@@ -18,15 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from twincar.data.classes import class_names_difference, write_class_tables
 from twincar.errors import TwinCarError
-from twincar.evaluation.calibration import Calibration, calibrate, ece_nll
+from twincar.evaluation.calibration import Calibration, ece_nll
 from twincar.evaluation.figures import plot_curves
-from twincar.evaluation.open_set import open_set_metrics
+from twincar.evaluation.open_set import auroc, open_set_metrics
 from twincar.files import write_json, write_text
-from twincar.models.card import build_model_card, write_model_card
+from twincar.inference.features import FeatureStats
+from twincar.models.card import build_model_card, write_model_card, write_unknown_stats
 from twincar.models.checkpoint import checkpoint_class_names, export_state_dict, state_fingerprint
 from twincar.models.classifier import CarClassifier
 from twincar.models.factory import min_input_size
-from twincar.models.loading import write_calibration
 from twincar.runs import hydra_run_config
 from twincar.training.checkpoints import with_atomic_checkpoints
 from twincar.training.distributed import PerRankSeed
@@ -273,63 +273,77 @@ def evaluate_best(trainer: L.Trainer, model: CarClassifier, datamodule, test: bo
 
 
 def calibrate_best(model: CarClassifier, datamodule, metrics: dict[str, float], best: str,
-                   tpr: float = 0.95) -> Calibration:
-    """Fit the temperature (NLL) and the unknown threshold (``tpr`` of the known images) on the validation logits of
-    the weights :func:`evaluate_best` left in ``model`` (the best checkpoint's), computed as predict and eval compute
-    them (:func:`~twincar.inference.predictor.collect_logits`); store them in the best checkpoint's hyper-parameters.
+                   tpr: float = 0.95) -> tuple[Calibration, FeatureStats | None]:
+    """Fit the unknown answer and the temperature (:func:`~twincar.evaluation.unknown.fit_model_unknown`) of the
+    weights :func:`evaluate_best` left in ``model`` (the best checkpoint's), computed as predict and eval compute
+    them: the training features' statistics, the temperature (NLL) and every score's threshold (``tpr`` of the
+    validation images), the default score chosen by AUROC on images training never saw (the held-out classes of
+    ``data.open_set.holdout`` or the embedded set's unknown classes, with generated images of no car); store them
+    in the best checkpoint's hyper-parameters (the statistics beside it). Returns the calibration and statistics.
 
     ``metrics`` gains ``val/temperature``, and for val (and test, when it was tested) ``ece``/``nll`` become the
     calibrated values, the trainer's raw ones moving to ``ece_raw``/``nll_raw`` (as eval reports them). On the
-    held-out classes of ``data.open_set.holdout`` (their test images) or, on the embedded dataset with
-    ``data.synthetic.unknown_classes``, its unknown classes, also the ``ood/*`` open-set metrics of those images
-    against the test (else val) images (:func:`~twincar.evaluation.open_set.open_set_metrics`)."""
+    held-out or unknown classes (their test images), also the ``ood/*`` open-set metrics of the default score on
+    those images against the test (else val) images (:func:`~twincar.evaluation.open_set.open_set_metrics`), and
+    ``ood/auroc_<score>`` of every score."""
+    import tempfile
+
     from twincar.evaluation.loop import collect_logits
+    from twincar.evaluation.unknown import fit_model_unknown, image_outputs, store_calibration, write_far_images
     from twincar.inference.predictor import Predictor
 
     predictor = Predictor(model.model, model.class_names, datamodule.preprocess, device=model.device,
                           channels_last=False, precision="fp32")
     batch = int(datamodule.hparams.get("eval_batch_size") or datamodule.hparams.get("batch_size") or 64)
+    margin = getattr(datamodule.val_set, "bbox_margin", None)  # cropped as the val and test images are
+    spec = getattr(datamodule, "spec", None)
+    near = list(getattr(datamodule, "open_set_samples", []))  # data.open_set.holdout: the held-out classes
+    if not near and spec is not None and spec.unknown_classes:  # the embedded set's classes never in it
+        from twincar.data.synthetic import generate_unknown
 
-    def logits_of(dataset):
-        return collect_logits(predictor, dataset.samples, bbox_margin=getattr(dataset, "bbox_margin", None),
-                              batch_size=batch, progress=False)
-
-    val = logits_of(datamodule.val_set)
-    calibration = calibrate(val.logits, val.labels, tpr=tpr, fitted_on=f"val ({len(val.labels)} images)")
+        near = generate_unknown(datamodule.root, spec)
+    with tempfile.TemporaryDirectory(prefix="twincar-far-") as far_dir:
+        far = write_far_images(far_dir)
+        calibration, stats, val = fit_model_unknown(
+            predictor, datamodule.val_set.samples, train_samples=getattr(datamodule.train_set, "samples", None),
+            unknown=[*near, *far], bbox_margin=margin, batch_size=batch, tpr=tpr,
+            fitted_on=f"val ({len(datamodule.val_set.samples)} images)",
+            selected_on=f"{len(near)} images of unknown classes and {len(far)} generated images of no car")
+    features = stats is not None
     metrics["val/temperature"] = calibration.temperature
     stages = {"val": val}
     if "test/acc" in metrics and getattr(datamodule, "test_set", None) is not None:
-        stages["test"] = logits_of(datamodule.test_set)
+        stages["test"] = collect_logits(predictor, datamodule.test_set.samples,
+                                        bbox_margin=getattr(datamodule.test_set, "bbox_margin", None),
+                                        batch_size=batch, progress=False, embeddings=features)
     for stage, out in stages.items():
         metrics[f"{stage}/ece_raw"], metrics[f"{stage}/nll_raw"] = ece_nll(out.logits, out.labels)
         metrics[f"{stage}/ece"], metrics[f"{stage}/nll"] = ece_nll(out.logits, out.labels, calibration.temperature)
-    spec = getattr(datamodule, "spec", None)
-    unknown = list(getattr(datamodule, "open_set_samples", []))  # data.open_set.holdout: the held-out classes
-    if not unknown and spec is not None and spec.unknown_classes:  # the embedded set's classes never in it
-        from twincar.data.synthetic import generate_unknown
-
-        unknown = generate_unknown(datamodule.root, spec)
-    if unknown:
-        margin = getattr(datamodule.val_set, "bbox_margin", None)  # cropped as the val and test images are
-        logits = collect_logits(predictor, unknown, bbox_margin=margin, batch_size=batch, progress=False).logits
+    if near:
+        logits, feats = image_outputs(predictor, near, batch_size=batch, bbox_margin=margin, embeddings=features)
         known = stages.get("test", val)
-        metrics.update(open_set_metrics(calibration.scores(known.logits), calibration.scores(logits),
+        metrics.update(open_set_metrics(calibration.scores(known.logits, known.embeddings, stats),
+                                        calibration.scores(logits, feats, stats),
                                         threshold=calibration.threshold, tpr=calibration.target_tpr,
                                         known_correct=known.logits.argmax(1) == known.labels))
-    model.hparams["calibration"] = calibration.to_dict()
+        for score in calibration.thresholds or {}:
+            metrics[f"ood/auroc_{score}"] = auroc(calibration.scores(known.logits, known.embeddings, stats, score),
+                                                  calibration.scores(logits, feats, stats, score))
     if best:
-        write_calibration(best, calibration.to_dict())
+        calibration, _ = store_calibration(best, calibration, stats)
         calibrate_last_too(Path(best), calibration.to_dict())
-    log.info("temperature %.3f fitted on %d validation images: ECE %.3f -> %.3f; unknown threshold %.3f (%s)",
-             calibration.temperature, calibration.images, calibration.ece_raw, calibration.ece,
-             calibration.threshold, calibration.score)
-    return calibration
+    model.hparams["calibration"] = calibration.to_dict()
+    log.info("temperature %.3f fitted on %d validation images: ECE %.3f -> %.3f; unknown score %s, threshold %.4g",
+             calibration.temperature, calibration.images, calibration.ece_raw, calibration.ece, calibration.score,
+             calibration.threshold)
+    return calibration, stats
 
 
 def calibrate_last_too(best: Path, calibration: dict) -> None:
     """``last.ckpt`` gets the best checkpoint's calibration when it holds the same weights (the last epoch was the
     best), so an export from either carries it; other weights keep none (an export from them says so)."""
     from twincar.models.checkpoint import read_state_dict
+    from twincar.models.loading import write_calibration
 
     last = best.with_name("last.ckpt")
     if last.is_file() and last != best and state_fingerprint(read_state_dict(last)) == \
@@ -347,16 +361,21 @@ def write_curves(out_dir: Path) -> None:
 
 
 def write_artefacts(cfg: DictConfig, trainer: L.Trainer, model: CarClassifier, datamodule, metrics: dict,
-                    best: str, out_dir: Path, calibration: Calibration | None = None) -> None:
+                    best: str, out_dir: Path, calibration: Calibration | None = None,
+                    stats: FeatureStats | None = None) -> None:
     """``split.json``, ``metrics.json`` and, with ``export``, ``model.pth`` + ``classes.txt`` + ``classes.csv`` (make,
-    model and year of each class, from the dataset's metadata) + ``model_card.json``
-    (so ``Predictor.load(RUN/model.pth)`` needs nothing else, its ``calibration`` included)."""
+    model and year of each class, from the dataset's metadata) + ``model_card.json`` (+ ``model.unknown.npz``, the
+    training features' ``stats``), so that ``Predictor.load(RUN/model.pth)`` needs nothing else, its ``calibration``
+    included."""
     write_json(out_dir / "split.json", datamodule.split)
     write_json(out_dir / "metrics.json", {**metrics, "best_checkpoint": best, "epochs": trainer.current_epoch})
     if cfg.get("export"):
         export_state_dict(model.model, out_dir / "model.pth")
         write_class_tables(model.class_names, out_dir / "classes.txt", datamodule.car_names)
         fingerprint = state_fingerprint(model.model.state_dict())  # the calibration records it, as in the checkpoint
+        if calibration is not None:
+            entry = None if stats is None else write_unknown_stats(out_dir / "model.pth", stats.arrays())
+            calibration = Calibration(**{**calibration.to_dict(), "features": entry})
         write_model_card(out_dir, build_model_card(
             model.class_names, datamodule.preprocess, cfg.model.name, metrics=metrics, config=hydra_run_config(),
             source="model.pth", calibration={**calibration.to_dict(), "fingerprint": fingerprint} if calibration
