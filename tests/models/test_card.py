@@ -70,6 +70,8 @@ CARD_PROBES = [
     ("threshold NaN, PyTorch", "torch", "calibration.threshold", math.nan, r"calibration.threshold is nan but"),
     ("threshold 'high'", "onnx", "calibration.threshold", "high", r"calibration.threshold is 'high' but"),
     ("threshold 'high', PyTorch", "torch", "calibration.threshold", "high", r"calibration.threshold is 'high' but"),
+    ("a score's threshold NaN", "onnx", "calibration.thresholds", {"max_logit": math.nan},
+     r"calibration.thresholds is \{'max_logit': nan\} but must be an object of finite thresholds"),
     ("unknown score name", "torch", "calibration.score", "magic",
      r"calibration.score is 'magic' but must be one of max_logit"),
     ("eval_crop_pct 0", "onnx", "preprocess.eval_crop_pct", 0, r"preprocess.eval_crop_pct is 0 but must be a number"),

@@ -270,6 +270,8 @@ CALIBRATION_FIELDS: dict[str, Field] = {
     "temperature": (lambda v: _finite(v) and v > 0, "a finite number above 0"),
     "threshold": (lambda v: v is None or _finite(v), "a finite number (or null: no unknown answer)"),
     "score": (lambda v: isinstance(v, str), "the name of an unknown score"),
+    "thresholds": (lambda v: v is None or (isinstance(v, dict) and all(_finite(x) for x in v.values())),
+                   "an object of finite thresholds, one per unknown score"),
     "tta": (lambda v: v in (None, "none", "flip"), "none or flip"),
     FINGERPRINT: (lambda v: v is None or isinstance(v, str), "the fingerprint of the model's weights"),
 }
