@@ -17,7 +17,6 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from twincar.demo import build_app, example_images, launch  # noqa: E402
-from twincar.evaluation.neighbours import find_index  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TORCH_FILES = ("model.safetensors", "model.pth", "model.ckpt")  # PyTorch weights: Grad-CAM possible
@@ -57,8 +56,12 @@ def create_app(folder: str | Path = HERE):
     """The demo app over the model file (with ``index/`` and ``examples/``) in ``folder``."""
     folder = Path(folder)
     predictor = load_predictor(folder)
-    index = None if predictor.is_onnx else find_index(folder / "model", class_names=predictor.class_names,
-                                                      fingerprint=predictor.fingerprint)  # index/
+    index = None
+    if not predictor.is_onnx:  # the neighbours need PyTorch weights (and torch: not imported for an ONNX model)
+        from twincar.evaluation.neighbours import find_index
+
+        index = find_index(folder / "model", class_names=predictor.class_names,
+                           fingerprint=predictor.fingerprint)  # index/
     return build_app(predictor, examples=example_images(folder / "examples"), title="TwinCar", index=index)
 
 
