@@ -11,10 +11,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests.conftest import SMALL_SPEC
-from twincar.data.datamodule import CarsDataModule, stratified_split
+from twincar.data.datamodule import CarsDataModule
 from twincar.data.datasets import collate_readable
 from twincar.data.formats import load_stanford_cars
 from twincar.data.images import load_rgb
+from twincar.data.sampling import stratified_split
 from twincar.data.transforms import crop_to_box, to_tensor
 from twincar.errors import TwinCarError
 
