@@ -261,8 +261,9 @@ def export_model(
         metrics, config = run_record(ckpt)
     else:  # converting exported weights: keep what their card says
         metrics, config = loaded.card.get("metrics"), loaded.card.get("config")
-    calibration = loaded.calibration
-    stats = read_unknown_stats(loaded.source, calibration, len(loaded.class_names))
+    # the statistics file a calibration names is beside the model it came with: ckpt's, or out's own card's
+    stats_beside = loaded.source if calibration is loaded.calibration else out / MODEL_CARD
+    stats = read_unknown_stats(stats_beside, calibration, len(loaded.class_names))
     if stats is not None:  # the unknown-score statistics travel beside the weights, fingerprinted anew
         calibration = {**calibration, "features": write_unknown_stats(weights, stats)}
     card = build_model_card(loaded.class_names, loaded.preprocess, loaded.architecture, metrics=metrics,

@@ -173,7 +173,9 @@ def calibrate_model(cfg: DictConfig) -> Calibration:
         raise EvalError(f"tta={cfg.tta} is not supported: use tta=none or tta=flip")
     out_dir = Path(cfg.paths.output_dir)
     check_writable_dir(out_dir, "paths.output_dir")
-    loaded = Predictor.load(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"), tta=str(cfg.tta))
+    # unknown="off": the old unknown-score statistics are not needed (nor read) to fit new ones
+    loaded = Predictor.load(cfg.ckpt, cfg.get("classes"), device=cfg.get("device", "auto"), tta=str(cfg.tta),
+                            unknown="off")
     previous = loaded.calibration
     predictor = loaded.with_calibration(None)  # fitted on raw logits, whatever the file carried before
     data, split = data_config(cfg)
