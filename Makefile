@@ -30,7 +30,7 @@ demo: $(STAMP) ## Train ResNet-50 on the embedded synthetic dataset (offline, ab
 docs: $(STAMP) ## Build the documentation strictly (a broken link or a page missing from the nav fails)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
-test: $(STAMP) browser docs ## Run the test suite and build the docs (about 14 min on 2 CPU cores from a fresh clone, two pytest workers; installs chromium for the demo test)
+test: $(STAMP) browser docs ## Run the test suite and build the docs (about 13 min on 2 CPU cores from a fresh clone, two pytest workers; installs chromium for the demo test)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: $(STAMP) ## Run the tests that take seconds (trains nothing; about 75 s on 2 CPU cores)
