@@ -158,8 +158,9 @@ _MAIN_PID = os.getpid()
 
 
 def _stop(signum, frame):
-    """SIGTERM (docker stop, kubernetes) in the main process: LitServe's graceful shutdown, as Ctrl+C. A forked HTTP
-    process that inherited this handler ends as SIGTERM ends it (uvicorn raises the signal again once it stopped)."""
+    """SIGTERM (docker stop, kubernetes) or Ctrl+C in the main process: LitServe's graceful shutdown. A forked HTTP
+    process that inherited this handler ends as the signal ends it (uvicorn raises the signal again once it stopped);
+    the inference workers ignore Ctrl+C and are stopped by the main process."""
     if os.getpid() == _MAIN_PID:
         raise KeyboardInterrupt
     signal.signal(signum, signal.SIG_DFL)
@@ -176,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)  # Ctrl+C: every process of the terminal's group gets it
     print(f"serving {args.model} on http://{args.host}:{args.port} (POST /predict, GET /health, GET /info, /docs)",
           file=sys.stderr, flush=True)
     try:

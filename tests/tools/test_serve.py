@@ -307,3 +307,22 @@ def test_a_model_that_cannot_load_is_one_sentence_before_the_port_opens(tmp_path
         assert s.connect_ex(("127.0.0.1", port)) != 0
     assert main(["--model", str(tmp_path / "missing.onnx"), "--host", "10.1.2.3"]) == 1
     assert "--host 10.1.2.3" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the module's servers; runs last: it stops the PyTorch one
+def test_ctrl_c_stops_every_process_of_the_server_without_a_traceback(servers):
+    """Ctrl+C in a terminal sends SIGINT to the whole process group (the main process, the HTTP process and the
+    inference workers): every one of them ends, and the log shows no traceback."""
+    server = servers["torch"]
+    os.killpg(server.proc.pid, signal.SIGINT)
+    assert server.proc.wait(timeout=60) is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(server.proc.pid, 0)  # some process of the group is still there
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"processes of the server outlived Ctrl+C: {server.log.read_text()[-2000:]}")
+    assert "Traceback" not in server.log.read_text(), server.log.read_text()[-3000:]

@@ -9,6 +9,7 @@ import base64
 import binascii
 import json
 import logging
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,8 @@ class TwinCarAPI(ls.LitAPI):
 
     def setup(self, device) -> None:
         """Load the model on this worker's ``device`` (``cpu``, ``cuda:0``...)."""
+        # Ctrl+C reaches every process of the terminal's group: the main process stops this worker
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         threads = self.load.get("threads")
         if threads and not self.model.endswith(".onnx"):
             import torch  # a PyTorch model: torch is here anyway
