@@ -258,6 +258,7 @@ def test_predictor_load_onnx_is_the_torch_free_runtime(tiny_export, car_images, 
     tiny_export = with_feature_statistics(tiny_export, tmp_path / "calibrated")
     onnx = export_model(tiny_export, "onnx", tmp_path / "onnx")
     assert (tmp_path / "onnx" / "model.unknown.npz").is_file()
+    assert json.loads((tmp_path / "onnx" / "model_card.json").read_text())["output"]["features"]["name"] == "features"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", ONNX_WITHOUT_TORCH, str(onnx), *map(str, car_images)],
                           env=env, capture_output=True, text=True, timeout=300)
